@@ -1,0 +1,13 @@
+"""hf-distrattn: DistrAttention and Tree Attention for Hugging Face Transformers.
+
+``import hf_distrattn`` registers ``attn_implementation="distr"`` with Transformers.
+"""
+
+from .api import DEFAULT_CONFIG, distr_attention
+from .config import DistrConfig, parse_attn_spec
+from .integration import configure, layer_configs, register
+
+register()
+
+__all__ = ["DEFAULT_CONFIG", "DistrConfig", "configure", "distr_attention", "layer_configs", "parse_attn_spec"]
+__version__ = "0.1.0"

@@ -1,0 +1,105 @@
+"""``distr_attention``: argument checks, then dispatch to the Triton kernels or the PyTorch reference."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from . import reference
+from .config import DistrConfig
+
+DEFAULT_CONFIG = DistrConfig()
+"""Settings used where none are given: ``G=2``, blocks of 64 queries, rank-1 reduction, 8 hash bits."""
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def selected_backend(device, dtype, config: DistrConfig) -> str:
+    """Which implementation :func:`distr_attention` runs for these inputs: ``"reference"`` (PyTorch) for now;
+    the Triton kernels take CUDA tensors once they land."""
+    return "reference"
+
+
+def _check_tensors(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{name} is {t.dtype} on {t.device} but q is {q.dtype} on {q.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"q has batch {q.shape[0]} but k has batch {k.shape[0]}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"head_dim mismatch: q has {q.shape[-1]}, k has {k.shape[-1]}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]})")
+    if k.shape[2] == 0:
+        raise ValueError("k and v must hold at least one position")
+
+
+def normalize_mask(attn_mask, batch: int, heads: int, n_q: int, n_k: int) -> torch.Tensor | None:
+    """Check ``attn_mask`` broadcasts to ``(batch, heads, n_q, n_k)``; return it 4-D as ``(1|B, 1|H, n_q, n_k)``."""
+    if attn_mask is None:
+        return None
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise ValueError(f"attn_mask must be boolean (True = keep) or an additive float mask, got {attn_mask.dtype}")
+    if not 2 <= attn_mask.dim() <= 4:
+        raise ValueError(f"attn_mask must have 2 to 4 dims, got shape {tuple(attn_mask.shape)}")
+    mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    target = (batch, heads, n_q, n_k)
+    if any(m not in (1, t) for m, t in zip(mask.shape, target)):
+        raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {target}")
+    return mask.expand(mask.shape[0], mask.shape[1], n_q, n_k)
+
+
+def distr_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config=None, return_lse=False,
+                    dropout_p=0.0):
+    """DistrAttention: exact softmax and ``P·V``, ``Q·Kᵀ`` at cost ``d/G`` (see :mod:`hf_distrattn.grouping`).
+
+    Args:
+        q: ``(B, Hq, Nq, d)``; k, v: ``(B, Hkv, Nk, d)`` with ``Hq % Hkv == 0`` (GQA, never repeated in memory).
+        causal: mask keys after each query; with ``Nq < Nk`` the queries are the last ``Nq`` positions.
+        attn_mask: boolean (True = keep) or additive float, broadcastable to ``(B, Hq, Nq, Nk)``;
+            combines with ``causal``.
+        scale: score scale, default ``d ** -0.5``.
+        config: :class:`DistrConfig`; ``None`` means :data:`DEFAULT_CONFIG`.
+        return_lse: also return the float32 log-sum-exp ``(B, Hq, Nq)`` of the scaled scores actually used.
+        dropout_p: dropout on the attention probabilities (training only).
+
+    Returns ``out`` ``(B, Hq, Nq, d)`` in q's dtype (and ``lse``). Rows with every key masked give zeros.
+    Fallback: if ``d`` is not a multiple of ``config.group_size`` the call is exact, with one warning.
+    """
+    _check_tensors(q, k, v)
+    config = DEFAULT_CONFIG if config is None else config
+    if not isinstance(config, DistrConfig):
+        raise TypeError(f"config must be a DistrConfig or None, got {type(config).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    batch, heads, n_q, d = q.shape
+    mask = normalize_mask(attn_mask, batch, heads, n_q, k.shape[2])
+    if d % config.group_size:
+        warn_once(f"head_dim {d} is not a multiple of DistrConfig.group_size={config.group_size}: "
+                  "computing exact attention instead")
+        config = config.replace(group_size=1)
+    if config.backend == "triton":
+        raise ValueError("DistrConfig.backend='triton': no Triton kernel can take this call "
+                         f"(device {q.device}, dtype {q.dtype}, head_dim {d})")
+    out, lse = reference.attention(q, k, v, causal=causal, attn_mask=mask, scale=scale, config=config,
+                                   dropout_p=dropout_p)
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,101 @@
+"""Settings of the DistrAttention approximation, and the ``name:key=value`` attention specs of the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+SAMPLED = ("q", "k")
+REDUCTIONS = ("rank1", "sample")
+BACKENDS = ("auto", "reference", "triton")
+
+
+@dataclass(frozen=True)
+class DistrConfig:
+    """How ``Q·Kᵀ`` is approximated. Validated on construction; every error names its field.
+
+    Attributes:
+        group_size: the paper's ``G``: head-dim columns per group, so the score GEMM costs ``d/G``.
+            ``1`` is exact attention. Must divide the head dim at call time (else exact, with a warning).
+        block_size: rows (tokens) of the sampled operand that share one grouping.
+        num_hashes: LSH random projections, i.e. sign bits of a column's bucket code (1..30).
+        seed: seed of the LSH projections; equal seeds give equal results.
+        sampled: the operand whose columns are grouped per block and reduced (``"q"`` or ``"k"``);
+            the other operand is fused (its group columns summed with the reduction's weights).
+        reduce: how a group of ``G`` columns of the sampled operand becomes one column:
+            ``"sample"`` keeps the group's first column in bucket order and fuses the other operand
+            with weights 1 (the paper); ``"rank1"`` keeps the best rank-1 fit ``u·vᵀ`` of the group's
+            block and fuses with weights ``v`` (same cost, smaller error).
+        backend: ``"auto"`` (Triton on CUDA where supported, else the PyTorch reference),
+            ``"reference"`` or ``"triton"`` (error if the kernel cannot take the call).
+    """
+
+    group_size: int = 2
+    block_size: int = 64
+    num_hashes: int = 8
+    seed: int = 0
+    sampled: Literal["q", "k"] = "q"
+    reduce: Literal["rank1", "sample"] = "rank1"
+    backend: Literal["auto", "reference", "triton"] = "auto"
+    extra: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name, low, high in (("group_size", 1, 128), ("block_size", 1, 1 << 16), ("num_hashes", 1, 30)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"DistrConfig.{name} must be an integer in [{low}, {high}], got {value!r}")
+        if self.group_size & (self.group_size - 1):
+            raise ValueError(f"DistrConfig.group_size must be a power of two, got {self.group_size}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"DistrConfig.seed must be a non-negative integer, got {self.seed!r}")
+        for name, allowed in (("sampled", SAMPLED), ("reduce", REDUCTIONS), ("backend", BACKENDS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"DistrConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.extra:
+            raise ValueError(f"DistrConfig got unknown field(s) {sorted(self.extra)}")
+
+    @property
+    def exact(self) -> bool:
+        return self.group_size == 1
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DistrConfig:
+        """Build from a mapping (YAML, CLI); unknown keys raise a ValueError naming them."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in values.items() if k in known},
+                   extra={k: v for k, v in values.items() if k not in known})
+
+    def replace(self, **changes: Any) -> DistrConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _parse_value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_attn_spec(spec: str) -> tuple[str, DistrConfig | None]:
+    """``"sdpa"`` -> ``("sdpa", None)``; ``"distr:group_size=2,block_size=32"`` -> ``("distr", DistrConfig(...))``.
+
+    Any attention implementation name Transformers knows may stand alone; only ``distr`` takes settings.
+    """
+    name, _, args = spec.partition(":")
+    name = name.strip()
+    if not name:
+        raise ValueError(f"attention setting {spec!r} has no name")
+    if name != "distr":
+        if args:
+            raise ValueError(f"attention setting {spec!r}: only 'distr' takes key=value settings")
+        return name, None
+    values = {}
+    for item in filter(None, (part.strip() for part in args.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"attention setting {spec!r}: expected key=value, got {item!r}")
+        values[key.strip()] = _parse_value(value.strip())
+    return name, DistrConfig.from_dict(values)

@@ -1,0 +1,87 @@
+r"""Block-wise LSH grouping of the head dimension: the DistrAttention approximation of ``Q·Kᵀ``.
+
+The maths. Scores are a sum over the ``d`` head-dim columns, ``S = Q Kᵀ = Σ_c q_c k_cᵀ``. Split the rows
+(tokens) of the *sampled* operand ``X`` (``Q`` by default) into blocks of ``block_size`` rows; inside a block,
+sort the ``d`` columns so that alike columns sit together and cut them into ``d/G`` groups of ``G``. Within a
+group ``g`` the block's columns are approximated by one rank-1 term, ``X[:, g] ≈ u_g v_gᵀ``
+(``u_g`` a block column, ``v_g`` a ``G``-vector), so that for the other, *fused*, operand ``Y``:
+
+    Σ_{c∈g} x_c y_cᵀ  ≈  u_g (Σ_{c∈g} v_{g,c} y_c)ᵀ  =  u_g ỹ_gᵀ,
+
+and the score GEMM of a block, ``[u_1 … u_{d/G}] · [ỹ_1 … ỹ_{d/G}]ᵀ``, has inner size ``d/G`` instead of ``d``.
+``reduce="sample"`` takes ``u_g`` = the group's first column and ``v_g = 1`` (keep one column, sum the other
+operand's group); ``reduce="rank1"`` takes the best rank-1 fit (top eigenvector ``v_g`` of the ``G×G`` Gram
+matrix ``X[:, g]ᵀ X[:, g]``, ``u_g = X[:, g] v_g``), which costs the same in the kernel and errs less.
+
+Equivalently, ``u_g ỹ_gᵀ = (u_g v_gᵀ) Y[:, g]ᵀ``: the approximation is exact attention with ``X`` replaced by
+``X̃`` whose group columns are ``u_g v_gᵀ``. :func:`approximate_operand` returns ``X̃``; the reference
+attends with it, the kernels with the reduced ``d/G`` form (same numbers, fewer FLOPs).
+
+Grouping is locality-sensitive hashing of the columns of a block: each column ``x_c ∈ ℝ^{block_size}`` is
+projected on ``num_hashes`` seeded Gaussian directions, the signs give a bucket code
+``Σ_i [x_cᵀ r_i > 0] 2^i``, and columns are stably sorted by code (ties by column index). Columns in one
+bucket point the same way (SimHash), so a group of consecutive sorted columns is nearly rank 1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import DistrConfig
+
+
+def lsh_projections(block_size: int, num_hashes: int, seed: int, device, dtype) -> torch.Tensor:
+    """The ``(block_size, num_hashes)`` Gaussian directions of the hash, drawn on the CPU for determinism."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(block_size, num_hashes, generator=generator, dtype=torch.float64).to(device, dtype)
+
+
+def lsh_permutation(blocks: torch.Tensor, num_hashes: int, seed: int) -> torch.Tensor:
+    """Column order of each block, alike columns adjacent.
+
+    blocks: ``(..., n_blocks, block_size, d)``; returns int64 ``(..., n_blocks, d)``, a permutation of ``0..d-1``
+    sorting the columns by LSH bucket code, ties broken by column index.
+    """
+    block_size, d = blocks.shape[-2:]
+    r = lsh_projections(block_size, num_hashes, seed, blocks.device, blocks.dtype)
+    bits = (blocks.transpose(-1, -2) @ r) > 0  # (..., d, num_hashes)
+    weights = 2 ** torch.arange(num_hashes, device=blocks.device, dtype=torch.int64)
+    code = (bits.to(torch.int64) * weights).sum(-1)
+    return torch.argsort(code * d + torch.arange(d, device=blocks.device), dim=-1)
+
+
+def group_factors(grouped: torch.Tensor, reduce: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-1 factors of each group: grouped ``(..., rows, d/G, G)`` -> ``u (..., rows, d/G)``, ``v (..., d/G, G)``.
+
+    ``"sample"``: ``u`` = the group's first column, ``v = 1``. ``"rank1"``: ``v`` the unit top eigenvector of the
+    group's Gram matrix (sign fixed so that ``Σ v ≥ 0``), ``u = X_g v``.
+    """
+    if reduce == "sample":
+        return grouped[..., 0], torch.ones_like(grouped[..., 0, :, :])
+    gram = torch.einsum("...mjg,...mjh->...jgh", grouped, grouped)
+    v = torch.linalg.eigh(gram).eigenvectors[..., -1]  # eigh sorts eigenvalues ascending
+    v = torch.where(v.sum(-1, keepdim=True) < 0, -v, v)
+    return torch.einsum("...mjg,...jg->...mj", grouped, v), v
+
+
+def approximate_operand(x: torch.Tensor, config: DistrConfig) -> torch.Tensor:
+    """``X̃``: every block-group of ``x``'s columns replaced by its rank-1 factor product ``u_g v_gᵀ``.
+
+    x: ``(batch, heads, seq, d)``; returns the same shape in float32 (float64 for float64 input).
+    The last block may be short; its missing rows count as zeros and are dropped again.
+    """
+    group, block = config.group_size, config.block_size
+    batch, heads, seq, d = x.shape
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if group == 1:
+        return x.to(compute)
+    n_blocks = -(-seq // block)
+    padded = torch.nn.functional.pad(x.to(compute), (0, 0, 0, n_blocks * block - seq))
+    blocks = padded.view(batch, heads, n_blocks, block, d)
+    perm = lsh_permutation(blocks, config.num_hashes, config.seed)
+    index = perm.unsqueeze(-2).expand_as(blocks)
+    grouped = blocks.gather(-1, index).view(batch, heads, n_blocks, block, d // group, group)
+    u, v = group_factors(grouped, config.reduce)
+    rebuilt = (u.unsqueeze(-1) * v.unsqueeze(-3)).reshape_as(blocks)
+    out = torch.empty_like(blocks).scatter_(-1, index, rebuilt)
+    return out.view(batch, heads, n_blocks * block, d)[:, :, :seq]

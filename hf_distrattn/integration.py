@@ -1,0 +1,74 @@
+"""Transformers glue: the ``"distr"`` attention function, its mask function, and per-layer settings.
+
+Transformers hands a custom attention function no mask unless a mask function is registered under the same
+name, so ``"distr"`` registers Transformers' own SDPA mask builder: a boolean ``(B, 1, Nq, Nk)`` mask
+(True = keep), or ``None`` when the causal pattern alone describes the batch (then the module's
+``is_causal`` applies).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .api import DEFAULT_CONFIG, distr_attention
+from .config import DistrConfig
+
+NAME = "distr"
+UNSUPPORTED_KWARGS = ("softcap", "sliding_window", "s_aux")
+
+
+def distr_attention_forward(module: torch.nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
+                            scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+    """Transformers attention-interface entry: ``(B, H, N, d)`` in, ``((B, N, H, d), None)`` out."""
+    for name in UNSUPPORTED_KWARGS:
+        if kwargs.get(name) is not None:
+            raise ValueError(f"attn_implementation='distr' does not support {name}={kwargs[name]!r}")
+    config = getattr(module, "distr_config", None) or DEFAULT_CONFIG
+    causal = False
+    if attention_mask is None:
+        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
+        causal = causal and query.shape[2] > 1
+    out = distr_attention(query, key, value, causal=causal, attn_mask=attention_mask, scale=scaling,
+                          config=config, dropout_p=dropout)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Register ``"distr"`` with Transformers (done on ``import hf_distrattn``)."""
+    AttentionInterface.register(NAME, distr_attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's attention modules that dispatch through the attention interface, in layer order."""
+    found = [m for m in model.modules() if hasattr(m, "scaling") and hasattr(m, "is_causal")]
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no attention module that uses the Transformers "
+                         "attention interface (see hf_distrattn.patches for models that need a patch)")
+    return found
+
+
+def configure(model: torch.nn.Module, config: DistrConfig, layers: Iterable[int] | None = None) -> torch.nn.Module:
+    """Use ``config`` in every attention layer of ``model``, or only in the layer indices ``layers``.
+
+    Layers not named keep their settings (by default :data:`hf_distrattn.DEFAULT_CONFIG`). Example: keep the
+    first two layers exact with ``configure(model, DistrConfig(group_size=1), layers=[0, 1])``.
+    """
+    if not isinstance(config, DistrConfig):
+        raise TypeError(f"config must be a DistrConfig, got {type(config).__name__}")
+    modules = attention_modules(model)
+    chosen = range(len(modules)) if layers is None else list(layers)
+    for index in chosen:
+        if not isinstance(index, int) or not -len(modules) <= index < len(modules):
+            raise ValueError(f"layers: {index!r} is not a layer index of a model with {len(modules)} layers")
+        modules[index].distr_config = config
+    return model
+
+
+def layer_configs(model: torch.nn.Module) -> list[DistrConfig]:
+    """The settings each attention layer will use."""
+    return [getattr(m, "distr_config", None) or DEFAULT_CONFIG for m in attention_modules(model)]

@@ -1,0 +1,85 @@
+"""A float64, loop-by-loop DistrAttention written independently of the package: the oracle of the fuzz tests.
+
+It computes scores in the *reduced* form the kernels use (inner size d/G per block, fused operand summed with
+weights v) rather than through the package's X̃ reconstruction, so agreement checks that identity too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def bucket_order(block: torch.Tensor, num_hashes: int, seed: int) -> list[int]:
+    """Columns of ``block`` (rows × d) sorted by SimHash code, ties by index."""
+    rows, d = block.shape
+    r = torch.randn(rows, num_hashes, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    codes = []
+    for c in range(d):
+        proj = block[:, c] @ r
+        codes.append(sum(1 << i for i in range(num_hashes) if proj[i] > 0))
+    return sorted(range(d), key=lambda c: (codes[c], c))
+
+
+def reduce_group(cols: torch.Tensor, reduce: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """cols (rows × G) -> (u, v) with cols ≈ u vᵀ."""
+    if reduce == "sample":
+        return cols[:, 0], torch.ones(cols.shape[1], dtype=cols.dtype)
+    _, vecs = torch.linalg.eigh(cols.T @ cols)
+    v = vecs[:, -1]
+    v = -v if v.sum() < 0 else v
+    return cols @ v, v
+
+
+def reduced_scores(x: torch.Tensor, y: torch.Tensor, group: int, block: int, num_hashes: int, seed: int,
+                   reduce: str) -> torch.Tensor:
+    """Approximate ``x @ y.T`` (x: n_x × d sampled, y: n_y × d fused) block by block at inner size d/G."""
+    n_x, d = x.shape
+    out = torch.zeros(n_x, y.shape[0], dtype=torch.float64)
+    for start in range(0, n_x, block):
+        xb = torch.zeros(block, d, dtype=torch.float64)
+        xb[: min(block, n_x - start)] = x[start : start + block]
+        order = bucket_order(xb, num_hashes, seed)
+        us, fused = [], []
+        for j in range(d // group):
+            cols = order[j * group : (j + 1) * group]
+            u, v = reduce_group(xb[:, cols], reduce)
+            us.append(u)
+            fused.append(y[:, cols] @ v)
+        out[start : start + block] = (torch.stack(us, 1) @ torch.stack(fused, 1).T)[: n_x - start]
+    return out
+
+
+def naive_attention(q, k, v, *, causal=False, mask=None, scale=None, group=1, block=64, num_hashes=8, seed=0,
+                    reduce="rank1", sampled="q"):
+    """Per (batch, head) loops in float64; ``mask`` is additive, already ``(B, Hq, Nq, Nk)``."""
+    q, k, v = q.double(), k.double(), v.double()
+    batch, h_q, n_q, d = q.shape
+    h_kv, n_k = k.shape[1], k.shape[2]
+    scale = 1 / math.sqrt(d) if scale is None else scale
+    out = torch.zeros(batch, h_q, n_q, v.shape[-1], dtype=torch.float64)
+    lse = torch.full((batch, h_q, n_q), float("-inf"), dtype=torch.float64)
+    for b in range(batch):
+        for h in range(h_q):
+            qi, ki, vi = q[b, h], k[b, h // (h_q // h_kv)], v[b, h // (h_q // h_kv)]
+            if group == 1:
+                s = qi @ ki.T
+            elif sampled == "q":
+                s = reduced_scores(qi, ki, group, block, num_hashes, seed, reduce)
+            else:
+                s = reduced_scores(ki, qi, group, block, num_hashes, seed, reduce).T
+            s = s * scale
+            if mask is not None:
+                s = s + mask[b, h].double()
+            if causal:
+                for i in range(n_q):
+                    s[i, i + n_k - n_q + 1 :] = float("-inf")
+            for i in range(n_q):
+                if torch.isinf(s[i]).all():
+                    continue
+                m = s[i].max()
+                p = torch.exp(s[i] - m)
+                lse[b, h, i] = m + torch.log(p.sum())
+                out[b, h, i] = (p / p.sum()) @ vi
+    return out, lse

@@ -1,0 +1,202 @@
+"""distr_attention against SDPA (G=1) and against the independent float64 naive formula (any G)."""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from naive import naive_attention
+
+from hf_distrattn import DistrConfig, distr_attention
+from hf_distrattn.grouping import approximate_operand
+
+EXACT = DistrConfig(group_size=1)
+
+
+def rand(*shape, dtype=torch.float32, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def sdpa(q, k, v, causal=False, mask=None):
+    """SDPA with bottom-right causal alignment and GQA, via an explicit boolean mask."""
+    n_q, n_k = q.shape[2], k.shape[2]
+    keep = torch.ones(n_q, n_k, dtype=torch.bool)
+    if causal:
+        keep = torch.arange(n_k) <= (torch.arange(n_q)[:, None] + n_k - n_q)
+    bias = torch.zeros(n_q, n_k).masked_fill(~keep, float("-inf"))
+    if mask is not None:
+        bias = bias + (torch.zeros(mask.shape).masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
+                       else mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
+
+
+MASK_CASES = ["none", "causal", "causal_decode", "bool", "additive", "padding", "bool_and_causal"]
+
+
+@pytest.mark.parametrize("case", MASK_CASES)
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2)])
+def test_exact_matches_sdpa(case, heads):
+    h_q, h_kv = heads
+    n_q = 5 if case == "causal_decode" else 37
+    n_k = 37 if case != "causal_decode" else 53
+    q, k, v = rand(2, h_q, n_q, 64, seed=1), rand(2, h_kv, n_k, 64, seed=2), rand(2, h_kv, n_k, 64, seed=3)
+    causal = case in ("causal", "causal_decode", "bool_and_causal")
+    mask = None
+    if case in ("bool", "bool_and_causal"):
+        mask = rand(2, 1, n_q, n_k, seed=4) > -0.5
+    elif case == "additive":
+        mask = rand(1, h_q, n_q, n_k, seed=5)
+    elif case == "padding":
+        lengths = torch.tensor([n_k, n_k - 11])
+        mask = (torch.arange(n_k) < lengths[:, None])[:, None, None, :]
+    out, lse = distr_attention(q, k, v, causal=causal, attn_mask=mask, config=EXACT, return_lse=True)
+    ref = sdpa(q, k, v, causal, mask)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # lse is the log-sum-exp of the scaled, masked scores
+    _, naive_lse = naive_attention(q, k, v, causal=causal, mask=None if mask is None else
+                                   (torch.zeros(mask.shape).masked_fill(~mask, -math.inf) if mask.dtype == torch.bool
+                                    else mask).expand(2, h_q, n_q, n_k))
+    torch.testing.assert_close(lse.double(), naive_lse, atol=1e-4, rtol=1e-5)
+
+
+def test_fully_masked_rows_are_zero_not_nan():
+    q, k, v = rand(1, 2, 6, 32), rand(1, 2, 6, 32, seed=1), rand(1, 2, 6, 32, seed=2)
+    mask = torch.ones(1, 1, 6, 6, dtype=torch.bool)
+    mask[..., 2, :] = False
+    for config in (EXACT, DistrConfig(group_size=2, block_size=4)):
+        out, lse = distr_attention(q, k, v, attn_mask=mask, config=config, return_lse=True)
+        assert not out.isnan().any()
+        assert (out[:, :, 2] == 0).all() and torch.isneginf(lse[:, :, 2]).all()
+        assert torch.isfinite(lse[:, :, [0, 1, 3, 4, 5]]).all()
+    # causal with more queries than keys: the first queries see no key
+    out = distr_attention(rand(1, 2, 8, 32), k, v, causal=True, config=EXACT)
+    assert (out[:, :, :2] == 0).all() and not out.isnan().any()
+
+
+def _additive(mask, shape):
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, -math.inf)
+    return mask.expand(shape)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.integers(1, 2), h_kv=st.integers(1, 2), rep=st.sampled_from([1, 2, 3]), n_q=st.integers(1, 40),
+    extra_k=st.integers(0, 20), d=st.sampled_from([8, 16, 32]), group=st.sampled_from([1, 2, 4, 8]),
+    block=st.sampled_from([4, 16, 64]), reduce=st.sampled_from(["rank1", "sample"]),
+    sampled=st.sampled_from(["q", "k"]), causal=st.booleans(), mask_kind=st.sampled_from(["none", "bool", "float"]),
+    dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**16),
+)
+def test_matches_naive_formula(batch, h_kv, rep, n_q, extra_k, d, group, block, reduce, sampled, causal,
+                               mask_kind, dtype, seed):
+    n_k = n_q + extra_k
+    h_q = h_kv * rep
+    q = rand(batch, h_q, n_q, d, dtype=dtype, seed=seed)
+    k = rand(batch, h_kv, n_k, d, dtype=dtype, seed=seed + 1)
+    v = rand(batch, h_kv, n_k, d, dtype=dtype, seed=seed + 2)
+    mask = None
+    if mask_kind == "bool":
+        mask = rand(batch, 1, n_q, n_k, seed=seed + 3) > -1.0
+    elif mask_kind == "float":
+        mask = rand(1, h_q, n_q, n_k, dtype=dtype, seed=seed + 3)
+    config = DistrConfig(group_size=group, block_size=block, reduce=reduce, sampled=sampled, seed=seed % 7)
+    out, lse = distr_attention(q, k, v, causal=causal, attn_mask=mask, config=config, return_lse=True)
+    ref, ref_lse = naive_attention(q, k, v, causal=causal, mask=_additive(mask, (batch, h_q, n_q, n_k)),
+                                   group=group, block=block, seed=seed % 7, reduce=reduce, sampled=sampled)
+    tol = 1e-9 if dtype == torch.float64 else 2e-4
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    torch.testing.assert_close(lse.double()[finite], ref_lse[finite], atol=1e-5, rtol=1e-6)  # lse is float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs(dtype):
+    q, k, v = (rand(1, 4, 50, 64, seed=s).to(dtype) for s in range(3))
+    config = DistrConfig(group_size=2, block_size=16)
+    out = distr_attention(q, k, v, causal=True, config=config)
+    ref, _ = naive_attention(q, k, v, causal=True, group=2, block=16)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_grouping_is_exact_on_rank1_groups():
+    """Adjacent columns that are positive multiples of each other share a bucket, so G=2 loses nothing."""
+    base = rand(1, 2, 40, 16)
+    x = torch.stack([base, 2.5 * base], -1).reshape(1, 2, 40, 32)
+    torch.testing.assert_close(approximate_operand(x, DistrConfig(group_size=2, block_size=16)), x)
+    twins = torch.stack([base, base], -1).reshape(1, 2, 40, 32)
+    config = DistrConfig(group_size=2, block_size=16, reduce="sample")
+    torch.testing.assert_close(approximate_operand(twins, config), twins)
+    # but a real G>1 approximation of unstructured data is not exact
+    assert not torch.allclose(approximate_operand(base, DistrConfig(group_size=2)), base, atol=1e-2)
+
+
+def test_deterministic_per_seed():
+    q, k, v = (rand(1, 2, 70, 32, seed=s) for s in range(3))
+    a = distr_attention(q, k, v, config=DistrConfig(group_size=4, seed=3))
+    b = distr_attention(q, k, v, config=DistrConfig(group_size=4, seed=3))
+    c = distr_attention(q, k, v, config=DistrConfig(group_size=4, seed=4))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_rank1_beats_sampling():
+    """The best rank-1 fit of each group errs less than keeping one column (correlated real-like data)."""
+    latent = rand(2, 4, 128, 8)
+    q = latent @ rand(8, 64, seed=9) + 0.1 * rand(2, 4, 128, 64, seed=10)
+    k, v = rand(2, 4, 128, 64, seed=11), rand(2, 4, 128, 64, seed=12)
+    exact = distr_attention(q, k, v, config=EXACT)
+    errors = {r: (distr_attention(q, k, v, config=DistrConfig(reduce=r)) - exact).norm() / exact.norm()
+              for r in ("rank1", "sample")}
+    assert errors["rank1"] < errors["sample"]
+
+
+BAD_CALLS = [
+    (lambda q, k, v: distr_attention(q[0], k, v), "q must be 4-D"),
+    (lambda q, k, v: distr_attention(q, k[:, :, :, :16], v), "k .* and v .* same shape"),
+    (lambda q, k, v: distr_attention(q, k[:, :, :, :16], v[:, :, :, :16]), "head_dim mismatch"),
+    (lambda q, k, v: distr_attention(q[:, :3], k, v), r"multiple of k/v heads"),
+    (lambda q, k, v: distr_attention(q, k[:1], v[:1]), "batch"),
+    (lambda q, k, v: distr_attention(q, k.double(), v), "k is torch.float64"),
+    (lambda q, k, v: distr_attention(q.int(), k, v), "q must be float16"),
+    (lambda q, k, v: distr_attention(q, k, v, attn_mask=torch.ones(3, 9, dtype=torch.bool)), "attn_mask of shape"),
+    (lambda q, k, v: distr_attention(q, k, v, attn_mask=torch.ones(8, 9, dtype=torch.int64)), "attn_mask must be"),
+    (lambda q, k, v: distr_attention(q, k, v, config={"group_size": 2}), "config must be a DistrConfig"),
+]
+
+
+@pytest.mark.parametrize("call,message", BAD_CALLS)
+def test_bad_inputs_name_the_argument(call, message):
+    q, k, v = rand(2, 4, 8, 32), rand(2, 2, 9, 32), rand(2, 2, 9, 32)
+    with pytest.raises((ValueError, TypeError), match=message):
+        call(q, k, v)
+
+
+@pytest.mark.parametrize("field,value", [("group_size", 3), ("group_size", 0), ("block_size", 0), ("num_hashes", 31),
+                                         ("seed", -1), ("sampled", "v"), ("reduce", "mean"), ("backend", "cuda")])
+def test_config_errors_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        DistrConfig(**{field: value})
+
+
+def test_unknown_config_key():
+    with pytest.raises(ValueError, match="unknown field.*group"):
+        DistrConfig.from_dict({"group": 2})
+
+
+def test_indivisible_head_dim_falls_back_to_exact_with_one_warning():
+    q, k, v = rand(1, 2, 10, 36), rand(1, 2, 10, 36, seed=1), rand(1, 2, 10, 36, seed=2)
+    config = DistrConfig(group_size=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = distr_attention(q, k, v, config=config)
+        distr_attention(q, k, v, config=config)
+    assert len([w for w in caught if "not a multiple" in str(w.message)]) == 1
+    torch.testing.assert_close(out, sdpa(q, k, v), atol=1e-5, rtol=1e-5)
