@@ -62,7 +62,7 @@ def normalize_mask(attn_mask, batch: int, heads: int, n_q: int, n_k: int) -> tor
         raise ValueError(f"attn_mask must have 2 to 4 dims, got shape {tuple(attn_mask.shape)}")
     mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
     target = (batch, heads, n_q, n_k)
-    if any(m not in (1, t) for m, t in zip(mask.shape, target)):
+    if any(m not in (1, t) for m, t in zip(mask.shape, target, strict=True)):
         raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {target}")
     return mask.expand(mask.shape[0], mask.shape[1], n_q, n_k)
 

@@ -1,0 +1,161 @@
+"""attn_implementation="distr" inside Transformers models: exact at G=1, bounded drift at G=2 on trained models."""
+
+import pytest
+import torch
+from hf_distrattn.eval.perplexity import evaluate_perplexity
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import hf_distrattn
+from hf_distrattn import DistrConfig, configure, layer_configs
+
+EXACT = DistrConfig(group_size=1)
+
+
+def tiny_llama(attn="sdpa"):
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval(), config
+
+
+@torch.no_grad()
+def test_llama_exact_logits_from_config_and_set_attn_implementation():
+    model, config = tiny_llama()
+    ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(1))
+    ref = model(ids).logits
+    model.set_attn_implementation("distr")
+    configure(model, EXACT)
+    torch.testing.assert_close(model(ids).logits, ref, atol=1e-5, rtol=1e-5)
+    configure(model, DistrConfig(group_size=2, block_size=8))
+    assert (model(ids).logits - ref).abs().max() > 1e-3  # the approximation is really in the loop
+    torch.manual_seed(0)
+    fresh = AutoModelForCausalLM.from_config(config, attn_implementation="distr").eval()
+    assert fresh.config._attn_implementation == "distr"
+    configure(fresh, EXACT)
+    torch.testing.assert_close(fresh(ids).logits, ref, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_generate_with_kv_cache_matches_sdpa():
+    model, _ = tiny_llama()
+    ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(2))
+    kwargs = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, output_scores=True,
+                  return_dict_in_generate=True, pad_token_id=0)
+    ref = model.generate(ids, **kwargs)
+    model.set_attn_implementation("distr")
+    configure(model, EXACT)
+    out = model.generate(ids, **kwargs)
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(out.scores), torch.stack(ref.scores), atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_equals_unpadded(side):
+    model, _ = tiny_llama()
+    model.set_attn_implementation("distr")
+    configure(model, EXACT)
+    long = torch.randint(1, 97, (30,), generator=torch.Generator().manual_seed(3))
+    short = long[:19]
+    pad = torch.zeros(11, dtype=torch.long)
+    padded_short = torch.cat([pad, short]) if side == "left" else torch.cat([short, pad])
+    mask = torch.ones(2, 30, dtype=torch.long)
+    if side == "left":
+        mask[1, :11] = 0
+    else:
+        mask[1, 19:] = 0
+    logits = model(torch.stack([long, padded_short]), attention_mask=mask).logits
+    alone = model(short[None]).logits[0]
+    got = logits[1, 11:] if side == "left" else logits[1, :19]
+    torch.testing.assert_close(got, alone, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[0], model(long[None]).logits[0], atol=1e-5, rtol=1e-5)
+
+
+def test_configure_chosen_layers():
+    model, _ = tiny_llama()
+    approx = DistrConfig(group_size=4)
+    configure(model, approx)
+    configure(model, EXACT, layers=[0])
+    assert layer_configs(model) == [EXACT, approx, approx]
+    with pytest.raises(ValueError, match="layers"):
+        configure(model, EXACT, layers=[3])
+    plain, _ = tiny_llama()
+    assert layer_configs(plain) == [hf_distrattn.DEFAULT_CONFIG] * 3
+
+
+def test_unsupported_attention_kwargs_raise():
+    from hf_distrattn.integration import distr_attention_forward
+
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="sliding_window"):
+        distr_attention_forward(torch.nn.Module(), q, q, q, None, sliding_window=2)
+
+
+@pytest.fixture(scope="module")
+def kjv_llama(shared):
+    model = AutoModelForCausalLM.from_pretrained(shared / "models/ref-llama-bytes", attn_implementation="distr",
+                                                 dtype=torch.float32).eval()
+    data = (shared / "data/heldout_kjv.txt").read_bytes()[: 2 * 2048]
+    return model, torch.tensor(list(data))
+
+
+@torch.no_grad()
+def test_ref_llama_bits_per_byte(kjv_llama):
+    """Held-out bits/byte over two 2048-byte windows. Recorded: sdpa 1.7674; distr G=1 the same;
+    distr G=2 (rank1, blocks of 64) 1.9838, i.e. +12.2% drop-in (the accuracy issue works on closing this)."""
+    model, ids = kjv_llama
+    model.set_attn_implementation("sdpa")
+    exact = evaluate_perplexity(model, ids, 2048).bits_per_byte
+    model.set_attn_implementation("distr")
+    configure(model, EXACT)
+    assert evaluate_perplexity(model, ids, 2048).bits_per_byte == pytest.approx(exact, abs=1e-4)
+    configure(model, DistrConfig(group_size=2))
+    approx = evaluate_perplexity(model, ids, 2048).bits_per_byte
+    assert exact == pytest.approx(1.7674, abs=2e-3)
+    assert 1.01 * exact < approx < 1.15 * exact
+
+
+@pytest.fixture(scope="module")
+def fmnist_vit(shared):
+    import datasets
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    path = shared / "models/ref-vit-fmnist"
+    model = AutoModelForImageClassification.from_pretrained(path, attn_implementation="distr",
+                                                            dtype=torch.float32).eval()
+    data = datasets.load_dataset("parquet", data_files=str(shared / "data/fashion-mnist-test.parquet"),
+                                 split="train").select(range(200))
+    pixels = AutoImageProcessor.from_pretrained(path)([im.convert("RGB") for im in data["image"]],
+                                                      return_tensors="pt")["pixel_values"]
+    return model, pixels, torch.tensor(data["label"])
+
+
+@torch.no_grad()
+def test_ref_vit_accuracy(fmnist_vit):
+    """Top-1 on the first 200 test images. Recorded: exact 86.5%, distr G=2 86.0%."""
+    model, pixels, labels = fmnist_vit
+
+    def run():
+        return torch.cat([model(pixel_values=pixels[i : i + 50]).logits for i in range(0, len(pixels), 50)])
+
+    model.set_attn_implementation("sdpa")
+    ref = run()
+    model.set_attn_implementation("distr")
+    configure(model, EXACT)
+    torch.testing.assert_close(run(), ref, atol=1e-4, rtol=1e-4)
+    configure(model, DistrConfig(group_size=2))
+    approx = run()
+    exact_top1 = (ref.argmax(-1) == labels).float().mean().item()
+    approx_top1 = (approx.argmax(-1) == labels).float().mean().item()
+    assert exact_top1 == pytest.approx(0.865, abs=0.005)
+    assert exact_top1 - 0.02 <= approx_top1
+    assert (approx - ref).abs().max() > 1e-3
+
+
+def test_auto_config_roundtrip_keeps_distr(tmp_path):
+    model, _ = tiny_llama()
+    model.set_attn_implementation("distr")
+    model.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path) is not None
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="distr")
+    assert loaded.config._attn_implementation == "distr"
