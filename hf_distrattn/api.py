@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -22,9 +23,30 @@ def warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-def selected_backend(device, dtype, config: DistrConfig) -> str:
-    """Which implementation :func:`distr_attention` runs for these inputs: ``"reference"`` (PyTorch) for now;
-    the Triton kernels take CUDA tensors once they land."""
+def _triton_refusal(q: torch.Tensor, config: DistrConfig, dropout_p: float) -> str | None:
+    """Why the Triton kernel cannot take this call (``None`` if it can)."""
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"device {q.device} (Triton needs CUDA, or TRITON_INTERPRET=1)"
+    try:
+        from .kernels import prefill
+    except ImportError as error:
+        return f"triton is not importable ({error})"
+    return prefill.supports(q, config, dropout_p)
+
+
+def selected_backend(q: torch.Tensor, config: DistrConfig, dropout_p: float = 0.0) -> str:
+    """``"triton"`` or ``"reference"``: what :func:`distr_attention` runs for these inputs.
+
+    ``backend="auto"`` takes the kernel for CUDA tensors it supports; ``"triton"`` insists (CPU tensors run it
+    under ``TRITON_INTERPRET=1``) and raises a ValueError naming the reason when it cannot.
+    """
+    if config.backend == "reference" or (config.backend == "auto" and q.device.type != "cuda"):
+        return "reference"
+    refusal = _triton_refusal(q, config, dropout_p)
+    if refusal is None:
+        return "triton"
+    if config.backend == "triton":
+        raise ValueError(f"DistrConfig.backend='triton' cannot take this call: {refusal}")
     return "reference"
 
 
@@ -96,10 +118,12 @@ def distr_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config
         warn_once(f"head_dim {d} is not a multiple of DistrConfig.group_size={config.group_size}: "
                   "computing exact attention instead")
         config = config.replace(group_size=1)
-    if config.backend == "triton":
-        raise ValueError("DistrConfig.backend='triton': no Triton kernel can take this call "
-                         f"(device {q.device}, dtype {q.dtype}, head_dim {d})")
-    out, lse = reference.attention(q, k, v, causal=causal, attn_mask=mask, scale=scale, config=config,
-                                   dropout_p=dropout_p)
+    if selected_backend(q, config, dropout_p) == "triton":
+        from .kernels.prefill import distr_attention_triton
+
+        out, lse = distr_attention_triton(q, k, v, causal=causal, attn_mask=mask, scale=scale, config=config)
+    else:
+        out, lse = reference.attention(q, k, v, causal=causal, attn_mask=mask, scale=scale, config=config,
+                                       dropout_p=dropout_p)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out

@@ -66,7 +66,9 @@ def run_demo(model: str | None = None, attn: list[str] | None = None, prompt: st
         seconds = time.perf_counter() - start
         tokens = out[0, ids.shape[1]:]
         first = first or {"logits": logits, "tokens": tokens}
-        path = "sdpa" if config is None else selected_backend(ids.device, torch_dtype, config)
+        head_dim = getattr(lm.config, "head_dim", None) or lm.config.hidden_size // lm.config.num_attention_heads
+        probe = torch.empty(1, 1, 1, head_dim, device=device, dtype=torch_dtype)
+        path = "sdpa" if config is None else selected_backend(probe, config)
         rows.append({
             "attn": name if config is None else f"distr:group_size={config.group_size}",
             "path": path,

@@ -64,24 +64,37 @@ def group_factors(grouped: torch.Tensor, reduce: str) -> tuple[torch.Tensor, tor
     return torch.einsum("...mjg,...jg->...mj", grouped, v), v
 
 
-def approximate_operand(x: torch.Tensor, config: DistrConfig) -> torch.Tensor:
-    """``X̃``: every block-group of ``x``'s columns replaced by its rank-1 factor product ``u_g v_gᵀ``.
+def group_blocks(x: torch.Tensor, config: DistrConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Grouping and rank-1 factors of every block of ``x`` ``(batch, heads, seq, d)``, in float32 (float64 in).
 
-    x: ``(batch, heads, seq, d)``; returns the same shape in float32 (float64 for float64 input).
-    The last block may be short; its missing rows count as zeros and are dropped again.
+    Returns ``perm`` int64 ``(batch, heads, n_blocks, d)`` (group ``j`` is columns ``perm[jG:(j+1)G]``),
+    ``u`` ``(batch, heads, n_blocks * block_size, d/G)`` (rows past ``seq`` are zero) and ``v``
+    ``(batch, heads, n_blocks, d/G, G)``. The last block may be short; its missing rows count as zeros.
     """
     group, block = config.group_size, config.block_size
     batch, heads, seq, d = x.shape
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if group == 1:
-        return x.to(compute)
     n_blocks = -(-seq // block)
     padded = torch.nn.functional.pad(x.to(compute), (0, 0, 0, n_blocks * block - seq))
     blocks = padded.view(batch, heads, n_blocks, block, d)
     perm = lsh_permutation(blocks, config.num_hashes, config.seed)
-    index = perm.unsqueeze(-2).expand_as(blocks)
-    grouped = blocks.gather(-1, index).view(batch, heads, n_blocks, block, d // group, group)
+    grouped = blocks.gather(-1, perm.unsqueeze(-2).expand_as(blocks)).view(*blocks.shape[:-1], d // group, group)
     u, v = group_factors(grouped, config.reduce)
-    rebuilt = (u.unsqueeze(-1) * v.unsqueeze(-3)).reshape_as(blocks)
-    out = torch.empty_like(blocks).scatter_(-1, index, rebuilt)
-    return out.view(batch, heads, n_blocks * block, d)[:, :, :seq]
+    return perm, u.reshape(batch, heads, n_blocks * block, d // group), v
+
+
+def approximate_operand(x: torch.Tensor, config: DistrConfig) -> torch.Tensor:
+    """``X̃``: every block-group of ``x``'s columns replaced by its rank-1 factor product ``u_g v_gᵀ``.
+
+    x: ``(batch, heads, seq, d)``; returns the same shape in float32 (float64 for float64 input).
+    """
+    if config.group_size == 1:
+        return x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    batch, heads, seq, d = x.shape
+    perm, u, v = group_blocks(x, config)
+    n_blocks = perm.shape[2]
+    u = u.view(batch, heads, n_blocks, config.block_size, d // config.group_size)
+    rebuilt = (u.unsqueeze(-1) * v.unsqueeze(-3)).flatten(-2)
+    index = perm.unsqueeze(-2).expand_as(rebuilt)
+    out = torch.empty_like(rebuilt).scatter_(-1, index, rebuilt)
+    return out.view(batch, heads, -1, d)[:, :, :seq]
