@@ -50,17 +50,33 @@ def lsh_permutation(blocks: torch.Tensor, num_hashes: int, seed: int) -> torch.T
     return torch.argsort(code * d + torch.arange(d, device=blocks.device), dim=-1)
 
 
+def top_eigenvector(gram: torch.Tensor, squarings: int = 8) -> torch.Tensor:
+    """Unit top eigenvector of symmetric PSD ``(..., G, G)`` matrices, sign fixed so that ``Σ v ≥ 0``.
+
+    ``C^(2^squarings) · 1`` by repeated squaring (each square rescaled by its trace): the other directions shrink
+    by ``(λ₂/λ₁)^256``. Batched small matmuls only, where a batched eigensolver would need gigabytes of workspace
+    on the GPU. A zero matrix gives ``1/√G``.
+    """
+    power = gram
+    for _ in range(squarings):
+        power = power @ power
+        trace = power.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+        power = power / torch.where(trace > 0, trace, torch.ones_like(trace))
+    v = power.sum(-1)  # C^k · 1
+    norm = v.norm(dim=-1, keepdim=True)
+    v = torch.where(norm > 0, v / torch.where(norm > 0, norm, torch.ones_like(norm)), gram.shape[-1] ** -0.5)
+    return torch.where(v.sum(-1, keepdim=True) < 0, -v, v)
+
+
 def group_factors(grouped: torch.Tensor, reduce: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-1 factors of each group: grouped ``(..., rows, d/G, G)`` -> ``u (..., rows, d/G)``, ``v (..., d/G, G)``.
 
-    ``"sample"``: ``u`` = the group's first column, ``v = 1``. ``"rank1"``: ``v`` the unit top eigenvector of the
-    group's Gram matrix (sign fixed so that ``Σ v ≥ 0``), ``u = X_g v``.
+    ``"sample"``: ``u`` = the group's first column, ``v = 1``. ``"rank1"``: ``v`` the top eigenvector of the
+    group's Gram matrix (:func:`top_eigenvector`), ``u = X_g v``: the best rank-1 fit in Frobenius norm.
     """
     if reduce == "sample":
         return grouped[..., 0], torch.ones_like(grouped[..., 0, :, :])
-    gram = torch.einsum("...mjg,...mjh->...jgh", grouped, grouped)
-    v = torch.linalg.eigh(gram).eigenvectors[..., -1]  # eigh sorts eigenvalues ascending
-    v = torch.where(v.sum(-1, keepdim=True) < 0, -v, v)
+    v = top_eigenvector(torch.einsum("...mjg,...mjh->...jgh", grouped, grouped))
     return torch.einsum("...mjg,...jg->...mj", grouped, v), v
 
 

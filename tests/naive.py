@@ -26,8 +26,13 @@ def reduce_group(cols: torch.Tensor, reduce: str) -> tuple[torch.Tensor, torch.T
     """cols (rows × G) -> (u, v) with cols ≈ u vᵀ."""
     if reduce == "sample":
         return cols[:, 0], torch.ones(cols.shape[1], dtype=cols.dtype)
-    _, vecs = torch.linalg.eigh(cols.T @ cols)
-    v = vecs[:, -1]
+    gram = cols.T @ cols
+    power = gram.clone()
+    for _ in range(8):  # the package's definition: C^256 · 1, normalised
+        power = power @ power
+        power = power / power.trace() if power.trace() > 0 else power
+    v = power.sum(1)
+    v = v / v.norm() if v.norm() > 0 else torch.full_like(v, cols.shape[1] ** -0.5)
     v = -v if v.sum() < 0 else v
     return cols @ v, v
 

@@ -200,3 +200,16 @@ def test_indivisible_head_dim_falls_back_to_exact_with_one_warning():
         distr_attention(q, k, v, config=config)
     assert len([w for w in caught if "not a multiple" in str(w.message)]) == 1
     torch.testing.assert_close(out, sdpa(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_top_eigenvector_matches_eigh():
+    from hf_distrattn.grouping import top_eigenvector
+
+    x = rand(500, 16, 4, dtype=torch.float64)
+    gram = x.transpose(-1, -2) @ x
+    v = top_eigenvector(gram)
+    ref = torch.linalg.eigh(gram).eigenvectors[..., -1]
+    cos = (v * ref).sum(-1).abs()
+    assert (cos > 1 - 1e-9).float().mean() > 0.99  # all but near-degenerate top pairs
+    assert ((v.sum(-1) >= 0).all())
+    torch.testing.assert_close(v.norm(dim=-1), torch.ones(500, dtype=torch.float64))

@@ -1,10 +1,11 @@
 r"""Fused DistrAttention forward in Triton (FlashAttention-2 style), plus its small PyTorch pre-pass.
 
-Pre-pass (:func:`prepare`): for every block of ``BLOCK_M = block_size`` queries, the LSH grouping and
-rank-1 factors of :func:`hf_distrattn.grouping.group_blocks`, stored as ``U`` ``(B, Hq, Nq_pad, DG)`` in the
-input dtype, ``perm`` int32 ``(B, Hq, n_blocks, D)`` and per-column fuse weights ``w`` float32 (the group's
-``v`` entry of each permuted column). K is stored transposed, ``Kt`` ``(B, Hkv, d, Nk)``, so that gathering
-the permuted head-dim columns of a key tile is a gather of contiguous rows.
+Pre-pass (:func:`prepare`, skipped at ``G = 1``): for every block of ``BLOCK_M = block_size`` queries, the LSH
+grouping and rank-1 factors of :func:`hf_distrattn.grouping.group_blocks`, stored as ``U``
+``(B, Hq, Nq_pad, DG)`` in the input dtype, ``perm`` int32 ``(B, Hq, n_blocks, D)`` and per-column fuse weights
+``w`` float32 (the group's ``v`` entry of each permuted column). K is stored transposed, ``Kt``
+``(B, Hkv, d, Nk)``, so that gathering the permuted head-dim columns of a key tile is a gather of contiguous
+rows. At ``G = 1``, ``U = Q`` and K keeps its layout (the kernel reads it through strides).
 
 Kernel, one program per (query block, batch·head), keys in tiles of ``BLOCK_N``:
 
@@ -12,7 +13,8 @@ Kernel, one program per (query block, batch·head), keys in tiles of ``BLOCK_N``
     S = scale · U K'ᵀ  (+ mask)                          (score GEMM, inner size DG = D/G)
     online softmax in base 2, acc += P V                 (exact P·V, inner size BLOCK_N)
 
-and writes ``out = acc / l`` and ``lse = m + log l`` (natural log). Rows with no visible key give 0 and
+and writes ``out = acc / l`` and ``lse = m + log l`` (natural log). Key tiles that every row of the
+block sees whole skip all masking (the FlashAttention-2 split into off-diagonal and diagonal tiles). Rows with no visible key give 0 and
 ``-inf``. Head dims that are not a power of two are padded: extra groups with weight 0, zero ``U`` and ``V``
 columns. GQA maps query head ``h`` to key head ``h // (Hq / Hkv)``; K and V are never repeated.
 """
@@ -33,8 +35,50 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _distr_fwd(U, Kt, V, Perm, W, Mask, Out, Lse, scale, n_q, n_k, heads, kv_group,
-               su_b, su_h, su_m, sk_b, sk_h, sk_d, sv_b, sv_h, sv_n, sp_b, sp_h, sp_m,
+def _tile(acc, l_i, m_i, u, kt_base, v_base, mask_base, start_n, offs_m, w, n_q, n_k, sk_n, sv_n, qk_scale,
+          MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr,
+          BLOCK_N: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, DG: tl.constexpr):
+    """One key tile: fuse K's groups, scores at inner size DG, online-softmax update. MASKED tiles check bounds,
+    causality and the mask; the others are wholly visible to every row of the block."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_v = tl.arange(0, DV)
+    if MASKED:
+        kt = tl.load(kt_base + offs_n[None, :] * sk_n, mask=offs_n[None, :] < n_k, other=0.0)
+        vt = tl.load(v_base + offs_n[:, None] * sv_n + offs_v[None, :], mask=offs_n[:, None] < n_k, other=0.0)
+    else:
+        kt = tl.load(kt_base + offs_n[None, :] * sk_n)
+        vt = tl.load(v_base + offs_n[:, None] * sv_n + offs_v[None, :])
+    if G > 1:
+        kt = tl.sum(tl.reshape(kt.to(tl.float32) * w[:, None], (DG, G, BLOCK_N)), axis=1).to(u.dtype)
+    if IEEE:
+        s = tl.dot(u, kt, input_precision="ieee") * qk_scale
+    else:
+        s = tl.dot(u, kt) * qk_scale
+    if MASKED:
+        keep = offs_n[None, :] < n_k
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= offs_m[:, None] + (n_k - n_q))
+        mask_ptrs = mask_base + offs_n[None, :]
+        if MASK_KIND == 1:
+            keep = keep & (tl.load(mask_ptrs, mask=keep & (offs_m[:, None] < n_q), other=0) != 0)
+        if MASK_KIND == 2:
+            s += tl.load(mask_ptrs, mask=keep & (offs_m[:, None] < n_q), other=0.0).to(tl.float32) * 1.4426950408889634
+        s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _distr_fwd(U, K, V, Perm, W, Mask, Out, Lse, scale, n_q, n_k, heads, kv_group,
+               su_b, su_h, su_m, sk_b, sk_h, sk_d, sk_n, sv_b, sv_h, sv_n, sp_b, sp_h, sp_m,
                sm_b, sm_h, sm_m, so_b, so_h, so_m, sl_b, sl_h,
                CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
@@ -48,47 +92,36 @@ def _distr_fwd(U, Kt, V, Perm, W, Mask, Out, Lse, scale, n_q, n_k, heads, kv_gro
     offs_g = tl.arange(0, DG)
     offs_d = tl.arange(0, D)
     offs_v = tl.arange(0, DV)
-    u = tl.load(U + b * su_b + h * su_h + offs_m[:, None] * su_m + offs_g[None, :])
-    perm = tl.load(Perm + b * sp_b + h * sp_h + pid_m * sp_m + offs_d)
-    w = tl.load(W + b * sp_b + h * sp_h + pid_m * sp_m + offs_d)
-    kt_base = Kt + b * sk_b + hk * sk_h + perm[:, None] * sk_d
+    u = tl.load(U + b * su_b + h * su_h + offs_m[:, None] * su_m + offs_g[None, :], mask=offs_m[:, None] < n_q,
+                other=0.0)
+    if G > 1:
+        perm = tl.load(Perm + b * sp_b + h * sp_h + pid_m * sp_m + offs_d)
+        w = tl.load(W + b * sp_b + h * sp_h + pid_m * sp_m + offs_d)
+    else:
+        perm = offs_d
+        w = tl.full([D], 1.0, tl.float32)
+    kt_base = K + b * sk_b + hk * sk_h + perm[:, None] * sk_d
     v_base = V + b * sv_b + hk * sv_h
+    mask_base = Mask + b * sm_b + h * sm_h + offs_m[:, None] * sm_m
     qk_scale = scale * 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV], tl.float32)
+    # keys below `full` are visible to every row of the block: no masking there
     hi = n_k
+    full = n_k
     if CAUSAL:
         hi = tl.minimum(n_k, (pid_m + 1) * BLOCK_M + n_k - n_q)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kt = tl.load(kt_base + offs_n[None, :], mask=offs_n[None, :] < n_k, other=0.0)
-        if G > 1:
-            kt = tl.sum(tl.reshape(kt.to(tl.float32) * w[:, None], (DG, G, BLOCK_N)), axis=1).to(u.dtype)
-        if IEEE:
-            s = tl.dot(u, kt, input_precision="ieee") * qk_scale
-        else:
-            s = tl.dot(u, kt) * qk_scale
-        keep = (offs_n[None, :] < n_k) & (offs_m[:, None] < n_q)
-        if CAUSAL:
-            keep = keep & (offs_n[None, :] <= offs_m[:, None] + (n_k - n_q))
-        mask_ptrs = Mask + b * sm_b + h * sm_h + offs_m[:, None] * sm_m + offs_n[None, :]
-        if MASK_KIND == 1:
-            keep = keep & (tl.load(mask_ptrs, mask=keep, other=0) != 0)
-        if MASK_KIND == 2:
-            s += tl.load(mask_ptrs, mask=keep, other=0.0).to(tl.float32) * 1.4426950408889634
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(v_base + offs_n[:, None] * sv_n + offs_v[None, :], mask=offs_n[:, None] < n_k, other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-        m_i = m_new
+        full = tl.minimum(n_k, pid_m * BLOCK_M + n_k - n_q + 1)
+    full = tl.maximum(full, 0) // BLOCK_N * BLOCK_N
+    if MASK_KIND != 0:
+        full = 0
+    for start_n in range(0, full, BLOCK_N):
+        acc, l_i, m_i = _tile(acc, l_i, m_i, u, kt_base, v_base, mask_base, start_n, offs_m, w, n_q, n_k, sk_n,
+                              sv_n, qk_scale, False, CAUSAL, MASK_KIND, IEEE, BLOCK_N, DV, G, DG)
+    for start_n in range(full, hi, BLOCK_N):
+        acc, l_i, m_i = _tile(acc, l_i, m_i, u, kt_base, v_base, mask_base, start_n, offs_m, w, n_q, n_k, sk_n,
+                              sv_n, qk_scale, True, CAUSAL, MASK_KIND, IEEE, BLOCK_N, DV, G, DG)
     safe_l = tl.where(l_i > 0, l_i, 1.0)
     out = acc / safe_l[:, None]
     lse = tl.where(l_i > 0, (m_i + tl.math.log2(safe_l)) / 1.4426950408889634, float("-inf"))
@@ -120,37 +153,44 @@ def supports(q: torch.Tensor, config: DistrConfig, dropout_p: float = 0.0) -> st
     return None
 
 
-def prepare(q: torch.Tensor, k: torch.Tensor, config: DistrConfig):
-    """The pre-pass: ``U``, ``perm``, ``w`` for the query blocks and ``Kt``; head dims padded to powers of two."""
+def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: DistrConfig):
+    """The pre-pass. Returns ``U``, ``K`` (with its head-dim and key strides), ``V``, ``perm`` and ``w``.
+
+    ``G = 1``: Q, K and V as they are (zero-padded to a power-of-two head dim only where needed) and no grouping.
+    ``G > 1``: grouping of the query blocks, ``U`` padded to a power-of-two ``DG``, ``K`` transposed.
+    """
     batch, heads, n_q, d = q.shape
     group = config.group_size
+    d_pad = max(16, _next_pow2(d))
+    if d_pad != d:
+        v = torch.nn.functional.pad(v, (0, d_pad - d))
+    if group == 1:
+        if d_pad != d:
+            q, k = (torch.nn.functional.pad(t, (0, d_pad - d)) for t in (q, k))
+        return q, k, (1, k.stride(2)), v, q, q
     dg = d // group
     dg_pad = max(16, _next_pow2(dg))
-    if group == 1:
-        n_blocks = -(-n_q // config.block_size)
-        u = torch.nn.functional.pad(q, (0, dg_pad - d, 0, n_blocks * config.block_size - n_q))
-        perm = torch.arange(dg_pad, device=q.device).clamp(max=d - 1).expand(batch, heads, n_blocks, dg_pad)
-        w = (torch.arange(dg_pad, device=q.device) < d).float().expand(batch, heads, n_blocks, dg_pad)
-    else:
-        perm, u, v = group_blocks(q, config)
-        n_blocks = perm.shape[2]
-        u = torch.nn.functional.pad(u, (0, dg_pad - dg)).to(q.dtype)
-        perm = torch.nn.functional.pad(perm.view(batch, heads, n_blocks, dg, group), (0, 0, 0, dg_pad - dg))
-        w = torch.nn.functional.pad(v.float(), (0, 0, 0, dg_pad - dg))
+    perm, u, fuse = group_blocks(q, config)
+    n_blocks = perm.shape[2]
+    u = torch.nn.functional.pad(u, (0, dg_pad - dg)).to(q.dtype).contiguous()
+    perm = torch.nn.functional.pad(perm.view(batch, heads, n_blocks, dg, group), (0, 0, 0, dg_pad - dg))
+    w = torch.nn.functional.pad(fuse.float(), (0, 0, 0, dg_pad - dg))
     kt = k.transpose(-1, -2).contiguous()
-    return (u.contiguous(), kt, perm.reshape(batch, heads, n_blocks, -1).to(torch.int32).contiguous(),
+    return (u, kt, (kt.stride(2), 1), v, perm.reshape(batch, heads, n_blocks, -1).to(torch.int32).contiguous(),
             w.reshape(batch, heads, n_blocks, -1).contiguous())
 
 
 def distr_attention_triton(q, k, v, *, causal=False, attn_mask=None, scale=None, config: DistrConfig,
-                           block_n: int = 64, num_warps: int = 4, num_stages: int = 2):
-    """Shapes and semantics of :func:`hf_distrattn.reference.attention`; ``attn_mask`` already 4-D."""
+                           prepared=None, block_n: int = 64, num_warps: int = 4, num_stages: int = 2):
+    """Shapes and semantics of :func:`hf_distrattn.reference.attention`; ``attn_mask`` already 4-D.
+
+    ``prepared``: the output of :func:`prepare` for these inputs, to time the kernel alone.
+    """
     batch, heads, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     scale = 1 / math.sqrt(d) if scale is None else scale
-    u, kt, perm, w = prepare(q, k, config)
-    dv = max(16, _next_pow2(d))
-    v_in = torch.nn.functional.pad(v, (0, dv - d)) if dv != d else v
+    u, kk, (sk_d, sk_n), vv, perm, w = prepared or prepare(q, k, v, config)
+    dv = vv.shape[-1]
     out = torch.empty(batch, heads, n_q, dv, device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, heads, n_q, device=q.device, dtype=torch.float32)
     if attn_mask is None:
@@ -162,12 +202,12 @@ def distr_attention_triton(q, k, v, *, causal=False, attn_mask=None, scale=None,
     block_m = config.block_size
     grid = (triton.cdiv(n_q, block_m), batch * heads)
     _distr_fwd[grid](
-        u, kt, v_in, perm, w, mask, out, lse, scale, n_q, n_k, heads, heads // h_kv,
-        u.stride(0), u.stride(1), u.stride(2), kt.stride(0), kt.stride(1), kt.stride(2),
-        v_in.stride(0), v_in.stride(1), v_in.stride(2), perm.stride(0), perm.stride(1), perm.stride(2),
+        u, kk, vv, perm, w, mask, out, lse, scale, n_q, n_k, heads, heads // h_kv,
+        u.stride(0), u.stride(1), u.stride(2), kk.stride(0), kk.stride(1), sk_d, sk_n,
+        vv.stride(0), vv.stride(1), vv.stride(2), perm.stride(0), perm.stride(1), perm.stride(2),
         *mask_strides, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         CAUSAL=causal, MASK_KIND=mask_kind, IEEE=q.dtype == torch.float32,
-        BLOCK_M=block_m, BLOCK_N=block_n, D=perm.shape[-1], DV=dv, G=config.group_size, DG=u.shape[-1],
-        num_warps=num_warps, num_stages=num_stages,
+        BLOCK_M=block_m, BLOCK_N=block_n, D=dv if config.group_size == 1 else perm.shape[-1], DV=dv,
+        G=config.group_size, DG=u.shape[-1], num_warps=num_warps, num_stages=num_stages,
     )
     return out[..., :d], lse

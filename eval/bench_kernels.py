@@ -1,0 +1,158 @@
+"""Attention kernel benchmark: distr (G = 1, 2, 4) against SDPA's flash, cuDNN and memory-efficient backends and
+the ``sageattention`` wheel, in one run on one GPU.
+
+Times are medians of ``triton.testing.do_bench`` after warm-up, on random normal inputs; distr is timed whole
+(pre-pass + kernel) and kernel-only. Effective TFLOP/s = 4·B·H·Nq·Nk·d / t, halved when causal. The error
+column is ‖out − exact‖/‖exact‖ against float32 SDPA on the same inputs.
+
+    python -m hf_distrattn.eval.bench_kernels --json results/kernels.json --markdown results/kernels.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from contextlib import nullcontext
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from ..config import DistrConfig
+from ..kernels import prefill
+
+
+def sdpa_backend(name):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION}[name]
+    return lambda: sdpa_kernel(backend)
+
+
+def _distr(q, k, v, causal, config, **launch):
+    return prefill.distr_attention_triton(q, k, v, causal=causal, config=config, **launch)[0]
+
+
+def median_ms(fn) -> float:
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+LAUNCHES = [dict(block_n=64, num_warps=4, num_stages=2), dict(block_n=64, num_warps=4, num_stages=3),
+            dict(block_n=128, num_warps=8, num_stages=3), dict(block_n=64, num_warps=8, num_stages=3),
+            dict(block_n=128, num_warps=4, num_stages=2), dict(block_n=32, num_warps=4, num_stages=3)]
+
+
+def methods(groups, block_sizes):
+    """name -> (context factory, fn(q, k, v, causal))."""
+    out = {}
+    for name in ("flash", "cudnn", "efficient"):
+        out[f"sdpa-{name}"] = (sdpa_backend(name),
+                               lambda q, k, v, c: F.scaled_dot_product_attention(q, k, v, is_causal=c))
+    try:
+        from sageattention import sageattn
+
+        out["sageattn-1"] = (nullcontext, lambda q, k, v, c: sageattn(q, k, v, tensor_layout="HND", is_causal=c))
+    except Exception as error:  # noqa: BLE001 - the peer is optional; say why it is absent
+        print(f"sageattention unavailable: {error}")
+    for group in groups:
+        for block in block_sizes:
+            config = DistrConfig(group_size=group, block_size=block, backend="triton")
+            out[f"distr-G{group}-b{block}"] = (nullcontext, partial(_distr, config=config))
+    return out
+
+
+def bench(seq_lens, head_dims, causals, groups, block_sizes, dtype=torch.bfloat16, tokens=65536, tune=()):
+    """``tune``: sequence lengths at which every launch in LAUNCHES is timed for the distr kernels."""
+    rows = []
+    table = methods(groups, block_sizes)
+    for d in head_dims:
+        heads = 2048 // d  # hidden 2048, like Llama-3.2-1B
+        for n in seq_lens:
+            batch = max(1, tokens // n)
+            g = torch.Generator(device="cuda").manual_seed(n + d)
+            q, k, v = (torch.randn(batch, heads, n, d, device="cuda", generator=g, dtype=dtype) for _ in range(3))
+            for causal in causals:
+                flops = 4 * batch * heads * n * n * d / (2 if causal else 1)
+                exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
+                for name, (context, fn) in table.items():
+                    row = {"method": name, "d": d, "n": n, "batch": batch, "heads": heads, "causal": causal}
+                    try:
+                        with context():
+                            out = fn(q, k, v, causal)
+                            ms = median_ms(partial(fn, q, k, v, causal))
+                        row |= {"ms": ms, "tflops": flops / ms / 1e9,
+                                "rel_err": ((out.float() - exact).norm() / exact.norm()).item()}
+                        if name.startswith("distr"):
+                            cfg = fn.keywords["config"]
+                            ready = prefill.prepare(q, k, v, cfg)
+                            row["kernel_ms"] = median_ms(partial(_distr, q, k, v, causal, cfg, prepared=ready))
+                            if n in tune:
+                                row["launches"] = [
+                                    launch | {"kernel_ms": median_ms(partial(_distr, q, k, v, causal, cfg,
+                                                                             prepared=ready, **launch))}
+                                    for launch in LAUNCHES]
+                    except Exception as error:  # noqa: BLE001 - a peer that cannot run this shape is reported
+                        row["error"] = str(error).splitlines()[0][:200]
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                del exact
+    return rows
+
+
+def markdown(rows) -> str:
+    keys = sorted({(r["d"], r["n"], r["causal"]) for r in rows})
+    names = list(dict.fromkeys(r["method"] for r in rows))
+    lines = ["| d | N | causal | " + " | ".join(names) + " |", "|---|---|---|" + "---:|" * len(names)]
+    for d, n, causal in keys:
+        cells = []
+        by = {r["method"]: r for r in rows if (r["d"], r["n"], r["causal"]) == (d, n, causal)}
+        flash = by.get("sdpa-flash", {}).get("ms")
+        for name in names:
+            r = by.get(name, {})
+            if "ms" not in r:
+                cells.append("—")
+            else:
+                ratio = f" ({flash / r['ms']:.2f}×)" if flash else ""
+                cells.append(f"{r['tflops']:.0f}{ratio}")
+        lines.append(f"| {d} | {n} | {causal} | " + " | ".join(cells) + " |")
+    return "TFLOP/s (speed-up over sdpa-flash)\n\n" + "\n".join(lines)
+
+
+def environment() -> dict:
+    import transformers
+    import triton
+
+    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--groups", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--block-sizes", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--causal", choices=["both", "yes", "no"], default="both")
+    parser.add_argument("--tune", type=int, nargs="*", default=[], help="sequence lengths to sweep launches at")
+    parser.add_argument("--json")
+    parser.add_argument("--markdown")
+    args = parser.parse_args(argv)
+    causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
+    rows = bench(args.seq_lens, args.head_dims, causals, args.groups, args.block_sizes, tune=args.tune)
+    table = markdown(rows)
+    env = environment()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "rows": rows}, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, bf16\n\n{table}\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
