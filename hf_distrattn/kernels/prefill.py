@@ -1,22 +1,20 @@
-r"""Fused DistrAttention forward in Triton (FlashAttention-2 style), plus its small PyTorch pre-pass.
+r"""Fused DistrAttention forward in Triton (FlashAttention-2 style).
 
-Pre-pass (:func:`prepare`, skipped at ``G = 1``): for every block of ``BLOCK_M = block_size`` queries, the LSH
-grouping and rank-1 factors of :func:`hf_distrattn.grouping.group_blocks`, stored as ``U``
-``(B, Hq, Nq_pad, DG)`` in the input dtype, ``perm`` int32 ``(B, Hq, n_blocks, D)`` and per-column fuse weights
-``w`` float32 (the group's ``v`` entry of each permuted column). K is stored transposed, ``Kt``
-``(B, Hkv, d, Nk)``, so that gathering the permuted head-dim columns of a key tile is a gather of contiguous
-rows. At ``G = 1``, ``U = Q`` and K keeps its layout (the kernel reads it through strides).
+Pre-pass (:func:`prepare`, skipped at ``G = 1``): the fused grouping kernel of :mod:`.grouping` gives, per block
+of ``BLOCK_M = block_size`` queries, ``U`` ``(B, Hq, Nq_pad, DG)`` and the fuse matrix ``Wt`` ``(DG, D)``
+(``Wt[j, c]`` = weight of head-dim column ``c`` in group ``j``: one nonzero per column).
 
 Kernel, one program per (query block, batch·head), keys in tiles of ``BLOCK_N``:
 
-    K'ᵀ[j, n] = Σ_i w[jG+i] · Kt[perm[jG+i], n]          (fuse: D FMAs per key)
-    S = scale · U K'ᵀ  (+ mask)                          (score GEMM, inner size DG = D/G)
-    online softmax in base 2, acc += P V                 (exact P·V, inner size BLOCK_N)
+    K'ᵀ = Wt · Kᵀ                      (fuse on the tensor cores: DG·D per key)
+    S = scale · U K'ᵀ  (+ mask)         (score GEMM, inner size DG = D/G)
+    online softmax in base 2, acc += P V                 (exact P·V)
 
 and writes ``out = acc / l`` and ``lse = m + log l`` (natural log). Key tiles that every row of the
-block sees whole skip all masking (the FlashAttention-2 split into off-diagonal and diagonal tiles). Rows with no visible key give 0 and
-``-inf``. Head dims that are not a power of two are padded: extra groups with weight 0, zero ``U`` and ``V``
-columns. GQA maps query head ``h`` to key head ``h // (Hq / Hkv)``; K and V are never repeated.
+block sees whole skip all masking (the FlashAttention-2 split into off-diagonal and diagonal tiles). Rows
+with no visible key give 0 and ``-inf``. At ``G = 1``, ``U = Q`` and there is no fuse; head dims that are
+not a power of two are zero-padded there. GQA maps query head ``h`` to key head ``h // (Hq / Hkv)``;
+K and V are never repeated.
 """
 
 from __future__ import annotations
@@ -28,28 +26,33 @@ import triton
 import triton.language as tl
 
 from ..config import DistrConfig
-from ..grouping import group_blocks
+from .grouping import group_queries
 
 BLOCK_SIZES = (16, 32, 64, 128)
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _tile(acc, l_i, m_i, u, kt_base, v_base, mask_base, start_n, offs_m, w, n_q, n_k, sk_n, sv_n, qk_scale,
+def _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, start_n, offs_m, n_q, n_k, sk_n, sv_n, qk_scale,
           MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr,
-          BLOCK_N: tl.constexpr, DV: tl.constexpr, G: tl.constexpr, DG: tl.constexpr):
+          BLOCK_N: tl.constexpr, D: tl.constexpr, G: tl.constexpr):
     """One key tile: fuse K's groups, scores at inner size DG, online-softmax update. MASKED tiles check bounds,
     causality and the mask; the others are wholly visible to every row of the block."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_v = tl.arange(0, DV)
+    offs_d = tl.arange(0, D)
+    kt_ptrs = k_base + offs_n[None, :] * sk_n + offs_d[:, None]
+    v_ptrs = v_base + offs_n[:, None] * sv_n + offs_d[None, :]
     if MASKED:
-        kt = tl.load(kt_base + offs_n[None, :] * sk_n, mask=offs_n[None, :] < n_k, other=0.0)
-        vt = tl.load(v_base + offs_n[:, None] * sv_n + offs_v[None, :], mask=offs_n[:, None] < n_k, other=0.0)
+        kt = tl.load(kt_ptrs, mask=offs_n[None, :] < n_k, other=0.0)
+        vt = tl.load(v_ptrs, mask=offs_n[:, None] < n_k, other=0.0)
     else:
-        kt = tl.load(kt_base + offs_n[None, :] * sk_n)
-        vt = tl.load(v_base + offs_n[:, None] * sv_n + offs_v[None, :])
+        kt = tl.load(kt_ptrs)
+        vt = tl.load(v_ptrs)
     if G > 1:
-        kt = tl.sum(tl.reshape(kt.to(tl.float32) * w[:, None], (DG, G, BLOCK_N)), axis=1).to(u.dtype)
+        if IEEE:
+            kt = tl.dot(wt, kt, input_precision="ieee")
+        else:
+            kt = tl.dot(wt, kt).to(u.dtype)
     if IEEE:
         s = tl.dot(u, kt, input_precision="ieee") * qk_scale
     else:
@@ -62,7 +65,8 @@ def _tile(acc, l_i, m_i, u, kt_base, v_base, mask_base, start_n, offs_m, w, n_q,
         if MASK_KIND == 1:
             keep = keep & (tl.load(mask_ptrs, mask=keep & (offs_m[:, None] < n_q), other=0) != 0)
         if MASK_KIND == 2:
-            s += tl.load(mask_ptrs, mask=keep & (offs_m[:, None] < n_q), other=0.0).to(tl.float32) * 1.4426950408889634
+            bias = tl.load(mask_ptrs, mask=keep & (offs_m[:, None] < n_q), other=0.0).to(tl.float32)
+            s += bias * 1.4426950408889634
         s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -77,12 +81,11 @@ def _tile(acc, l_i, m_i, u, kt_base, v_base, mask_base, start_n, offs_m, w, n_q,
 
 
 @triton.jit
-def _distr_fwd(U, K, V, Perm, W, Mask, Out, Lse, scale, n_q, n_k, heads, kv_group,
-               su_b, su_h, su_m, sk_b, sk_h, sk_d, sk_n, sv_b, sv_h, sv_n, sp_b, sp_h, sp_m,
+def _distr_fwd(U, K, V, Wt, Mask, Out, Lse, scale, n_q, n_k, heads, kv_group,
+               su_b, su_h, su_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sw_b, sw_h, sw_blk, sw_j,
                sm_b, sm_h, sm_m, so_b, so_h, so_m, sl_b, sl_h,
                CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-               G: tl.constexpr, DG: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, G: tl.constexpr, DG: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // heads
@@ -91,22 +94,18 @@ def _distr_fwd(U, K, V, Perm, W, Mask, Out, Lse, scale, n_q, n_k, heads, kv_grou
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_g = tl.arange(0, DG)
     offs_d = tl.arange(0, D)
-    offs_v = tl.arange(0, DV)
     u = tl.load(U + b * su_b + h * su_h + offs_m[:, None] * su_m + offs_g[None, :], mask=offs_m[:, None] < n_q,
                 other=0.0)
+    wt = u  # unused at G = 1
     if G > 1:
-        perm = tl.load(Perm + b * sp_b + h * sp_h + pid_m * sp_m + offs_d)
-        w = tl.load(W + b * sp_b + h * sp_h + pid_m * sp_m + offs_d)
-    else:
-        perm = offs_d
-        w = tl.full([D], 1.0, tl.float32)
-    kt_base = K + b * sk_b + hk * sk_h + perm[:, None] * sk_d
+        wt = tl.load(Wt + b * sw_b + h * sw_h + pid_m * sw_blk + offs_g[:, None] * sw_j + offs_d[None, :])
+    k_base = K + b * sk_b + hk * sk_h
     v_base = V + b * sv_b + hk * sv_h
     mask_base = Mask + b * sm_b + h * sm_h + offs_m[:, None] * sm_m
     qk_scale = scale * 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, DV], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
     # keys below `full` are visible to every row of the block: no masking there
     hi = n_k
     full = n_k
@@ -117,16 +116,16 @@ def _distr_fwd(U, K, V, Perm, W, Mask, Out, Lse, scale, n_q, n_k, heads, kv_grou
     if MASK_KIND != 0:
         full = 0
     for start_n in range(0, full, BLOCK_N):
-        acc, l_i, m_i = _tile(acc, l_i, m_i, u, kt_base, v_base, mask_base, start_n, offs_m, w, n_q, n_k, sk_n,
-                              sv_n, qk_scale, False, CAUSAL, MASK_KIND, IEEE, BLOCK_N, DV, G, DG)
+        acc, l_i, m_i = _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, start_n, offs_m, n_q, n_k, sk_n,
+                              sv_n, qk_scale, False, CAUSAL, MASK_KIND, IEEE, BLOCK_N, D, G)
     for start_n in range(full, hi, BLOCK_N):
-        acc, l_i, m_i = _tile(acc, l_i, m_i, u, kt_base, v_base, mask_base, start_n, offs_m, w, n_q, n_k, sk_n,
-                              sv_n, qk_scale, True, CAUSAL, MASK_KIND, IEEE, BLOCK_N, DV, G, DG)
+        acc, l_i, m_i = _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, start_n, offs_m, n_q, n_k, sk_n,
+                              sv_n, qk_scale, True, CAUSAL, MASK_KIND, IEEE, BLOCK_N, D, G)
     safe_l = tl.where(l_i > 0, l_i, 1.0)
     out = acc / safe_l[:, None]
     lse = tl.where(l_i > 0, (m_i + tl.math.log2(safe_l)) / 1.4426950408889634, float("-inf"))
     row_ok = offs_m < n_q
-    tl.store(Out + b * so_b + h * so_h + offs_m[:, None] * so_m + offs_v[None, :], out.to(Out.dtype.element_ty),
+    tl.store(Out + b * so_b + h * so_h + offs_m[:, None] * so_m + offs_d[None, :], out.to(Out.dtype.element_ty),
              mask=row_ok[:, None])
     tl.store(Lse + b * sl_b + h * sl_h + offs_m, lse, mask=row_ok)
 
@@ -146,52 +145,51 @@ def supports(q: torch.Tensor, config: DistrConfig, dropout_p: float = 0.0) -> st
         return f"block_size {config.block_size} (the kernel takes {BLOCK_SIZES})"
     if not 16 <= d <= 256 or d % config.group_size:
         return f"head_dim {d}"
-    if _next_pow2(d // config.group_size) < 16:
-        return f"head_dim / group_size = {d // config.group_size} < 16"
+    if config.group_size > 1:
+        if d & (d - 1):
+            return f"head_dim {d} with group_size > 1 (the grouping kernel needs a power of two)"
+        if d // config.group_size < 16:
+            return f"head_dim / group_size = {d // config.group_size} < 16"
+        if config.num_hashes > 16:
+            return f"num_hashes {config.num_hashes} > 16"
     if dropout_p:
         return "dropout"
     return None
 
 
-def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: DistrConfig):
-    """The pre-pass. Returns ``U``, ``K`` (with its head-dim and key strides), ``V``, ``perm`` and ``w``.
+def launch_params(block_m: int) -> dict:
+    """Key-tile size, warps and pipeline depth per query block size (from the H100 sweep in NOTES.md)."""
+    if block_m >= 128:
+        return dict(block_n=128, num_warps=8, num_stages=3)
+    return dict(block_n=64, num_warps=4, num_stages=3 if block_m == 64 else 2)
 
-    ``G = 1``: Q, K and V as they are (zero-padded to a power-of-two head dim only where needed) and no grouping.
-    ``G > 1``: grouping of the query blocks, ``U`` padded to a power-of-two ``DG``, ``K`` transposed.
-    """
-    batch, heads, n_q, d = q.shape
-    group = config.group_size
-    d_pad = max(16, _next_pow2(d))
-    if d_pad != d:
-        v = torch.nn.functional.pad(v, (0, d_pad - d))
-    if group == 1:
+
+def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: DistrConfig):
+    """The pre-pass: ``(U, K, V, Wt)``. ``G = 1``: Q, K, V as they are (head dim zero-padded to a power of two
+    where needed), no ``Wt``. ``G > 1``: the fused grouping kernel's ``U`` and ``Wt``."""
+    d = q.shape[-1]
+    if config.group_size == 1:
+        d_pad = max(16, _next_pow2(d))
         if d_pad != d:
-            q, k = (torch.nn.functional.pad(t, (0, d_pad - d)) for t in (q, k))
-        return q, k, (1, k.stride(2)), v, q, q
-    dg = d // group
-    dg_pad = max(16, _next_pow2(dg))
-    perm, u, fuse = group_blocks(q, config)
-    n_blocks = perm.shape[2]
-    u = torch.nn.functional.pad(u, (0, dg_pad - dg)).to(q.dtype).contiguous()
-    perm = torch.nn.functional.pad(perm.view(batch, heads, n_blocks, dg, group), (0, 0, 0, dg_pad - dg))
-    w = torch.nn.functional.pad(fuse.float(), (0, 0, 0, dg_pad - dg))
-    kt = k.transpose(-1, -2).contiguous()
-    return (u, kt, (kt.stride(2), 1), v, perm.reshape(batch, heads, n_blocks, -1).to(torch.int32).contiguous(),
-            w.reshape(batch, heads, n_blocks, -1).contiguous())
+            q, k, v = (torch.nn.functional.pad(t, (0, d_pad - d)) for t in (q, k, v))
+        return q, k, v, q.new_empty(1, 1, 1, 1)
+    u, wt = group_queries(q, config, max(16, _next_pow2(d // config.group_size)))
+    return u, k, v, wt
 
 
 def distr_attention_triton(q, k, v, *, causal=False, attn_mask=None, scale=None, config: DistrConfig,
-                           prepared=None, block_n: int = 64, num_warps: int = 4, num_stages: int = 2):
+                           prepared=None, **launch):
     """Shapes and semantics of :func:`hf_distrattn.reference.attention`; ``attn_mask`` already 4-D.
 
-    ``prepared``: the output of :func:`prepare` for these inputs, to time the kernel alone.
+    ``prepared``: the output of :func:`prepare` for these inputs, to time the kernel alone; ``launch``
+    overrides :func:`launch_params` (``block_n``, ``num_warps``, ``num_stages``).
     """
     batch, heads, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     scale = 1 / math.sqrt(d) if scale is None else scale
-    u, kk, (sk_d, sk_n), vv, perm, w = prepared or prepare(q, k, v, config)
-    dv = vv.shape[-1]
-    out = torch.empty(batch, heads, n_q, dv, device=q.device, dtype=q.dtype)
+    u, kk, vv, wt = prepared or prepare(q, k, v, config)
+    d_pad = vv.shape[-1]
+    out = torch.empty(batch, heads, n_q, d_pad, device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, heads, n_q, device=q.device, dtype=torch.float32)
     if attn_mask is None:
         mask, mask_kind, mask_strides = out, 0, (0, 0, 0)
@@ -199,15 +197,15 @@ def distr_attention_triton(q, k, v, *, causal=False, attn_mask=None, scale=None,
         mask = attn_mask if attn_mask.stride(-1) == 1 else attn_mask.contiguous()
         mask_kind = 1 if mask.dtype == torch.bool else 2
         mask_strides = tuple(0 if mask.shape[i] == 1 else mask.stride(i) for i in range(3))
-    block_m = config.block_size
-    grid = (triton.cdiv(n_q, block_m), batch * heads)
+    params = launch_params(config.block_size) | launch
+    grid = (triton.cdiv(n_q, config.block_size), batch * heads)
     _distr_fwd[grid](
-        u, kk, vv, perm, w, mask, out, lse, scale, n_q, n_k, heads, heads // h_kv,
-        u.stride(0), u.stride(1), u.stride(2), kk.stride(0), kk.stride(1), sk_d, sk_n,
-        vv.stride(0), vv.stride(1), vv.stride(2), perm.stride(0), perm.stride(1), perm.stride(2),
+        u, kk, vv, wt, mask, out, lse, scale, n_q, n_k, heads, heads // h_kv,
+        u.stride(0), u.stride(1), u.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
+        vv.stride(0), vv.stride(1), vv.stride(2), *wt.stride()[:4],
         *mask_strides, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-        CAUSAL=causal, MASK_KIND=mask_kind, IEEE=q.dtype == torch.float32,
-        BLOCK_M=block_m, BLOCK_N=block_n, D=dv if config.group_size == 1 else perm.shape[-1], DV=dv,
-        G=config.group_size, DG=u.shape[-1], num_warps=num_warps, num_stages=num_stages,
+        CAUSAL=causal, MASK_KIND=mask_kind, IEEE=q.dtype == torch.float32, BLOCK_M=config.block_size,
+        BLOCK_N=params["block_n"], D=d_pad, G=config.group_size, DG=u.shape[-1],
+        num_warps=params["num_warps"], num_stages=params["num_stages"],
     )
     return out[..., :d], lse
