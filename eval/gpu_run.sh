@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call: install, run the kernel tests compiled on the GPU, then the kernel benchmark.
+# One device call: install, run the kernel tests compiled on the GPU, the kernel benchmark, then end to end.
 # Usage (from the repository root on the GPU machine): bash eval/gpu_run.sh [bench_kernels arguments]
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -11,6 +11,8 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v WARNING
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader
-python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_timm_patch.py tests/test_attention.py 2>&1 \
+python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_timm_patch.py tests/test_attention.py \
+  tests/test_models.py 2>&1 \
   | tee "$OUT/gpu_tests.log" | tail -n 15
 python3 -m hf_distrattn.eval.bench_kernels --json "$OUT/kernels.json" --markdown "$OUT/kernels.md" "$@"
+python3 -m hf_distrattn.eval.bench_e2e --json "$OUT/e2e.json" --markdown "$OUT/e2e.md"

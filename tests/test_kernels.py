@@ -127,3 +127,36 @@ def test_grouping_kernel_matches_reference(reduce, group, block, d, n):
     wt_ref = torch.zeros(*perm.shape[:3], dg, d, device=DEVICE)
     wt_ref.scatter_(-1, perm.view(*perm.shape[:3], dg, group), v_ref.float())
     torch.testing.assert_close(wt[..., :dg, :], wt_ref, **tol)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ["llama", "vit"])
+def test_models_through_the_kernel_match_sdpa(arch):
+    """G=1 through the kernel inside Transformers equals sdpa (fp32 on the interpreter, bf16 on a GPU)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, ViTConfig, ViTForImageClassification
+
+    from hf_distrattn import configure
+
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    torch.manual_seed(0)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=256,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             head_dim=32))
+        ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+        mask = torch.ones_like(ids)
+        mask[1, :7] = 0  # left padding: the kernel's boolean-mask path
+        inputs = dict(input_ids=ids, attention_mask=mask)
+    else:
+        model = ViTForImageClassification(ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                                    intermediate_size=128, image_size=64, patch_size=16))
+        inputs = dict(pixel_values=rand(2, 3, 64, 64, seed=3))
+    model = model.to(DEVICE, dtype).eval()
+    ref = model(**inputs).logits.float()
+    model.set_attn_implementation("distr")
+    configure(model, triton_config(group_size=1, block_size=16))
+    out = model(**inputs).logits.float()
+    if arch == "llama":
+        ref, out = ref[:, 7:], out[:, 7:]  # padded positions are not compared
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)

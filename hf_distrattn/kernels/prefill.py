@@ -157,10 +157,12 @@ def supports(q: torch.Tensor, config: DistrConfig, dropout_p: float = 0.0) -> st
     return None
 
 
-def launch_params(block_m: int) -> dict:
-    """Key-tile size, warps and pipeline depth per query block size (from the H100 sweep in NOTES.md)."""
+def launch_params(block_m: int, d: int, group: int) -> dict:
+    """Key-tile size, warps and pipeline depth (from the H100 launch sweep recorded in NOTES.md)."""
     if block_m >= 128:
-        return dict(block_n=128, num_warps=8, num_stages=3)
+        if group == 1:
+            return dict(block_n=128 if d >= 128 else 64, num_warps=8, num_stages=3)
+        return dict(block_n=64, num_warps=4, num_stages=2 if d >= 128 and group == 2 else 3)
     return dict(block_n=64, num_warps=4, num_stages=3 if block_m == 64 else 2)
 
 
@@ -197,7 +199,7 @@ def distr_attention_triton(q, k, v, *, causal=False, attn_mask=None, scale=None,
         mask = attn_mask if attn_mask.stride(-1) == 1 else attn_mask.contiguous()
         mask_kind = 1 if mask.dtype == torch.bool else 2
         mask_strides = tuple(0 if mask.shape[i] == 1 else mask.stride(i) for i in range(3))
-    params = launch_params(config.block_size) | launch
+    params = launch_params(config.block_size, d, config.group_size) | launch
     grid = (triton.cdiv(n_q, config.block_size), batch * heads)
     _distr_fwd[grid](
         u, kk, vv, wt, mask, out, lse, scale, n_q, n_k, heads, heads // h_kv,
