@@ -120,8 +120,11 @@ def test_grouping_kernel_matches_reference(reduce, group, block, d, n):
     perm, u_ref, v_ref = group_blocks(q, config)
     dg = d // group
     u, wt = group_queries(q, config, dg_pad=max(16, dg))
-    # float32 repeated squaring in another summation order: near-degenerate groups (G=8, 16 rows) move ~1e-4
-    tol = dict(atol=2e-4, rtol=2e-3) if group == 8 and reduce == "rank1" else dict(atol=1e-5, rtol=1e-5)
+    # float32 repeated squaring in another summation order amplifies rounding (~4e-5 seen on an H100), most in
+    # near-degenerate groups (G=8, 16 rows); "sample" involves no arithmetic on the factors
+    tol = dict(atol=1e-5, rtol=1e-5)
+    if reduce == "rank1":
+        tol = dict(atol=2e-4, rtol=2e-3) if group == 8 else dict(atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(u[..., :dg], u_ref, **tol)
     assert (u[..., dg:] == 0).all() and (wt[..., dg:, :] == 0).all()
     wt_ref = torch.zeros(*perm.shape[:3], dg, d, device=DEVICE)
