@@ -18,9 +18,7 @@ import statistics
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, ViTConfig, ViTForImageClassification
 
-from ..config import parse_attn_spec
-from ..integration import configure
-from .bench_kernels import environment
+from .common import apply_setting, environment, parse_settings
 
 LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
@@ -41,10 +39,8 @@ def cuda_ms(fn, reps: int) -> float:
 
 
 def use(model, spec: str) -> None:
-    name, config = parse_attn_spec(spec)
-    model.set_attn_implementation(name)
-    if config is not None:
-        configure(model, config)
+    (_, name, config), = parse_settings([spec])
+    apply_setting(model, name, config)
 
 
 @torch.no_grad()
@@ -114,7 +110,7 @@ def main(argv=None):
     rows = bench_llama(args.attn, args.prefill, args.decode_prompt, args.decode_tokens, args.reps)
     rows += bench_vit(args.attn, args.vit_batch, args.reps)
     table = markdown(rows)
-    env = environment()
+    env = environment("cuda")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "rows": rows}, f, indent=1)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from contextlib import nullcontext
 from functools import partial
 
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 
 from ..config import DistrConfig
 from ..kernels import prefill
+from .common import environment
 
 
 def sdpa_backend(name):
@@ -122,14 +122,6 @@ def markdown(rows) -> str:
     return "TFLOP/s (speed-up over sdpa-flash)\n\n" + "\n".join(lines)
 
 
-def environment() -> dict:
-    import transformers
-    import triton
-
-    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version()}
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
@@ -144,7 +136,7 @@ def main(argv=None):
     causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
     rows = bench(args.seq_lens, args.head_dims, causals, args.groups, args.block_sizes, tune=args.tune)
     table = markdown(rows)
-    env = environment()
+    env = environment("cuda")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "rows": rows}, f, indent=1)

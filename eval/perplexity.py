@@ -1,8 +1,9 @@
 """Perplexity of a causal LM over fixed windows of a token stream, for several attention settings at once.
 
 Windows are ``seq_len`` tokens starting every ``stride`` tokens; with ``stride < seq_len`` only the last
-``stride`` tokens of each later window are scored (the usual HF sliding-window protocol), so every scored token
-is counted once. Loss is the mean negative log-likelihood in nats per scored token.
+``stride`` tokens of each later window are scored (the usual HF sliding-window protocol), so every token after
+the first is scored exactly once; with ``stride = seq_len`` (disjoint windows) each window's first token has no
+context and is not scored. Loss is the mean negative log-likelihood in nats per scored token.
 """
 
 from __future__ import annotations
@@ -63,3 +64,75 @@ def evaluate_perplexity(model, ids: torch.Tensor, seq_len: int, stride: int | No
         total += torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
         count += target.numel()
     return PerplexityResult(total / count, count, n_bytes if n_bytes is not None else count)
+
+
+def load_text(text_file: str | None, dataset: str | None, split: str = "test", column: str = "text") -> str:
+    """The evaluation text: a local file, or ``NAME[:CONFIG]`` through ``datasets`` (rows joined by blank lines)."""
+    from pathlib import Path
+
+    from .common import EvalError
+
+    if (text_file is None) == (dataset is None):
+        raise EvalError("give exactly one of --text-file and --dataset")
+    if text_file is not None:
+        if not Path(text_file).is_file():
+            raise EvalError(f"text file not found: {text_file}")
+        return Path(text_file).read_text(encoding="utf-8", errors="replace")
+    import datasets
+
+    name, _, config = dataset.partition(":")
+    try:
+        rows = datasets.load_dataset(name, config or None, split=split)
+    except Exception as error:  # noqa: BLE001 - datasets raises many types for "cannot get it"
+        raise EvalError(f"cannot load dataset {dataset!r} (split {split!r}): {str(error).splitlines()[0]}") from None
+    if column not in rows.column_names:
+        raise EvalError(f"dataset {dataset!r} has no column {column!r} (columns: {rows.column_names})")
+    return "\n\n".join(rows[column])
+
+
+def run_perplexity(model: str, specs: list[str], text_file: str | None = None, dataset: str | None = None,
+                   split: str = "test", seq_len: int = 2048, stride: int | None = None,
+                   max_windows: int | None = None, device: str | None = None, dtype: str = "auto") -> dict:
+    """Every attention setting on the same windows; returns the JSON payload (results in ``specs`` order)."""
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .common import EvalError, apply_setting, environment, parse_settings, pick_device, pick_dtype
+
+    settings = parse_settings(specs)
+    text = load_text(text_file, dataset, split)
+    device = pick_device(device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        lm = AutoModelForCausalLM.from_pretrained(model, dtype=pick_dtype(dtype, device)).to(device).eval()
+    except OSError as error:
+        raise EvalError(f"cannot load model {model!r}: {str(error).splitlines()[0]}") from None
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids)
+    stride = stride or seq_len
+    spans = windows(ids.numel(), seq_len, stride, max_windows)
+    scored = torch.cat([ids[start + first : end] for start, end, first in spans])
+    n_bytes = len(tokenizer.decode(scored).encode("utf-8"))
+    results = []
+    for spec, name, config in settings:
+        apply_setting(lm, name, config)
+        bar = lambda items, spec=spec: tqdm(items, desc=spec, unit="window", leave=False)  # noqa: E731
+        r = evaluate_perplexity(lm, ids, seq_len, stride, max_windows, n_bytes=n_bytes, progress=bar)
+        results.append({"attn": spec, "perplexity": r.perplexity, "bits_per_token": r.bits_per_token,
+                        "bits_per_byte": r.bits_per_byte, "nats_per_token": r.nats_per_token,
+                        "tokens": r.tokens, "bytes": r.bytes})
+    return {"task": "perplexity", "model": model, "text_file": text_file, "dataset": dataset, "split": split,
+            "seq_len": seq_len, "stride": stride, "windows": len(spans), "environment": environment(device),
+            "results": results}
+
+
+def format_perplexity(payload: dict) -> str:
+    from .common import delta
+
+    first = payload["results"][0]
+    lines = [f"model: {payload['model']}  windows: {payload['windows']} × {payload['seq_len']} tokens "
+             f"(stride {payload['stride']})", "",
+             "| attention | perplexity | bits/token | bits/byte | Δ bits/byte |", "|---|---:|---:|---:|---:|"]
+    for r in payload["results"]:
+        lines.append(f"| {r['attn']} | {r['perplexity']:.4f} | {r['bits_per_token']:.4f} | {r['bits_per_byte']:.4f} "
+                     f"| {delta(r['bits_per_byte'], first['bits_per_byte'])} |")
+    return "\n".join(lines)

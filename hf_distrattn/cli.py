@@ -18,18 +18,96 @@ def _demo(args) -> None:
             json.dump(result, f, indent=2)
 
 
+def _ppl(args) -> None:
+    from .eval.common import write_json
+    from .eval.perplexity import format_perplexity, run_perplexity
+
+    payload = run_perplexity(args.model, args.attn or ["sdpa", "distr"], text_file=args.text_file,
+                             dataset=args.dataset, split=args.split, seq_len=args.seq_len, stride=args.stride,
+                             max_windows=args.max_windows, device=args.device, dtype=args.dtype)
+    print(format_perplexity(payload))
+    write_json(args.json, payload)
+
+
+def _vit(args) -> None:
+    from .eval.common import write_json
+    from .eval.vit import format_vit, run_vit
+
+    payload = run_vit(args.model, args.dataset, args.attn or ["sdpa", "distr"], limit=args.limit,
+                      batch_size=args.batch_size, image_column=args.image_column, label_column=args.label_column,
+                      device=args.device, dtype=args.dtype)
+    print(format_vit(payload))
+    write_json(args.json, payload)
+
+
+def _tables(args) -> None:
+    from .eval.tables import run_tables
+
+    run_tables(args.config, args.out, device=args.device, dtype=args.dtype)
+    print(open(f"{args.out}/tables.md").read())
+    print(f"wrote {args.out}/tables.md, results.json and PNG plots")
+
+
+def _bench(args) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError("the benchmark needs a CUDA GPU")
+    from .eval import bench_e2e, bench_kernels
+
+    bench_kernels.main(["--json", f"{args.out}/kernels.json", "--markdown", f"{args.out}/kernels.md"])
+    bench_e2e.main(["--json", f"{args.out}/e2e.json", "--markdown", f"{args.out}/e2e.md"])
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--attn", action="append",
+                        help="attention setting, repeatable (the first is the reference): sdpa, distr:group_size=2")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--json", help="write the results (with the environment) here")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-distrattn", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="generate with sdpa and distr side by side")
     demo.add_argument("--model", help="hub id or local path of a causal LM (default: bundled random Llama)")
-    demo.add_argument("--attn", action="append", help="attention setting, repeatable: sdpa, distr:group_size=2")
     demo.add_argument("--prompt")
     demo.add_argument("--new-tokens", type=int)
-    demo.add_argument("--device", help="cpu or cuda (default: cuda if available)")
-    demo.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    demo.add_argument("--json", help="also write the results here")
+    _common(demo)
     demo.set_defaults(run=_demo)
+
+    ppl = commands.add_parser("ppl", help="perplexity and bits per byte of a causal LM")
+    ppl.add_argument("--model", required=True, help="hub id or local path")
+    ppl.add_argument("--text-file", help="a local text file")
+    ppl.add_argument("--dataset", help="a datasets name, NAME[:CONFIG], e.g. wikitext:wikitext-2-raw-v1")
+    ppl.add_argument("--split", default="test")
+    ppl.add_argument("--seq-len", type=int, default=2048)
+    ppl.add_argument("--stride", type=int, help="window stride (default: seq-len, no overlap)")
+    ppl.add_argument("--max-windows", type=int)
+    _common(ppl)
+    ppl.set_defaults(run=_ppl)
+
+    vit = commands.add_parser("vit", help="top-1/top-5 accuracy and images/s of an image classifier")
+    vit.add_argument("--model", required=True, help="hub id, local path, or timm:NAME")
+    vit.add_argument("--dataset", required=True, help="parquet file, image folder, or hub NAME[:SPLIT]")
+    vit.add_argument("--limit", type=int, help="first K images")
+    vit.add_argument("--batch-size", type=int, default=64)
+    vit.add_argument("--image-column", default="image")
+    vit.add_argument("--label-column", default="label")
+    _common(vit)
+    vit.set_defaults(run=_vit)
+
+    tables = commands.add_parser("tables", help="a YAML grid of models × settings: Markdown tables and PNG plots")
+    tables.add_argument("config", help="a YAML file, e.g. configs/shared-models.yaml")
+    tables.add_argument("--out", default="results/tables")
+    tables.add_argument("--device")
+    tables.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    tables.set_defaults(run=_tables)
+
+    bench = commands.add_parser("bench", help="kernel and end-to-end latency against SDPA and sageattention (GPU)")
+    bench.add_argument("--out", default="results")
+    bench.set_defaults(run=_bench)
     return parser
 
 

@@ -9,6 +9,7 @@ from typing import Any, Literal
 SAMPLED = ("q", "k")
 REDUCTIONS = ("rank1", "sample")
 BACKENDS = ("auto", "reference", "triton")
+GROUPINGS = ("lsh", "random", "truncate")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ class DistrConfig:
             block and fuses with weights ``v`` (same cost, smaller error).
         backend: ``"auto"`` (Triton on CUDA where supported, else the PyTorch reference),
             ``"reference"`` or ``"triton"`` (error if the kernel cannot take the call).
+        grouping: ``"lsh"`` (the method); ablations for the eval tables: ``"random"`` (a seeded random column
+            grouping per block) and ``"truncate"`` (no grouping: scores from the first ``d/G`` dimensions only).
     """
 
     group_size: int = 2
@@ -38,6 +41,7 @@ class DistrConfig:
     sampled: Literal["q", "k"] = "q"
     reduce: Literal["rank1", "sample"] = "rank1"
     backend: Literal["auto", "reference", "triton"] = "auto"
+    grouping: Literal["lsh", "random", "truncate"] = "lsh"
     extra: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -49,7 +53,8 @@ class DistrConfig:
             raise ValueError(f"DistrConfig.group_size must be a power of two, got {self.group_size}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"DistrConfig.seed must be a non-negative integer, got {self.seed!r}")
-        for name, allowed in (("sampled", SAMPLED), ("reduce", REDUCTIONS), ("backend", BACKENDS)):
+        for name, allowed in (("sampled", SAMPLED), ("reduce", REDUCTIONS), ("backend", BACKENDS),
+                              ("grouping", GROUPINGS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DistrConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.extra:

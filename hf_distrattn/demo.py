@@ -15,8 +15,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .api import selected_backend
-from .config import parse_attn_spec
-from .integration import configure
+from .eval.common import apply_setting, parse_settings, pick_device, pick_dtype
 
 
 def load_config(name: str = "demo-llama.yaml") -> dict:
@@ -45,18 +44,15 @@ def prompt_ids(prompt: str, tokenizer, vocab_size: int) -> torch.Tensor:
 def run_demo(model: str | None = None, attn: list[str] | None = None, prompt: str | None = None,
              new_tokens: int | None = None, device: str | None = None, dtype: str = "auto") -> dict:
     settings = load_config()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
-                   "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    specs = [parse_attn_spec(s) for s in (attn or settings["attn"])]
+    device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, device)
+    specs = parse_settings(attn or settings["attn"])
     new_tokens = new_tokens or settings["new_tokens"]
     lm, tokenizer = load_model(model, settings, device, torch_dtype)
     ids = prompt_ids(prompt or settings["prompt"], tokenizer, lm.config.vocab_size).to(device)
     rows, first = [], None
-    for name, config in tqdm(specs, desc="attention settings", unit="setting"):
-        lm.set_attn_implementation(name)
-        if config is not None:
-            configure(lm, config)
+    for spec, name, config in tqdm(specs, desc="attention settings", unit="setting"):
+        apply_setting(lm, name, config)
         logits = lm(ids).logits.float()
         start = time.perf_counter()
         out = lm.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
@@ -70,7 +66,7 @@ def run_demo(model: str | None = None, attn: list[str] | None = None, prompt: st
         probe = torch.empty(1, 1, 1, head_dim, device=device, dtype=torch_dtype)
         path = "sdpa" if config is None else selected_backend(probe, config)
         rows.append({
-            "attn": name if config is None else f"distr:group_size={config.group_size}",
+            "attn": spec,
             "path": path,
             "token_agreement": (tokens == first["tokens"]).float().mean().item(),
             "max_logit_diff": (logits - first["logits"]).abs().max().item(),

@@ -17,6 +17,9 @@ Equivalently, ``u_g ỹ_gᵀ = (u_g v_gᵀ) Y[:, g]ᵀ``: the approximation is e
 ``X̃`` whose group columns are ``u_g v_gᵀ``. :func:`approximate_operand` returns ``X̃``; the reference
 attends with it, the kernels with the reduced ``d/G`` form (same numbers, fewer FLOPs).
 
+Ablations (``DistrConfig.grouping``): ``"random"`` groups the columns of each block by a seeded random
+permutation; ``"truncate"`` keeps the first ``d/G`` columns and drops the rest (no grouping, no fuse).
+
 Grouping is locality-sensitive hashing of the columns of a block: each column ``x_c ∈ ℝ^{block_size}`` is
 projected on ``num_hashes`` seeded Gaussian directions, the signs give a bucket code
 ``Σ_i [x_cᵀ r_i > 0] 2^i``, and columns are stably sorted by code (ties by column index). Columns in one
@@ -93,7 +96,11 @@ def group_blocks(x: torch.Tensor, config: DistrConfig) -> tuple[torch.Tensor, to
     n_blocks = -(-seq // block)
     padded = torch.nn.functional.pad(x.to(compute), (0, 0, 0, n_blocks * block - seq))
     blocks = padded.view(batch, heads, n_blocks, block, d)
-    perm = lsh_permutation(blocks, config.num_hashes, config.seed)
+    if config.grouping == "random":
+        noise = torch.rand(blocks.shape[:-2] + (d,), generator=torch.Generator().manual_seed(config.seed))
+        perm = torch.argsort(noise, dim=-1).to(x.device)
+    else:
+        perm = lsh_permutation(blocks, config.num_hashes, config.seed)
     grouped = blocks.gather(-1, perm.unsqueeze(-2).expand_as(blocks)).view(*blocks.shape[:-1], d // group, group)
     u, v = group_factors(grouped, config.reduce)
     return perm, u.reshape(batch, heads, n_blocks * block, d // group), v
@@ -104,9 +111,12 @@ def approximate_operand(x: torch.Tensor, config: DistrConfig) -> torch.Tensor:
 
     x: ``(batch, heads, seq, d)``; returns the same shape in float32 (float64 for float64 input).
     """
+    x_c = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     if config.group_size == 1:
-        return x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        return x_c
     batch, heads, seq, d = x.shape
+    if config.grouping == "truncate":
+        return torch.cat([x_c[..., : d // config.group_size], torch.zeros_like(x_c[..., d // config.group_size :])], -1)
     perm, u, v = group_blocks(x, config)
     n_blocks = perm.shape[2]
     u = u.view(batch, heads, n_blocks, config.block_size, d // config.group_size)

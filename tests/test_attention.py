@@ -213,3 +213,20 @@ def test_top_eigenvector_matches_eigh():
     assert (cos > 1 - 1e-9).float().mean() > 0.99  # all but near-degenerate top pairs
     assert ((v.sum(-1) >= 0).all())
     torch.testing.assert_close(v.norm(dim=-1), torch.ones(500, dtype=torch.float64))
+
+
+def test_ablation_groupings():
+    x = rand(1, 2, 40, 32)
+    truncated = approximate_operand(x, DistrConfig(group_size=4, grouping="truncate"))
+    assert torch.equal(truncated[..., :8], x[..., :8]) and (truncated[..., 8:] == 0).all()
+    a = approximate_operand(x, DistrConfig(group_size=2, grouping="random", seed=1))
+    b = approximate_operand(x, DistrConfig(group_size=2, grouping="random", seed=1))
+    lsh = approximate_operand(x, DistrConfig(group_size=2))
+    assert torch.equal(a, b) and not torch.allclose(a, lsh)
+    # on columns that come in parallel pairs, LSH finds the pairs (exact) and a random grouping does not
+    base = rand(1, 2, 40, 16, seed=3)
+    pairs = torch.stack([base, 3 * base], -1).reshape(1, 2, 40, 32)
+    lsh_err = (approximate_operand(pairs, DistrConfig(group_size=2, block_size=16)) - pairs).norm()
+    shuffled = DistrConfig(group_size=2, block_size=16, grouping="random")
+    random_err = (approximate_operand(pairs, shuffled) - pairs).norm()
+    assert lsh_err < 1e-4 * pairs.norm() < random_err

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from hf_distrattn.eval.perplexity import evaluate_perplexity
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import hf_distrattn
 from hf_distrattn import DistrConfig, configure, layer_configs
+from hf_distrattn.eval.perplexity import evaluate_perplexity
 
 EXACT = DistrConfig(group_size=1)
 

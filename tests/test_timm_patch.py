@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from hf_distrattn.patches import timm_vit
 
 from hf_distrattn import DistrConfig
+from hf_distrattn.patches import timm_vit
 
 try:
     import timm

@@ -141,6 +141,8 @@ def supports(q: torch.Tensor, config: DistrConfig, dropout_p: float = 0.0) -> st
         return f"dtype {q.dtype}"
     if config.sampled != "q":
         return "sampled='k'"
+    if config.grouping != "lsh" and config.group_size > 1:
+        return f"grouping {config.grouping!r} (an ablation: reference only)"
     if config.block_size not in BLOCK_SIZES:
         return f"block_size {config.block_size} (the kernel takes {BLOCK_SIZES})"
     if not 16 <= d <= 256 or d % config.group_size:

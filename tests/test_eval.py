@@ -1,0 +1,101 @@
+"""The eval commands on tiny subsets of the shared data: exact at G=1, stable JSON, one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hf_distrattn.cli import main
+from hf_distrattn.eval.perplexity import windows
+
+OFFLINE = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+
+
+@pytest.mark.parametrize("n,seq_len,stride", [(100, 32, 32), (100, 32, 8), (33, 32, 16), (1000, 64, 48)])
+def test_windows_score_every_token_once(n, seq_len, stride):
+    """Overlapping windows score every token but the very first exactly once; disjoint windows (stride =
+    seq_len) leave each window's first token unscored, as the Hugging Face perplexity guide does."""
+    spans = windows(n, seq_len, stride)
+    scored = []
+    for start, end, first in spans:
+        assert end - start <= seq_len and first >= 1
+        scored += list(range(start + first, end))
+    starts = {start for start, _, _ in spans} if stride == seq_len else {0}
+    assert scored == [t for t in range(n) if t not in starts]
+
+
+def test_ppl_exact_and_schema(shared, tmp_path):
+    out = tmp_path / "ppl.json"
+    assert main(["ppl", "--model", str(shared / "models/ref-llama-bytes"), "--text-file",
+                 str(shared / "data/heldout_kjv.txt"), "--seq-len", "256", "--stride", "128", "--max-windows", "2",
+                 "--attn", "sdpa", "--attn", "distr:group_size=1", "--attn", "distr:group_size=4",
+                 "--json", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert set(payload) == {"task", "model", "text_file", "dataset", "split", "seq_len", "stride", "windows",
+                            "environment", "results"}
+    assert {"torch", "transformers", "triton", "device"} <= set(payload["environment"])
+    sdpa, exact, approx = payload["results"]
+    assert set(sdpa) == {"attn", "perplexity", "bits_per_token", "bits_per_byte", "nats_per_token", "tokens", "bytes"}
+    assert sdpa["tokens"] == 255 + 128 and sdpa["bytes"] == sdpa["tokens"]  # byte-level tokenizer
+    assert exact["bits_per_byte"] == pytest.approx(sdpa["bits_per_byte"], abs=1e-5)
+    assert approx["bits_per_byte"] > sdpa["bits_per_byte"] + 0.01
+
+
+def test_vit_exact_and_schema(shared, tmp_path):
+    out = tmp_path / "vit.json"
+    assert main(["vit", "--model", str(shared / "models/ref-vit-fmnist"), "--dataset",
+                 str(shared / "data/fashion-mnist-test.parquet"), "--limit", "24", "--batch-size", "12",
+                 "--attn", "sdpa", "--attn", "distr:group_size=1", "--json", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert set(payload) == {"task", "model", "dataset", "images", "environment", "results"}
+    sdpa, exact = payload["results"]
+    assert set(sdpa) == {"attn", "top1", "top5", "images_per_s", "images"}
+    assert payload["images"] == 24 and sdpa["top1"] == exact["top1"] and sdpa["top5"] == exact["top5"]
+    assert 0.5 < sdpa["top1"] <= sdpa["top5"] <= 1
+
+
+def test_tables_grid(shared, tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"""
+attn: [sdpa, "distr:group_size=2", "distr:group_size=4", "distr:group_size=2,grouping=truncate"]
+lm:
+  - model: {shared / 'models/ref-llama-bytes'}
+    text_file: {shared / 'data/heldout_kjv.txt'}
+    seq_len: 128
+    max_windows: 1
+    latency_seq_lens: [32, 64]
+image:
+  - model: {shared / 'models/ref-vit-fmnist'}
+    dataset: {shared / 'data/fashion-mnist-test.parquet'}
+    limit: 8
+""")
+    assert main(["tables", str(grid), "--out", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out/results.json").read_text())
+    assert [p["task"] for p in summary["results"]] == ["perplexity", "image-classification"]
+    assert len(summary["latency"]) == 8
+    table = (tmp_path / "out/tables.md").read_text()
+    assert table.count("| distr:group_size=2,grouping=truncate |") == 4  # ppl, vit and two latency rows
+    for png in ("accuracy_vs_G.png", "latency_vs_seq_len.png"):
+        assert (tmp_path / "out" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["ppl", "--model", "m", "--text-file", "/no/such/file.txt"], "text file not found"),
+    (["ppl", "--model", "m", "--dataset", "no-such-dataset-hf-distrattn"], "cannot load dataset"),
+    (["ppl", "--model", "{shared}/models/ref-llama-bytes", "--text-file", "{shared}/data/heldout_kjv.txt",
+      "--attn", "distr:group_size=5"], "unknown attention setting"),
+    (["vit", "--model", "{shared}/models/ref-vit-fmnist", "--dataset", "{shared}/data/fashion-mnist-test.parquet",
+      "--label-column", "fine_label"], "no column 'fine_label'"),
+    (["vit", "--model", "m", "--dataset", "/no/such.parquet"], "dataset file not found"),
+    (["tables", "/no/such/grid.yaml"], "grid config not found"),
+])
+def test_bad_arguments_give_one_line(shared, args, message):
+    args = [a.format(shared=shared) for a in args]
+    run = subprocess.run([sys.executable, "-m", "hf_distrattn", *args], capture_output=True, text=True, env=OFFLINE,
+                         timeout=300)
+    assert run.returncode == 2
+    lines = [line for line in run.stderr.splitlines() if line.startswith("hf-distrattn")]
+    assert len(lines) == 1 and message in lines[0], run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
