@@ -119,9 +119,13 @@ def distr_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config
                   "computing exact attention instead")
         config = config.replace(group_size=1)
     if selected_backend(q, config, dropout_p) == "triton":
-        from .kernels.prefill import distr_attention_triton
+        from .kernels import decode, prefill
 
-        out, lse = distr_attention_triton(q, k, v, causal=causal, attn_mask=mask, scale=scale, config=config)
+        if decode.supports(q, k, config) is None:
+            out, lse = decode.decode_attention(q, k, v, causal=causal, attn_mask=mask, scale=scale)
+        else:
+            out, lse = prefill.distr_attention_triton(q, k, v, causal=causal, attn_mask=mask, scale=scale,
+                                                      config=config)
     else:
         out, lse = reference.attention(q, k, v, causal=causal, attn_mask=mask, scale=scale, config=config,
                                        dropout_p=dropout_p)

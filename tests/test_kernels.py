@@ -163,3 +163,30 @@ def test_models_through_the_kernel_match_sdpa(arch):
         ref, out = ref[:, 7:], out[:, 7:]  # padded positions are not compared
     tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("n_q,n_k,heads,causal,mask_kind,splits", [
+    (1, 300, (8, 2), False, None, None), (1, 300, (8, 2), False, None, 3), (5, 200, (4, 1), True, None, 2),
+    (16, 77, (2, 2), True, "bool", 2), (3, 130, (6, 3), False, "additive", 4), (1, 10, (4, 4), False, None, 1),
+])
+def test_decode_kernel(n_q, n_k, heads, causal, mask_kind, splits):
+    from hf_distrattn.kernels.decode import decode_attention, supports
+
+    q = rand(2, heads[0], n_q, 64, seed=20)
+    k, v = rand(2, heads[1], n_k, 64, seed=21), rand(2, heads[1], n_k, 64, seed=22)
+    mask = None
+    if mask_kind == "bool":
+        mask = rand(2, 1, n_q, n_k, seed=23) > -0.5
+        mask[0, 0, 1] = False  # a fully masked row
+    elif mask_kind == "additive":
+        mask = rand(1, heads[0], n_q, n_k, seed=24)
+    assert supports(q, k, EXACT_TRITON) is None
+    out, lse = decode_attention(q, k, v, causal=causal, attn_mask=mask, splits=splits, block_n=32)
+    ref, ref_lse = reference.attention(q, k, v, causal=causal, attn_mask=mask)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    torch.testing.assert_close(lse[finite], ref_lse[finite], atol=2e-5, rtol=2e-5)
+
+
+EXACT_TRITON = DistrConfig(group_size=1, backend="triton")

@@ -1,0 +1,141 @@
+r"""Split-KV decode kernel (exact attention, ``G = 1``) for a few queries against a long KV cache.
+
+Decode reads the whole cache for a handful of queries, so it is bound by memory traffic, and one program per
+head leaves most of the GPU idle. Here the keys are cut into ``S`` splits; one program per
+(split, batch·KV head) attends the ``rep·Nq`` query rows that share that KV head (GQA packed: K and V are read
+once per KV head) over its split, and writes a partial ``o_s`` with its log-sum-exp ``ℓ_s``. The exact merge,
+
+    m = max_s ℓ_s,  o = Σ_s e^{ℓ_s − m} o_s / Σ_s e^{ℓ_s − m},  ℓ = m + log Σ_s e^{ℓ_s − m},
+
+is the same associative combine that tree attention does across GPUs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_QUERIES = 16
+
+
+@triton.jit
+def _decode_split(Q, K, V, Mask, Out, Lse, scale, n_q, n_k, heads_kv, rep, chunk,
+                  sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b, sm_h, sm_m,
+                  so_b, so_h, so_m, so_s, sl_b, sl_h, sl_m,
+                  CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads_kv
+    hk = bh % heads_kv
+    rows = tl.arange(0, BLOCK_M)
+    r = rows // n_q  # query head within the KV head's group
+    i = rows % n_q  # query index
+    row_ok = rows < rep * n_q
+    h = hk * rep + r
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + b * sq_b + h[:, None] * sq_h + i[:, None] * sq_m + offs_d[None, :], mask=row_ok[:, None],
+                other=0.0)
+    qk_scale = scale * 1.4426950408889634
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, n_k)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        in_range = offs_n < hi
+        kt = tl.load(K + b * sk_b + hk * sk_h + offs_n[None, :] * sk_n + offs_d[:, None], mask=in_range[None, :],
+                     other=0.0)
+        vt = tl.load(V + b * sv_b + hk * sv_h + offs_n[:, None] * sv_n + offs_d[None, :], mask=in_range[:, None],
+                     other=0.0)
+        if IEEE:
+            s = tl.dot(q, kt, input_precision="ieee") * qk_scale
+        else:
+            s = tl.dot(q, kt) * qk_scale
+        keep = in_range[None, :] & row_ok[:, None]
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= i[:, None] + (n_k - n_q))
+        mask_ptrs = Mask + b * sm_b + h[:, None] * sm_h + i[:, None] * sm_m + offs_n[None, :]
+        if MASK_KIND == 1:
+            keep = keep & (tl.load(mask_ptrs, mask=keep, other=0) != 0)
+        if MASK_KIND == 2:
+            s += tl.load(mask_ptrs, mask=keep, other=0.0).to(tl.float32) * 1.4426950408889634
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        m_i = m_new
+    safe_l = tl.where(l_i > 0, l_i, 1.0)
+    lse = tl.where(l_i > 0, (m_i + tl.math.log2(safe_l)) / 1.4426950408889634, float("-inf"))
+    o_ptrs = Out + b * so_b + h[:, None] * so_h + i[:, None] * so_m + split * so_s + offs_d[None, :]
+    tl.store(o_ptrs, acc / safe_l[:, None], mask=row_ok[:, None])
+    tl.store(Lse + b * sl_b + h * sl_h + i * sl_m + split, lse, mask=row_ok)
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, config) -> str | None:
+    """``None`` if the decode kernel takes this call (exact, few queries), else why not."""
+    d = q.shape[-1]
+    if config.group_size != 1:
+        return "group_size > 1"
+    if q.shape[2] > MAX_QUERIES:
+        return f"{q.shape[2]} queries > {MAX_QUERIES}"
+    if (q.shape[1] // k.shape[1]) * q.shape[2] > 128:
+        return "too many query rows per KV head"
+    if d & (d - 1) or not 16 <= d <= 256 or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"head_dim {d} / dtype {q.dtype}"
+    return None
+
+
+def num_splits(batch_heads_kv: int, n_k: int, block_n: int, device) -> int:
+    """Enough splits for about two programs per multiprocessor, each with at least 4 key tiles."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(triton.cdiv(2 * sms, batch_heads_kv), triton.cdiv(n_k, 4 * block_n)))
+
+
+def merge_splits(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out (..., S, d)``, ``lse (..., S)`` -> exact combine over the splits."""
+    m = lse.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w = torch.exp(lse - m)
+    den = w.sum(-1, keepdim=True)
+    merged = (out * w[..., None]).sum(-2) / torch.where(den > 0, den, torch.ones_like(den))
+    return merged, (m + torch.log(den)).squeeze(-1)
+
+
+def decode_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, block_n: int = 64, splits=None):
+    """Exact attention for ``Nq ≤ 16`` queries; semantics of :func:`hf_distrattn.reference.attention`."""
+    batch, heads, n_q, d = q.shape
+    h_kv, n_k = k.shape[1], k.shape[2]
+    rep = heads // h_kv
+    scale = 1 / math.sqrt(d) if scale is None else scale
+    splits = splits or num_splits(batch * h_kv, n_k, block_n, q.device)
+    chunk = triton.cdiv(triton.cdiv(n_k, splits), block_n) * block_n
+    splits = triton.cdiv(n_k, chunk)
+    out = torch.empty(batch, heads, n_q, splits, d, device=q.device, dtype=torch.float32)
+    lse = torch.empty(batch, heads, n_q, splits, device=q.device, dtype=torch.float32)
+    if attn_mask is None:
+        mask, mask_kind, mask_strides = lse, 0, (0, 0, 0)
+    else:
+        mask = attn_mask if attn_mask.stride(-1) == 1 else attn_mask.contiguous()
+        mask_kind = 1 if mask.dtype == torch.bool else 2
+        mask_strides = tuple(0 if mask.shape[i] == 1 else mask.stride(i) for i in range(3))
+    _decode_split[(splits, batch * h_kv)](
+        q, k, v, mask, out, lse, scale, n_q, n_k, h_kv, rep, chunk,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), *mask_strides,
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3), lse.stride(0), lse.stride(1), lse.stride(2),
+        CAUSAL=causal, MASK_KIND=mask_kind, IEEE=q.dtype == torch.float32,
+        BLOCK_M=max(16, triton.next_power_of_2(rep * n_q)), BLOCK_N=block_n, D=d, num_warps=4, num_stages=3,
+    )
+    merged, lse = merge_splits(out, lse)
+    return merged.to(q.dtype), lse
