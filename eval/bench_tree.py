@@ -1,0 +1,139 @@
+"""Per-layer decode latency of tree attention against a ring baseline and one GPU (launch with torchrun).
+
+Llama-3.1-8B attention: 32 query / 8 KV heads, head_dim 128, bf16, one query token, the KV cache of
+``--tokens`` total positions split evenly over the ranks. Per setting, medians over ``--reps`` steps:
+
+- ``tree``: local partial (our exact decode kernel) + the two all-reduces of :func:`hf_distrattn.tree.merge`;
+- ``ring``: Ring Attention's pass, the baseline: p-1 steps, each sending the KV block in hand to the next rank
+  (``torch.distributed`` isend/irecv) while attending to it, online-softmax accumulation; every rank ends with
+  the output, as in tree;
+- ``single``: rank 0 alone over the whole cache, where it fits.
+
+Reports time, bytes sent per rank per step and peak GPU memory per rank.
+
+    torchrun --nproc-per-node 2 -m hf_distrattn.eval.bench_tree --tokens 131072 524288 1048576 --json tree.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from ..kernels.decode import decode_attention, merge_splits
+from ..tree import init_distributed, tree_attention
+from .common import environment
+
+HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+
+
+def timed(fn, reps: int, all_ranks: bool = True) -> float:
+    """Median CUDA-event time of ``fn`` after warm-up; ``all_ranks``: line the ranks up before each run."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        if all_ranks:
+            dist.barrier()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def ring_step(q, k, v):
+    """Ring Attention for one decode step: rotate KV blocks p-1 times, attend to each, merge online."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    outs, lses = [], []
+    block_k, block_v = k, v
+    for step in range(world):
+        if step < world - 1:
+            recv_k, recv_v = torch.empty_like(block_k), torch.empty_like(block_v)
+            nxt, prev = (rank + 1) % world, (rank - 1) % world
+            ops = [dist.P2POp(dist.isend, block_k, nxt), dist.P2POp(dist.isend, block_v, nxt),
+                   dist.P2POp(dist.irecv, recv_k, prev), dist.P2POp(dist.irecv, recv_v, prev)]
+            requests = dist.batch_isend_irecv(ops)
+        out, lse = decode_attention(q, block_k, block_v)
+        outs.append(out.float())
+        lses.append(lse)
+        if step < world - 1:
+            for request in requests:
+                request.wait()
+            block_k, block_v = recv_k, recv_v
+    return merge_splits(torch.stack(outs, -2), torch.stack(lses, -1))[0]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[131072, 524288, 1048576])
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device())
+    rows = []
+    for total in args.tokens:
+        g = torch.Generator(device=device).manual_seed(0)
+        q = torch.randn(1, HEADS, 1, HEAD_DIM, device=device, dtype=torch.bfloat16, generator=g)
+        local = total // world
+        k = torch.randn(1, KV_HEADS, local, HEAD_DIM, device=device, dtype=torch.bfloat16, generator=g)
+        v = torch.randn_like(k)
+        shard_bytes = 2 * k.numel() * k.element_size()
+        for name, fn, sent in [
+            # collective payloads: the cross-rank check (12 int64), the MAX of lse, the SUM of [w·o, w] (float32)
+            ("tree", partial(tree_attention, q, k, v), 8 * 12 + 4 * HEADS + 4 * HEADS * (HEAD_DIM + 1)),
+            ("ring", partial(ring_step, q, k, v), (world - 1) * shard_bytes),
+        ]:
+            torch.cuda.reset_peak_memory_stats()
+            ms = timed(fn, args.reps)
+            rows.append({"method": name, "gpus": world, "tokens": total, "ms": ms, "bytes_sent_per_rank": sent,
+                         "peak_gib": torch.cuda.max_memory_allocated() / 2**30})
+        # exactness of both against each other on this data
+        diff = (tree_attention(q, k, v).float() - ring_step(q, k, v)).abs().max().item()
+        rows[-1]["max_abs_diff_vs_tree"] = diff
+        del k, v
+        torch.cuda.empty_cache()
+        if rank == 0:
+            torch.cuda.reset_peak_memory_stats()
+            try:
+                k = torch.randn(1, KV_HEADS, total, HEAD_DIM, device=device, dtype=torch.bfloat16, generator=g)
+                v = torch.randn_like(k)
+                ms = timed(partial(decode_attention, q, k, v), args.reps, all_ranks=False)
+                rows.append({"method": "single", "gpus": 1, "tokens": total, "ms": ms, "bytes_sent_per_rank": 0,
+                             "peak_gib": torch.cuda.max_memory_allocated() / 2**30})
+                del k, v
+            except torch.cuda.OutOfMemoryError:
+                rows.append({"method": "single", "gpus": 1, "tokens": total, "error": "out of memory"})
+            torch.cuda.empty_cache()
+        dist.barrier()
+    if rank == 0:
+        print(markdown(rows))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"environment": environment("cuda") | {"world_size": world}, "rows": rows}, f, indent=1)
+    dist.destroy_process_group()
+
+
+def markdown(rows) -> str:
+    lines = ["| tokens | method | GPUs | ms per layer-step | bytes sent / rank | peak GiB / GPU |",
+             "|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        if "ms" in r:
+            lines.append(f"| {r['tokens']} | {r['method']} | {r['gpus']} | {r['ms']:.3f} | "
+                         f"{r['bytes_sent_per_rank']:,} | {r['peak_gib']:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    main()
