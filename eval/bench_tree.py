@@ -3,7 +3,8 @@
 Llama-3.1-8B attention: 32 query / 8 KV heads, head_dim 128, bf16, one query token, the KV cache of
 ``--tokens`` total positions split evenly over the ranks. Per setting, medians over ``--reps`` steps:
 
-- ``tree``: local partial (our exact decode kernel) + the two all-reduces of :func:`hf_distrattn.tree.merge`;
+- ``tree``: local partial (our exact decode kernel) + the two all-reduces of :func:`hf_distrattn.tree.merge`
+  (``tree+check`` adds the cross-rank consistency check that the model path runs once per step);
 - ``ring``: Ring Attention's pass, the baseline: p-1 steps, each sending the KV block in hand to the next rank
   (``torch.distributed`` isend/irecv) while attending to it, online-softmax accumulation; every rank ends with
   the output, as in tree;
@@ -90,8 +91,10 @@ def main(argv=None):
         v = torch.randn_like(k)
         shard_bytes = 2 * k.numel() * k.element_size()
         for name, fn, sent in [
-            # collective payloads: the cross-rank check (12 int64), the MAX of lse, the SUM of [w·o, w] (float32)
-            ("tree", partial(tree_attention, q, k, v), 8 * 12 + 4 * HEADS + 4 * HEADS * (HEAD_DIM + 1)),
+            # collective payloads: the MAX of lse and the SUM of [w·o, w] (float32); the cross-rank check runs
+            # once per model step (layer 0), not per layer, so it is timed apart
+            ("tree", partial(tree_attention, q, k, v, check=False), 4 * HEADS + 4 * HEADS * (HEAD_DIM + 1)),
+            ("tree+check", partial(tree_attention, q, k, v), 8 * 12 * world + 4 * HEADS * (HEAD_DIM + 2)),
             ("ring", partial(ring_step, q, k, v), (world - 1) * shard_bytes),
         ]:
             torch.cuda.reset_peak_memory_stats()

@@ -86,14 +86,17 @@ def merge(out: torch.Tensor, lse: torch.Tensor, group=None) -> tuple[torch.Tenso
 def tree_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, *,
                    q_positions: torch.Tensor | None = None, k_positions: torch.Tensor | None = None,
                    scale: float | None = None, config: DistrConfig | None = None, group=None,
-                   world_size: int | None = None, return_lse: bool = False):
+                   world_size: int | None = None, check: bool = True, return_lse: bool = False):
     """Attention of the replicated queries ``q (B, Hq, Nq, d)`` over the KV shards ``k, v (B, Hkv, n_r, d)``.
 
     Causal masking by global positions: ``q_positions (Nq,)`` and ``k_positions (n_r,)`` (key ``j`` visible to
     query ``i`` iff ``k_positions[j] <= q_positions[i]``); without them every key is visible. A shard may be
-    empty (``n_r = 0``). ``world_size``: the number of ranks the caller expects (checked against the group).
+    empty (``n_r = 0``). ``world_size``: the number of ranks the caller expects. ``check``: first compare
+    shapes, dtypes, devices, shards and world size across ranks (one small all-gather and a host sync), so that
+    a mismatch raises on every rank instead of hanging in the merge.
     """
-    _check_consistent(q, k, v, group, world_size)
+    if check:
+        _check_consistent(q, k, v, group, world_size)
     config = config or EXACT
     if k.shape[2] == 0:
         out = torch.zeros_like(q)
@@ -160,7 +163,7 @@ def tree_attention_forward(module, query, key, value, attention_mask, dropout: f
     out = tree_attention(query, key, value, q_positions=cache.query_positions[layer],
                          k_positions=cache.key_positions[layer], scale=scaling,
                          config=getattr(module, "distr_config", None), group=cache.group,
-                         world_size=cache.world_size)
+                         world_size=cache.world_size, check=layer == 0)  # once per forward step
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -12,6 +12,7 @@ is the same associative combine that tree attention does across GPUs.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -96,9 +97,14 @@ def supports(q: torch.Tensor, k: torch.Tensor, config) -> str | None:
     return None
 
 
+@functools.lru_cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def num_splits(batch_heads_kv: int, n_k: int, block_n: int, device) -> int:
     """Enough splits for about two programs per multiprocessor, each with at least 4 key tiles."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    sms = _multiprocessors(device)
     return max(1, min(triton.cdiv(2 * sms, batch_heads_kv), triton.cdiv(n_k, 4 * block_n)))
 
 
@@ -137,5 +143,7 @@ def decode_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, block
         CAUSAL=causal, MASK_KIND=mask_kind, IEEE=q.dtype == torch.float32,
         BLOCK_M=max(16, triton.next_power_of_2(rep * n_q)), BLOCK_N=block_n, D=d, num_warps=4, num_stages=3,
     )
+    if splits == 1:
+        return out[..., 0, :].to(q.dtype), lse[..., 0]
     merged, lse = merge_splits(out, lse)
     return merged.to(q.dtype), lse
