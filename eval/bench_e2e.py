@@ -13,29 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, ViTConfig, ViTForImageClassification
 
-from .common import apply_setting, environment, parse_settings
+from .common import apply_setting, cuda_ms, parse_settings, write_results
 
 LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
                 rope_theta=500000.0, tie_word_embeddings=True)
-
-
-def cuda_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def use(model, spec: str) -> None:
@@ -109,15 +95,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     rows = bench_llama(args.attn, args.prefill, args.decode_prompt, args.decode_tokens, args.reps)
     rows += bench_vit(args.attn, args.vit_batch, args.reps)
-    table = markdown(rows)
-    env = environment("cuda")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "rows": rows}, f, indent=1)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(f"{env['gpu']}, torch {env['torch']}, bf16, random weights\n\n{table}\n")
-    print(table)
+    write_results(args.json, args.markdown, "bf16, random weights", rows, markdown(rows))
 
 
 if __name__ == "__main__":

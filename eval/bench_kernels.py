@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..config import DistrConfig
 from ..kernels import prefill
-from .common import environment
+from .common import write_results
 
 
 def sdpa_backend(name):
@@ -135,15 +135,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
     rows = bench(args.seq_lens, args.head_dims, causals, args.groups, args.block_sizes, tune=args.tune)
-    table = markdown(rows)
-    env = environment("cuda")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "rows": rows}, f, indent=1)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, bf16\n\n{table}\n")
-    print(table)
+    write_results(args.json, args.markdown, "bf16", rows, markdown(rows))
 
 
 if __name__ == "__main__":

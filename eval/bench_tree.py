@@ -18,9 +18,7 @@ Reports time, bytes sent per rank per step and peak GPU memory per rank.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 from functools import partial
 
 import torch
@@ -28,27 +26,9 @@ import torch.distributed as dist
 
 from ..kernels.decode import decode_attention, merge_splits
 from ..tree import init_distributed, tree_attention
-from .common import environment
+from .common import cuda_ms, write_results
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
-
-
-def timed(fn, reps: int, all_ranks: bool = True) -> float:
-    """Median CUDA-event time of ``fn`` after warm-up; ``all_ranks``: line the ranks up before each run."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        if all_ranks:
-            dist.barrier()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def ring_step(q, k, v):
@@ -98,7 +78,7 @@ def main(argv=None):
             ("ring", partial(ring_step, q, k, v), (world - 1) * shard_bytes),
         ]:
             torch.cuda.reset_peak_memory_stats()
-            ms = timed(fn, args.reps)
+            ms = cuda_ms(fn, args.reps, warmup=3, before=dist.barrier)
             rows.append({"method": name, "gpus": world, "tokens": total, "ms": ms, "bytes_sent_per_rank": sent,
                          "peak_gib": torch.cuda.max_memory_allocated() / 2**30})
         # exactness of both against each other on this data
@@ -111,7 +91,7 @@ def main(argv=None):
             try:
                 k = torch.randn(1, KV_HEADS, total, HEAD_DIM, device=device, dtype=torch.bfloat16, generator=g)
                 v = torch.randn_like(k)
-                ms = timed(partial(decode_attention, q, k, v), args.reps, all_ranks=False)
+                ms = cuda_ms(partial(decode_attention, q, k, v), args.reps, warmup=3)
                 rows.append({"method": "single", "gpus": 1, "tokens": total, "ms": ms, "bytes_sent_per_rank": 0,
                              "peak_gib": torch.cuda.max_memory_allocated() / 2**30})
                 del k, v
@@ -120,10 +100,7 @@ def main(argv=None):
             torch.cuda.empty_cache()
         dist.barrier()
     if rank == 0:
-        print(markdown(rows))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"environment": environment("cuda") | {"world_size": world}, "rows": rows}, f, indent=1)
+        write_results(args.json, None, "bf16", rows, markdown(rows), world_size=world)
     dist.destroy_process_group()
 
 

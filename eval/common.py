@@ -63,6 +63,37 @@ def environment(device: str | None = None) -> dict:
     return env
 
 
+def cuda_ms(fn, reps: int, warmup: int = 1, before=None) -> float:
+    """Median CUDA-event time of ``fn`` in ms after ``warmup`` calls; ``before()`` runs ahead of each timed call."""
+    import statistics
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if before is not None:
+            before()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def write_results(json_path: str | None, markdown_path: str | None, header: str, rows: list, table: str,
+                  **extra) -> None:
+    """A benchmark's rows as JSON (with the environment) and its table as Markdown under a one-line header."""
+    env = environment("cuda") | extra
+    write_json(json_path, {"environment": env, "rows": rows})
+    if markdown_path:
+        with open(markdown_path, "w") as f:
+            f.write(f"{env.get('gpu')}, torch {env['torch']}, triton {env['triton']}, {header}\n\n{table}\n")
+    print(table)
+
+
 def write_json(path: str | None, payload: dict) -> None:
     if path:
         with open(path, "w") as f:

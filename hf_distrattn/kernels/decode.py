@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .softmax import finish, masked_scores, online_softmax
+
 MAX_QUERIES = 16
 
 
@@ -61,25 +63,11 @@ def _decode_split(Q, K, V, Mask, Out, Lse, scale, n_q, n_k, heads_kv, rep, chunk
         if CAUSAL:
             keep = keep & (offs_n[None, :] <= i[:, None] + (n_k - n_q))
         mask_ptrs = Mask + b * sm_b + h[:, None] * sm_h + i[:, None] * sm_m + offs_n[None, :]
-        if MASK_KIND == 1:
-            keep = keep & (tl.load(mask_ptrs, mask=keep, other=0) != 0)
-        if MASK_KIND == 2:
-            s += tl.load(mask_ptrs, mask=keep, other=0.0).to(tl.float32) * 1.4426950408889634
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-        m_i = m_new
-    safe_l = tl.where(l_i > 0, l_i, 1.0)
-    lse = tl.where(l_i > 0, (m_i + tl.math.log2(safe_l)) / 1.4426950408889634, float("-inf"))
+        s = masked_scores(s, keep, mask_ptrs, MASK_KIND)
+        acc, l_i, m_i = online_softmax(acc, l_i, m_i, s, vt, IEEE)
+    out, lse = finish(acc, l_i, m_i)
     o_ptrs = Out + b * so_b + h[:, None] * so_h + i[:, None] * so_m + split * so_s + offs_d[None, :]
-    tl.store(o_ptrs, acc / safe_l[:, None], mask=row_ok[:, None])
+    tl.store(o_ptrs, out, mask=row_ok[:, None])
     tl.store(Lse + b * sl_b + h * sl_h + i * sl_m + split, lse, mask=row_ok)
 
 

@@ -27,9 +27,9 @@ import triton.language as tl
 
 from ..config import DistrConfig
 from .grouping import group_queries
+from .softmax import finish, masked_scores, online_softmax
 
 BLOCK_SIZES = (16, 32, 64, 128)
-LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -58,26 +58,11 @@ def _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, start_n, offs_m, n_q,
     else:
         s = tl.dot(u, kt) * qk_scale
     if MASKED:
-        keep = offs_n[None, :] < n_k
+        keep = (offs_n[None, :] < n_k) & (offs_m[:, None] < n_q)
         if CAUSAL:
             keep = keep & (offs_n[None, :] <= offs_m[:, None] + (n_k - n_q))
-        mask_ptrs = mask_base + offs_n[None, :]
-        if MASK_KIND == 1:
-            keep = keep & (tl.load(mask_ptrs, mask=keep & (offs_m[:, None] < n_q), other=0) != 0)
-        if MASK_KIND == 2:
-            bias = tl.load(mask_ptrs, mask=keep & (offs_m[:, None] < n_q), other=0.0).to(tl.float32)
-            s += bias * 1.4426950408889634
-        s = tl.where(keep, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if IEEE:
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-    return acc, l_i, m_new
+        s = masked_scores(s, keep, mask_base + offs_n[None, :], MASK_KIND)
+    return online_softmax(acc, l_i, m_i, s, vt, IEEE)
 
 
 @triton.jit
@@ -121,9 +106,7 @@ def _distr_fwd(U, K, V, Wt, Mask, Out, Lse, scale, n_q, n_k, heads, kv_group,
     for start_n in range(full, hi, BLOCK_N):
         acc, l_i, m_i = _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, start_n, offs_m, n_q, n_k, sk_n,
                               sv_n, qk_scale, True, CAUSAL, MASK_KIND, IEEE, BLOCK_N, D, G)
-    safe_l = tl.where(l_i > 0, l_i, 1.0)
-    out = acc / safe_l[:, None]
-    lse = tl.where(l_i > 0, (m_i + tl.math.log2(safe_l)) / 1.4426950408889634, float("-inf"))
+    out, lse = finish(acc, l_i, m_i)
     row_ok = offs_m < n_q
     tl.store(Out + b * so_b + h * so_h + offs_m[:, None] * so_m + offs_d[None, :], out.to(Out.dtype.element_ty),
              mask=row_ok[:, None])

@@ -1,0 +1,38 @@
+"""Triton pieces shared by the attention kernels: masking a score tile and the online-softmax update."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def masked_scores(s, keep, mask_ptrs, MASK_KIND: tl.constexpr):
+    """Scores (base-2 logits) with ``keep`` and the user mask applied: ``MASK_KIND`` 1 boolean, 2 additive."""
+    if MASK_KIND == 1:
+        keep = keep & (tl.load(mask_ptrs, mask=keep, other=0) != 0)
+    if MASK_KIND == 2:
+        s += tl.load(mask_ptrs, mask=keep, other=0.0).to(tl.float32) * 1.4426950408889634
+    return tl.where(keep, s, float("-inf"))
+
+
+@triton.jit
+def online_softmax(acc, l_i, m_i, s, vt, IEEE: tl.constexpr):
+    """Fold a tile of base-2 scores ``s`` and its values ``vt`` into the running ``(acc, l, m)``; rows with
+    no visible key so far keep ``m = -inf`` and contribute nothing (no NaN)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def finish(acc, l_i, m_i):
+    """``(out, lse)`` from the running state; lse in natural log, ``-inf`` (and out 0) for empty rows."""
+    safe_l = tl.where(l_i > 0, l_i, 1.0)
+    lse = tl.where(l_i > 0, (m_i + tl.math.log2(safe_l)) / 1.4426950408889634, float("-inf"))
+    return acc / safe_l[:, None], lse
