@@ -23,10 +23,12 @@ def warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-def _triton_refusal(q: torch.Tensor, config: DistrConfig, dropout_p: float) -> str | None:
+def _triton_refusal(q: torch.Tensor, config: DistrConfig, dropout_p: float, needs_grad: bool) -> str | None:
     """Why the Triton kernel cannot take this call (``None`` if it can)."""
     if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return f"device {q.device} (Triton needs CUDA, or TRITON_INTERPRET=1)"
+    if needs_grad:
+        return "gradients are needed and the kernels have no backward yet"
     try:
         from .kernels import prefill
     except ImportError as error:
@@ -34,19 +36,23 @@ def _triton_refusal(q: torch.Tensor, config: DistrConfig, dropout_p: float) -> s
     return prefill.supports(q, config, dropout_p)
 
 
-def selected_backend(q: torch.Tensor, config: DistrConfig, dropout_p: float = 0.0) -> str:
+def selected_backend(q: torch.Tensor, config: DistrConfig, dropout_p: float = 0.0, needs_grad: bool = False) -> str:
     """``"triton"`` or ``"reference"``: what :func:`distr_attention` runs for these inputs.
 
     ``backend="auto"`` takes the kernel for CUDA tensors it supports; ``"triton"`` insists (CPU tensors run it
-    under ``TRITON_INTERPRET=1``) and raises a ValueError naming the reason when it cannot.
+    under ``TRITON_INTERPRET=1``) and raises a ValueError naming the reason when it cannot. Calls that need
+    gradients run the differentiable reference (one warning on CUDA): the kernels have no backward yet.
     """
     if config.backend == "reference" or (config.backend == "auto" and q.device.type != "cuda"):
         return "reference"
-    refusal = _triton_refusal(q, config, dropout_p)
+    refusal = _triton_refusal(q, config, dropout_p, needs_grad)
     if refusal is None:
         return "triton"
     if config.backend == "triton":
         raise ValueError(f"DistrConfig.backend='triton' cannot take this call: {refusal}")
+    if needs_grad:
+        warn_once("distr_attention: gradients are needed and the Triton kernels have no backward yet; "
+                  "running the (slower) PyTorch reference for differentiable calls")
     return "reference"
 
 
@@ -118,7 +124,8 @@ def distr_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config
         warn_once(f"head_dim {d} is not a multiple of DistrConfig.group_size={config.group_size}: "
                   "computing exact attention instead")
         config = config.replace(group_size=1)
-    if selected_backend(q, config, dropout_p) == "triton":
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if selected_backend(q, config, dropout_p, needs_grad) == "triton":
         from .kernels import decode, prefill
 
         if decode.supports(q, k, config) is None:
