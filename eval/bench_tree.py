@@ -24,7 +24,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from ..kernels.decode import decode_attention, merge_splits
+from ..kernels.decode import decode_attention
 from ..tree import init_distributed, tree_attention
 from .common import cuda_ms, write_results
 
@@ -34,7 +34,7 @@ HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 def ring_step(q, k, v):
     """Ring Attention for one decode step: rotate KV blocks p-1 times, attend to each, merge online."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    outs, lses = [], []
+    acc = lse_run = None
     block_k, block_v = k, v
     for step in range(world):
         if step < world - 1:
@@ -44,13 +44,18 @@ def ring_step(q, k, v):
                    dist.P2POp(dist.irecv, recv_k, prev), dist.P2POp(dist.irecv, recv_v, prev)]
             requests = dist.batch_isend_irecv(ops)
         out, lse = decode_attention(q, block_k, block_v)
-        outs.append(out.float())
-        lses.append(lse)
+        if acc is None:
+            acc, lse_run = out.float(), lse
+        else:  # fold the arriving block's (out, lse) into the running normalised pair
+            m = torch.maximum(lse_run, lse)
+            a, b = torch.exp(lse_run - m), torch.exp(lse - m)
+            acc = (acc * a[..., None] + out.float() * b[..., None]) / (a + b)[..., None]
+            lse_run = m + torch.log(a + b)
         if step < world - 1:
             for request in requests:
                 request.wait()
             block_k, block_v = recv_k, recv_v
-    return merge_splits(torch.stack(outs, -2), torch.stack(lses, -1))[0]
+    return acc
 
 
 def main(argv=None):

@@ -71,6 +71,24 @@ def _decode_split(Q, K, V, Mask, Out, Lse, scale, n_q, n_k, heads_kv, rep, chunk
     tl.store(Lse + b * sl_b + h * sl_h + i * sl_m + split, lse, mask=row_ok)
 
 
+@triton.jit
+def _merge_splits(Part, PartLse, Out, Lse, splits, so_row, sl_row, S_PAD: tl.constexpr, D: tl.constexpr):
+    """One program per (batch, head, query) row: the exact combine of its ``splits`` partials."""
+    row = tl.program_id(0)
+    offs_s = tl.arange(0, S_PAD)
+    offs_d = tl.arange(0, D)
+    lse = tl.load(PartLse + row * splits + offs_s, mask=offs_s < splits, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse - m)
+    den = tl.sum(w, 0)
+    part = tl.load(Part + row * splits * D + offs_s[:, None] * D + offs_d[None, :], mask=offs_s[:, None] < splits,
+                   other=0.0)
+    out = tl.sum(part * w[:, None], 0) / tl.where(den > 0, den, 1.0)
+    tl.store(Out + row * so_row + offs_d, out.to(Out.dtype.element_ty))
+    tl.store(Lse + row * sl_row, m + tl.log(den))
+
+
 def supports(q: torch.Tensor, k: torch.Tensor, config) -> str | None:
     """``None`` if the decode kernel takes this call (exact, few queries), else why not."""
     d = q.shape[-1]
@@ -94,16 +112,6 @@ def num_splits(batch_heads_kv: int, n_k: int, block_n: int, device) -> int:
     """Enough splits for about two programs per multiprocessor, each with at least 4 key tiles."""
     sms = _multiprocessors(device)
     return max(1, min(triton.cdiv(2 * sms, batch_heads_kv), triton.cdiv(n_k, 4 * block_n)))
-
-
-def merge_splits(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``out (..., S, d)``, ``lse (..., S)`` -> exact combine over the splits."""
-    m = lse.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    w = torch.exp(lse - m)
-    den = w.sum(-1, keepdim=True)
-    merged = (out * w[..., None]).sum(-2) / torch.where(den > 0, den, torch.ones_like(den))
-    return merged, (m + torch.log(den)).squeeze(-1)
 
 
 def decode_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, block_n: int = 64, splits=None):
@@ -131,7 +139,8 @@ def decode_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, block
         CAUSAL=causal, MASK_KIND=mask_kind, IEEE=q.dtype == torch.float32,
         BLOCK_M=max(16, triton.next_power_of_2(rep * n_q)), BLOCK_N=block_n, D=d, num_warps=4, num_stages=3,
     )
-    if splits == 1:
-        return out[..., 0, :].to(q.dtype), lse[..., 0]
-    merged, lse = merge_splits(out, lse)
-    return merged.to(q.dtype), lse
+    merged = torch.empty(batch, heads, n_q, d, device=q.device, dtype=q.dtype)
+    merged_lse = torch.empty(batch, heads, n_q, device=q.device, dtype=torch.float32)
+    _merge_splits[(batch * heads * n_q,)](out, lse, merged, merged_lse, splits, d, 1,
+                                          S_PAD=max(2, triton.next_power_of_2(splits)), D=d, num_warps=4)
+    return merged, merged_lse
