@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .softmax import finish, masked_scores, online_softmax
+from .softmax import finish, mask_arguments, masked_scores, online_softmax
 
 MAX_QUERIES = 16
 
@@ -125,12 +125,7 @@ def decode_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, block
     splits = triton.cdiv(n_k, chunk)
     out = torch.empty(batch, heads, n_q, splits, d, device=q.device, dtype=torch.float32)
     lse = torch.empty(batch, heads, n_q, splits, device=q.device, dtype=torch.float32)
-    if attn_mask is None:
-        mask, mask_kind, mask_strides = lse, 0, (0, 0, 0)
-    else:
-        mask = attn_mask if attn_mask.stride(-1) == 1 else attn_mask.contiguous()
-        mask_kind = 1 if mask.dtype == torch.bool else 2
-        mask_strides = tuple(0 if mask.shape[i] == 1 else mask.stride(i) for i in range(3))
+    mask, mask_kind, mask_strides = mask_arguments(attn_mask, lse)
     _decode_split[(splits, batch * h_kv)](
         q, k, v, mask, out, lse, scale, n_q, n_k, h_kv, rep, chunk,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

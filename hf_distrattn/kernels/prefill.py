@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ..config import DistrConfig
 from .grouping import group_queries
-from .softmax import finish, masked_scores, online_softmax
+from .softmax import finish, mask_arguments, masked_scores, online_softmax
 
 BLOCK_SIZES = (16, 32, 64, 128)
 
@@ -178,12 +178,7 @@ def distr_attention_triton(q, k, v, *, causal=False, attn_mask=None, scale=None,
     d_pad = vv.shape[-1]
     out = torch.empty(batch, heads, n_q, d_pad, device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, heads, n_q, device=q.device, dtype=torch.float32)
-    if attn_mask is None:
-        mask, mask_kind, mask_strides = out, 0, (0, 0, 0)
-    else:
-        mask = attn_mask if attn_mask.stride(-1) == 1 else attn_mask.contiguous()
-        mask_kind = 1 if mask.dtype == torch.bool else 2
-        mask_strides = tuple(0 if mask.shape[i] == 1 else mask.stride(i) for i in range(3))
+    mask, mask_kind, mask_strides = mask_arguments(attn_mask, out)
     params = launch_params(config.block_size, d, config.group_size) | launch
     grid = (triton.cdiv(n_q, config.block_size), batch * heads)
     _distr_fwd[grid](

@@ -1,7 +1,18 @@
-"""Triton pieces shared by the attention kernels: masking a score tile and the online-softmax update."""
+"""Pieces shared by the attention kernels: the mask arguments, masking a score tile, the online softmax."""
 
+import torch
 import triton
 import triton.language as tl
+
+
+def mask_arguments(attn_mask: torch.Tensor | None, placeholder: torch.Tensor):
+    """``(tensor, MASK_KIND, (batch, head, query) strides)`` for a 4-D mask: kind 0 none (``placeholder`` is
+    passed and never read), 1 boolean, 2 additive; broadcast dims get stride 0, keys must be contiguous."""
+    if attn_mask is None:
+        return placeholder, 0, (0, 0, 0)
+    mask = attn_mask if attn_mask.stride(-1) == 1 else attn_mask.contiguous()
+    strides = tuple(0 if mask.shape[i] == 1 else mask.stride(i) for i in range(3))
+    return mask, 1 if mask.dtype == torch.bool else 2, strides
 
 
 @triton.jit
