@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 SAMPLED = ("q", "k")
@@ -42,7 +42,6 @@ class DistrConfig:
     reduce: Literal["rank1", "sample"] = "rank1"
     backend: Literal["auto", "reference", "triton"] = "auto"
     grouping: Literal["lsh", "random", "truncate"] = "lsh"
-    extra: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name, low, high in (("group_size", 1, 128), ("block_size", 1, 1 << 16), ("num_hashes", 1, 30)):
@@ -57,8 +56,6 @@ class DistrConfig:
                               ("grouping", GROUPINGS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DistrConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.extra:
-            raise ValueError(f"DistrConfig got unknown field(s) {sorted(self.extra)}")
 
     @property
     def exact(self) -> bool:
@@ -67,9 +64,10 @@ class DistrConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DistrConfig:
         """Build from a mapping (YAML, CLI); unknown keys raise a ValueError naming them."""
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        return cls(**{k: v for k, v in values.items() if k in known},
-                   extra={k: v for k, v in values.items() if k not in known})
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"DistrConfig got unknown field(s) {sorted(unknown)}")
+        return cls(**values)
 
     def replace(self, **changes: Any) -> DistrConfig:
         return dataclasses.replace(self, **changes)

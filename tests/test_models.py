@@ -11,7 +11,7 @@ from hf_distrattn.eval.perplexity import evaluate_perplexity
 EXACT = DistrConfig(group_size=1)
 
 
-def tiny_llama(attn="sdpa"):
+def tiny_llama():
     config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
     torch.manual_seed(0)
