@@ -61,6 +61,8 @@ def series_key(spec: str) -> tuple[str, int]:
         return name, 1
     label = f"{config.grouping}, {config.reduce}, block {config.block_size}" if config.grouping != "truncate" \
         else "truncate"
+    if config.exact_layers:
+        label += f", exact layers {'+'.join(map(str, config.exact_layers))}"
     return ("exact" if config.group_size == 1 else label), config.group_size
 
 

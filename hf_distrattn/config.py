@@ -32,6 +32,8 @@ class DistrConfig:
             ``"reference"`` or ``"triton"`` (error if the kernel cannot take the call).
         grouping: ``"lsh"`` (the method); ablations for the eval tables: ``"random"`` (a seeded random column
             grouping per block) and ``"truncate"`` (no grouping: scores from the first ``d/G`` dimensions only).
+        exact_layers: layer indices that :func:`hf_distrattn.configure` keeps exact (``G = 1``) when it applies
+            this config to a whole model; written ``exact_layers=0+1`` in a spec. Ignored by single calls.
     """
 
     group_size: int = 2
@@ -42,6 +44,7 @@ class DistrConfig:
     reduce: Literal["rank1", "sample"] = "rank1"
     backend: Literal["auto", "reference", "triton"] = "auto"
     grouping: Literal["lsh", "random", "truncate"] = "lsh"
+    exact_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name, low, high in (("group_size", 1, 128), ("block_size", 1, 1 << 16), ("num_hashes", 1, 30)):
@@ -52,6 +55,15 @@ class DistrConfig:
             raise ValueError(f"DistrConfig.group_size must be a power of two, got {self.group_size}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"DistrConfig.seed must be a non-negative integer, got {self.seed!r}")
+        layers = self.exact_layers
+        if isinstance(layers, str):
+            layers = [int(x) for x in layers.split("+") if x.strip()] if all(
+                x.strip().isdigit() for x in layers.split("+")) else None
+        elif isinstance(layers, int) and not isinstance(layers, bool):
+            layers = [layers]
+        if layers is None or not all(isinstance(x, int) and x >= 0 for x in layers):
+            raise ValueError(f"DistrConfig.exact_layers must be layer indices (e.g. 0+1), got {self.exact_layers!r}")
+        object.__setattr__(self, "exact_layers", tuple(sorted(set(layers))))
         for name, allowed in (("sampled", SAMPLED), ("reduce", REDUCTIONS), ("backend", BACKENDS),
                               ("grouping", GROUPINGS)):
             if getattr(self, name) not in allowed:

@@ -56,16 +56,19 @@ def configure(model: torch.nn.Module, config: DistrConfig, layers: Iterable[int]
     """Use ``config`` in every attention layer of ``model``, or only in the layer indices ``layers``.
 
     Layers not named keep their settings (by default :data:`hf_distrattn.DEFAULT_CONFIG`). Example: keep the
-    first two layers exact with ``configure(model, DistrConfig(group_size=1), layers=[0, 1])``.
+    first two layers exact with ``configure(model, DistrConfig(group_size=1), layers=[0, 1])``, or in one call
+    ``configure(model, DistrConfig(group_size=2, exact_layers=(0, 1)))``.
     """
     if not isinstance(config, DistrConfig):
         raise TypeError(f"config must be a DistrConfig, got {type(config).__name__}")
     modules = attention_modules(model)
     chosen = range(len(modules)) if layers is None else list(layers)
-    for index in chosen:
+    for index in (*chosen, *config.exact_layers):
         if not isinstance(index, int) or not -len(modules) <= index < len(modules):
             raise ValueError(f"layers: {index!r} is not a layer index of a model with {len(modules)} layers")
-        modules[index].distr_config = config
+    exact = config.replace(group_size=1)
+    for index in chosen:
+        modules[index].distr_config = exact if index % len(modules) in config.exact_layers else config
     return model
 
 
