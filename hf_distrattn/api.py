@@ -23,36 +23,40 @@ def warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-def _triton_refusal(q: torch.Tensor, config: DistrConfig, dropout_p: float, needs_grad: bool) -> str | None:
-    """Why the Triton kernel cannot take this call (``None`` if it can)."""
+def _triton_refusal(q: torch.Tensor, config: DistrConfig, dropout_p: float, needs_grad: bool,
+                    attn_mask) -> str | None:
+    """Why the Triton kernels cannot take this call (``None`` if they can)."""
     if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return f"device {q.device} (Triton needs CUDA, or TRITON_INTERPRET=1)"
-    if needs_grad:
-        return "gradients are needed and the kernels have no backward yet"
     try:
+        from . import autograd
         from .kernels import prefill
     except ImportError as error:
         return f"triton is not importable ({error})"
+    if needs_grad:
+        return autograd.supports(q, attn_mask, dropout_p)
     return prefill.supports(q, config, dropout_p)
 
 
-def selected_backend(q: torch.Tensor, config: DistrConfig, dropout_p: float = 0.0, needs_grad: bool = False) -> str:
+def selected_backend(q: torch.Tensor, config: DistrConfig, dropout_p: float = 0.0, needs_grad: bool = False,
+                     attn_mask=None) -> str:
     """``"triton"`` or ``"reference"``: what :func:`distr_attention` runs for these inputs.
 
-    ``backend="auto"`` takes the kernel for CUDA tensors it supports; ``"triton"`` insists (CPU tensors run it
-    under ``TRITON_INTERPRET=1``) and raises a ValueError naming the reason when it cannot. Calls that need
-    gradients run the differentiable reference (one warning on CUDA): the kernels have no backward yet.
+    ``backend="auto"`` takes the kernels for CUDA tensors they support; ``"triton"`` insists (CPU tensors run
+    them under ``TRITON_INTERPRET=1``) and raises a ValueError naming the reason when they cannot. Calls that
+    need gradients take the differentiable Triton path of :mod:`hf_distrattn.autograd`; where it cannot
+    (dropout, a mask that needs gradients) they run the differentiable reference, with one warning on CUDA.
     """
     if config.backend == "reference" or (config.backend == "auto" and q.device.type != "cuda"):
         return "reference"
-    refusal = _triton_refusal(q, config, dropout_p, needs_grad)
+    refusal = _triton_refusal(q, config, dropout_p, needs_grad, attn_mask)
     if refusal is None:
         return "triton"
     if config.backend == "triton":
         raise ValueError(f"DistrConfig.backend='triton' cannot take this call: {refusal}")
     if needs_grad:
-        warn_once("distr_attention: gradients are needed and the Triton kernels have no backward yet; "
-                  "running the (slower) PyTorch reference for differentiable calls")
+        warn_once(f"distr_attention: the Triton training path cannot take this call ({refusal}); "
+                  "running the (slower) PyTorch reference")
     return "reference"
 
 
@@ -125,7 +129,12 @@ def distr_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config
                   "computing exact attention instead")
         config = config.replace(group_size=1)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if selected_backend(q, config, dropout_p, needs_grad) == "triton":
+    backend = selected_backend(q, config, dropout_p, needs_grad, mask)
+    if backend == "triton" and needs_grad:
+        from . import autograd
+
+        out, lse = autograd.attention(q, k, v, causal=causal, attn_mask=mask, scale=scale, config=config)
+    elif backend == "triton":
         from .kernels import decode, prefill
 
         if decode.supports(q, k, config) is None:

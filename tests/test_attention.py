@@ -113,7 +113,8 @@ def test_matches_naive_formula(batch, h_kv, rep, n_q, extra_k, d, group, block, 
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), finite)
-    torch.testing.assert_close(lse.double()[finite], ref_lse[finite], atol=1e-5, rtol=1e-6)  # lse is float32
+    lse_tol = 1e-5 if dtype == torch.float64 else tol  # lse is float32; float32 inputs round the grouping too
+    torch.testing.assert_close(lse.double()[finite], ref_lse[finite], atol=lse_tol, rtol=lse_tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -1,0 +1,230 @@
+r"""Attention backward in Triton (FlashAttention-2 style), for ``out = softmax(scale · A Bᵀ + mask) V``.
+
+The training path (:mod:`hf_distrattn.autograd`) calls it with ``A = Q̃`` (or ``B = K̃``): the approximation is a
+differentiable map of one operand, attention on the result is exact, so its backward is the exact one. With the
+forward's float32 log-sum-exp ``L`` and ``Δ = rowsum(dO ∘ O)`` (:func:`attention_backward` computes it), each
+tile recomputes its probabilities instead of storing ``P``:
+
+    P = exp(scale · A Bᵀ + mask − L)          dV = Pᵀ dO
+    dP = dO Vᵀ                               dS = P ∘ (dP − Δ)
+    dA = scale · dS B                        dB = scale · dSᵀ A
+
+Two kernels, so that every output is written by exactly one program (no atomics): ``_dkdv`` runs one program
+per (key tile, batch·KV head) over every query tile of the KV head's ``Hq/Hkv`` query heads (GQA sums there);
+``_dq`` runs one program per (query tile, batch·query head) over the key tiles. Rows beyond the sequence read
+zeros and contribute nothing; fully masked rows (``L = −∞``) give ``P = 0``; only causal tiles on the diagonal
+and user masks are masked (the forward's split). Head dims that are not a power of two are zero-padded.
+
+Cost: five ``d``-deep GEMMs per score (recompute, dP, dV, dA, dB), as in FlashAttention-2. Recomputing the
+scores in the reduced ``d/G`` form would need the per-query-block key fuse inside ``_dkdv`` for every (key,
+query) tile pair, ``d²/G`` MACs per key row per query tile, which at ``BLOCK = 64`` costs what it saves at ``G = 2``
+(see NOTES.md), so the backward works on ``Ã`` directly.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .softmax import mask_arguments, masked_scores
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _probs_t(a, bt_or_b, lse2, mask_base, offs_m, offs_n, n_q, n_k, qk_scale, TRANSPOSED: tl.constexpr,
+             MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr):
+    """Recomputed probabilities: ``Pᵀ`` ``(BLOCK_N, BLOCK_M)`` if ``TRANSPOSED`` (``a`` = key tile, second
+    argument the query tile transposed), else ``P`` ``(BLOCK_M, BLOCK_N)``."""
+    if IEEE:
+        s = tl.dot(a, bt_or_b, input_precision="ieee") * qk_scale
+    else:
+        s = tl.dot(a, bt_or_b) * qk_scale
+    if TRANSPOSED:
+        if MASKED:
+            keep = (offs_n[:, None] < n_k) & (offs_m[None, :] < n_q)
+            if CAUSAL:
+                keep = keep & (offs_n[:, None] <= offs_m[None, :] + (n_k - n_q))
+            s = masked_scores(s, keep, mask_base + offs_n[:, None], MASK_KIND)
+        return tl.math.exp2(s - lse2[None, :])
+    if MASKED:
+        keep = (offs_n[None, :] < n_k) & (offs_m[:, None] < n_q)
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= offs_m[:, None] + (n_k - n_q))
+        s = masked_scores(s, keep, mask_base + offs_n[None, :], MASK_KIND)
+    return tl.math.exp2(s - lse2[:, None])
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, a_base, do_base, lse_base, delta_base, mask_base, start_m, offs_n, n_q, n_k,
+               sa_m, sdo_m, sm_m, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+               IEEE: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr):
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    rows = offs_m < n_q
+    at = tl.load(a_base + offs_m[None, :] * sa_m + offs_d[:, None], mask=rows[None, :], other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * sdo_m + offs_d[None, :], mask=rows[:, None], other=0.0)
+    lse2 = tl.load(lse_base + offs_m, mask=rows, other=0.0)
+    delta = tl.load(delta_base + offs_m, mask=rows, other=0.0)
+    pt = _probs_t(k, at, lse2, mask_base + offs_m[None, :] * sm_m, offs_m, offs_n, n_q, n_k, qk_scale, True,
+                  MASKED, CAUSAL, MASK_KIND, IEEE)
+    if IEEE:
+        dv += tl.dot(pt, do, input_precision="ieee")
+        dpt = tl.dot(v, tl.trans(do), input_precision="ieee")
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst, tl.trans(at), input_precision="ieee")
+    else:
+        dv += tl.dot(pt.to(do.dtype), do)
+        dpt = tl.dot(v, tl.trans(do))
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(at.dtype), tl.trans(at))
+    return dk, dv
+
+
+@triton.jit
+def _dkdv(A, B, V, DO, Lse, Delta, Mask, DB, DV, scale, n_q, n_k, heads, kv_group,
+          sa_b, sa_h, sa_m, sb_b, sb_h, sb_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_m, sl_b, sl_h,
+          sm_b, sm_h, sm_m, sdb_b, sdb_h, sdb_n, sdv_b, sdv_h, sdv_n,
+          CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    h_kv = heads // kv_group
+    b = bh // h_kv
+    hk = bh % h_kv
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    cols = offs_n < n_k
+    k = tl.load(B + b * sb_b + hk * sb_h + offs_n[:, None] * sb_n + offs_d[None, :], mask=cols[:, None], other=0.0)
+    v = tl.load(V + b * sv_b + hk * sv_h + offs_n[:, None] * sv_n + offs_d[None, :], mask=cols[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    qk_scale = scale * 1.4426950408889634
+    # query tiles below `lo` see none of these keys; from `full` on they see all of them
+    lo = 0
+    full = 0
+    if CAUSAL:
+        lo = tl.maximum(start_n - (n_k - n_q), 0) // BLOCK_M * BLOCK_M
+        full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - (n_k - n_q), 0), BLOCK_M) * BLOCK_M
+    if MASK_KIND != 0:
+        full = n_q
+    for r in range(0, kv_group):
+        h = hk * kv_group + r
+        a_base = A + b * sa_b + h * sa_h
+        do_base = DO + b * sdo_b + h * sdo_h
+        lse_base = Lse + b * sl_b + h * sl_h
+        delta_base = Delta + b * sl_b + h * sl_h
+        mask_base = Mask + b * sm_b + h * sm_h
+        for start_m in range(lo, tl.minimum(full, n_q), BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, a_base, do_base, lse_base, delta_base, mask_base, start_m, offs_n,
+                                n_q, n_k, sa_m, sdo_m, sm_m, qk_scale, True, CAUSAL, MASK_KIND, IEEE, BLOCK_M, D)
+        for start_m in range(tl.maximum(full, lo), n_q, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, a_base, do_base, lse_base, delta_base, mask_base, start_m, offs_n,
+                                n_q, n_k, sa_m, sdo_m, sm_m, qk_scale, False, CAUSAL, MASK_KIND, IEEE, BLOCK_M, D)
+    tl.store(DB + b * sdb_b + hk * sdb_h + offs_n[:, None] * sdb_n + offs_d[None, :],
+             (dk * scale).to(DB.dtype.element_ty), mask=cols[:, None])
+    tl.store(DV + b * sdv_b + hk * sdv_h + offs_n[:, None] * sdv_n + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=cols[:, None])
+
+
+@triton.jit
+def _dq_tile(dq, a, do, lse2, delta, b_base, v_base, mask_base, start_n, offs_m, n_q, n_k, sb_n, sv_n, qk_scale,
+             MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr,
+             BLOCK_N: tl.constexpr, D: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    cols = offs_n < n_k
+    kt = tl.load(b_base + offs_n[None, :] * sb_n + offs_d[:, None], mask=cols[None, :], other=0.0)
+    vt = tl.load(v_base + offs_n[None, :] * sv_n + offs_d[:, None], mask=cols[None, :], other=0.0)
+    p = _probs_t(a, kt, lse2, mask_base, offs_m, offs_n, n_q, n_k, qk_scale, False, MASKED, CAUSAL, MASK_KIND,
+                 IEEE)
+    if IEEE:
+        dp = tl.dot(do, vt, input_precision="ieee")
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds, tl.trans(kt), input_precision="ieee")
+    else:
+        dp = tl.dot(do, vt)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
+    return dq
+
+
+@triton.jit
+def _dq(A, B, V, DO, Lse, Delta, Mask, DA, scale, n_q, n_k, heads, kv_group,
+        sa_b, sa_h, sa_m, sb_b, sb_h, sb_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_m, sl_b, sl_h,
+        sm_b, sm_h, sm_m, sda_b, sda_h, sda_m,
+        CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    hk = h // kv_group
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    rows = offs_m < n_q
+    a = tl.load(A + b * sa_b + h * sa_h + offs_m[:, None] * sa_m + offs_d[None, :], mask=rows[:, None], other=0.0)
+    do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_m + offs_d[None, :], mask=rows[:, None],
+                 other=0.0)
+    lse2 = tl.load(Lse + b * sl_b + h * sl_h + offs_m, mask=rows, other=0.0)
+    delta = tl.load(Delta + b * sl_b + h * sl_h + offs_m, mask=rows, other=0.0)
+    b_base = B + b * sb_b + hk * sb_h
+    v_base = V + b * sv_b + hk * sv_h
+    mask_base = Mask + b * sm_b + h * sm_h + offs_m[:, None] * sm_m
+    qk_scale = scale * 1.4426950408889634
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    hi = n_k
+    full = n_k
+    if CAUSAL:
+        hi = tl.minimum(n_k, (pid_m + 1) * BLOCK_M + n_k - n_q)
+        full = tl.minimum(n_k, pid_m * BLOCK_M + n_k - n_q + 1)
+    full = tl.maximum(full, 0) // BLOCK_N * BLOCK_N
+    if MASK_KIND != 0:
+        full = 0
+    for start_n in range(0, full, BLOCK_N):
+        dq = _dq_tile(dq, a, do, lse2, delta, b_base, v_base, mask_base, start_n, offs_m, n_q, n_k, sb_n, sv_n,
+                      qk_scale, False, CAUSAL, MASK_KIND, IEEE, BLOCK_N, D)
+    for start_n in range(full, hi, BLOCK_N):
+        dq = _dq_tile(dq, a, do, lse2, delta, b_base, v_base, mask_base, start_n, offs_m, n_q, n_k, sb_n, sv_n,
+                      qk_scale, True, CAUSAL, MASK_KIND, IEEE, BLOCK_N, D)
+    tl.store(DA + b * sda_b + h * sda_h + offs_m[:, None] * sda_m + offs_d[None, :], dq * scale, mask=rows[:, None])
+
+
+def _next_pow2(n: int) -> int:
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def attention_backward(a, b, v, out, lse, dout, *, causal: bool, attn_mask, scale: float, block_m: int = 64,
+                       block_n: int = 64, num_warps: int = 4, num_stages: int = 2):
+    """Gradients ``(dA, dB, dV)`` of ``softmax(scale · A Bᵀ + mask) V`` (GQA: ``B``, ``V`` have fewer heads).
+
+    a, out, dout: ``(batch, Hq, Nq, d)``; b, v: ``(batch, Hkv, Nk, d)``; lse: float32 ``(batch, Hq, Nq)`` from
+    the forward (natural log); attn_mask 4-D or ``None``. ``dA`` is float32 (it feeds the approximation's own
+    backward), ``dB`` and ``dV`` have ``b``'s dtype.
+    """
+    batch, heads, n_q, d = a.shape
+    h_kv, n_k = b.shape[1], b.shape[2]
+    delta = (dout.float() * out.float()).sum(-1)
+    lse2 = torch.where(lse == float("-inf"), float("inf"), lse) * LOG2E
+    d_pad = _next_pow2(d)
+    if d_pad != d:
+        a, b, v, dout = (torch.nn.functional.pad(t, (0, d_pad - d)) for t in (a, b, v, dout))
+    dout = dout.contiguous()
+    da = torch.empty(batch, heads, n_q, d_pad, device=a.device, dtype=torch.float32)
+    db = torch.empty(batch, h_kv, n_k, d_pad, device=a.device, dtype=b.dtype)
+    dv = torch.empty_like(db)
+    mask, mask_kind, mask_strides = mask_arguments(attn_mask, da)
+    ieee = a.dtype == torch.float32
+    common = dict(CAUSAL=causal, MASK_KIND=mask_kind, IEEE=ieee, BLOCK_M=block_m, BLOCK_N=block_n, D=d_pad,
+                  num_warps=num_warps, num_stages=num_stages)
+    strides = (*a.stride()[:3], *b.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *lse2.stride()[:2],
+               *mask_strides)
+    _dkdv[(triton.cdiv(n_k, block_n), batch * h_kv)](
+        a, b, v, dout, lse2, delta, mask, db, dv, scale, n_q, n_k, heads, heads // h_kv, *strides,
+        *db.stride()[:3], *dv.stride()[:3], **common)
+    _dq[(triton.cdiv(n_q, block_m), batch * heads)](
+        a, b, v, dout, lse2, delta, mask, da, scale, n_q, n_k, heads, heads // h_kv, *strides, *da.stride()[:3],
+        **common)
+    return da[..., :d], db[..., :d], dv[..., :d]
