@@ -66,8 +66,10 @@ def evaluate_perplexity(model, ids: torch.Tensor, seq_len: int, stride: int | No
     return PerplexityResult(total / count, count, n_bytes if n_bytes is not None else count)
 
 
-def load_text(text_file: str | None, dataset: str | None, split: str = "test", column: str = "text") -> str:
-    """The evaluation text: a local file, or ``NAME[:CONFIG]`` through ``datasets`` (rows joined by blank lines)."""
+def load_text(text_file: str | None, dataset: str | None, split: str = "test", column: str = "text",
+              template: str | None = None) -> str:
+    """A local text file, or ``NAME[:CONFIG]`` through ``datasets``: the rows' ``column``, or each row formatted
+    with ``template`` (``str.format`` over its columns, e.g. ``"{query}\n{response}"``), joined by blank lines."""
     from pathlib import Path
 
     from .common import EvalError
@@ -85,6 +87,12 @@ def load_text(text_file: str | None, dataset: str | None, split: str = "test", c
         rows = datasets.load_dataset(name, config or None, split=split)
     except Exception as error:  # noqa: BLE001 - datasets raises many types for "cannot get it"
         raise EvalError(f"cannot load dataset {dataset!r} (split {split!r}): {str(error).splitlines()[0]}") from None
+    if template is not None:
+        try:
+            return "\n\n".join(template.format(**row) for row in rows)
+        except KeyError as error:
+            raise EvalError(f"text template {template!r} names {error}, not a column of {dataset!r} "
+                            f"(columns: {rows.column_names})") from None
     if column not in rows.column_names:
         raise EvalError(f"dataset {dataset!r} has no column {column!r} (columns: {rows.column_names})")
     return "\n\n".join(rows[column])

@@ -19,7 +19,7 @@ from .config import DistrConfig
 from .grouping import approximate_operand
 from .kernels import backward, prefill
 
-EXACT = DistrConfig(group_size=1, block_size=64)
+EXACT = DistrConfig(group_size=1, block_size=128)
 
 
 class _FlashAttention(torch.autograd.Function):

@@ -59,6 +59,46 @@ def _bench(args) -> None:
     bench_e2e.main(["--json", f"{args.out}/e2e.json", "--markdown", f"{args.out}/e2e.md"])
 
 
+def _finetune(args) -> None:
+    import dataclasses
+
+    import yaml
+
+    from .finetune import FinetuneArgs, finetune, format_history
+
+    values = {}
+    if args.config:
+        try:
+            values = yaml.safe_load(open(args.config)) or {}
+        except FileNotFoundError:
+            raise ValueError(f"config file not found: {args.config}") from None
+        unknown = set(values) - {f.name for f in dataclasses.fields(FinetuneArgs)}
+        if unknown:
+            raise ValueError(f"{args.config}: unknown key(s) {sorted(unknown)}")
+    values |= {f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneArgs)
+               if getattr(args, f.name) is not None}
+    for required in ("model", "output_dir"):
+        if required not in values:
+            raise ValueError(f"--{required.replace('_', '-')} is required (on the command line or in --config)")
+    print(format_history(finetune(FinetuneArgs(**values))))
+
+
+def _finetune_parser(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`FinetuneArgs` field; unset flags (``None``) leave the YAML or default value."""
+    import dataclasses
+
+    from .finetune import FinetuneArgs
+
+    parser.add_argument("--config", help="YAML of these settings (flags override it), e.g. configs/finetune-*.yaml")
+    for f in dataclasses.fields(FinetuneArgs):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_true", default=None)
+            continue
+        kind = {"int": int, "float": float}.get(f.type.split(" |")[0], str)
+        parser.add_argument(flag, type=kind, default=None)
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attn", action="append",
                         help="attention setting, repeatable (the first is the reference): sdpa, distr:group_size=2")
@@ -104,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     tables.add_argument("--device")
     tables.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     tables.set_defaults(run=_tables)
+
+    finetune = commands.add_parser("finetune", help="fine-tune a causal LM or image classifier through distr")
+    _finetune_parser(finetune)
+    finetune.set_defaults(run=_finetune)
 
     bench = commands.add_parser("bench", help="kernel and end-to-end latency against SDPA and sageattention (GPU)")
     bench.add_argument("--out", default="results")

@@ -1,0 +1,298 @@
+"""Recovery fine-tuning with DistrAttention in the loop (the paper's protocol), on ``accelerate``.
+
+A causal LM trains on random-order disjoint windows of ``seq_len`` tokens of a text (next-token loss); an image
+classifier on a dataset ``SPEC`` as :mod:`hf_distrattn.eval.vit` reads it (cross-entropy). The attention setting
+(``distr:group_size=2,...``) is applied before training, so gradients flow through the approximation
+(:mod:`hf_distrattn.autograd` on CUDA). Training stops at ``steps`` or ``max_minutes``, whichever comes first.
+
+Output folder: ``checkpoint-STEP/`` (accelerate state + ``trainer_state.json``, for ``--resume``), ``final/``
+(``save_pretrained`` of the model and its tokenizer or image processor) and ``finetune.json`` (arguments,
+environment, the eval history: exact and drop-in numbers at step 0, then the fine-tuned ones).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .eval.common import EvalError, apply_setting, environment, parse_settings
+
+
+@dataclass
+class FinetuneArgs:
+    model: str
+    output_dir: str
+    attn: str = "distr:group_size=2"
+    task: str = "auto"  # "lm", "image" or "auto" (from the model's architecture)
+    text_file: str | None = None
+    dataset: str | None = None
+    split: str = "train"
+    text_column: str = "text"
+    text_template: str | None = None  # e.g. "{query}\n{response}" for an instruction dataset
+    eval_text_file: str | None = None
+    eval_dataset: str | None = None
+    eval_split: str = "test"
+    eval_limit: int | None = None  # eval windows (LM) or images
+    image_column: str = "image"
+    label_column: str = "label"
+    seq_len: int = 2048
+    batch_size: int = 8
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    steps: int = 1000
+    max_minutes: float | None = None
+    eval_every: int = 0  # 0: only at the start and the end
+    save_every: int = 0  # 0: only at the end
+    mixed_precision: str = "auto"  # "no" or "bf16" (autocast); auto = bf16 on CUDA
+    seed: int = 0
+    num_workers: int = 0
+    resume: bool = False
+
+
+class TokenWindows(torch.utils.data.Dataset):
+    """Disjoint windows of ``seq_len`` tokens of a 1-D id tensor (the tail that does not fill one is dropped)."""
+
+    def __init__(self, ids: torch.Tensor, seq_len: int):
+        if ids.numel() < seq_len:
+            raise EvalError(f"the training text has {ids.numel()} tokens, fewer than seq_len={seq_len}")
+        self.ids, self.seq_len = ids, seq_len
+
+    def __len__(self) -> int:
+        return self.ids.numel() // self.seq_len
+
+    def __getitem__(self, i: int) -> dict:
+        window = self.ids[i * self.seq_len : (i + 1) * self.seq_len]
+        return {"input_ids": window, "labels": window}
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A permutation per epoch from ``(seed, epoch)``: the data order is a function of the step (resumable)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist())
+
+
+def detect_task(model: str) -> str:
+    from transformers import AutoConfig
+
+    try:
+        architectures = AutoConfig.from_pretrained(model).architectures or []
+    except OSError as error:
+        raise EvalError(f"cannot load model {model!r}: {str(error).splitlines()[0]}") from None
+    if any(a.endswith("ForCausalLM") for a in architectures):
+        return "lm"
+    if any(a.endswith("ForImageClassification") for a in architectures):
+        return "image"
+    raise EvalError(f"cannot tell the task of {model!r} (architectures {architectures}); pass --task lm|image")
+
+
+class LMTask:
+    """Causal LM: training windows; eval = held-out bits per byte (:func:`.eval.perplexity.evaluate_perplexity`)."""
+
+    def __init__(self, args: FinetuneArgs):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .eval.perplexity import load_text
+
+        self.args = args
+        text = load_text(args.text_file, args.dataset, args.split, args.text_column, args.text_template)
+        self.tokenizer = AutoTokenizer.from_pretrained(args.model)
+        self.train = TokenWindows(torch.tensor(self.tokenizer(text, add_special_tokens=False).input_ids), args.seq_len)
+        self.eval_ids = None
+        if args.eval_text_file or args.eval_dataset:
+            eval_text = load_text(args.eval_text_file, args.eval_dataset, args.eval_split, args.text_column)
+            self.eval_ids = torch.tensor(self.tokenizer(eval_text, add_special_tokens=False).input_ids)
+        self.model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+
+    def collate(self, rows: list[dict]) -> dict:
+        return {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict:
+        from .eval.perplexity import evaluate_perplexity, windows
+
+        seq_len = self.args.seq_len
+        spans = windows(self.eval_ids.numel(), seq_len, seq_len, self.args.eval_limit)
+        scored = torch.cat([self.eval_ids[start + first : end] for start, end, first in spans])
+        n_bytes = len(self.tokenizer.decode(scored).encode("utf-8"))
+        r = evaluate_perplexity(model, self.eval_ids, seq_len, seq_len, self.args.eval_limit, n_bytes=n_bytes)
+        return {"bits_per_byte": r.bits_per_byte, "perplexity": r.perplexity}
+
+    def save(self, model, path: str) -> None:
+        model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+
+class ImageTask:
+    """Image classifier: a datasets image/label table, top-1 accuracy."""
+
+    def __init__(self, args: FinetuneArgs):
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+        from .eval.vit import load_images
+
+        self.args = args
+        if args.dataset is None:
+            raise EvalError("image fine-tuning needs --dataset (parquet file, image folder or hub NAME[:SPLIT])")
+        self.train = load_images(args.dataset, None, args.image_column, args.label_column)
+        self.eval_rows = None
+        if args.eval_dataset:
+            self.eval_rows = load_images(args.eval_dataset, args.eval_limit, args.image_column, args.label_column)
+        self.processor = AutoImageProcessor.from_pretrained(args.model)
+        self.model = AutoModelForImageClassification.from_pretrained(args.model, dtype=torch.float32)
+
+    def collate(self, rows: list[dict]) -> dict:
+        images = [r[self.args.image_column].convert("RGB") for r in rows]
+        return {"pixel_values": self.processor(images, return_tensors="pt")["pixel_values"],
+                "labels": torch.tensor([r[self.args.label_column] for r in rows])}
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict:
+        device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+        correct = 0
+        for start in range(0, len(self.eval_rows), 64):
+            batch = self.collate([self.eval_rows[i] for i in range(start, min(start + 64, len(self.eval_rows)))])
+            logits = model(pixel_values=batch["pixel_values"].to(device, dtype)).logits
+            correct += (logits.argmax(-1).cpu() == batch["labels"]).sum().item()
+        return {"top1": correct / len(self.eval_rows)}
+
+    def save(self, model, path: str) -> None:
+        model.save_pretrained(path)
+        self.processor.save_pretrained(path)
+
+
+def _evaluate(task, model, accelerator, label: str, step: int, history: list) -> None:
+    """Append ``{"step", "setting", metrics...}`` to ``history`` and print it. Evals run in float32 (no
+    autocast), so that the exact, drop-in and fine-tuned numbers compare at one precision."""
+    if (task.eval_ids if isinstance(task, LMTask) else task.eval_rows) is None:
+        return
+    was_training = model.training
+    model.eval()
+    metrics = task.evaluate(accelerator.unwrap_model(model))
+    model.train(was_training)
+    entry = {"step": step, "setting": label, **metrics}
+    history.append(entry)
+    accelerator.print(json.dumps(entry))
+
+
+def finetune(args: FinetuneArgs) -> dict:
+    """Fine-tune ``args.model`` with attention ``args.attn``; returns the ``finetune.json`` payload."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    ((spec, name, config),) = parse_settings([args.attn])
+    task_kind = detect_task(args.model) if args.task == "auto" else args.task
+    if task_kind not in ("lm", "image"):
+        raise EvalError(f"--task must be lm, image or auto, got {args.task!r}")
+    precision = args.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() else "no"
+    if precision not in ("no", "bf16"):
+        raise EvalError(f"--mixed-precision must be auto, no or bf16, got {precision!r}")
+    accelerator = Accelerator()  # autocast is ours (train steps only), so evals stay in float32
+    set_seed(args.seed)
+    task = (LMTask if task_kind == "lm" else ImageTask)(args)
+    model = task.model
+    out = Path(args.output_dir)
+    start_step, elapsed, history = 0, 0.0, []
+    checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) if args.resume else []
+    if args.resume and not checkpoints:
+        raise EvalError(f"--resume: no checkpoint-* folder in {out}")
+
+    model.to(accelerator.device)
+    if not checkpoints:  # step-0 numbers: the exact model and the drop-in swap
+        _evaluate(task, model, accelerator, "exact (before fine-tuning)", 0, history)
+    apply_setting(model, name, config)
+    if not checkpoints:
+        _evaluate(task, model, accelerator, f"{spec} drop-in", 0, history)
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.steps)
+    sampler = EpochSampler(len(task.train), args.seed)
+    loader = torch.utils.data.DataLoader(task.train, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                                         collate_fn=task.collate, num_workers=args.num_workers)
+    if len(loader) == 0:
+        raise EvalError(f"batch_size={args.batch_size} is larger than the training set ({len(task.train)} samples)")
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    if checkpoints:
+        accelerator.load_state(str(checkpoints[-1]))
+        state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
+        start_step, elapsed, history = state["step"], state["elapsed_s"], state["history"]
+        accelerator.print(f"resumed from {checkpoints[-1]} at step {start_step}")
+
+    def save_checkpoint(step: int) -> None:
+        path = out / f"checkpoint-{step}"
+        accelerator.save_state(str(path))
+        if accelerator.is_main_process:
+            state = {"step": step, "elapsed_s": elapsed, "history": history}
+            (path / "trainer_state.json").write_text(json.dumps(state, indent=2))
+
+    model.train()
+    step, losses = start_step, []
+    budget = math.inf if args.max_minutes is None else 60 * args.max_minutes
+    bar = tqdm(total=args.steps, initial=step, desc=f"finetune {spec}", disable=not accelerator.is_local_main_process)
+    while step < args.steps and elapsed < budget:
+        epoch, offset = divmod(step, len(loader))
+        sampler.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, offset) if offset else loader
+        started = time.perf_counter()
+        for batch in batches:
+            with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = model(**batch).loss
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+            step += 1
+            elapsed += time.perf_counter() - started  # training time: data and steps, not evals or saves
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if args.eval_every and step % args.eval_every == 0 and step < args.steps:
+                _evaluate(task, model, accelerator, f"{spec} fine-tuned", step, history)
+            if args.save_every and step % args.save_every == 0:
+                save_checkpoint(step)
+            if step >= args.steps or elapsed >= budget:
+                break
+            started = time.perf_counter()
+    bar.close()
+    _evaluate(task, model, accelerator, f"{spec} fine-tuned", step, history)
+    save_checkpoint(step)
+    unwrapped = accelerator.unwrap_model(model)
+    payload = {"task": f"finetune-{task_kind}", "args": asdict(args), "steps": step, "train_seconds": elapsed,
+               "final_loss": losses[-1] if losses else None, "environment": environment(str(accelerator.device)),
+               "history": history}
+    if accelerator.is_main_process:
+        task.save(unwrapped, str(out / "final"))
+        (out / "finetune.json").write_text(json.dumps(payload, indent=2))
+    return payload
+
+
+def format_history(payload: dict) -> str:
+    lines = [f"{payload['task']}: {payload['steps']} steps in {payload['train_seconds']:.0f} s of training", "",
+             "| step | setting | metric |", "|---:|---|---|"]
+    for entry in payload["history"]:
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if k not in ("step", "setting"))
+        lines.append(f"| {entry['step']} | {entry['setting']} | {metrics} |")
+    return "\n".join(lines)

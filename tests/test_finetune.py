@@ -1,0 +1,116 @@
+"""``hf-distrattn finetune`` on tiny models (CPU, through the differentiable reference): it learns, the checkpoint
+resumes to the same weights, the saved model reproduces its logged eval, bad arguments give one-line errors."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hf_distrattn.cli import main
+from hf_distrattn.eval.prepare_training_data import kjv_training_text
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory, shared):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-lm")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=16)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(shared / "models/ref-llama-bytes").save_pretrained(path)
+    text = path / "train.txt"
+    text.write_text("In the beginning God created the heaven and the earth. " * 40)
+    return path, text
+
+
+def run(tiny_lm, out, *extra):
+    path, text = tiny_lm
+    return main(["finetune", "--model", str(path), "--text-file", str(text), "--eval-text-file", str(text),
+                 "--eval-limit", "2", "--seq-len", "48", "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "0",
+                 "--attn", "distr:group_size=2,block_size=16", "--output-dir", str(out), *extra])
+
+
+def test_lm_learns_through_distr_and_reproduces_its_eval(tiny_lm, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_distrattn import configure, parse_attn_spec
+    from hf_distrattn.eval.perplexity import evaluate_perplexity
+
+    assert run(tiny_lm, tmp_path, "--steps", "12") == 0
+    payload = json.loads((tmp_path / "finetune.json").read_text())
+    assert set(payload) == {"task", "args", "steps", "train_seconds", "final_loss", "environment", "history"}
+    exact, drop_in, tuned = payload["history"]
+    assert [e["setting"] for e in payload["history"]] == [
+        "exact (before fine-tuning)", "distr:group_size=2,block_size=16 drop-in",
+        "distr:group_size=2,block_size=16 fine-tuned"]
+    assert payload["steps"] == tuned["step"] == 12
+    assert tuned["bits_per_byte"] < 0.75 * drop_in["bits_per_byte"]  # a random model learns the repeated line
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "final", attn_implementation="distr")
+    configure(model, parse_attn_spec("distr:group_size=2,block_size=16")[1])
+    ids = torch.tensor(list(tiny_lm[1].read_bytes()))
+    again = evaluate_perplexity(model.eval(), ids, 48, 48, max_windows=2)
+    assert again.bits_per_byte == pytest.approx(tuned["bits_per_byte"], rel=1e-5)
+
+
+def test_resume_gives_the_same_weights(tiny_lm, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run(tiny_lm, straight, "--steps", "4", "--save-every", "2") == 0
+    assert run(tiny_lm, resumed, "--steps", "4", "--save-every", "2") == 0
+    for leftover in ("checkpoint-4", "final"):
+        for f in (resumed / leftover).iterdir():
+            f.unlink()
+        (resumed / leftover).rmdir()
+    assert run(tiny_lm, resumed, "--steps", "4", "--resume") == 0
+    a = load_file(straight / "final/model.safetensors")
+    b = load_file(resumed / "final/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    start = load_file(straight / "checkpoint-2/model.safetensors")
+    assert not all(torch.equal(a[k], start[k]) for k in a)  # the resumed steps did train
+
+
+def test_image_classifier_finetune(shared, tmp_path):
+    import datasets
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    model_dir = tmp_path / "tiny-vit"
+    torch.manual_seed(0)
+    ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=64, image_size=32, patch_size=8, num_labels=10)
+                              ).save_pretrained(model_dir)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(model_dir)
+    rows = datasets.load_dataset("parquet", data_files=str(shared / "data/fashion-mnist-test.parquet"),
+                                 split="train").select(range(48))
+    rows.to_parquet(tmp_path / "small.parquet")
+    assert main(["finetune", "--model", str(model_dir), "--dataset", str(tmp_path / "small.parquet"),
+                 "--eval-dataset", str(tmp_path / "small.parquet"), "--batch-size", "16", "--steps", "3",
+                 "--attn", "distr:group_size=2,block_size=16", "--output-dir", str(tmp_path / "out")]) == 0
+    payload = json.loads((tmp_path / "out/finetune.json").read_text())
+    assert payload["task"] == "finetune-image" and payload["steps"] == 3
+    assert all(0 <= e["top1"] <= 1 for e in payload["history"]) and len(payload["history"]) == 3
+    assert (tmp_path / "out/final/preprocessor_config.json").is_file()
+
+
+def test_kjv_training_text_stops_before_the_heldout_part():
+    verses = "Ge1:1 In the beginning.\nGe1:2 And the earth.\nCol1:12 Giving thanks.\nCol1:13 Who hath.\n"
+    assert kjv_training_text(verses, "Giving thanks.\nWho hath.\n") == "In the beginning.\nAnd the earth.\n"
+    with pytest.raises(ValueError, match="not in the verse dump"):
+        kjv_training_text(verses, "Something else.\n")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--text-file", "/nonexistent.txt"], "text file not found"),
+    (["--resume"], "no checkpoint"),
+    (["--config", "/nonexistent.yaml"], "config file not found"),
+    (["--mixed-precision", "fp8"], "--mixed-precision"),
+])
+def test_finetune_bad_arguments(tiny_lm, tmp_path, capsys, args, message):
+    path, text = tiny_lm
+    base = ["finetune", "--model", str(path), "--output-dir", str(tmp_path)]
+    if "--text-file" not in args:
+        base += ["--text-file", str(text)]
+    assert main(base + args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    assert message in err.splitlines()[-1] and err.splitlines()[-1].startswith("hf-distrattn finetune: error:")
