@@ -2,13 +2,14 @@ r"""The differentiable Triton path: what ``distr_attention`` runs on CUDA when g
 
 The approximation only changes one operand (:mod:`hf_distrattn.grouping`): with ``Q`` sampled,
 
-    out = softmax(scale · Q̃ Kᵀ + mask) V,      Q̃ = approximate_operand(Q)
+    out = softmax(scale · Q̃ Kᵀ + mask) V,      Q̃ = Q M   (per block of rows, M a fixed projection)
 
-so the forward is ``Q̃`` (PyTorch, recorded by autograd) followed by exact attention on ``(Q̃, K, V)``, whose
-forward and backward are the Triton kernels (``G = 1`` forward of :mod:`.kernels.prefill`,
-:mod:`.kernels.backward`). The chain rule ``dQ = (∂Q̃/∂Q)ᵀ dQ̃`` then runs through autograd of the grouping:
-the gradients are exactly those of the approximation computed (the LSH permutation is a constant, the rank-1
-factors are differentiated through their power iteration). With ``K`` sampled the roles swap.
+so the forward is ``Q̃`` followed by exact attention on ``(Q̃, K, V)``, whose forward and backward are the Triton
+kernels (``G = 1`` forward of :mod:`.kernels.prefill`, :mod:`.kernels.backward`), and ``dQ = dQ̃ M``, the
+grouping (permutation and rank-1 directions) held constant as in the reference. With ``K`` sampled the roles
+swap. ``Q̃`` comes from the Triton grouping kernel for the kernel's settings (LSH, rank-1, power-of-two head
+dim): its fuse matrix ``Wt`` (``DG × D`` per block) gives ``M = Wtᵀ Wt``, so ``Q̃ = (Q Wtᵀ) Wt`` and
+``dQ = (dQ̃ Wtᵀ) Wt``, two thin batched GEMMs; other settings build ``Q̃`` with the PyTorch reference.
 """
 
 from __future__ import annotations
@@ -18,8 +19,49 @@ import torch
 from .config import DistrConfig
 from .grouping import approximate_operand
 from .kernels import backward, prefill
+from .kernels.grouping import group_queries
 
 EXACT = DistrConfig(group_size=1, block_size=128)
+
+
+def _times_m(x: torch.Tensor, wt: torch.Tensor, block: int) -> torch.Tensor:
+    """``(X Wtᵀ) Wt`` for each block of ``block`` rows; x ``(B, H, N, D)``, wt ``(B, H, n_blocks, DG, D)``."""
+    batch, heads, n, d = x.shape
+    n_blocks = wt.shape[2]
+    blocks = torch.nn.functional.pad(x, (0, 0, 0, n_blocks * block - n)).view(batch, heads, n_blocks, block, d)
+    w = wt.to(torch.float32)
+    out = (blocks.to(torch.float32) @ w.transpose(-1, -2)) @ w
+    return out.view(batch, heads, n_blocks * block, d)[:, :, :n].to(x.dtype)
+
+
+class _Project(torch.autograd.Function):
+    """``X̃ = X M`` per block of ``config.block_size`` rows with ``M = Wtᵀ Wt`` from the grouping kernel."""
+
+    @staticmethod
+    def forward(ctx, x, config):
+        dg = x.shape[-1] // config.group_size
+        _, wt = group_queries(x, config, max(16, 1 << (dg - 1).bit_length()))
+        ctx.save_for_backward(wt)
+        ctx.block = config.block_size
+        return _times_m(x, wt, config.block_size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (wt,) = ctx.saved_tensors
+        return _times_m(grad, wt, ctx.block), None
+
+
+def _kernel_groups(x: torch.Tensor, config: DistrConfig) -> bool:
+    d = x.shape[-1]
+    return (config.reduce == "rank1" and config.grouping == "lsh" and not d & (d - 1)
+            and config.block_size in prefill.BLOCK_SIZES and config.num_hashes <= 16)
+
+
+def approximate(x: torch.Tensor, config: DistrConfig) -> torch.Tensor:
+    """``X̃`` in ``x``'s dtype, differentiable with the grouping held constant."""
+    if _kernel_groups(x, config):
+        return _Project.apply(x, config)
+    return approximate_operand(x, config).to(x.dtype)
 
 
 class _FlashAttention(torch.autograd.Function):
@@ -27,8 +69,9 @@ class _FlashAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, b, v, causal, attn_mask, scale):
+        config = EXACT if a.dtype != torch.float32 else EXACT.replace(block_size=32)  # fp32 tiles: 2× the bytes
         out, lse = prefill.distr_attention_triton(a, b, v, causal=causal, attn_mask=attn_mask, scale=scale,
-                                                  config=EXACT)
+                                                  config=config)
         ctx.save_for_backward(a, b, v, out, lse)
         ctx.causal, ctx.attn_mask, ctx.scale = causal, attn_mask, scale
         ctx.mark_non_differentiable(lse)
@@ -63,7 +106,7 @@ def attention(q, k, v, *, causal: bool, attn_mask, scale: float | None, config: 
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if not config.exact:
         if config.sampled == "q":
-            q = approximate_operand(q, config).to(q.dtype)
+            q = approximate(q, config)
         else:
-            k = approximate_operand(k, config).to(k.dtype)
+            k = approximate(k, config)
     return _FlashAttention.apply(q, k, v, causal, attn_mask, scale)

@@ -235,14 +235,39 @@ def test_ablation_groupings():
 
 @pytest.mark.parametrize("group,sampled", [(1, "q"), (2, "q"), (4, "k")])
 def test_gradients_of_the_approximation(group, sampled):
-    """The reference is differentiable: gradcheck in float64 with a causal mask and GQA (the grouping is a
-    constant of the forward, the rank-1 factors are differentiated through)."""
+    """The reference is differentiable: gradcheck in float64 with a causal mask and GQA. With ``reduce="sample"``
+    the approximation is linear once the grouping is fixed, so finite differences see the same function."""
     q = rand(1, 4, 9, 8, dtype=torch.float64, seed=1).requires_grad_()
     k = rand(1, 2, 9, 8, dtype=torch.float64, seed=2).requires_grad_()
     v = rand(1, 2, 9, 8, dtype=torch.float64, seed=3).requires_grad_()
-    config = DistrConfig(group_size=group, block_size=4, sampled=sampled)
+    config = DistrConfig(group_size=group, block_size=4, sampled=sampled, reduce="sample")
     assert torch.autograd.gradcheck(lambda q, k, v: distr_attention(q, k, v, causal=True, config=config),
                                     (q, k, v), eps=1e-6, atol=1e-5)
+
+
+def test_rank1_gradient_is_the_projected_gradient():
+    """Rank-1 groups: ``Q̃ = Q M`` per block with ``M = Σ v vᵀ`` held constant, so ``dQ = dQ̃ M``, with ``M``
+    built here from the grouping's permutation and directions."""
+    from hf_distrattn.grouping import group_blocks
+
+    config = DistrConfig(group_size=2, block_size=8)
+    q = rand(1, 2, 16, 8, dtype=torch.float64, seed=4).requires_grad_()
+    k, v = rand(1, 2, 16, 8, dtype=torch.float64, seed=5), rand(1, 2, 16, 8, dtype=torch.float64, seed=6)
+    distr_attention(q, k, v, causal=True, config=config).square().sum().backward()
+    perm, _, directions = group_blocks(q.detach(), config)
+    m = torch.zeros(1, 2, 2, 8, 8, dtype=torch.float64)  # (batch, heads, block, d, d)
+    for j in range(4):
+        cols = perm[..., 2 * j : 2 * j + 2]
+        vv = directions[..., j, :]
+        for a in range(2):
+            for b in range(2):
+                idx_a, idx_b = cols[..., a], cols[..., b]
+                m[torch.arange(1)[:, None, None], torch.arange(2)[None, :, None], torch.arange(2)[None, None, :],
+                  idx_a, idx_b] += vv[..., a] * vv[..., b]
+    q_tilde = (q.detach().view(1, 2, 2, 8, 8) @ m).view(1, 2, 16, 8).requires_grad_()
+    F.scaled_dot_product_attention(q_tilde, k, v, is_causal=True).square().sum().backward()
+    torch.testing.assert_close(q.grad, (q_tilde.grad.view(1, 2, 2, 8, 8) @ m).view(1, 2, 16, 8))
+    torch.testing.assert_close(m @ m, m)  # a projection: the gradient cannot grow
 
 
 def test_exact_gradients_match_sdpa():

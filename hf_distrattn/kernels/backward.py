@@ -196,19 +196,27 @@ def _next_pow2(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
-def attention_backward(a, b, v, out, lse, dout, *, causal: bool, attn_mask, scale: float, block_m: int = 64,
-                       block_n: int = 64, num_warps: int = 4, num_stages: int = 2):
+def launch_params(d: int, dtype: torch.dtype) -> dict:
+    """Square tiles of 64 (the H100 sweep in NOTES.md: 3 stages at d ≤ 64, 2 at 128); 32 for float32."""
+    if dtype == torch.float32:
+        return dict(block_m=32, block_n=32, num_warps=4, num_stages=2)
+    return dict(block_m=64, block_n=64, num_warps=4, num_stages=3 if d <= 64 else 2)
+
+
+def attention_backward(a, b, v, out, lse, dout, *, causal: bool, attn_mask, scale: float, **launch):
     """Gradients ``(dA, dB, dV)`` of ``softmax(scale · A Bᵀ + mask) V`` (GQA: ``B``, ``V`` have fewer heads).
 
     a, out, dout: ``(batch, Hq, Nq, d)``; b, v: ``(batch, Hkv, Nk, d)``; lse: float32 ``(batch, Hq, Nq)`` from
-    the forward (natural log); attn_mask 4-D or ``None``. ``dA`` is float32 (it feeds the approximation's own
-    backward), ``dB`` and ``dV`` have ``b``'s dtype.
+    the forward (natural log); attn_mask 4-D or ``None``; ``launch`` overrides :func:`launch_params`.
+    ``dA`` is float32 (it feeds the approximation's own backward), ``dB`` and ``dV`` have ``b``'s dtype.
     """
     batch, heads, n_q, d = a.shape
     h_kv, n_k = b.shape[1], b.shape[2]
     delta = (dout.float() * out.float()).sum(-1)
     lse2 = torch.where(lse == float("-inf"), float("inf"), lse) * LOG2E
     d_pad = _next_pow2(d)
+    params = launch_params(d_pad, a.dtype) | launch
+    block_m, block_n = params["block_m"], params["block_n"]
     if d_pad != d:
         a, b, v, dout = (torch.nn.functional.pad(t, (0, d_pad - d)) for t in (a, b, v, dout))
     dout = dout.contiguous()
@@ -218,7 +226,7 @@ def attention_backward(a, b, v, out, lse, dout, *, causal: bool, attn_mask, scal
     mask, mask_kind, mask_strides = mask_arguments(attn_mask, da)
     ieee = a.dtype == torch.float32
     common = dict(CAUSAL=causal, MASK_KIND=mask_kind, IEEE=ieee, BLOCK_M=block_m, BLOCK_N=block_n, D=d_pad,
-                  num_warps=num_warps, num_stages=num_stages)
+                  num_warps=params["num_warps"], num_stages=params["num_stages"])
     strides = (*a.stride()[:3], *b.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *lse2.stride()[:2],
                *mask_strides)
     _dkdv[(triton.cdiv(n_k, block_n), batch * h_kv)](
