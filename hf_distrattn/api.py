@@ -23,6 +23,19 @@ def warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
+CAUSAL_LEAK_WARNING = (
+    "DistrAttention groups each block of block_size rows of the sampled operand using the whole block, so under a "
+    "causal mask a position's scores depend on up to block_size - 1 later tokens of its block: not strictly "
+    "causal. Drop-in evaluation is affected little, but training a causal LM through it learns to read those "
+    "tokens (see hf_distrattn/kernels/NOTES.md, 'Causality'); keep G=1 to train causal LMs")
+
+
+def warn_if_not_causal(config: DistrConfig, n_q: int) -> None:
+    """One warning when a causal call with ``G > 1`` groups several query rows together."""
+    if not config.exact and n_q > 1:
+        warn_once(CAUSAL_LEAK_WARNING)
+
+
 def _triton_refusal(q: torch.Tensor, config: DistrConfig, dropout_p: float, needs_grad: bool,
                     attn_mask) -> str | None:
     """Why the Triton kernels cannot take this call (``None`` if they can)."""
@@ -128,6 +141,8 @@ def distr_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config
         warn_once(f"head_dim {d} is not a multiple of DistrConfig.group_size={config.group_size}: "
                   "computing exact attention instead")
         config = config.replace(group_size=1)
+    if causal:
+        warn_if_not_causal(config, n_q)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     backend = selected_backend(q, config, dropout_p, needs_grad, mask)
     if backend == "triton" and needs_grad:

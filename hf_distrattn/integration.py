@@ -14,7 +14,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .api import DEFAULT_CONFIG, distr_attention
+from .api import DEFAULT_CONFIG, distr_attention, warn_if_not_causal
 from .config import DistrConfig
 
 NAME = "distr"
@@ -29,6 +29,8 @@ def distr_attention_forward(module: torch.nn.Module, query, key, value, attentio
             raise ValueError(f"attn_implementation='distr' does not support {name}={kwargs[name]!r}")
     config = getattr(module, "distr_config", None) or DEFAULT_CONFIG
     causal = False
+    if getattr(module, "is_causal", False):
+        warn_if_not_causal(config, query.shape[2])
     if attention_mask is None:
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
         causal = causal and query.shape[2] > 1

@@ -166,3 +166,19 @@ def test_auto_config_roundtrip_keeps_distr(tmp_path):
     assert AutoConfig.from_pretrained(tmp_path) is not None
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="distr")
     assert loaded.config._attn_implementation == "distr"
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("group", [1, pytest.param(2, marks=pytest.mark.xfail(
+    strict=True, reason="known flaw: block-wise grouping uses the whole query block, so later tokens of a block "
+    "reach earlier positions (NOTES.md, 'Causality'); passes once the grouping is made causal"))])
+def test_causal_lm_logits_do_not_see_later_tokens(group):
+    """Changing token 20 must leave the logits of positions 0-19 unchanged (blocks of 16: 16-19 share its block)."""
+    model, config = tiny_llama()
+    model.set_attn_implementation("distr")
+    configure(model, DistrConfig(group_size=group, block_size=16))
+    ids = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(3))
+    changed = ids.clone()
+    changed[0, 20] = (changed[0, 20] + 1) % 97
+    before, after = model(ids).logits[0, :20], model(changed).logits[0, :20]
+    torch.testing.assert_close(before, after, atol=0, rtol=0)
