@@ -20,6 +20,7 @@ from .config import DistrConfig
 from .grouping import approximate_operand
 from .kernels import backward, prefill
 from .kernels.grouping import group_queries
+from .kernels.softmax import padded_width
 
 EXACT = DistrConfig(group_size=1, block_size=128)
 
@@ -39,8 +40,7 @@ class _Project(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, config):
-        dg = x.shape[-1] // config.group_size
-        _, wt = group_queries(x, config, max(16, 1 << (dg - 1).bit_length()))
+        _, wt = group_queries(x, config, padded_width(x.shape[-1] // config.group_size))
         ctx.save_for_backward(wt)
         ctx.block = config.block_size
         return _times_m(x, wt, config.block_size)

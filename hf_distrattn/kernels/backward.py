@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .softmax import mask_arguments, masked_scores
+from .softmax import key_range, mask_arguments, masked_scores, padded_width
 
 LOG2E = 1.4426950408889634
 
@@ -175,14 +175,7 @@ def _dq(A, B, V, DO, Lse, Delta, Mask, DA, scale, n_q, n_k, heads, kv_group,
     mask_base = Mask + b * sm_b + h * sm_h + offs_m[:, None] * sm_m
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, D], tl.float32)
-    hi = n_k
-    full = n_k
-    if CAUSAL:
-        hi = tl.minimum(n_k, (pid_m + 1) * BLOCK_M + n_k - n_q)
-        full = tl.minimum(n_k, pid_m * BLOCK_M + n_k - n_q + 1)
-    full = tl.maximum(full, 0) // BLOCK_N * BLOCK_N
-    if MASK_KIND != 0:
-        full = 0
+    full, hi = key_range(pid_m, n_q, n_k, CAUSAL, MASK_KIND, BLOCK_M, BLOCK_N)
     for start_n in range(0, full, BLOCK_N):
         dq = _dq_tile(dq, a, do, lse2, delta, b_base, v_base, mask_base, start_n, offs_m, n_q, n_k, sb_n, sv_n,
                       qk_scale, False, CAUSAL, MASK_KIND, IEEE, BLOCK_N, D)
@@ -190,10 +183,6 @@ def _dq(A, B, V, DO, Lse, Delta, Mask, DA, scale, n_q, n_k, heads, kv_group,
         dq = _dq_tile(dq, a, do, lse2, delta, b_base, v_base, mask_base, start_n, offs_m, n_q, n_k, sb_n, sv_n,
                       qk_scale, True, CAUSAL, MASK_KIND, IEEE, BLOCK_N, D)
     tl.store(DA + b * sda_b + h * sda_h + offs_m[:, None] * sda_m + offs_d[None, :], dq * scale, mask=rows[:, None])
-
-
-def _next_pow2(n: int) -> int:
-    return max(16, 1 << (n - 1).bit_length())
 
 
 def launch_params(d: int, dtype: torch.dtype) -> dict:
@@ -214,7 +203,7 @@ def attention_backward(a, b, v, out, lse, dout, *, causal: bool, attn_mask, scal
     h_kv, n_k = b.shape[1], b.shape[2]
     delta = (dout.float() * out.float()).sum(-1)
     lse2 = torch.where(lse == float("-inf"), float("inf"), lse) * LOG2E
-    d_pad = _next_pow2(d)
+    d_pad = padded_width(d)
     params = launch_params(d_pad, a.dtype) | launch
     block_m, block_n = params["block_m"], params["block_n"]
     if d_pad != d:

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ..config import DistrConfig
 from .grouping import group_queries
-from .softmax import finish, mask_arguments, masked_scores, online_softmax
+from .softmax import finish, key_range, mask_arguments, masked_scores, online_softmax, padded_width
 
 BLOCK_SIZES = (16, 32, 64, 128)
 
@@ -91,15 +91,7 @@ def _distr_fwd(U, K, V, Wt, Mask, Out, Lse, scale, n_q, n_k, heads, kv_group,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    # keys below `full` are visible to every row of the block: no masking there
-    hi = n_k
-    full = n_k
-    if CAUSAL:
-        hi = tl.minimum(n_k, (pid_m + 1) * BLOCK_M + n_k - n_q)
-        full = tl.minimum(n_k, pid_m * BLOCK_M + n_k - n_q + 1)
-    full = tl.maximum(full, 0) // BLOCK_N * BLOCK_N
-    if MASK_KIND != 0:
-        full = 0
+    full, hi = key_range(pid_m, n_q, n_k, CAUSAL, MASK_KIND, BLOCK_M, BLOCK_N)
     for start_n in range(0, full, BLOCK_N):
         acc, l_i, m_i = _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, start_n, offs_m, n_q, n_k, sk_n,
                               sv_n, qk_scale, False, CAUSAL, MASK_KIND, IEEE, BLOCK_N, D, G)
@@ -111,10 +103,6 @@ def _distr_fwd(U, K, V, Wt, Mask, Out, Lse, scale, n_q, n_k, heads, kv_group,
     tl.store(Out + b * so_b + h * so_h + offs_m[:, None] * so_m + offs_d[None, :], out.to(Out.dtype.element_ty),
              mask=row_ok[:, None])
     tl.store(Lse + b * sl_b + h * sl_h + offs_m, lse, mask=row_ok)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
 
 
 def supports(q: torch.Tensor, config: DistrConfig, dropout_p: float = 0.0) -> str | None:
@@ -156,11 +144,11 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: DistrConf
     where needed), no ``Wt``. ``G > 1``: the fused grouping kernel's ``U`` and ``Wt``."""
     d = q.shape[-1]
     if config.group_size == 1:
-        d_pad = max(16, _next_pow2(d))
+        d_pad = padded_width(d)
         if d_pad != d:
             q, k, v = (torch.nn.functional.pad(t, (0, d_pad - d)) for t in (q, k, v))
         return q, k, v, q.new_empty(1, 1, 1, 1)
-    u, wt = group_queries(q, config, max(16, _next_pow2(d // config.group_size)))
+    u, wt = group_queries(q, config, padded_width(d // config.group_size))
     return u, k, v, wt
 
 

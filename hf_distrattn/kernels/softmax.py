@@ -15,6 +15,27 @@ def mask_arguments(attn_mask: torch.Tensor | None, placeholder: torch.Tensor):
     return mask, 1 if mask.dtype == torch.bool else 2, strides
 
 
+def padded_width(n: int) -> int:
+    """The tile width for ``n`` columns: the smallest power of two ``≥ n`` and ``≥ 16`` (``tl.dot``'s minimum)."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+@triton.jit
+def key_range(pid_m, n_q, n_k, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """``(full, hi)`` for query tile ``pid_m``: key tiles below ``full`` are visible to every row of the tile (no
+    masking needed), keys from ``hi`` on to none (causal, queries aligned to the last ``n_q`` keys)."""
+    hi = n_k
+    full = n_k
+    if CAUSAL:
+        hi = tl.minimum(n_k, (pid_m + 1) * BLOCK_M + n_k - n_q)
+        full = tl.minimum(n_k, pid_m * BLOCK_M + n_k - n_q + 1)
+    full = tl.maximum(full, 0) // BLOCK_N * BLOCK_N
+    if MASK_KIND != 0:
+        full = 0
+    return full, hi
+
+
 @triton.jit
 def masked_scores(s, keep, mask_ptrs, MASK_KIND: tl.constexpr):
     """Scores (base-2 logits) with ``keep`` and the user mask applied: ``MASK_KIND`` 1 boolean, 2 additive."""
