@@ -3,15 +3,10 @@
 # paths overridden for a copy of ../shared in .devshare/ (carry it); results in $OUT/finetune-<n>/finetune.json.
 # Usage: bash eval/gpu_finetune.sh configs/finetune-ref-llama-bytes.yaml "distr:group_size=2,block_size=16" ...
 set -uo pipefail
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-OUT=${OUT:-results}
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 config=$1
 shift
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
-fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v WARNING
+source eval/gpu_setup.sh
 n=0
 for attn in "$@"; do
   n=$((n + 1))

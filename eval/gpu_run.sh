@@ -2,14 +2,7 @@
 # One device call: install, run the kernel tests compiled on the GPU, the kernel benchmark, then end to end.
 # Usage (from the repository root on the GPU machine): bash eval/gpu_run.sh [bench_kernels arguments]
 set -uo pipefail
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-results}
-mkdir -p "$OUT"
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
-fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v WARNING
+source eval/gpu_setup.sh
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader
 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_timm_patch.py tests/test_attention.py \
   tests/test_models.py 2>&1 \

@@ -1,0 +1,10 @@
+# Sourced by the eval/gpu_*.sh scripts on the GPU machine: unbuffered output, $OUT, the carried wheels of .whl/
+# (datasets, sageattention, ...) on PYTHONPATH, and this checkout installed in place.
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-results}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v WARNING
