@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_inputs import DEVICE, MASK_KINDS, make_mask, rand
 
 from hf_distrattn import DistrConfig, distr_attention
 from hf_distrattn.api import selected_backend
@@ -17,12 +18,6 @@ from hf_distrattn.api import selected_backend
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def rand(*shape, dtype=torch.float32, seed=0):
-    g = torch.Generator(device=DEVICE).manual_seed(seed)
-    return torch.randn(*shape, generator=g, device=DEVICE, dtype=torch.float32).to(dtype)
 
 
 def grads(q, k, v, dout, **kw):
@@ -76,19 +71,11 @@ def test_backward_matches_reference(group, sampled, block, d, causal, n_q, n_k, 
     assert_matches_float64_reference(q, k, v, 2e-4, causal=causal, config=config)
 
 
-@pytest.mark.parametrize("kind", ["bool", "additive", "padding", "fully_masked_row"])
+@pytest.mark.parametrize("kind", MASK_KINDS)
 def test_backward_masks(kind):
     b, h, n, d = 2, 2, 33, 32
     q, k, v = rand(b, h, n, d, seed=4), rand(b, h, n, d, seed=5), rand(b, h, n, d, seed=6)
-    if kind == "bool":
-        mask = rand(b, 1, n, n, seed=7) > -0.3
-    elif kind == "additive":
-        mask = rand(1, h, n, n, seed=8)
-    elif kind == "padding":
-        mask = (torch.arange(n, device=DEVICE) < torch.tensor([n, 20], device=DEVICE)[:, None])[:, None, None, :]
-    else:
-        mask = torch.ones(b, h, n, n, dtype=torch.bool, device=DEVICE)
-        mask[:, :, 3] = False
+    mask = make_mask(kind, b, h, n)
     config = DistrConfig(group_size=2, block_size=16, backend="triton")
     assert_matches_float64_reference(q, k, v, 2e-4, causal=True, attn_mask=mask, config=config)
 

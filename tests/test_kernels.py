@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_inputs import DEVICE, MASK_KINDS, make_mask, rand
 
 from hf_distrattn import DistrConfig, distr_attention, reference
 from hf_distrattn.api import selected_backend
@@ -15,12 +16,6 @@ from hf_distrattn.api import selected_backend
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def rand(*shape, dtype=torch.float32, seed=0):
-    g = torch.Generator(device=DEVICE).manual_seed(seed)
-    return torch.randn(*shape, generator=g, device=DEVICE, dtype=torch.float32).to(dtype)
 
 
 def triton_config(**kw):
@@ -60,19 +55,11 @@ def test_kernel_matches_reference_fp32(group, block, d, causal, n_q, n_k, heads)
         torch.testing.assert_close(out[rows], sdpa[rows], atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("kind", ["bool", "additive", "padding", "fully_masked_row"])
+@pytest.mark.parametrize("kind", MASK_KINDS)
 def test_kernel_masks(kind):
     b, h, n, d = 2, 2, 33, 64
     q, k, v = rand(b, h, n, d, seed=4), rand(b, h, n, d, seed=5), rand(b, h, n, d, seed=6)
-    if kind == "bool":
-        mask = rand(b, 1, n, n, seed=7) > -0.3
-    elif kind == "additive":
-        mask = rand(1, h, n, n, seed=8)
-    elif kind == "padding":
-        mask = (torch.arange(n, device=DEVICE) < torch.tensor([n, 20], device=DEVICE)[:, None])[:, None, None, :]
-    else:
-        mask = torch.ones(b, h, n, n, dtype=torch.bool, device=DEVICE)
-        mask[:, :, 3] = False
+    mask = make_mask(kind, b, h, n)
     config = triton_config(group_size=2, block_size=16)
     out = distr_attention(q, k, v, causal=True, attn_mask=mask, config=config)
     ref = distr_attention(q, k, v, causal=True, attn_mask=mask, config=config.replace(backend="reference"))
