@@ -48,6 +48,12 @@ def windows(n_tokens: int, seq_len: int, stride: int, max_windows: int | None = 
     return out
 
 
+def scored_bytes(tokenizer, ids: torch.Tensor, spans) -> int:
+    """UTF-8 bytes of the tokens the ``windows`` spans score (the denominator of bits per byte)."""
+    scored = torch.cat([ids[start + first : end] for start, end, first in spans])
+    return len(tokenizer.decode(scored).encode("utf-8"))
+
+
 @torch.no_grad()
 def evaluate_perplexity(model, ids: torch.Tensor, seq_len: int, stride: int | None = None,
                         max_windows: int | None = None, n_bytes: int | None = None,
@@ -118,8 +124,7 @@ def run_perplexity(model: str, specs: list[str], text_file: str | None = None, d
     ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids)
     stride = stride or seq_len
     spans = windows(ids.numel(), seq_len, stride, max_windows)
-    scored = torch.cat([ids[start + first : end] for start, end, first in spans])
-    n_bytes = len(tokenizer.decode(scored).encode("utf-8"))
+    n_bytes = scored_bytes(tokenizer, ids, spans)
     results = []
     for spec, name, config in settings:
         apply_setting(lm, name, config)

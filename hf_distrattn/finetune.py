@@ -107,16 +107,18 @@ class LMTask:
     def __init__(self, args: FinetuneArgs):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .eval.perplexity import load_text
+        from .eval.perplexity import load_text, scored_bytes, windows
 
         self.args = args
         text = load_text(args.text_file, args.dataset, args.split, args.text_column, args.text_template)
         self.tokenizer = AutoTokenizer.from_pretrained(args.model)
         self.train = TokenWindows(torch.tensor(self.tokenizer(text, add_special_tokens=False).input_ids), args.seq_len)
-        self.eval_ids = None
-        if args.eval_text_file or args.eval_dataset:
+        self.has_eval = bool(args.eval_text_file or args.eval_dataset)
+        if self.has_eval:
             eval_text = load_text(args.eval_text_file, args.eval_dataset, args.eval_split, args.text_column)
             self.eval_ids = torch.tensor(self.tokenizer(eval_text, add_special_tokens=False).input_ids)
+            spans = windows(self.eval_ids.numel(), args.seq_len, args.seq_len, args.eval_limit)
+            self.eval_bytes = scored_bytes(self.tokenizer, self.eval_ids, spans)
         self.model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
 
     def collate(self, rows: list[dict]) -> dict:
@@ -124,13 +126,10 @@ class LMTask:
 
     @torch.no_grad()
     def evaluate(self, model) -> dict:
-        from .eval.perplexity import evaluate_perplexity, windows
+        from .eval.perplexity import evaluate_perplexity
 
         seq_len = self.args.seq_len
-        spans = windows(self.eval_ids.numel(), seq_len, seq_len, self.args.eval_limit)
-        scored = torch.cat([self.eval_ids[start + first : end] for start, end, first in spans])
-        n_bytes = len(self.tokenizer.decode(scored).encode("utf-8"))
-        r = evaluate_perplexity(model, self.eval_ids, seq_len, seq_len, self.args.eval_limit, n_bytes=n_bytes)
+        r = evaluate_perplexity(model, self.eval_ids, seq_len, seq_len, self.args.eval_limit, n_bytes=self.eval_bytes)
         return {"bits_per_byte": r.bits_per_byte, "perplexity": r.perplexity}
 
     def save(self, model, path: str) -> None:
@@ -150,8 +149,8 @@ class ImageTask:
         if args.dataset is None:
             raise EvalError("image fine-tuning needs --dataset (parquet file, image folder or hub NAME[:SPLIT])")
         self.train = load_images(args.dataset, None, args.image_column, args.label_column)
-        self.eval_rows = None
-        if args.eval_dataset:
+        self.has_eval = args.eval_dataset is not None
+        if self.has_eval:
             self.eval_rows = load_images(args.eval_dataset, args.eval_limit, args.image_column, args.label_column)
         self.processor = AutoImageProcessor.from_pretrained(args.model)
         self.model = AutoModelForImageClassification.from_pretrained(args.model, dtype=torch.float32)
@@ -179,7 +178,7 @@ class ImageTask:
 def _evaluate(task, model, accelerator, label: str, step: int, history: list) -> None:
     """Append ``{"step", "setting", metrics...}`` to ``history`` and print it. Evals run in float32 (no
     autocast), so that the exact, drop-in and fine-tuned numbers compare at one precision."""
-    if (task.eval_ids if isinstance(task, LMTask) else task.eval_rows) is None:
+    if not task.has_eval:
         return
     was_training = model.training
     model.eval()
