@@ -23,19 +23,6 @@ def warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-CAUSAL_LEAK_WARNING = (
-    "DistrAttention groups each block of block_size rows of the sampled operand using the whole block, so under a "
-    "causal mask a position's scores depend on up to block_size - 1 later tokens of its block: not strictly "
-    "causal. Drop-in evaluation is affected little, but training a causal LM through it learns to read those "
-    "tokens (see hf_distrattn/kernels/NOTES.md, 'Causality'); keep G=1 to train causal LMs")
-
-
-def warn_if_not_causal(config: DistrConfig, n_q: int) -> None:
-    """One warning when a causal call with ``G > 1`` groups several query rows together."""
-    if not config.exact and n_q > 1:
-        warn_once(CAUSAL_LEAK_WARNING)
-
-
 def _triton_refusal(q: torch.Tensor, config: DistrConfig, dropout_p: float, needs_grad: bool,
                     attn_mask) -> str | None:
     """Why the Triton kernels cannot take this call (``None`` if they can)."""
@@ -113,7 +100,7 @@ def normalize_mask(attn_mask, batch: int, heads: int, n_q: int, n_k: int) -> tor
 
 
 def distr_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config=None, return_lse=False,
-                    dropout_p=0.0):
+                    dropout_p=0.0, causal_grouping=None):
     """DistrAttention: exact softmax and ``P·V``, ``Q·Kᵀ`` at cost ``d/G`` (see :mod:`hf_distrattn.grouping`).
 
     Args:
@@ -125,6 +112,10 @@ def distr_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config
         config: :class:`DistrConfig`; ``None`` means :data:`DEFAULT_CONFIG`.
         return_lse: also return the float32 log-sum-exp ``(B, Hq, Nq)`` of the scaled scores actually used.
         dropout_p: dropout on the attention probabilities (training only).
+        causal_grouping: group each block of the sampled operand by the previous block's rows, the first block
+            exact, so that no position's scores depend on later tokens (:mod:`hf_distrattn.grouping`).
+            ``None`` means ``causal``; pass ``True`` when ``attn_mask`` carries the causal pattern. A causal
+            call with at most ``block_size`` queries (decoding) is then exact when ``q`` is sampled.
 
     Returns ``out`` ``(B, Hq, Nq, d)`` in q's dtype (and ``lse``). Rows with every key masked give zeros.
     Fallback: if ``d`` is not a multiple of ``config.group_size`` the call is exact, with one warning.
@@ -141,14 +132,16 @@ def distr_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config
         warn_once(f"head_dim {d} is not a multiple of DistrConfig.group_size={config.group_size}: "
                   "computing exact attention instead")
         config = config.replace(group_size=1)
-    if causal:
-        warn_if_not_causal(config, n_q)
+    causal_grouping = causal if causal_grouping is None else bool(causal_grouping)
+    if causal_grouping and config.sampled == "q" and n_q <= config.block_size:
+        config = config.replace(group_size=1)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     backend = selected_backend(q, config, dropout_p, needs_grad, mask)
     if backend == "triton" and needs_grad:
         from . import autograd
 
-        out, lse = autograd.attention(q, k, v, causal=causal, attn_mask=mask, scale=scale, config=config)
+        out, lse = autograd.attention(q, k, v, causal=causal, attn_mask=mask, scale=scale, config=config,
+                                      causal_grouping=causal_grouping)
     elif backend == "triton":
         from .kernels import decode, prefill
 
@@ -156,9 +149,9 @@ def distr_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config
             out, lse = decode.decode_attention(q, k, v, causal=causal, attn_mask=mask, scale=scale)
         else:
             out, lse = prefill.distr_attention_triton(q, k, v, causal=causal, attn_mask=mask, scale=scale,
-                                                      config=config)
+                                                      config=config, causal_grouping=causal_grouping)
     else:
         out, lse = reference.attention(q, k, v, causal=causal, attn_mask=mask, scale=scale, config=config,
-                                       dropout_p=dropout_p)
+                                       dropout_p=dropout_p, causal_grouping=causal_grouping)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out

@@ -9,7 +9,8 @@ kernels (``G = 1`` forward of :mod:`.kernels.prefill`, :mod:`.kernels.backward`)
 grouping (permutation and rank-1 directions) held constant as in the reference. With ``K`` sampled the roles
 swap. ``Q̃`` comes from the Triton grouping kernel for the kernel's settings (LSH, rank-1, power-of-two head
 dim): its fuse matrix ``Wt`` (``DG × D`` per block) gives ``M = Wtᵀ Wt``, so ``Q̃ = (Q Wtᵀ) Wt`` and
-``dQ = (dQ̃ Wtᵀ) Wt``, two thin batched GEMMs; other settings build ``Q̃`` with the PyTorch reference.
+``dQ = (dQ̃ Wtᵀ) Wt``, two thin batched GEMMs; other settings build ``Q̃`` with the PyTorch reference. With
+causal grouping ``M`` of block ``b`` comes from block ``b − 1`` and block 0 has ``M = I``.
 """
 
 from __future__ import annotations
@@ -25,30 +26,33 @@ from .kernels.softmax import padded_width
 EXACT = DistrConfig(group_size=1, block_size=128)
 
 
-def _times_m(x: torch.Tensor, wt: torch.Tensor, block: int) -> torch.Tensor:
-    """``(X Wtᵀ) Wt`` for each block of ``block`` rows; x ``(B, H, N, D)``, wt ``(B, H, n_blocks, DG, D)``."""
+def _times_m(x: torch.Tensor, wt: torch.Tensor, block: int, causal: bool) -> torch.Tensor:
+    """``(X Wtᵀ) Wt`` for each block of ``block`` rows (``causal``: block 0 as it is); x ``(B, H, N, D)``,
+    wt ``(B, H, n_blocks, DG, D)``."""
     batch, heads, n, d = x.shape
     n_blocks = wt.shape[2]
     blocks = torch.nn.functional.pad(x, (0, 0, 0, n_blocks * block - n)).view(batch, heads, n_blocks, block, d)
     w = wt.to(torch.float32)
-    out = (blocks.to(torch.float32) @ w.transpose(-1, -2)) @ w
-    return out.view(batch, heads, n_blocks * block, d)[:, :, :n].to(x.dtype)
+    out = ((blocks.to(torch.float32) @ w.transpose(-1, -2)) @ w).view(batch, heads, n_blocks * block, d)
+    if causal:
+        out[:, :, :block] = x[:, :, :block]
+    return out[:, :, :n].to(x.dtype)
 
 
 class _Project(torch.autograd.Function):
     """``X̃ = X M`` per block of ``config.block_size`` rows with ``M = Wtᵀ Wt`` from the grouping kernel."""
 
     @staticmethod
-    def forward(ctx, x, config):
-        _, wt = group_queries(x, config, padded_width(x.shape[-1] // config.group_size))
+    def forward(ctx, x, config, causal):
+        _, wt = group_queries(x, config, padded_width(x.shape[-1] // config.group_size), causal)
         ctx.save_for_backward(wt)
-        ctx.block = config.block_size
-        return _times_m(x, wt, config.block_size)
+        ctx.block, ctx.causal = config.block_size, causal
+        return _times_m(x, wt, config.block_size, causal)
 
     @staticmethod
     def backward(ctx, grad):
         (wt,) = ctx.saved_tensors
-        return _times_m(grad, wt, ctx.block), None
+        return _times_m(grad, wt, ctx.block, ctx.causal), None, None
 
 
 def _kernel_groups(x: torch.Tensor, config: DistrConfig) -> bool:
@@ -57,11 +61,11 @@ def _kernel_groups(x: torch.Tensor, config: DistrConfig) -> bool:
             and config.block_size in prefill.BLOCK_SIZES and config.num_hashes <= 16)
 
 
-def approximate(x: torch.Tensor, config: DistrConfig) -> torch.Tensor:
-    """``X̃`` in ``x``'s dtype, differentiable with the grouping held constant."""
+def approximate(x: torch.Tensor, config: DistrConfig, causal: bool) -> torch.Tensor:
+    """``X̃`` in ``x``'s dtype, differentiable with the grouping held constant (``causal``: causal grouping)."""
     if _kernel_groups(x, config):
-        return _Project.apply(x, config)
-    return approximate_operand(x, config).to(x.dtype)
+        return _Project.apply(x, config, causal)
+    return approximate_operand(x, config, causal).to(x.dtype)
 
 
 class _FlashAttention(torch.autograd.Function):
@@ -98,7 +102,8 @@ def supports(q: torch.Tensor, attn_mask, dropout_p: float) -> str | None:
     return None
 
 
-def attention(q, k, v, *, causal: bool, attn_mask, scale: float | None, config: DistrConfig):
+def attention(q, k, v, *, causal: bool, attn_mask, scale: float | None, config: DistrConfig,
+              causal_grouping: bool = False):
     """``(out, lse)`` of the approximation ``config`` describes, differentiable in ``q``, ``k`` and ``v``.
 
     Shapes as :func:`hf_distrattn.distr_attention`; ``attn_mask`` already 4-D.
@@ -106,7 +111,7 @@ def attention(q, k, v, *, causal: bool, attn_mask, scale: float | None, config: 
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if not config.exact:
         if config.sampled == "q":
-            q = approximate(q, config)
+            q = approximate(q, config, causal_grouping)
         else:
-            k = approximate(k, config)
+            k = approximate(k, config, causal_grouping)
     return _FlashAttention.apply(q, k, v, causal, attn_mask, scale)

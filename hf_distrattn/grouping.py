@@ -23,6 +23,13 @@ orthogonal projection and ``dX = dX̃ M``. Differentiating ``v_g`` as well would
 which grows like ``1/(λ₁ − λ₂)``: in near-degenerate groups, common on isotropic inputs, it made ``‖dQ‖`` 5 to
 2,600 times the exact gradient's on an H100 benchmark, so it is left out (a straight-through on the directions).
 
+Causal grouping. Grouping a block from all its rows makes row ``i``'s ``x̃_i`` depend on the rows after it
+in the block: under a causal mask, later tokens would reach earlier positions (and a model fine-tuned through
+the approximation learns to read them). With ``causal=True``, block ``b``'s permutation and directions come
+from the rows of block ``b − 1`` (all earlier), ``u`` still from block ``b``'s own rows, and the first block is
+exact (``X̃ = X``): every ``x̃_i`` is a function of rows ``≤ i`` only. Same kernel cost; the grouping is one
+block stale, and calls with at most ``block_size`` rows are exact.
+
 Ablations (``DistrConfig.grouping``): ``"random"`` groups the columns of each block by a seeded random
 permutation; ``"truncate"`` keeps the first ``d/G`` columns and drops the rest (no grouping, no fuse).
 
@@ -77,26 +84,31 @@ def top_eigenvector(gram: torch.Tensor, squarings: int = 8) -> torch.Tensor:
     return torch.where(v.sum(-1, keepdim=True) < 0, -v, v)
 
 
-def group_factors(grouped: torch.Tensor, reduce: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank-1 factors of each group: grouped ``(..., rows, d/G, G)`` -> ``u (..., rows, d/G)``, ``v (..., d/G, G)``.
+def group_weights(grouped: torch.Tensor, reduce: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group, the weights that make ``u`` and those that fuse the other operand: grouped
+    ``(..., rows, d/G, G)`` -> ``(u_weights, v)``, each ``(..., d/G, G)``, with ``u = Σ_i x_{g,i} u_weights_{g,i}``.
 
-    ``"sample"``: ``u`` = the group's first column, ``v = 1``. ``"rank1"``: ``v`` the top eigenvector of the
-    group's Gram matrix (:func:`top_eigenvector`), ``u = X_g v``: the best rank-1 fit in Frobenius norm.
-    ``v`` is a constant for autograd (see the module notes); ``u`` is differentiable.
+    ``"sample"``: ``u`` = the group's first column (``u_weights = e_0``), ``v = 1``. ``"rank1"``: both are the top
+    eigenvector ``v`` of the group's Gram matrix (:func:`top_eigenvector`), so ``u vᵀ`` is the best rank-1 fit in
+    Frobenius norm. Constants for autograd (see the module notes).
     """
+    grouped = grouped.detach()
     if reduce == "sample":
-        return grouped[..., 0], torch.ones_like(grouped[..., 0, :, :])
-    grouped_c = grouped.detach()
-    v = top_eigenvector(torch.einsum("...mjg,...mjh->...jgh", grouped_c, grouped_c))
-    return torch.einsum("...mjg,...jg->...mj", grouped, v), v
+        v = torch.ones_like(grouped[..., 0, :, :])
+        return torch.zeros_like(v).index_fill_(-1, torch.tensor([0], device=v.device), 1.0), v
+    v = top_eigenvector(torch.einsum("...mjg,...mjh->...jgh", grouped, grouped))
+    return v, v
 
 
-def group_blocks(x: torch.Tensor, config: DistrConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def group_blocks(x: torch.Tensor, config: DistrConfig,
+                 causal: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Grouping and rank-1 factors of every block of ``x`` ``(batch, heads, seq, d)``, in float32 (float64 in).
 
     Returns ``perm`` int64 ``(batch, heads, n_blocks, d)`` (group ``j`` is columns ``perm[jG:(j+1)G]``),
     ``u`` ``(batch, heads, n_blocks * block_size, d/G)`` (rows past ``seq`` are zero) and ``v``
     ``(batch, heads, n_blocks, d/G, G)``. The last block may be short; its missing rows count as zeros.
+    ``causal``: block ``b`` takes ``perm`` and ``v`` from block ``b − 1`` (block 0 from zeros: identity order,
+    ``v = 1/√G``; :func:`approximate_operand` makes it exact).
     """
     group, block = config.group_size, config.block_size
     batch, heads, seq, d = x.shape
@@ -104,31 +116,42 @@ def group_blocks(x: torch.Tensor, config: DistrConfig) -> tuple[torch.Tensor, to
     n_blocks = -(-seq // block)
     padded = torch.nn.functional.pad(x.to(compute), (0, 0, 0, n_blocks * block - seq))
     blocks = padded.view(batch, heads, n_blocks, block, d)
+    source = torch.nn.functional.pad(blocks, (0, 0, 0, 0, 1, -1)) if causal else blocks
     if config.grouping == "random":
         noise = torch.rand(blocks.shape[:-2] + (d,), generator=torch.Generator().manual_seed(config.seed))
         perm = torch.argsort(noise, dim=-1).to(x.device)
     else:
-        perm = lsh_permutation(blocks, config.num_hashes, config.seed)
-    grouped = blocks.gather(-1, perm.unsqueeze(-2).expand_as(blocks)).view(*blocks.shape[:-1], d // group, group)
-    u, v = group_factors(grouped, config.reduce)
+        perm = lsh_permutation(source, config.num_hashes, config.seed)
+
+    def by_group(t):
+        return t.gather(-1, perm.unsqueeze(-2).expand_as(t)).view(*t.shape[:-1], d // group, group)
+
+    u_weights, v = group_weights(by_group(source), config.reduce)
+    u = torch.einsum("...mjg,...jg->...mj", by_group(blocks), u_weights)
     return perm, u.reshape(batch, heads, n_blocks * block, d // group), v
 
 
-def approximate_operand(x: torch.Tensor, config: DistrConfig) -> torch.Tensor:
+def approximate_operand(x: torch.Tensor, config: DistrConfig, causal: bool = False) -> torch.Tensor:
     """``X̃``: every block-group of ``x``'s columns replaced by its rank-1 factor product ``u_g v_gᵀ``.
 
     x: ``(batch, heads, seq, d)``; returns the same shape in float32 (float64 for float64 input).
+    ``causal``: the causal grouping of the module notes (first block exact).
     """
     x_c = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     if config.group_size == 1:
         return x_c
     batch, heads, seq, d = x.shape
     if config.grouping == "truncate":
-        return torch.cat([x_c[..., : d // config.group_size], torch.zeros_like(x_c[..., d // config.group_size :])], -1)
-    perm, u, v = group_blocks(x, config)
+        out = torch.cat([x_c[..., : d // config.group_size], torch.zeros_like(x_c[..., d // config.group_size :])], -1)
+        return _exact_first_block(out, x_c, config.block_size) if causal else out
+    perm, u, v = group_blocks(x, config, causal)
     n_blocks = perm.shape[2]
     u = u.view(batch, heads, n_blocks, config.block_size, d // config.group_size)
     rebuilt = (u.unsqueeze(-1) * v.unsqueeze(-3)).flatten(-2)
     index = perm.unsqueeze(-2).expand_as(rebuilt)
-    out = torch.empty_like(rebuilt).scatter_(-1, index, rebuilt)
-    return out.view(batch, heads, -1, d)[:, :, :seq]
+    out = torch.empty_like(rebuilt).scatter_(-1, index, rebuilt).view(batch, heads, -1, d)[:, :, :seq]
+    return _exact_first_block(out, x_c, config.block_size) if causal else out
+
+
+def _exact_first_block(approx: torch.Tensor, x: torch.Tensor, block: int) -> torch.Tensor:
+    return torch.cat([x[:, :, :block], approx[:, :, block:]], dim=2)

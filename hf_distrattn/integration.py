@@ -3,7 +3,7 @@
 Transformers hands a custom attention function no mask unless a mask function is registered under the same
 name, so ``"distr"`` registers Transformers' own SDPA mask builder: a boolean ``(B, 1, Nq, Nk)`` mask
 (True = keep), or ``None`` when the causal pattern alone describes the batch (then the module's
-``is_causal`` applies).
+``is_causal`` applies). A causal module always gets the causal grouping, mask or not.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .api import DEFAULT_CONFIG, distr_attention, warn_if_not_causal
+from .api import DEFAULT_CONFIG, distr_attention
 from .config import DistrConfig
 
 NAME = "distr"
@@ -28,14 +28,12 @@ def distr_attention_forward(module: torch.nn.Module, query, key, value, attentio
         if kwargs.get(name) is not None:
             raise ValueError(f"attn_implementation='distr' does not support {name}={kwargs[name]!r}")
     config = getattr(module, "distr_config", None) or DEFAULT_CONFIG
+    module_causal = bool(getattr(module, "is_causal", False))
     causal = False
-    if getattr(module, "is_causal", False):
-        warn_if_not_causal(config, query.shape[2])
     if attention_mask is None:
-        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
-        causal = causal and query.shape[2] > 1
+        causal = bool(is_causal if is_causal is not None else module_causal) and query.shape[2] > 1
     out = distr_attention(query, key, value, causal=causal, attn_mask=attention_mask, scale=scaling,
-                          config=config, dropout_p=dropout)
+                          config=config, dropout_p=dropout, causal_grouping=module_causal or causal)
     return out.transpose(1, 2).contiguous(), None
 
 

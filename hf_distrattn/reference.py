@@ -29,10 +29,12 @@ def mask_bias(attn_mask: torch.Tensor, dtype) -> torch.Tensor:
     return attn_mask.to(dtype)
 
 
-def attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config=None, dropout_p=0.0):
+def attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config=None, dropout_p=0.0,
+              causal_grouping=False):
     """Reference DistrAttention. Shapes as :func:`hf_distrattn.distr_attention`, arguments already validated.
 
-    ``attn_mask`` must be 4-D ``(1|B, 1|Hq, Nq, Nk)``. Returns ``out`` in the compute dtype and the float32
+    ``attn_mask`` must be 4-D ``(1|B, 1|Hq, Nq, Nk)``; ``causal_grouping`` as in
+    :func:`hf_distrattn.grouping.approximate_operand`. Returns ``out`` in the compute dtype and the float32
     log-sum-exp ``(B, Hq, Nq)`` of the scaled, masked scores (``-inf`` on fully masked rows).
     """
     config = config or DistrConfig(group_size=1)
@@ -41,9 +43,9 @@ def attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config=None,
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = d**-0.5 if scale is None else scale
     if config.sampled == "q":
-        q, k = approximate_operand(q, config), k.to(compute)
+        q, k = approximate_operand(q, config, causal_grouping), k.to(compute)
     else:
-        q, k = q.to(compute), approximate_operand(k, config)
+        q, k = q.to(compute), approximate_operand(k, config, causal_grouping)
     rep = h_q // h_kv
     qg = q.view(batch, h_kv, rep, n_q, d)
     scores = torch.einsum("bgrqd,bgkd->bgrqk", qg, k) * scale

@@ -105,7 +105,8 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | No
         mask = None
         if q_positions is not None and k_positions is not None:
             mask = k_positions[None, :] <= q_positions[:, None]
-        out, lse = distr_attention(q, k, v, attn_mask=mask, scale=scale, config=config, return_lse=True)
+        out, lse = distr_attention(q, k, v, attn_mask=mask, scale=scale, config=config, return_lse=True,
+                                   causal_grouping=mask is not None)
     out, lse = merge(out, lse, group)
     return (out, lse) if return_lse else out
 

@@ -22,10 +22,10 @@ def bucket_order(block: torch.Tensor, num_hashes: int, seed: int) -> list[int]:
     return sorted(range(d), key=lambda c: (codes[c], c))
 
 
-def reduce_group(cols: torch.Tensor, reduce: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """cols (rows × G) -> (u, v) with cols ≈ u vᵀ."""
+def fit_group(cols: torch.Tensor, reduce: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """cols (rows × G) -> (w, v) with cols ≈ (cols w) vᵀ: ``w`` picks ``u`` from a block's group columns."""
     if reduce == "sample":
-        return cols[:, 0], torch.ones(cols.shape[1], dtype=cols.dtype)
+        return torch.eye(cols.shape[1], dtype=cols.dtype)[0], torch.ones(cols.shape[1], dtype=cols.dtype)
     gram = cols.T @ cols
     power = gram.clone()
     for _ in range(8):  # the package's definition: C^256 · 1, normalised
@@ -34,31 +34,42 @@ def reduce_group(cols: torch.Tensor, reduce: str) -> tuple[torch.Tensor, torch.T
     v = power.sum(1)
     v = v / v.norm() if v.norm() > 0 else torch.full_like(v, cols.shape[1] ** -0.5)
     v = -v if v.sum() < 0 else v
-    return cols @ v, v
+    return v, v
 
 
 def reduced_scores(x: torch.Tensor, y: torch.Tensor, group: int, block: int, num_hashes: int, seed: int,
-                   reduce: str) -> torch.Tensor:
-    """Approximate ``x @ y.T`` (x: n_x × d sampled, y: n_y × d fused) block by block at inner size d/G."""
+                   reduce: str, causal_grouping: bool) -> torch.Tensor:
+    """Approximate ``x @ y.T`` (x: n_x × d sampled, y: n_y × d fused) block by block at inner size d/G.
+
+    ``causal_grouping``: the first block exact, block b grouped (order and directions) by block b-1's rows."""
     n_x, d = x.shape
     out = torch.zeros(n_x, y.shape[0], dtype=torch.float64)
+    previous = torch.zeros(block, d, dtype=torch.float64)
     for start in range(0, n_x, block):
         xb = torch.zeros(block, d, dtype=torch.float64)
         xb[: min(block, n_x - start)] = x[start : start + block]
-        order = bucket_order(xb, num_hashes, seed)
+        if causal_grouping and start == 0:
+            out[:block] = x[:block] @ y.T
+            previous = xb
+            continue
+        source = previous if causal_grouping else xb
+        order = bucket_order(source, num_hashes, seed)
         us, fused = [], []
         for j in range(d // group):
             cols = order[j * group : (j + 1) * group]
-            u, v = reduce_group(xb[:, cols], reduce)
-            us.append(u)
+            w, v = fit_group(source[:, cols], reduce)
+            us.append(xb[:, cols] @ w)
             fused.append(y[:, cols] @ v)
         out[start : start + block] = (torch.stack(us, 1) @ torch.stack(fused, 1).T)[: n_x - start]
+        previous = xb
     return out
 
 
 def naive_attention(q, k, v, *, causal=False, mask=None, scale=None, group=1, block=64, num_hashes=8, seed=0,
-                    reduce="rank1", sampled="q"):
-    """Per (batch, head) loops in float64; ``mask`` is additive, already ``(B, Hq, Nq, Nk)``."""
+                    reduce="rank1", sampled="q", causal_grouping=None):
+    """Per (batch, head) loops in float64; ``mask`` is additive, already ``(B, Hq, Nq, Nk)``;
+    ``causal_grouping`` defaults to ``causal``."""
+    causal_grouping = causal if causal_grouping is None else causal_grouping
     q, k, v = q.double(), k.double(), v.double()
     batch, h_q, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
@@ -71,9 +82,9 @@ def naive_attention(q, k, v, *, causal=False, mask=None, scale=None, group=1, bl
             if group == 1:
                 s = qi @ ki.T
             elif sampled == "q":
-                s = reduced_scores(qi, ki, group, block, num_hashes, seed, reduce)
+                s = reduced_scores(qi, ki, group, block, num_hashes, seed, reduce, causal_grouping)
             else:
-                s = reduced_scores(ki, qi, group, block, num_hashes, seed, reduce).T
+                s = reduced_scores(ki, qi, group, block, num_hashes, seed, reduce, causal_grouping).T
             s = s * scale
             if mask is not None:
                 s = s + mask[b, h].double()

@@ -90,11 +90,12 @@ def _additive(mask, shape):
     batch=st.integers(1, 2), h_kv=st.integers(1, 2), rep=st.sampled_from([1, 2, 3]), n_q=st.integers(1, 40),
     extra_k=st.integers(0, 20), d=st.sampled_from([8, 16, 32]), group=st.sampled_from([1, 2, 4, 8]),
     block=st.sampled_from([4, 16, 64]), reduce=st.sampled_from(["rank1", "sample"]),
-    sampled=st.sampled_from(["q", "k"]), causal=st.booleans(), mask_kind=st.sampled_from(["none", "bool", "float"]),
-    dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**16),
+    sampled=st.sampled_from(["q", "k"]), causal=st.booleans(), causal_grouping=st.sampled_from([None, True, False]),
+    mask_kind=st.sampled_from(["none", "bool", "float"]), dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**16),
 )
 def test_matches_naive_formula(batch, h_kv, rep, n_q, extra_k, d, group, block, reduce, sampled, causal,
-                               mask_kind, dtype, seed):
+                               causal_grouping, mask_kind, dtype, seed):
     n_k = n_q + extra_k
     h_q = h_kv * rep
     q = rand(batch, h_q, n_q, d, dtype=dtype, seed=seed)
@@ -106,9 +107,11 @@ def test_matches_naive_formula(batch, h_kv, rep, n_q, extra_k, d, group, block, 
     elif mask_kind == "float":
         mask = rand(1, h_q, n_q, n_k, dtype=dtype, seed=seed + 3)
     config = DistrConfig(group_size=group, block_size=block, reduce=reduce, sampled=sampled, seed=seed % 7)
-    out, lse = distr_attention(q, k, v, causal=causal, attn_mask=mask, config=config, return_lse=True)
+    out, lse = distr_attention(q, k, v, causal=causal, attn_mask=mask, config=config, return_lse=True,
+                               causal_grouping=causal_grouping)
     ref, ref_lse = naive_attention(q, k, v, causal=causal, mask=_additive(mask, (batch, h_q, n_q, n_k)),
-                                   group=group, block=block, seed=seed % 7, reduce=reduce, sampled=sampled)
+                                   group=group, block=block, seed=seed % 7, reduce=reduce, sampled=sampled,
+                                   causal_grouping=causal_grouping)
     tol = 1e-9 if dtype == torch.float64 else 2e-4
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
     finite = torch.isfinite(ref_lse)
@@ -233,6 +236,45 @@ def test_ablation_groupings():
     assert lsh_err < 1e-4 * pairs.norm() < random_err
 
 
+@pytest.mark.parametrize("grouping,reduce", [("lsh", "rank1"), ("lsh", "sample"), ("random", "rank1"),
+                                             ("truncate", "rank1")])
+def test_causal_grouping_reads_no_later_row(grouping, reduce):
+    """Causal grouping: row i of X̃ is a function of rows ≤ i, and the first block is X itself. The block-wise
+    grouping is not causal: changing a row changes earlier rows of its block."""
+    x = rand(1, 2, 40, 16)
+    config = DistrConfig(group_size=4, block_size=8, grouping=grouping, reduce=reduce)
+    base = approximate_operand(x, config, causal=True)
+    assert torch.equal(base[:, :, :8], x[:, :, :8])
+    for row in (3, 8, 13, 31):
+        changed = x.clone()
+        changed[:, :, row] += rand(1, 2, 16, seed=row)
+        after = approximate_operand(changed, config, causal=True)
+        assert torch.equal(after[:, :, :row], base[:, :, :row]), row
+        assert not torch.allclose(after[:, :, row:], base[:, :, row:])
+    if grouping != "truncate":
+        changed = x.clone()
+        changed[:, :, 13] += 1.0
+        block_wise = approximate_operand(changed, config)[:, :, 8:13]
+        assert not torch.equal(block_wise, approximate_operand(x, config)[:, :, 8:13])
+
+
+def test_causal_calls_see_no_later_token_and_decode_exactly():
+    """``causal=True`` groups causally: outputs before a changed q/k/v row stay bit-identical, and a call with at
+    most ``block_size`` queries is exact attention."""
+    q, k, v = rand(1, 4, 40, 32, seed=1), rand(1, 2, 40, 32, seed=2), rand(1, 2, 40, 32, seed=3)
+    config = DistrConfig(group_size=2, block_size=16)
+    base = distr_attention(q, k, v, causal=True, config=config)
+    for which in range(3):
+        inputs = [q.clone(), k.clone(), v.clone()]
+        inputs[which][:, :, 20] += 1.0
+        torch.testing.assert_close(distr_attention(*inputs, causal=True, config=config)[:, :, :20],
+                                   base[:, :, :20], atol=0, rtol=0)
+    assert not torch.allclose(base, distr_attention(q, k, v, causal=True, config=EXACT), atol=1e-3)
+    for n_q in (1, 16):
+        decode = distr_attention(q[:, :, -n_q:], k, v, causal=True, config=config)
+        torch.testing.assert_close(decode, sdpa(q[:, :, -n_q:], k, v, causal=True), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("group,sampled", [(1, "q"), (2, "q"), (4, "k")])
 def test_gradients_of_the_approximation(group, sampled):
     """The reference is differentiable: gradcheck in float64 with a causal mask and GQA. With ``reduce="sample"``
@@ -253,7 +295,7 @@ def test_rank1_gradient_is_the_projected_gradient():
     config = DistrConfig(group_size=2, block_size=8)
     q = rand(1, 2, 16, 8, dtype=torch.float64, seed=4).requires_grad_()
     k, v = rand(1, 2, 16, 8, dtype=torch.float64, seed=5), rand(1, 2, 16, 8, dtype=torch.float64, seed=6)
-    distr_attention(q, k, v, causal=True, config=config).square().sum().backward()
+    distr_attention(q, k, v, config=config).square().sum().backward()
     perm, _, directions = group_blocks(q.detach(), config)
     m = torch.zeros(1, 2, 2, 8, 8, dtype=torch.float64)  # (batch, heads, block, d, d)
     for j in range(4):
@@ -265,7 +307,7 @@ def test_rank1_gradient_is_the_projected_gradient():
                 m[torch.arange(1)[:, None, None], torch.arange(2)[None, :, None], torch.arange(2)[None, None, :],
                   idx_a, idx_b] += vv[..., a] * vv[..., b]
     q_tilde = (q.detach().view(1, 2, 2, 8, 8) @ m).view(1, 2, 16, 8).requires_grad_()
-    F.scaled_dot_product_attention(q_tilde, k, v, is_causal=True).square().sum().backward()
+    F.scaled_dot_product_attention(q_tilde, k, v).square().sum().backward()
     torch.testing.assert_close(q.grad, (q_tilde.grad.view(1, 2, 2, 8, 8) @ m).view(1, 2, 16, 8))
     torch.testing.assert_close(m @ m, m)  # a projection: the gradient cannot grow
 

@@ -27,7 +27,7 @@ CASES = [  # group, block, head_dim, causal, n_q, n_k, heads (q, kv)
     (1, 32, 128, True, 45, 45, (4, 2)),
     (2, 16, 64, True, 37, 37, (4, 2)),
     (2, 64, 64, False, 70, 70, (2, 1)),
-    (4, 32, 64, True, 5, 70, (4, 2)),  # decode-shaped: queries are the last 5 positions
+    (4, 32, 64, True, 40, 70, (4, 2)),  # queries are the last 40 positions (a chunk after a KV cache)
     (1, 16, 96, False, 20, 33, (2, 2)),  # padded head dim
     (1, 16, 80, True, 20, 20, (3, 1)),
     (2, 128, 32, True, 130, 130, (2, 2)),
@@ -43,7 +43,7 @@ def test_kernel_matches_reference_fp32(group, block, d, causal, n_q, n_k, heads)
     config = triton_config(group_size=group, block_size=block)
     assert selected_backend(q, config) == "triton"
     out, lse = distr_attention(q, k, v, causal=causal, config=config, return_lse=True)
-    ref, ref_lse = reference.attention(q, k, v, causal=causal, config=config)
+    ref, ref_lse = reference.attention(q, k, v, causal=causal, config=config, causal_grouping=causal)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
     assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))
     torch.testing.assert_close(lse[torch.isfinite(lse)], ref_lse[torch.isfinite(ref_lse)], atol=2e-5, rtol=2e-5)
@@ -61,8 +61,10 @@ def test_kernel_masks(kind):
     q, k, v = rand(b, h, n, d, seed=4), rand(b, h, n, d, seed=5), rand(b, h, n, d, seed=6)
     mask = make_mask(kind, b, h, n)
     config = triton_config(group_size=2, block_size=16)
-    out = distr_attention(q, k, v, causal=True, attn_mask=mask, config=config)
-    ref = distr_attention(q, k, v, causal=True, attn_mask=mask, config=config.replace(backend="reference"))
+    causal = kind != "additive"  # additive: a mask alone, with the causal grouping Transformers' causal LMs get
+    out = distr_attention(q, k, v, causal=causal, attn_mask=mask, config=config, causal_grouping=True)
+    ref = distr_attention(q, k, v, causal=causal, attn_mask=mask, config=config.replace(backend="reference"),
+                          causal_grouping=True)
     assert not out.isnan().any()
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
     if kind == "fully_masked_row":
@@ -96,17 +98,18 @@ def test_triton_backend_refuses_unsupported_calls():
         distr_attention(q96, q96, q96, config=triton_config(group_size=2))
 
 
+@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("reduce", ["rank1", "sample"])
 @pytest.mark.parametrize("group,block,d,n", [(2, 16, 64, 40), (4, 32, 64, 32), (8, 16, 128, 20)])
-def test_grouping_kernel_matches_reference(reduce, group, block, d, n):
+def test_grouping_kernel_matches_reference(reduce, group, block, d, n, causal):
     from hf_distrattn.grouping import group_blocks
     from hf_distrattn.kernels.grouping import group_queries
 
     q = rand(2, 3, n, d, seed=12)
     config = DistrConfig(group_size=group, block_size=block, reduce=reduce, seed=5)
-    perm, u_ref, v_ref = group_blocks(q, config)
+    perm, u_ref, v_ref = group_blocks(q, config, causal)
     dg = d // group
-    u, wt = group_queries(q, config, dg_pad=max(16, dg))
+    u, wt = group_queries(q, config, dg_pad=max(16, dg), causal=causal)
     # float32 repeated squaring in another summation order amplifies rounding (~4e-5 seen on an H100), most in
     # near-degenerate groups (G=8, 16 rows); "sample" involves no arithmetic on the factors
     tol = dict(atol=1e-5, rtol=1e-5)

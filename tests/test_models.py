@@ -106,8 +106,8 @@ def kjv_llama(shared):
 @torch.no_grad()
 def test_ref_llama_bits_per_byte(kjv_llama):
     """Held-out bits/byte over two 2048-byte windows. Recorded: sdpa 1.7674; distr G=1 the same;
-    distr G=2 (rank1, blocks of 64) 1.9671, i.e. +11.3% drop-in; with layers 0 and 1 exact 1.7710 (+0.2%):
-    almost all of the loss comes from the first layers."""
+    distr G=2 (rank1, blocks of 64, causal grouping) 2.1311, i.e. +20.6% drop-in; with layers 0 and 1 exact
+    1.7884 (+1.2%): most of the loss comes from the first layers."""
     model, ids = kjv_llama
     model.set_attn_implementation("sdpa")
     exact = evaluate_perplexity(model, ids, 2048).bits_per_byte
@@ -117,9 +117,9 @@ def test_ref_llama_bits_per_byte(kjv_llama):
     configure(model, DistrConfig(group_size=2))
     approx = evaluate_perplexity(model, ids, 2048).bits_per_byte
     assert exact == pytest.approx(1.7674, abs=2e-3)
-    assert 1.01 * exact < approx < 1.15 * exact
+    assert 1.10 * exact < approx < 1.30 * exact
     configure(model, DistrConfig(group_size=2, exact_layers=(0, 1)))
-    assert evaluate_perplexity(model, ids, 2048).bits_per_byte < 1.01 * exact
+    assert evaluate_perplexity(model, ids, 2048).bits_per_byte < 1.02 * exact
 
 
 @pytest.fixture(scope="module")
@@ -169,11 +169,10 @@ def test_auto_config_roundtrip_keeps_distr(tmp_path):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("group", [1, pytest.param(2, marks=pytest.mark.xfail(
-    strict=True, reason="known flaw: block-wise grouping uses the whole query block, so later tokens of a block "
-    "reach earlier positions (NOTES.md, 'Causality'); passes once the grouping is made causal"))])
+@pytest.mark.parametrize("group", [1, 2, 4])
 def test_causal_lm_logits_do_not_see_later_tokens(group):
-    """Changing token 20 must leave the logits of positions 0-19 unchanged (blocks of 16: 16-19 share its block)."""
+    """Changing token 20 must leave the logits of positions 0-19 unchanged (blocks of 16: 16-19 share its block;
+    the causal grouping reads only earlier blocks)."""
     model, config = tiny_llama()
     model.set_attn_implementation("distr")
     configure(model, DistrConfig(group_size=group, block_size=16))

@@ -1,10 +1,11 @@
 r"""Fused pre-pass in Triton: :func:`hf_distrattn.grouping.group_blocks` for one block of queries per program.
 
-For a block ``X`` (``BLOCK_M × D``, rows past ``n`` read as zero):
+For a block ``X`` (``BLOCK_M × D``, rows past ``n`` read as zero) and its *source* ``X_s`` (the block itself, or
+with ``CAUSAL`` the previous block, zeros for block 0):
 
-1. codes: ``bits = (Xᵀ R > 0)`` with ``R`` the seeded ``(BLOCK_M, num_hashes)`` projections (float32 GEMM),
+1. codes: ``bits = (X_sᵀ R > 0)`` with ``R`` the seeded ``(BLOCK_M, num_hashes)`` projections (float32 GEMM),
    ``code_c = Σ_i bits_ci 2^i``; ``perm`` = columns sorted by ``code · D + c`` (one ``tl.sort``);
-2. factors: with ``X_g`` the block's group-``g`` columns, ``C_g = X_gᵀ X_g`` accumulated over row chunks;
+2. factors: with ``X_g`` the group-``g`` columns, ``C_g = X_{s,g}ᵀ X_{s,g}`` accumulated over row chunks;
    ``"rank1"``: ``v_g`` = top eigenvector of ``C_g`` by 8 trace-normalised squarings (``C^256 · 1``), sign so
    that ``Σ v ≥ 0``, and ``u_g = X_g v_g``; ``"sample"``: ``u_g`` = first column, fuse weights 1;
 3. outputs ``U`` ``(BLOCK_M, DG)`` and the fuse matrix ``Wt`` ``(DG, D)``, ``Wt[j, perm[jG+i]] = v_g[i]``,
@@ -25,16 +26,18 @@ ROW_CHUNK = 16
 
 @triton.jit
 def _group_block(Q, R, U, Wt, n, heads, sq_b, sq_h, sq_m, su_b, su_h, su_m, sw_b, sw_h, sw_blk, sw_j,
-                 RANK1: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
-                 DG: tl.constexpr, DG_PAD: tl.constexpr, NH: tl.constexpr, CHUNK: tl.constexpr):
+                 CAUSAL: tl.constexpr, RANK1: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
+                 G: tl.constexpr, DG: tl.constexpr, DG_PAD: tl.constexpr, NH: tl.constexpr, CHUNK: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // heads
     h = bh % heads
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    source = (pid_m - CAUSAL) * BLOCK_M  # first row of the block the grouping is read from
+    offs_s = source + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     q_base = Q + b * sq_b + h * sq_h
-    x = tl.load(q_base + offs_m[:, None] * sq_m + offs_d[None, :], mask=offs_m[:, None] < n, other=0.0)
+    x = tl.load(q_base + offs_s[:, None] * sq_m + offs_d[None, :], mask=(offs_s[:, None] >= 0) & (offs_s[:, None] < n),
+                other=0.0)
     r = tl.load(R + tl.arange(0, BLOCK_M)[:, None] * NH + tl.arange(0, NH)[None, :])
     proj = tl.dot(tl.trans(x.to(tl.float32)), r, input_precision="ieee")  # (D, NH)
     weights = (1 << tl.arange(0, NH)).to(tl.int32)
@@ -43,8 +46,9 @@ def _group_block(Q, R, U, Wt, n, heads, sq_b, sq_h, sq_m, su_b, su_h, su_m, sw_b
     # Gram matrices of the groups, over row chunks of the permuted block
     gram = tl.zeros([DG, G, G], tl.float32)
     for start in range(0, BLOCK_M, CHUNK):
-        rows = pid_m * BLOCK_M + start + tl.arange(0, CHUNK)
-        xc = tl.load(q_base + rows[:, None] * sq_m + perm[None, :], mask=rows[:, None] < n, other=0.0)
+        rows = source + start + tl.arange(0, CHUNK)
+        xc = tl.load(q_base + rows[:, None] * sq_m + perm[None, :], mask=(rows[:, None] >= 0) & (rows[:, None] < n),
+                     other=0.0)
         xc = tl.reshape(xc.to(tl.float32), (CHUNK, DG, G))
         gram += tl.sum(xc[:, :, :, None] * xc[:, :, None, :], axis=0)
     member = tl.arange(0, G)
@@ -79,10 +83,11 @@ def _group_block(Q, R, U, Wt, n, heads, sq_b, sq_h, sq_m, su_b, su_h, su_m, sw_b
         tl.store(w_base + pad_rows[:, None] * sw_j + offs_d[None, :], tl.zeros([DG_PAD - DG, D], tl.float32))
 
 
-def group_queries(q: torch.Tensor, config: DistrConfig, dg_pad: int):
+def group_queries(q: torch.Tensor, config: DistrConfig, dg_pad: int, causal: bool = False):
     """``U`` ``(B, H, n_blocks·BLOCK_M, dg_pad)`` (zero padding columns) and ``Wt`` ``(B, H, n_blocks, dg_pad, d)``.
 
-    ``Wt`` is float32 for float32 ``q``, else ``q``'s dtype. Needs a power-of-two head dim ``d``.
+    ``Wt`` is float32 for float32 ``q``, else ``q``'s dtype. Needs a power-of-two head dim ``d``. ``causal``: each
+    block grouped by the previous block's rows (block 0 by zeros; the callers compute it exactly).
     """
     batch, heads, n, d = q.shape
     block, group = config.block_size, config.group_size
@@ -95,7 +100,7 @@ def group_queries(q: torch.Tensor, config: DistrConfig, dg_pad: int):
     _group_block[(n_blocks, batch * heads)](
         q, r, u, wt, n, heads, q.stride(0), q.stride(1), q.stride(2), u.stride(0), u.stride(1), u.stride(2),
         wt.stride(0), wt.stride(1), wt.stride(2), wt.stride(3),
-        RANK1=config.reduce == "rank1", BLOCK_M=block, D=d, G=group, DG=d // group, DG_PAD=dg_pad, NH=nh,
-        CHUNK=min(ROW_CHUNK, block), num_warps=4,
+        CAUSAL=int(causal), RANK1=config.reduce == "rank1", BLOCK_M=block, D=d, G=group, DG=d // group,
+        DG_PAD=dg_pad, NH=nh, CHUNK=min(ROW_CHUNK, block), num_warps=4,
     )
     return u, wt

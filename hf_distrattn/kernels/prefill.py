@@ -13,7 +13,8 @@ Kernel, one program per (query block, batch·head), keys in tiles of ``BLOCK_N``
 and writes ``out = acc / l`` and ``lse = m + log l`` (natural log). Key tiles that every row of the
 block sees whole skip all masking (the FlashAttention-2 split into off-diagonal and diagonal tiles). Rows
 with no visible key give 0 and ``-inf``. At ``G = 1``, ``U = Q`` and there is no fuse; head dims that are
-not a power of two are zero-padded there. GQA maps query head ``h`` to key head ``h // (Hq / Hkv)``;
+not a power of two are zero-padded there. With causal grouping, query block 0 is exact: a ``G = 1`` launch of
+one block beside the ``G`` launch of the others. GQA maps query head ``h`` to key head ``h // (Hq / Hkv)``;
 K and V are never repeated.
 """
 
@@ -66,12 +67,12 @@ def _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, start_n, offs_m, n_q,
 
 
 @triton.jit
-def _distr_fwd(U, K, V, Wt, Mask, Out, Lse, scale, n_q, n_k, heads, kv_group,
+def _distr_fwd(U, K, V, Wt, Mask, Out, Lse, scale, first_block, n_q, n_k, heads, kv_group,
                su_b, su_h, su_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sw_b, sw_h, sw_blk, sw_j,
                sm_b, sm_h, sm_m, so_b, so_h, so_m, sl_b, sl_h,
                CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, G: tl.constexpr, DG: tl.constexpr):
-    pid_m = tl.program_id(0)
+    pid_m = tl.program_id(0) + first_block
     bh = tl.program_id(1)
     b = bh // heads
     h = bh % heads
@@ -139,7 +140,7 @@ def launch_params(block_m: int, d: int, group: int) -> dict:
     return dict(block_n=64, num_warps=4, num_stages=3 if block_m == 64 else 2)
 
 
-def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: DistrConfig):
+def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: DistrConfig, causal_grouping: bool = False):
     """The pre-pass: ``(U, K, V, Wt)``. ``G = 1``: Q, K, V as they are (head dim zero-padded to a power of two
     where needed), no ``Wt``. ``G > 1``: the fused grouping kernel's ``U`` and ``Wt``."""
     d = q.shape[-1]
@@ -148,34 +149,44 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: DistrConf
         if d_pad != d:
             q, k, v = (torch.nn.functional.pad(t, (0, d_pad - d)) for t in (q, k, v))
         return q, k, v, q.new_empty(1, 1, 1, 1)
-    u, wt = group_queries(q, config, padded_width(d // config.group_size))
+    u, wt = group_queries(q, config, padded_width(d // config.group_size), causal_grouping)
     return u, k, v, wt
 
 
 def distr_attention_triton(q, k, v, *, causal=False, attn_mask=None, scale=None, config: DistrConfig,
-                           prepared=None, **launch):
+                           causal_grouping=False, prepared=None, **launch):
     """Shapes and semantics of :func:`hf_distrattn.reference.attention`; ``attn_mask`` already 4-D.
 
-    ``prepared``: the output of :func:`prepare` for these inputs, to time the kernel alone; ``launch``
-    overrides :func:`launch_params` (``block_n``, ``num_warps``, ``num_stages``).
+    ``causal_grouping`` (``G > 1``): query block ``b`` is grouped by block ``b − 1``'s rows and the first block
+    is exact, computed by a second, ``G = 1`` launch of the kernel into the same output. ``prepared``: the
+    output of :func:`prepare` for these inputs, to time the kernel alone; ``launch`` overrides
+    :func:`launch_params` (``block_n``, ``num_warps``, ``num_stages``) of the ``G``-launch.
     """
     batch, heads, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     scale = 1 / math.sqrt(d) if scale is None else scale
-    u, kk, vv, wt = prepared or prepare(q, k, v, config)
+    u, kk, vv, wt = prepared or prepare(q, k, v, config, causal_grouping)
     d_pad = vv.shape[-1]
     out = torch.empty(batch, heads, n_q, d_pad, device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, heads, n_q, device=q.device, dtype=torch.float32)
     mask, mask_kind, mask_strides = mask_arguments(attn_mask, out)
-    params = launch_params(config.block_size, d, config.group_size) | launch
-    grid = (triton.cdiv(n_q, config.block_size), batch * heads)
-    _distr_fwd[grid](
-        u, kk, vv, wt, mask, out, lse, scale, n_q, n_k, heads, heads // h_kv,
-        u.stride(0), u.stride(1), u.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
-        vv.stride(0), vv.stride(1), vv.stride(2), *wt.stride()[:4],
-        *mask_strides, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-        CAUSAL=causal, MASK_KIND=mask_kind, IEEE=q.dtype == torch.float32, BLOCK_M=config.block_size,
-        BLOCK_N=params["block_n"], D=d_pad, G=config.group_size, DG=u.shape[-1],
-        num_warps=params["num_warps"], num_stages=params["num_stages"],
-    )
+    n_blocks = triton.cdiv(n_q, config.block_size)
+
+    def run(u, kk, vv, group, first_block, count, params):
+        _distr_fwd[(count, batch * heads)](
+            u, kk, vv, wt, mask, out, lse, scale, first_block, n_q, n_k, heads, heads // h_kv,
+            u.stride(0), u.stride(1), u.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
+            vv.stride(0), vv.stride(1), vv.stride(2), *wt.stride()[:4],
+            *mask_strides, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+            CAUSAL=causal, MASK_KIND=mask_kind, IEEE=q.dtype == torch.float32, BLOCK_M=config.block_size,
+            BLOCK_N=params["block_n"], D=d_pad, G=group, DG=u.shape[-1],
+            num_warps=params["num_warps"], num_stages=params["num_stages"],
+        )
+
+    first_block = int(causal_grouping and config.group_size > 1)
+    if first_block:
+        run(q, k, v, 1, 0, 1, launch_params(config.block_size, d, 1))
+    if n_blocks > first_block:
+        run(u, kk, vv, config.group_size, first_block, n_blocks - first_block,
+            launch_params(config.block_size, d, config.group_size) | launch)
     return out[..., :d], lse
