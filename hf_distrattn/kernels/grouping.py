@@ -79,8 +79,9 @@ def _group_block(Q, R, U, Wt, n, heads, sq_b, sq_h, sq_m, su_b, su_h, su_m, sw_b
     w_base = Wt + b * sw_b + h * sw_h + pid_m * sw_blk
     tl.store(w_base + tl.arange(0, DG)[:, None] * sw_j + offs_d[None, :], wt.to(Wt.dtype.element_ty))
     if DG_PAD > DG:
-        pad_rows = DG + tl.arange(0, DG_PAD - DG)
-        tl.store(w_base + pad_rows[:, None] * sw_j + offs_d[None, :], tl.zeros([DG_PAD - DG, D], tl.float32))
+        pad_rows = tl.arange(0, DG_PAD)
+        tl.store(w_base + pad_rows[:, None] * sw_j + offs_d[None, :], tl.zeros([DG_PAD, D], tl.float32),
+                 mask=pad_rows[:, None] >= DG)
 
 
 def group_queries(q: torch.Tensor, config: DistrConfig, dg_pad: int, causal: bool = False):
