@@ -100,7 +100,7 @@ def test_triton_backend_refuses_unsupported_calls():
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("reduce", ["rank1", "sample"])
-@pytest.mark.parametrize("group,block,d,n", [(2, 16, 64, 40), (4, 32, 64, 32), (8, 16, 128, 20)])
+@pytest.mark.parametrize("group,block,d,n", [(2, 16, 64, 40), (4, 32, 64, 32), (8, 16, 128, 20), (4, 16, 16, 20)])
 def test_grouping_kernel_matches_reference(reduce, group, block, d, n, causal):
     from hf_distrattn.grouping import group_blocks
     from hf_distrattn.kernels.grouping import group_queries
