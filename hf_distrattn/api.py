@@ -118,9 +118,13 @@ def distr_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config
             call with at most ``block_size`` queries (decoding) is then exact when ``q`` is sampled.
 
     Returns ``out`` ``(B, Hq, Nq, d)`` in q's dtype (and ``lse``). Rows with every key masked give zeros.
+    Under autocast, float32 inputs are cast to the autocast dtype first, as SDPA does (so that mixed-precision
+    training of a float32 model runs the half-precision kernels).
     Fallback: if ``d`` is not a multiple of ``config.group_size`` the call is exact, with one warning.
     """
     _check_tensors(q, k, v)
+    if q.dtype == torch.float32 and torch.is_autocast_enabled(q.device.type):
+        q, k, v = (t.to(torch.get_autocast_dtype(q.device.type)) for t in (q, k, v))
     config = DEFAULT_CONFIG if config is None else config
     if not isinstance(config, DistrConfig):
         raise TypeError(f"config must be a DistrConfig or None, got {type(config).__name__}")
@@ -137,21 +141,24 @@ def distr_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config
         config = config.replace(group_size=1)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     backend = selected_backend(q, config, dropout_p, needs_grad, mask)
+    with torch.autocast(q.device.type, enabled=False):  # each path picks its own precision
+        out, lse = _run(backend, needs_grad, q, k, v, causal, mask, scale, config, dropout_p, causal_grouping)
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+def _run(backend, needs_grad, q, k, v, causal, mask, scale, config, dropout_p, causal_grouping):
     if backend == "triton" and needs_grad:
         from . import autograd
 
-        out, lse = autograd.attention(q, k, v, causal=causal, attn_mask=mask, scale=scale, config=config,
-                                      causal_grouping=causal_grouping)
-    elif backend == "triton":
+        return autograd.attention(q, k, v, causal=causal, attn_mask=mask, scale=scale, config=config,
+                                  causal_grouping=causal_grouping)
+    if backend == "triton":
         from .kernels import decode, prefill
 
         if decode.supports(q, k, config) is None:
-            out, lse = decode.decode_attention(q, k, v, causal=causal, attn_mask=mask, scale=scale)
-        else:
-            out, lse = prefill.distr_attention_triton(q, k, v, causal=causal, attn_mask=mask, scale=scale,
-                                                      config=config, causal_grouping=causal_grouping)
-    else:
-        out, lse = reference.attention(q, k, v, causal=causal, attn_mask=mask, scale=scale, config=config,
-                                       dropout_p=dropout_p, causal_grouping=causal_grouping)
-    out = out.to(q.dtype)
-    return (out, lse) if return_lse else out
+            return decode.decode_attention(q, k, v, causal=causal, attn_mask=mask, scale=scale)
+        return prefill.distr_attention_triton(q, k, v, causal=causal, attn_mask=mask, scale=scale, config=config,
+                                              causal_grouping=causal_grouping)
+    return reference.attention(q, k, v, causal=causal, attn_mask=mask, scale=scale, config=config,
+                               dropout_p=dropout_p, causal_grouping=causal_grouping)

@@ -206,6 +206,18 @@ def test_indivisible_head_dim_falls_back_to_exact_with_one_warning():
     torch.testing.assert_close(out, sdpa(q, k, v), atol=1e-5, rtol=1e-5)
 
 
+def test_autocast_casts_float32_inputs_like_sdpa():
+    """Under autocast, float32 q/k/v run in the autocast dtype (SDPA does the same), so mixed-precision training
+    of a float32 model does not run float32 attention."""
+    q, k, v = rand(1, 2, 20, 32, seed=1), rand(1, 2, 20, 32, seed=2), rand(1, 2, 20, 32, seed=3)
+    with torch.autocast("cpu", torch.bfloat16):
+        out = distr_attention(q, k, v, causal=True, config=EXACT)
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    expected = distr_attention(*(t.bfloat16() for t in (q, k, v)), causal=True, config=EXACT)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+
 def test_top_eigenvector_matches_eigh():
     from hf_distrattn.grouping import top_eigenvector
 
