@@ -32,7 +32,9 @@ def sdpa_backend(name):
 
 
 def _distr(q, k, v, causal, config, **launch):
-    return prefill.distr_attention_triton(q, k, v, causal=causal, config=config, **launch)[0]
+    """The kernel as ``distr_attention`` calls it: causal calls group causally (first query block exact)."""
+    return prefill.distr_attention_triton(q, k, v, causal=causal, config=config, causal_grouping=causal,
+                                          **launch)[0]
 
 
 def median_ms(fn) -> float:
@@ -88,7 +90,7 @@ def bench(seq_lens, head_dims, causals, groups, block_sizes, dtype=torch.bfloat1
                                 "rel_err": ((out.float() - exact).norm() / exact.norm()).item()}
                         if name.startswith("distr"):
                             cfg = fn.keywords["config"]
-                            ready = prefill.prepare(q, k, v, cfg)
+                            ready = prefill.prepare(q, k, v, cfg, causal_grouping=causal)
                             row["kernel_ms"] = median_ms(partial(_distr, q, k, v, causal, cfg, prepared=ready))
                             if n in tune:
                                 row["launches"] = [

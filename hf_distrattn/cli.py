@@ -53,10 +53,15 @@ def _bench(args) -> None:
 
     if not torch.cuda.is_available():
         raise ValueError("the benchmark needs a CUDA GPU")
-    from .eval import bench_e2e, bench_kernels
+    from .eval import activation_error, bench_e2e, bench_kernels
 
     bench_kernels.main(["--json", f"{args.out}/kernels.json", "--markdown", f"{args.out}/kernels.md"])
     bench_e2e.main(["--json", f"{args.out}/e2e.json", "--markdown", f"{args.out}/e2e.md"])
+    captured = [(flag, value) for flag, value in (("--lm", args.lm), ("--text-file", args.text_file),
+                                                  ("--vit", args.vit), ("--dataset", args.dataset)) if value]
+    if captured:
+        activation_error.main([x for pair in captured for x in pair] + [
+            "--json", f"{args.out}/activation_error.json", "--markdown", f"{args.out}/activation_error.md"])
 
 
 def _finetune(args) -> None:
@@ -151,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="kernel and end-to-end latency against SDPA and sageattention (GPU)")
     bench.add_argument("--out", default="results")
+    bench.add_argument("--lm", help="also: attention error on q/k/v captured from this causal LM ...")
+    bench.add_argument("--text-file", help="... on the first window of this text")
+    bench.add_argument("--vit", help="also: attention error on q/k/v captured from this image classifier ...")
+    bench.add_argument("--dataset", help="... on the first images of this dataset")
     bench.set_defaults(run=_bench)
     return parser
 

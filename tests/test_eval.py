@@ -99,3 +99,35 @@ def test_bad_arguments_give_one_line(shared, args, message):
     lines = [line for line in run.stderr.splitlines() if line.startswith("hf-distrattn")]
     assert len(lines) == 1 and message in lines[0], run.stderr[-2000:]
     assert "Traceback" not in run.stderr
+
+
+def test_activation_errors_on_captured_layers(shared, tmp_path):
+    """Errors on q/k/v captured from every layer: zero at G=1, LSH below truncation, JSON rows per setting."""
+    from hf_distrattn.eval import activation_error
+
+    out = tmp_path / "act.json"
+    activation_error.main(["--lm", str(shared / "models/ref-llama-bytes"), "--text-file",
+                           str(shared / "data/heldout_kjv.txt"), "--seq-len", "200", "--vit",
+                           str(shared / "models/ref-vit-fmnist"), "--dataset",
+                           str(shared / "data/fashion-mnist-test.parquet"), "--images", "2",
+                           "--attn", "distr:group_size=1", "--attn", "distr:group_size=2",
+                           "--attn", "distr:group_size=2,grouping=truncate", "--json", str(out)])
+    rows = {(r["model"].split("/")[-1], r["setting"]): r for r in json.loads(out.read_text())["rows"]}
+    for model, layers in (("ref-llama-bytes", 8), ("ref-vit-fmnist", 12)):
+        assert len(rows[model, "distr:group_size=1"]["layers"]) == layers
+        assert rows[model, "distr:group_size=1"]["max_rel_err"] < 1e-5
+        assert 0.01 < rows[model, "distr:group_size=2"]["mean_rel_err"] < \
+            rows[model, "distr:group_size=2,grouping=truncate"]["mean_rel_err"]
+
+
+def test_captured_calls_carry_the_layer_causality(shared):
+    """The LM's layers are captured causal (its grouping too), the ViT's not: the arguments the "distr" glue
+    would pass."""
+    from hf_distrattn.eval import activation_error
+
+    model, inputs = activation_error.lm_inputs(str(shared / "models/ref-llama-bytes"),
+                                               str(shared / "data/heldout_kjv.txt"), 40, "cpu")
+    calls = activation_error.capture(model, inputs)
+    assert all(c["causal"] and c["causal_grouping"] and c["q"].shape[2] == 40 for c in calls)
+    assert calls[0]["k"].shape[1] == 2 and calls[0]["q"].shape[1] == 8  # GQA kept, not repeated
+    assert model.config._attn_implementation != activation_error.CAPTURE
