@@ -18,11 +18,10 @@ import argparse
 import torch
 
 from ..api import distr_attention
-from ..config import DistrConfig
+from ..config import EXACT, DistrConfig
 from .common import EvalError, parse_settings, pick_device, write_results
 
 CAPTURE = "hf_distrattn_capture"
-EXACT = DistrConfig(group_size=1)
 DEFAULT_SPECS = ["distr:group_size=2", "distr:group_size=4", "distr:group_size=2,block_size=16",
                  "distr:group_size=4,block_size=16", "distr:group_size=2,grouping=random",
                  "distr:group_size=2,grouping=truncate"]
@@ -57,16 +56,15 @@ def capture(model, inputs: dict) -> list[dict]:
 
 
 @torch.no_grad()
-def layer_errors(calls: list[dict], config: DistrConfig) -> list[float]:
-    """``err_ℓ`` of ``config`` for each captured call."""
-    errors = []
-    for call in calls:
-        args = dict(causal=call["causal"], attn_mask=call["mask"], scale=call["scale"],
-                    causal_grouping=call["causal_grouping"])
-        exact = distr_attention(call["q"], call["k"], call["v"], config=EXACT, **args)
-        approx = distr_attention(call["q"], call["k"], call["v"], config=config, **args)
-        errors.append(((approx - exact).norm() / exact.norm()).item())
-    return errors
+def attend(call: dict, config: DistrConfig) -> torch.Tensor:
+    """``distr_attention`` on a captured call, with the arguments the ``"distr"`` glue would pass."""
+    return distr_attention(call["q"], call["k"], call["v"], causal=call["causal"], attn_mask=call["mask"],
+                           scale=call["scale"], config=config, causal_grouping=call["causal_grouping"])
+
+
+def layer_errors(calls: list[dict], exact: list[torch.Tensor], config: DistrConfig) -> list[float]:
+    """``err_ℓ`` of ``config`` for each captured call, against its exact output."""
+    return [((attend(call, config) - ref).norm() / ref.norm()).item() for call, ref in zip(calls, exact, strict=True)]
 
 
 def lm_inputs(model_path: str, text_file: str, seq_len: int, device: str) -> tuple[object, dict]:
@@ -94,11 +92,12 @@ def vit_inputs(model_path: str, dataset: str, images: int, device: str) -> tuple
 
 def measure(name: str, model, inputs: dict, specs: list[str]) -> list[dict]:
     calls = capture(model, inputs)
+    exact = [attend(call, EXACT) for call in calls]
     rows = []
     for spec, implementation, config in parse_settings(specs):
         if implementation != "distr":
             raise EvalError(f"activation errors compare distr settings with exact attention, got {spec!r}")
-        errors = layer_errors(calls, config)
+        errors = layer_errors(calls, exact, config)
         rows.append({"model": name, "setting": spec, "mean_rel_err": sum(errors) / len(errors),
                      "max_rel_err": max(errors), "layers": errors})
     return rows

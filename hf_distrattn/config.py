@@ -85,6 +85,10 @@ class DistrConfig:
         return dataclasses.replace(self, **changes)
 
 
+EXACT = DistrConfig(group_size=1)
+"""Exact attention (``G = 1``)."""
+
+
 def _parse_value(text: str) -> Any:
     for cast in (int, float):
         try:

@@ -126,8 +126,9 @@ def group_blocks(x: torch.Tensor, config: DistrConfig,
     def by_group(t):
         return t.gather(-1, perm.unsqueeze(-2).expand_as(t)).view(*t.shape[:-1], d // group, group)
 
-    u_weights, v = group_weights(by_group(source), config.reduce)
-    u = torch.einsum("...mjg,...jg->...mj", by_group(blocks), u_weights)
+    grouped = by_group(blocks)
+    u_weights, v = group_weights(by_group(source) if causal else grouped, config.reduce)
+    u = torch.einsum("...mjg,...jg->...mj", grouped, u_weights)
     return perm, u.reshape(batch, heads, n_blocks * block, d // group), v
 
 
@@ -143,15 +144,13 @@ def approximate_operand(x: torch.Tensor, config: DistrConfig, causal: bool = Fal
     batch, heads, seq, d = x.shape
     if config.grouping == "truncate":
         out = torch.cat([x_c[..., : d // config.group_size], torch.zeros_like(x_c[..., d // config.group_size :])], -1)
-        return _exact_first_block(out, x_c, config.block_size) if causal else out
-    perm, u, v = group_blocks(x, config, causal)
-    n_blocks = perm.shape[2]
-    u = u.view(batch, heads, n_blocks, config.block_size, d // config.group_size)
-    rebuilt = (u.unsqueeze(-1) * v.unsqueeze(-3)).flatten(-2)
-    index = perm.unsqueeze(-2).expand_as(rebuilt)
-    out = torch.empty_like(rebuilt).scatter_(-1, index, rebuilt).view(batch, heads, -1, d)[:, :, :seq]
-    return _exact_first_block(out, x_c, config.block_size) if causal else out
-
-
-def _exact_first_block(approx: torch.Tensor, x: torch.Tensor, block: int) -> torch.Tensor:
-    return torch.cat([x[:, :, :block], approx[:, :, block:]], dim=2)
+    else:
+        perm, u, v = group_blocks(x, config, causal)
+        n_blocks = perm.shape[2]
+        u = u.view(batch, heads, n_blocks, config.block_size, d // config.group_size)
+        rebuilt = (u.unsqueeze(-1) * v.unsqueeze(-3)).flatten(-2)
+        index = perm.unsqueeze(-2).expand_as(rebuilt)
+        out = torch.empty_like(rebuilt).scatter_(-1, index, rebuilt).view(batch, heads, -1, d)[:, :, :seq]
+    if causal:  # the first block exact
+        out = torch.cat([x_c[:, :, : config.block_size], out[:, :, config.block_size :]], dim=2)
+    return out

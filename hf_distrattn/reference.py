@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import DistrConfig
+from .config import EXACT
 from .grouping import approximate_operand
 
 
@@ -37,7 +37,7 @@ def attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config=None,
     :func:`hf_distrattn.grouping.approximate_operand`. Returns ``out`` in the compute dtype and the float32
     log-sum-exp ``(B, Hq, Nq)`` of the scaled, masked scores (``-inf`` on fully masked rows).
     """
-    config = config or DistrConfig(group_size=1)
+    config = config or EXACT
     batch, h_q, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32

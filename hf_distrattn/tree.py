@@ -26,10 +26,9 @@ import torch.distributed as dist
 from transformers import AttentionInterface, DynamicCache
 
 from .api import FLOAT_DTYPES, distr_attention
-from .config import DistrConfig
+from .config import EXACT, DistrConfig
 
 NAME = "tree"
-EXACT = DistrConfig(group_size=1)
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = 120.0) -> None:
