@@ -84,7 +84,8 @@ def markdown(rows) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--attn", nargs="+", default=["sdpa", "distr:group_size=1,block_size=128",
-                                                      "distr:group_size=4,block_size=128"])
+                                                      "distr:group_size=4,block_size=128",
+                                                      "distr:group_size=2,sampled=k"])
     parser.add_argument("--prefill", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--decode-prompt", type=int, default=4096)
     parser.add_argument("--decode-tokens", type=int, default=32)

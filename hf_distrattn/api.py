@@ -33,7 +33,7 @@ def _triton_refusal(q: torch.Tensor, config: DistrConfig, dropout_p: float, need
         from .kernels import prefill
     except ImportError as error:
         return f"triton is not importable ({error})"
-    if needs_grad:
+    if needs_grad or config.sampled == "k":
         return autograd.supports(q, attn_mask, dropout_p)
     return prefill.supports(q, config, dropout_p)
 
@@ -100,7 +100,7 @@ def normalize_mask(attn_mask, batch: int, heads: int, n_q: int, n_k: int) -> tor
 
 
 def distr_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config=None, return_lse=False,
-                    dropout_p=0.0, causal_grouping=None):
+                    dropout_p=0.0, causal_grouping=None, reduced_keys=None):
     """DistrAttention: exact softmax and ``P·V``, ``Q·Kᵀ`` at cost ``d/G`` (see :mod:`hf_distrattn.grouping`).
 
     Args:
@@ -116,6 +116,9 @@ def distr_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config
             exact, so that no position's scores depend on later tokens (:mod:`hf_distrattn.grouping`).
             ``None`` means ``causal``; pass ``True`` when ``attn_mask`` carries the causal pattern. A causal
             call with at most ``block_size`` queries (decoding) is then exact when ``q`` is sampled.
+        reduced_keys: a :class:`hf_distrattn.kvcache.ReducedKeys` that holds this layer's keys in reduced form
+            across decoding calls (``sampled="k"``, causal grouping, CUDA): each call extends it to ``k`` and
+            the decode kernel reads ``d/G`` of each key. Without it such calls build the reduced form anew.
 
     Returns ``out`` ``(B, Hq, Nq, d)`` in q's dtype (and ``lse``). Rows with every key masked give zeros.
     Under autocast, float32 inputs are cast to the autocast dtype first, as SDPA does (so that mixed-precision
@@ -142,22 +145,33 @@ def distr_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     backend = selected_backend(q, config, dropout_p, needs_grad, mask)
     with torch.autocast(q.device.type, enabled=False):  # each path picks its own precision
-        out, lse = _run(backend, needs_grad, q, k, v, causal, mask, scale, config, dropout_p, causal_grouping)
+        out, lse = _run(backend, needs_grad, q, k, v, causal, mask, scale, config, dropout_p, causal_grouping,
+                        reduced_keys)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
 
 
-def _run(backend, needs_grad, q, k, v, causal, mask, scale, config, dropout_p, causal_grouping):
-    if backend == "triton" and needs_grad:
+def _run(backend, needs_grad, q, k, v, causal, mask, scale, config, dropout_p, causal_grouping, reduced_keys):
+    if backend == "triton" and not needs_grad:
+        from . import kvcache
+        from .kernels import decode
+
+        if decode.supports(q, k, config) is None:
+            if config.exact:
+                return decode.decode_attention(q, k, v, causal=causal, attn_mask=mask, scale=scale)
+            if kvcache.reducible(k, config, causal_grouping):
+                if reduced_keys is not None and reduced_keys.config != config:
+                    raise ValueError(f"reduced_keys holds keys reduced for {reduced_keys.config}, not {config}")
+                keys = (reduced_keys or kvcache.ReducedKeys(config)).update(k)
+                return decode.decode_attention(q, k, v, causal=causal, attn_mask=mask, scale=scale, reduced=keys)
+    if backend == "triton" and (needs_grad or config.sampled == "k"):
         from . import autograd
 
         return autograd.attention(q, k, v, causal=causal, attn_mask=mask, scale=scale, config=config,
                                   causal_grouping=causal_grouping)
     if backend == "triton":
-        from .kernels import decode, prefill
+        from .kernels import prefill
 
-        if decode.supports(q, k, config) is None:
-            return decode.decode_attention(q, k, v, causal=causal, attn_mask=mask, scale=scale)
         return prefill.distr_attention_triton(q, k, v, causal=causal, attn_mask=mask, scale=scale, config=config,
                                               causal_grouping=causal_grouping)
     return reference.attention(q, k, v, causal=causal, attn_mask=mask, scale=scale, config=config,

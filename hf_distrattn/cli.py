@@ -53,9 +53,10 @@ def _bench(args) -> None:
 
     if not torch.cuda.is_available():
         raise ValueError("the benchmark needs a CUDA GPU")
-    from .eval import activation_error, bench_e2e, bench_kernels
+    from .eval import activation_error, bench_decode, bench_e2e, bench_kernels
 
     bench_kernels.main(["--json", f"{args.out}/kernels.json", "--markdown", f"{args.out}/kernels.md"])
+    bench_decode.main(["--json", f"{args.out}/decode.json", "--markdown", f"{args.out}/decode.md"])
     bench_e2e.main(["--json", f"{args.out}/e2e.json", "--markdown", f"{args.out}/e2e.md"])
     captured = [(flag, value) for flag, value in (("--lm", args.lm), ("--text-file", args.text_file),
                                                   ("--vit", args.vit), ("--dataset", args.dataset)) if value]

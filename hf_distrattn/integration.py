@@ -3,7 +3,9 @@
 Transformers hands a custom attention function no mask unless a mask function is registered under the same
 name, so ``"distr"`` registers Transformers' own SDPA mask builder: a boolean ``(B, 1, Nq, Nk)`` mask
 (True = keep), or ``None`` when the causal pattern alone describes the batch (then the module's
-``is_causal`` applies). A causal module always gets the causal grouping, mask or not.
+``is_causal`` applies). A causal module always gets the causal grouping, mask or not; with ``sampled="k"`` it
+also keeps its keys in reduced form across decoding calls (:mod:`hf_distrattn.kvcache`), forgotten whenever a
+call has no past (a new sequence).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .api import DEFAULT_CONFIG, distr_attention
 from .config import DistrConfig
+from .kvcache import ReducedKeys
 
 NAME = "distr"
 UNSUPPORTED_KWARGS = ("softcap", "sliding_window", "s_aux")
@@ -32,8 +35,16 @@ def distr_attention_forward(module: torch.nn.Module, query, key, value, attentio
     causal = False
     if attention_mask is None:
         causal = bool(is_causal if is_causal is not None else module_causal) and query.shape[2] > 1
+    reduced_keys = None
+    if module_causal and config.sampled == "k" and not config.exact:
+        reduced_keys = getattr(module, "distr_reduced_keys", None)
+        if reduced_keys is None or reduced_keys.config != config:
+            reduced_keys = module.distr_reduced_keys = ReducedKeys(config)
+        if query.shape[2] == key.shape[2]:
+            reduced_keys.reset()
     out = distr_attention(query, key, value, causal=causal, attn_mask=attention_mask, scale=scaling,
-                          config=config, dropout_p=dropout, causal_grouping=module_causal or causal)
+                          config=config, dropout_p=dropout, causal_grouping=module_causal or causal,
+                          reduced_keys=reduced_keys)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -89,8 +89,6 @@ def test_triton_backend_refuses_unsupported_calls():
     q = rand(1, 2, 8, 64)
     with pytest.raises(ValueError, match="block_size 24"):
         distr_attention(q, q, q, config=triton_config(block_size=24))
-    with pytest.raises(ValueError, match="sampled='k'"):
-        distr_attention(q, q, q, config=triton_config(sampled="k"))
     with pytest.raises(ValueError, match="< 16"):
         distr_attention(q, q, q, config=triton_config(group_size=8))
     q96 = rand(1, 2, 8, 96)
@@ -180,3 +178,66 @@ def test_decode_kernel(n_q, n_k, heads, causal, mask_kind, splits):
 
 
 EXACT_TRITON = DistrConfig(group_size=1, backend="triton")
+
+
+@pytest.mark.parametrize("group,block,n_q,n_k,heads,dtype,mask_kind", [
+    (2, 16, 1, 75, (8, 2), torch.float32, None), (4, 16, 3, 64, (4, 2), torch.float32, "bool"),
+    (2, 32, 2, 100, (2, 2), torch.float32, "additive"), (2, 16, 1, 50, (8, 2), torch.float16, None),
+    (2, 16, 1, 12, (4, 2), torch.float32, None),  # all keys in the exact first block
+])
+def test_reduced_key_decode_matches_reference(group, block, n_q, n_k, heads, dtype, mask_kind):
+    """sampled="k" decoding reads keys in reduced form; it must equal the reference approximation of the same
+    call (causal grouping of the key blocks), and a cache built step by step must equal one built at once."""
+    from hf_distrattn.kvcache import ReducedKeys
+
+    config = triton_config(group_size=group, block_size=block, sampled="k")
+    q, k, v = (rand(2, h, n, 32, seed=30 + i).to(dtype) for i, (h, n) in enumerate(
+        [(heads[0], n_q), (heads[1], n_k), (heads[1], n_k)]))
+    mask = None
+    if mask_kind == "bool":
+        mask = rand(2, 1, n_q, n_k, seed=33) > -0.5
+    elif mask_kind == "additive":
+        mask = rand(1, heads[0], n_q, n_k, seed=34)
+    keys = ReducedKeys(config)
+    for n in range(1, n_k, 7):  # grow the cache as generation does
+        distr_attention(q[:, :, :1], k[:, :, :n], v[:, :, :n], config=config, causal_grouping=True, reduced_keys=keys)
+    out = distr_attention(q, k, v, causal=True, attn_mask=mask, config=config, reduced_keys=keys)
+    assert keys.length == n_k // block * block  # complete blocks reduced, the last one fused in the kernel
+    ref, _ = reference.attention(q.double(), k.double(), v.double(), causal=True, attn_mask=mask, config=config,
+                                 causal_grouping=True)
+    tol = 2e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    fresh = distr_attention(q, k, v, causal=True, attn_mask=mask, config=config)
+    torch.testing.assert_close(out, fresh, atol=tol, rtol=tol)
+    if n_k > block:
+        exact, _ = reference.attention(q.double(), k.double(), v.double(), causal=True, attn_mask=mask)
+        assert (exact - ref).abs().max() > 1e-2  # the keys really are approximated
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sampled_k_prefill_matches_reference(causal):
+    """sampled="k" prefill on the kernel path: keys projected per block (K̃ = K M), then the exact kernel."""
+    config = triton_config(group_size=2, block_size=16, sampled="k")
+    q, k, v = rand(2, 4, 40, 32, seed=50), rand(2, 2, 40, 32, seed=51), rand(2, 2, 40, 32, seed=52)
+    assert selected_backend(q, config) == "triton"
+    out = distr_attention(q, k, v, causal=causal, config=config)
+    ref, _ = reference.attention(q.double(), k.double(), v.double(), causal=causal, config=config,
+                                 causal_grouping=causal)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+def test_reduced_key_decode_reads_no_full_key_after_the_first_block():
+    """Once reduced, keys after block 0 are read only in reduced form: poisoning them in the full cache changes
+    nothing (a kernel that read them would return NaN)."""
+    from hf_distrattn.kvcache import ReducedKeys
+
+    config = triton_config(group_size=2, block_size=16, sampled="k")
+    q, k, v = rand(1, 4, 1, 32, seed=40), rand(1, 2, 70, 32, seed=41), rand(1, 2, 70, 32, seed=42)
+    keys = ReducedKeys(config)
+    out = distr_attention(q, k, v, config=config, causal_grouping=True, reduced_keys=keys)
+    poisoned = k.clone()
+    poisoned[:, :, 16:64] = float("nan")  # blocks 1-3 are complete; block 4 (keys 64-69) is read whole
+    again = distr_attention(q, poisoned, v, config=config, causal_grouping=True, reduced_keys=keys)
+    assert torch.equal(out, again)
+    with pytest.raises(ValueError, match="reduced_keys"):
+        distr_attention(q, k, v, config=config.replace(group_size=4), causal_grouping=True, reduced_keys=keys)

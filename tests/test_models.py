@@ -181,3 +181,26 @@ def test_causal_lm_logits_do_not_see_later_tokens(group):
     changed[0, 20] = (changed[0, 20] + 1) % 97
     before, after = model(ids).logits[0, :20], model(changed).logits[0, :20]
     torch.testing.assert_close(before, after, atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_decoding_with_reduced_keys_equals_the_prefill_approximation():
+    """sampled="k": generation reads the keys in reduced form (kernel path, kept across calls on each layer) and
+    must compute exactly the approximation a forward over the whole sequence computes, across block boundaries."""
+    import os
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, _ = tiny_llama()
+    model.to(device)
+    ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(4)).to(device)
+    exact = model(torch.cat([ids, ids, ids], 1)).logits
+    model.set_attn_implementation("distr")
+    configure(model, DistrConfig(group_size=2, block_size=16, sampled="k", backend="triton"))
+    out = model.generate(ids, max_new_tokens=22, min_new_tokens=22, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, pad_token_id=0)
+    assert all(m.distr_reduced_keys.length == 32 for m in hf_distrattn.integration.attention_modules(model))
+    whole = model(out.sequences).logits[0, 11:-1]
+    torch.testing.assert_close(torch.stack(out.logits)[:, 0], whole, atol=1e-4, rtol=1e-4)
+    assert (model(torch.cat([ids, ids, ids], 1)).logits - exact).abs().max() > 1e-3  # approximated

@@ -1,4 +1,4 @@
-r"""Split-KV decode kernel (exact attention, ``G = 1``) for a few queries against a long KV cache.
+r"""Split-KV decode kernel for a few queries against a long KV cache: exact, or reading the keys in reduced form.
 
 Decode reads the whole cache for a handful of queries, so it is bound by memory traffic, and one program per
 head leaves most of the GPU idle. Here the keys are cut into ``S`` splits; one program per
@@ -7,7 +7,9 @@ once per KV head) over its split, and writes a partial ``o_s`` with its log-sum-
 
     m = max_s ℓ_s,  o = Σ_s e^{ℓ_s − m} o_s / Σ_s e^{ℓ_s − m},  ℓ = m + log Σ_s e^{ℓ_s − m},
 
-is the same associative combine that tree attention does across GPUs.
+is the same associative combine that tree attention does across GPUs. With ``sampled="k"`` DistrAttention the
+keys after the first block come reduced (:mod:`hf_distrattn.kvcache`): a tile of key block ``j`` scores
+``(Wt_j q) · u_s``, so ``d/G`` of each key is read instead of ``d`` (values whole).
 """
 
 from __future__ import annotations
@@ -25,11 +27,19 @@ MAX_QUERIES = 16
 
 
 @triton.jit
-def _decode_split(Q, K, V, Mask, Out, Lse, scale, n_q, n_k, heads_kv, rep, chunk,
-                  sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b, sm_h, sm_m,
-                  so_b, so_h, so_m, so_s, sl_b, sl_h, sl_m,
+def _scores(q, kt, qk_scale, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(q, kt, input_precision="ieee") * qk_scale
+    return tl.dot(q, kt) * qk_scale
+
+
+@triton.jit
+def _decode_split(Q, K, V, UK, Grp, W, Mask, Out, Lse, scale, n_q, n_k, n_reduced, heads_kv, rep, chunk,
+                  sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, su_b, su_h, su_n, sg_b, sg_h, sg_blk,
+                  sm_b, sm_h, sm_m, so_b, so_h, so_m, so_s, sl_b, sl_h, sl_m,
                   CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+                  DG: tl.constexpr):
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // heads_kv
@@ -40,6 +50,7 @@ def _decode_split(Q, K, V, Mask, Out, Lse, scale, n_q, n_k, heads_kv, rep, chunk
     row_ok = rows < rep * n_q
     h = hk * rep + r
     offs_d = tl.arange(0, D)
+    offs_g = tl.arange(0, DG)
     q = tl.load(Q + b * sq_b + h[:, None] * sq_h + i[:, None] * sq_m + offs_d[None, :], mask=row_ok[:, None],
                 other=0.0)
     qk_scale = scale * 1.4426950408889634
@@ -51,14 +62,25 @@ def _decode_split(Q, K, V, Mask, Out, Lse, scale, n_q, n_k, heads_kv, rep, chunk
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_range = offs_n < hi
-        kt = tl.load(K + b * sk_b + hk * sk_h + offs_n[None, :] * sk_n + offs_d[:, None], mask=in_range[None, :],
-                     other=0.0)
         vt = tl.load(V + b * sv_b + hk * sv_h + offs_n[:, None] * sv_n + offs_d[None, :], mask=in_range[:, None],
                      other=0.0)
-        if IEEE:
-            s = tl.dot(q, kt, input_precision="ieee") * qk_scale
+        k_ptrs = K + b * sk_b + hk * sk_h + offs_n[None, :] * sk_n + offs_d[:, None]
+        reduced = False
+        if G > 1:
+            reduced = start_n >= BLOCK_N  # the first key block is exact
+        if reduced:  # key block j fused: u_q = Wt_j q, Wt_j[g, c] = W[c]·[Grp[c] = g]; keys Wt_j k
+            g_ptrs = b * sg_b + hk * sg_h + (start_n // BLOCK_N) * sg_blk + offs_d
+            wt = tl.where(tl.load(Grp + g_ptrs)[None, :] == offs_g[:, None], tl.load(W + g_ptrs)[None, :], 0.0)
+            wt = wt.to(q.dtype)
+            uq = _scores(q, tl.trans(wt), 1.0, IEEE).to(q.dtype)  # (BLOCK_M, DG)
+            if start_n < n_reduced:  # stored reduced: d/G of each key read
+                ukt = tl.load(UK + b * su_b + hk * su_h + offs_n[None, :] * su_n + offs_g[:, None],
+                              mask=in_range[None, :], other=0.0)
+            else:  # the block being filled: full keys, fused here
+                ukt = _scores(wt, tl.load(k_ptrs, mask=in_range[None, :], other=0.0), 1.0, IEEE).to(q.dtype)
+            s = _scores(uq, ukt, qk_scale, IEEE)
         else:
-            s = tl.dot(q, kt) * qk_scale
+            s = _scores(q, tl.load(k_ptrs, mask=in_range[None, :], other=0.0), qk_scale, IEEE)
         keep = in_range[None, :] & row_ok[:, None]
         if CAUSAL:
             keep = keep & (offs_n[None, :] <= i[:, None] + (n_k - n_q))
@@ -90,10 +112,10 @@ def _merge_splits(Part, PartLse, Out, Lse, splits, so_row, sl_row, S_PAD: tl.con
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, config) -> str | None:
-    """``None`` if the decode kernel takes this call (exact, few queries), else why not."""
+    """``None`` if the decode kernel takes this call (few queries; exact, or keys in reduced form), else why not."""
     d = q.shape[-1]
-    if config.group_size != 1:
-        return "group_size > 1"
+    if config.group_size != 1 and config.sampled != "k":
+        return "group_size > 1 with sampled='q'"
     if q.shape[2] > MAX_QUERIES:
         return f"{q.shape[2]} queries > {MAX_QUERIES}"
     if (q.shape[1] // k.shape[1]) * q.shape[2] > 128:
@@ -114,12 +136,26 @@ def num_splits(batch_heads_kv: int, n_k: int, block_n: int, device) -> int:
     return max(1, min(triton.cdiv(2 * sms, batch_heads_kv), triton.cdiv(n_k, 4 * block_n)))
 
 
-def decode_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, block_n: int = 64, splits=None):
-    """Exact attention for ``Nq ≤ 16`` queries; semantics of :func:`hf_distrattn.reference.attention`."""
+def decode_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, reduced=None, block_n: int = 64,
+                     splits=None):
+    """Attention for ``Nq ≤ 16`` queries; semantics of :func:`hf_distrattn.reference.attention`.
+
+    ``reduced``: ``None`` (exact), or the keys in the reduced form of :class:`hf_distrattn.kvcache.ReducedKeys`
+    (``sampled="k"``, causal grouping): ``(uk, grp, w, block_size, n_reduced)`` with ``uk`` ``(B, Hkv, ≥Nk, DG)``
+    valid for keys below ``n_reduced``, ``grp`` int32 and ``w`` float32 ``(B, Hkv, ≥n_blocks, d)``. Then the key
+    tiles are the grouping blocks: block 0 is read from ``k`` (it is exact), the keys below ``n_reduced`` from
+    ``uk`` only (``d/G`` of each key instead of ``d``), the block being filled from ``k``, fused in the kernel.
+    """
     batch, heads, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     rep = heads // h_kv
     scale = 1 / math.sqrt(d) if scale is None else scale
+    if reduced is None:
+        uk = grp = w = k
+        group, dg, n_reduced = 1, d, 0
+    else:
+        uk, grp, w, block_n, n_reduced = reduced
+        group, dg = 2, uk.shape[-1]  # any G > 1: the kernel only needs to know the keys are reduced
     splits = splits or num_splits(batch * h_kv, n_k, block_n, q.device)
     chunk = triton.cdiv(triton.cdiv(n_k, splits), block_n) * block_n
     splits = triton.cdiv(n_k, chunk)
@@ -127,12 +163,14 @@ def decode_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, block
     lse = torch.empty(batch, heads, n_q, splits, device=q.device, dtype=torch.float32)
     mask, mask_kind, mask_strides = mask_arguments(attn_mask, lse)
     _decode_split[(splits, batch * h_kv)](
-        q, k, v, mask, out, lse, scale, n_q, n_k, h_kv, rep, chunk,
+        q, k, v, uk, grp, w, mask, out, lse, scale, n_q, n_k, n_reduced, h_kv, rep, chunk,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), *mask_strides,
+        v.stride(0), v.stride(1), v.stride(2), uk.stride(0), uk.stride(1), uk.stride(2),
+        grp.stride(0), grp.stride(1), grp.stride(2), *mask_strides,
         out.stride(0), out.stride(1), out.stride(2), out.stride(3), lse.stride(0), lse.stride(1), lse.stride(2),
         CAUSAL=causal, MASK_KIND=mask_kind, IEEE=q.dtype == torch.float32,
-        BLOCK_M=max(16, triton.next_power_of_2(rep * n_q)), BLOCK_N=block_n, D=d, num_warps=4, num_stages=3,
+        BLOCK_M=max(16, triton.next_power_of_2(rep * n_q)), BLOCK_N=block_n, D=d, G=group, DG=dg,
+        num_warps=4, num_stages=3,
     )
     merged = torch.empty(batch, heads, n_q, d, device=q.device, dtype=q.dtype)
     merged_lse = torch.empty(batch, heads, n_q, device=q.device, dtype=torch.float32)
