@@ -21,6 +21,7 @@ from .config import DistrConfig
 from .grouping import approximate_operand
 from .kernels import backward, prefill
 from .kernels.grouping import group_queries
+from .kernels.grouping import takes as grouping_kernel_takes
 from .kernels.softmax import padded_width
 
 EXACT = DistrConfig(group_size=1, block_size=128)
@@ -55,15 +56,9 @@ class _Project(torch.autograd.Function):
         return _times_m(grad, wt, ctx.block, ctx.causal), None, None
 
 
-def _kernel_groups(x: torch.Tensor, config: DistrConfig) -> bool:
-    d = x.shape[-1]
-    return (config.reduce == "rank1" and config.grouping == "lsh" and not d & (d - 1)
-            and config.block_size in prefill.BLOCK_SIZES and config.num_hashes <= 16)
-
-
 def approximate(x: torch.Tensor, config: DistrConfig, causal: bool) -> torch.Tensor:
     """``X̃`` in ``x``'s dtype, differentiable with the grouping held constant (``causal``: causal grouping)."""
-    if _kernel_groups(x, config):
+    if config.reduce == "rank1" and grouping_kernel_takes(x, config):  # M = Wtᵀ Wt needs u = Wt x
         return _Project.apply(x, config, causal)
     return approximate_operand(x, config, causal).to(x.dtype)
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from .config import DistrConfig
-from .kernels.grouping import group_queries
+from .kernels.grouping import group_queries, takes
 from .kernels.softmax import padded_width
 
 
@@ -92,8 +92,4 @@ class ReducedKeys:
 
 def reducible(k: torch.Tensor, config: DistrConfig, causal_grouping: bool) -> bool:
     """Whether the keys of this call can be held in reduced form (the grouping kernel's settings)."""
-    from .kernels.prefill import BLOCK_SIZES
-
-    d = k.shape[-1]
-    return (config.sampled == "k" and not config.exact and causal_grouping and config.grouping == "lsh"
-            and not d & (d - 1) and config.block_size in BLOCK_SIZES and config.num_hashes <= 16)
+    return config.sampled == "k" and not config.exact and causal_grouping and takes(k, config)

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .softmax import key_range, mask_arguments, masked_scores, padded_width
+from .softmax import key_range, mask_arguments, masked_scores, padded_width, scores
 
 LOG2E = 1.4426950408889634
 
@@ -37,10 +37,7 @@ def _probs_t(a, bt_or_b, lse2, mask_base, offs_m, offs_n, n_q, n_k, qk_scale, TR
              MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr):
     """Recomputed probabilities: ``Pᵀ`` ``(BLOCK_N, BLOCK_M)`` if ``TRANSPOSED`` (``a`` = key tile, second
     argument the query tile transposed), else ``P`` ``(BLOCK_M, BLOCK_N)``."""
-    if IEEE:
-        s = tl.dot(a, bt_or_b, input_precision="ieee") * qk_scale
-    else:
-        s = tl.dot(a, bt_or_b) * qk_scale
+    s = scores(a, bt_or_b, qk_scale, IEEE)
     if TRANSPOSED:
         if MASKED:
             keep = (offs_n[:, None] < n_k) & (offs_m[None, :] < n_q)

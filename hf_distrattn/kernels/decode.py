@@ -21,16 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .softmax import finish, mask_arguments, masked_scores, online_softmax
+from .softmax import finish, mask_arguments, masked_scores, online_softmax, scores
 
 MAX_QUERIES = 16
-
-
-@triton.jit
-def _scores(q, kt, qk_scale, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(q, kt, input_precision="ieee") * qk_scale
-    return tl.dot(q, kt) * qk_scale
 
 
 @triton.jit
@@ -72,15 +65,15 @@ def _decode_split(Q, K, V, UK, Grp, W, Mask, Out, Lse, scale, n_q, n_k, n_reduce
             g_ptrs = b * sg_b + hk * sg_h + (start_n // BLOCK_N) * sg_blk + offs_d
             wt = tl.where(tl.load(Grp + g_ptrs)[None, :] == offs_g[:, None], tl.load(W + g_ptrs)[None, :], 0.0)
             wt = wt.to(q.dtype)
-            uq = _scores(q, tl.trans(wt), 1.0, IEEE).to(q.dtype)  # (BLOCK_M, DG)
+            uq = scores(q, tl.trans(wt), 1.0, IEEE).to(q.dtype)  # (BLOCK_M, DG)
             if start_n < n_reduced:  # stored reduced: d/G of each key read
                 ukt = tl.load(UK + b * su_b + hk * su_h + offs_n[None, :] * su_n + offs_g[:, None],
                               mask=in_range[None, :], other=0.0)
             else:  # the block being filled: full keys, fused here
-                ukt = _scores(wt, tl.load(k_ptrs, mask=in_range[None, :], other=0.0), 1.0, IEEE).to(q.dtype)
-            s = _scores(uq, ukt, qk_scale, IEEE)
+                ukt = scores(wt, tl.load(k_ptrs, mask=in_range[None, :], other=0.0), 1.0, IEEE).to(q.dtype)
+            s = scores(uq, ukt, qk_scale, IEEE)
         else:
-            s = _scores(q, tl.load(k_ptrs, mask=in_range[None, :], other=0.0), qk_scale, IEEE)
+            s = scores(q, tl.load(k_ptrs, mask=in_range[None, :], other=0.0), qk_scale, IEEE)
         keep = in_range[None, :] & row_ok[:, None]
         if CAUSAL:
             keep = keep & (offs_n[None, :] <= i[:, None] + (n_k - n_q))

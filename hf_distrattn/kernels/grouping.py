@@ -22,6 +22,15 @@ from ..config import DistrConfig
 from ..grouping import lsh_projections
 
 ROW_CHUNK = 16
+BLOCK_SIZES = (16, 32, 64, 128)
+
+
+def takes(x: torch.Tensor, config: DistrConfig) -> bool:
+    """Whether :func:`group_queries` takes ``x`` with these settings: LSH grouping, a power-of-two head dim, a
+    block size in :data:`BLOCK_SIZES`, at most 16 hash bits."""
+    d = x.shape[-1]
+    return (config.grouping == "lsh" and not d & (d - 1) and config.block_size in BLOCK_SIZES
+            and config.num_hashes <= 16)
 
 
 @triton.jit

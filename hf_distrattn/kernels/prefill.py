@@ -27,10 +27,8 @@ import triton
 import triton.language as tl
 
 from ..config import DistrConfig
-from .grouping import group_queries
-from .softmax import finish, key_range, mask_arguments, masked_scores, online_softmax, padded_width
-
-BLOCK_SIZES = (16, 32, 64, 128)
+from .grouping import BLOCK_SIZES, group_queries
+from .softmax import finish, key_range, mask_arguments, masked_scores, online_softmax, padded_width, scores
 
 
 @triton.jit
@@ -54,10 +52,7 @@ def _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, start_n, offs_m, n_q,
             kt = tl.dot(wt, kt, input_precision="ieee")
         else:
             kt = tl.dot(wt, kt).to(u.dtype)
-    if IEEE:
-        s = tl.dot(u, kt, input_precision="ieee") * qk_scale
-    else:
-        s = tl.dot(u, kt) * qk_scale
+    s = scores(u, kt, qk_scale, IEEE)
     if MASKED:
         keep = (offs_n[None, :] < n_k) & (offs_m[:, None] < n_q)
         if CAUSAL:

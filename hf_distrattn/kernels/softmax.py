@@ -37,6 +37,14 @@ def key_range(pid_m, n_q, n_k, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, BL
 
 
 @triton.jit
+def scores(a, bt, qk_scale, IEEE: tl.constexpr):
+    """``qk_scale · A Bᵀ`` of two tiles (``bt`` already transposed), float32 IEEE products when ``IEEE``."""
+    if IEEE:
+        return tl.dot(a, bt, input_precision="ieee") * qk_scale
+    return tl.dot(a, bt) * qk_scale
+
+
+@triton.jit
 def masked_scores(s, keep, mask_ptrs, MASK_KIND: tl.constexpr):
     """Scores (base-2 logits) with ``keep`` and the user mask applied: ``MASK_KIND`` 1 boolean, 2 additive."""
     if MASK_KIND == 1:
