@@ -4,9 +4,11 @@ Peers in the same run: SDPA as Transformers calls it (``enable_gqa=True``, defau
 backend (flash, cuDNN, memory-efficient; K/V repeated to the query heads where a backend refuses
 ``enable_gqa``), our exact split-KV kernel (``distr-G1``), and ``sampled="k"`` DistrAttention reading the keys
 in reduced form (:mod:`hf_distrattn.kvcache`), timed in the steady state of generation (reduced form up to
-date) and, separately, the update that reduces a completed key block (``update_us``, once per 64 tokens). Medians of
-``triton.testing.do_bench``; ``bytes`` is what the kernel must read (K and V, or reduced K, fuse data and V)
-and ``GB/s`` that over the time.
+date) and, separately, the update that reduces a completed key block (``update_us``, once per 64 tokens). Two
+times per step, medians of ``triton.testing.do_bench``: ``us``, eager calls back to back (what Python-driven
+generation pays, host launch overhead included), and ``graph_us``, ten steps captured in one CUDA graph and
+replayed (device time only, what a CUDA-graph decoder pays). ``bytes`` is what the kernel must read (K and V, or
+reduced K, fuse data and V) and ``GB/s`` that over the graph time.
 
     python -m hf_distrattn.eval.bench_decode --json results/decode.json --markdown results/decode.md
 """
@@ -67,6 +69,20 @@ def _distr(q, k, v, config):
     return step, (update if keys is not None else None)
 
 
+def graph_us(fn, steps: int = 10) -> float:
+    """Device time of one call of ``fn``: ``steps`` calls captured in a CUDA graph, replayed, median / steps."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graphs asks
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(steps):
+            fn()
+    return median_ms(graph.replay) * 1000 / steps
+
+
 def bench(cache_lens, head_dims, groups, batch=1, heads=(32, 8), block_size=64):
     rows = []
     for d in head_dims:
@@ -93,7 +109,8 @@ def bench(cache_lens, head_dims, groups, batch=1, heads=(32, 8), block_size=64):
                     else:
                         fn = _sdpa(q, k, v, setting)
                     row["us"] = median_ms(fn) * 1000
-                    row["gb_per_s"] = nbytes / row["us"] / 1e3
+                    row["graph_us"] = graph_us(fn)
+                    row["gb_per_s"] = nbytes / row["graph_us"] / 1e3
                 except Exception as error:  # noqa: BLE001 - a peer that cannot run this shape is reported
                     row["error"] = str(error).splitlines()[0][:200]
                 rows.append(row)
@@ -104,18 +121,18 @@ def bench(cache_lens, head_dims, groups, batch=1, heads=(32, 8), block_size=64):
 def markdown(rows) -> str:
     keys = sorted({(r["d"], r["cache"]) for r in rows})
     names = list(dict.fromkeys(r["method"] for r in rows))
-    lines = ["Decode step, µs (speed-up over sdpa) [update µs]", "",
+    lines = ["Decode step, µs: eager calls / CUDA graph (graph speed-up over sdpa's graph) [update µs]", "",
              "| d | cached tokens | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
     for d, n in keys:
         by = {r["method"]: r for r in rows if (r["d"], r["cache"]) == (d, n)}
-        base = by.get("sdpa", {}).get("us")
+        base = by.get("sdpa", {}).get("graph_us")
         cells = []
         for name in names:
             r = by.get(name, {})
-            if "us" not in r:
+            if "graph_us" not in r:
                 cells.append("—")
                 continue
-            cell = f"{r['us']:.1f}" + (f" ({base / r['us']:.2f}×)" if base else "")
+            cell = f"{r['us']:.1f} / {r['graph_us']:.1f}" + (f" ({base / r['graph_us']:.2f}×)" if base else "")
             cells.append(cell + (f" [{r['update_us']:.0f}]" if "update_us" in r else ""))
         lines.append(f"| {d} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

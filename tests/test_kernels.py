@@ -214,6 +214,23 @@ def test_reduced_key_decode_matches_reference(group, block, n_q, n_k, heads, dty
         assert (exact - ref).abs().max() > 1e-2  # the keys really are approximated
 
 
+@pytest.mark.parametrize("splits", [1, 3, 5])
+def test_reduced_key_decode_is_the_same_for_any_split(splits):
+    """The split-KV kernel's three key loops (exact block 0, reduced blocks, the block being filled) must cover
+    each key once whichever split a block boundary falls in."""
+    from hf_distrattn.kernels.decode import decode_attention
+    from hf_distrattn.kvcache import ReducedKeys
+
+    config = triton_config(group_size=2, block_size=16, sampled="k")
+    q, k, v = rand(1, 4, 2, 32, seed=60), rand(1, 2, 90, 32, seed=61), rand(1, 2, 90, 32, seed=62)
+    reduced = ReducedKeys(config).update(k)
+    out, lse = decode_attention(q, k, v, causal=True, reduced=reduced, splits=splits)
+    ref, ref_lse = reference.attention(q.double(), k.double(), v.double(), causal=True, config=config,
+                                       causal_grouping=True)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.double(), ref_lse.double(), atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_sampled_k_prefill_matches_reference(causal):
     """sampled="k" prefill on the kernel path: keys projected per block (K̃ = K M), then the exact kernel."""

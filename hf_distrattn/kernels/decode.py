@@ -24,6 +24,27 @@ import triton.language as tl
 from .softmax import finish, mask_arguments, masked_scores, online_softmax, scores
 
 MAX_QUERIES = 16
+PROGRAMS_PER_SM = 2
+LAUNCH = {"num_warps": 4, "num_stages": 3}
+
+
+@triton.jit
+def _fold(acc, l_i, m_i, s, vt, offs_n, hi, row_ok, i, mask_ptrs, n_q, n_k, CAUSAL: tl.constexpr,
+          MASK_KIND: tl.constexpr, IEEE: tl.constexpr):
+    """Mask a tile of scores (keys ``offs_n`` below ``hi``) and fold it into the running softmax."""
+    keep = (offs_n < hi)[None, :] & row_ok[:, None]
+    if CAUSAL:
+        keep = keep & (offs_n[None, :] <= i[:, None] + (n_k - n_q))
+    s = masked_scores(s, keep, mask_ptrs + offs_n[None, :], MASK_KIND)
+    return online_softmax(acc, l_i, m_i, s, vt, IEEE)
+
+
+@triton.jit
+def _fuse_matrix(Grp, W, g_base, offs_d, offs_g, dtype):
+    """``Wt_j`` ``(DG, D)`` of a key block from each column's group and weight: ``Wt_j[g, c] = W[c]·[Grp[c] = g]``."""
+    wt = tl.where(tl.load(Grp + g_base + offs_d)[None, :] == offs_g[:, None], tl.load(W + g_base + offs_d)[None, :],
+                  0.0)
+    return wt.to(dtype)
 
 
 @triton.jit
@@ -44,42 +65,51 @@ def _decode_split(Q, K, V, UK, Grp, W, Mask, Out, Lse, scale, n_q, n_k, n_reduce
     h = hk * rep + r
     offs_d = tl.arange(0, D)
     offs_g = tl.arange(0, DG)
+    offs_t = tl.arange(0, BLOCK_N)
     q = tl.load(Q + b * sq_b + h[:, None] * sq_h + i[:, None] * sq_m + offs_d[None, :], mask=row_ok[:, None],
                 other=0.0)
     qk_scale = scale * 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
+    k_base = K + b * sk_b + hk * sk_h
+    v_base = V + b * sv_b + hk * sv_h
+    g_base = b * sg_b + hk * sg_h
+    mask_ptrs = Mask + b * sm_b + h[:, None] * sm_h + i[:, None] * sm_m
     lo = split * chunk
     hi = tl.minimum(lo + chunk, n_k)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        in_range = offs_n < hi
-        vt = tl.load(V + b * sv_b + hk * sv_h + offs_n[:, None] * sv_n + offs_d[None, :], mask=in_range[:, None],
-                     other=0.0)
-        k_ptrs = K + b * sk_b + hk * sk_h + offs_n[None, :] * sk_n + offs_d[:, None]
-        reduced = False
-        if G > 1:
-            reduced = start_n >= BLOCK_N  # the first key block is exact
-        if reduced:  # key block j fused: u_q = Wt_j q, Wt_j[g, c] = W[c]·[Grp[c] = g]; keys Wt_j k
-            g_ptrs = b * sg_b + hk * sg_h + (start_n // BLOCK_N) * sg_blk + offs_d
-            wt = tl.where(tl.load(Grp + g_ptrs)[None, :] == offs_g[:, None], tl.load(W + g_ptrs)[None, :], 0.0)
-            wt = wt.to(q.dtype)
+    # three loops without branches inside, so that their loads pipeline: exact keys (all of them at G = 1,
+    # else block 0), keys stored reduced, and the block being filled (full keys fused here)
+    exact_hi = hi
+    fused_lo = hi
+    if G > 1:
+        exact_hi = tl.minimum(hi, BLOCK_N)
+        fused_lo = tl.maximum(tl.maximum(lo, BLOCK_N), n_reduced)
+    for start_n in range(lo, exact_hi, BLOCK_N):
+        offs_n = start_n + offs_t
+        kt = tl.load(k_base + offs_n[None, :] * sk_n + offs_d[:, None], mask=offs_n[None, :] < hi, other=0.0)
+        vt = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :], mask=offs_n[:, None] < hi, other=0.0)
+        acc, l_i, m_i = _fold(acc, l_i, m_i, scores(q, kt, qk_scale, IEEE), vt, offs_n, hi, row_ok, i, mask_ptrs,
+                              n_q, n_k, CAUSAL, MASK_KIND, IEEE)
+    if G > 1:  # key block j scores (Wt_j q) · u_s
+        for start_n in range(tl.maximum(lo, BLOCK_N), tl.minimum(hi, n_reduced), BLOCK_N):
+            offs_n = start_n + offs_t
+            wt = _fuse_matrix(Grp, W, g_base + (start_n // BLOCK_N) * sg_blk, offs_d, offs_g, q.dtype)
             uq = scores(q, tl.trans(wt), 1.0, IEEE).to(q.dtype)  # (BLOCK_M, DG)
-            if start_n < n_reduced:  # stored reduced: d/G of each key read
-                ukt = tl.load(UK + b * su_b + hk * su_h + offs_n[None, :] * su_n + offs_g[:, None],
-                              mask=in_range[None, :], other=0.0)
-            else:  # the block being filled: full keys, fused here
-                ukt = scores(wt, tl.load(k_ptrs, mask=in_range[None, :], other=0.0), 1.0, IEEE).to(q.dtype)
-            s = scores(uq, ukt, qk_scale, IEEE)
-        else:
-            s = scores(q, tl.load(k_ptrs, mask=in_range[None, :], other=0.0), qk_scale, IEEE)
-        keep = in_range[None, :] & row_ok[:, None]
-        if CAUSAL:
-            keep = keep & (offs_n[None, :] <= i[:, None] + (n_k - n_q))
-        mask_ptrs = Mask + b * sm_b + h[:, None] * sm_h + i[:, None] * sm_m + offs_n[None, :]
-        s = masked_scores(s, keep, mask_ptrs, MASK_KIND)
-        acc, l_i, m_i = online_softmax(acc, l_i, m_i, s, vt, IEEE)
+            ukt = tl.load(UK + b * su_b + hk * su_h + offs_n[None, :] * su_n + offs_g[:, None],
+                          mask=offs_n[None, :] < hi, other=0.0)
+            vt = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :], mask=offs_n[:, None] < hi, other=0.0)
+            acc, l_i, m_i = _fold(acc, l_i, m_i, scores(uq, ukt, qk_scale, IEEE), vt, offs_n, hi, row_ok, i,
+                                  mask_ptrs, n_q, n_k, CAUSAL, MASK_KIND, IEEE)
+        for start_n in range(fused_lo, hi, BLOCK_N):
+            offs_n = start_n + offs_t
+            wt = _fuse_matrix(Grp, W, g_base + (start_n // BLOCK_N) * sg_blk, offs_d, offs_g, q.dtype)
+            uq = scores(q, tl.trans(wt), 1.0, IEEE).to(q.dtype)
+            kt = tl.load(k_base + offs_n[None, :] * sk_n + offs_d[:, None], mask=offs_n[None, :] < hi, other=0.0)
+            ukt = scores(wt, kt, 1.0, IEEE).to(q.dtype)
+            vt = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :], mask=offs_n[:, None] < hi, other=0.0)
+            acc, l_i, m_i = _fold(acc, l_i, m_i, scores(uq, ukt, qk_scale, IEEE), vt, offs_n, hi, row_ok, i,
+                                  mask_ptrs, n_q, n_k, CAUSAL, MASK_KIND, IEEE)
     out, lse = finish(acc, l_i, m_i)
     o_ptrs = Out + b * so_b + h[:, None] * so_h + i[:, None] * so_m + split * so_s + offs_d[None, :]
     tl.store(o_ptrs, out, mask=row_ok[:, None])
@@ -124,9 +154,10 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def num_splits(batch_heads_kv: int, n_k: int, block_n: int, device) -> int:
-    """Enough splits for about two programs per multiprocessor, each with at least 4 key tiles."""
+    """Enough splits for about :data:`PROGRAMS_PER_SM` programs per multiprocessor, each with at least 4 key
+    tiles."""
     sms = _multiprocessors(device)
-    return max(1, min(triton.cdiv(2 * sms, batch_heads_kv), triton.cdiv(n_k, 4 * block_n)))
+    return max(1, min(triton.cdiv(PROGRAMS_PER_SM * sms, batch_heads_kv), triton.cdiv(n_k, 4 * block_n)))
 
 
 def decode_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, reduced=None, block_n: int = 64,
@@ -163,7 +194,7 @@ def decode_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, reduc
         out.stride(0), out.stride(1), out.stride(2), out.stride(3), lse.stride(0), lse.stride(1), lse.stride(2),
         CAUSAL=causal, MASK_KIND=mask_kind, IEEE=q.dtype == torch.float32,
         BLOCK_M=max(16, triton.next_power_of_2(rep * n_q)), BLOCK_N=block_n, D=d, G=group, DG=dg,
-        num_warps=4, num_stages=3,
+        **LAUNCH,
     )
     merged = torch.empty(batch, heads, n_q, d, device=q.device, dtype=q.dtype)
     merged_lse = torch.empty(batch, heads, n_q, device=q.device, dtype=torch.float32)
