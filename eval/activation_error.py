@@ -24,7 +24,7 @@ from .common import EvalError, parse_settings, pick_device, write_results
 CAPTURE = "hf_distrattn_capture"
 DEFAULT_SPECS = ["distr:group_size=2", "distr:group_size=4", "distr:group_size=2,block_size=16",
                  "distr:group_size=4,block_size=16", "distr:group_size=2,grouping=random",
-                 "distr:group_size=2,grouping=truncate"]
+                 "distr:group_size=2,grouping=truncate", "distr:group_size=2,grouping=match"]
 
 
 def capture(model, inputs: dict) -> list[dict]:

@@ -9,7 +9,7 @@ from typing import Any, Literal
 SAMPLED = ("q", "k")
 REDUCTIONS = ("rank1", "sample")
 BACKENDS = ("auto", "reference", "triton")
-GROUPINGS = ("lsh", "random", "truncate")
+GROUPINGS = ("lsh", "random", "truncate", "match")
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,8 @@ class DistrConfig:
         backend: ``"auto"`` (Triton on CUDA where supported, else the PyTorch reference),
             ``"reference"`` or ``"triton"`` (error if the kernel cannot take the call).
         grouping: ``"lsh"`` (the method); ablations for the eval tables: ``"random"`` (a seeded random column
-            grouping per block) and ``"truncate"`` (no grouping: scores from the first ``d/G`` dimensions only).
+            grouping per block), ``"truncate"`` (no grouping: scores from the first ``d/G`` dimensions only) and
+            ``"match"`` (greedy matching of the columns by ``|cos|``: the yardstick for the hash; reference only).
         exact_layers: layer indices that :func:`hf_distrattn.configure` keeps exact (``G = 1``) when it applies
             this config to a whole model; written ``exact_layers=0+1`` in a spec. Ignored by single calls.
     """
@@ -43,7 +44,7 @@ class DistrConfig:
     sampled: Literal["q", "k"] = "q"
     reduce: Literal["rank1", "sample"] = "rank1"
     backend: Literal["auto", "reference", "triton"] = "auto"
-    grouping: Literal["lsh", "random", "truncate"] = "lsh"
+    grouping: Literal["lsh", "random", "truncate", "match"] = "lsh"
     exact_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:

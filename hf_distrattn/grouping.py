@@ -31,7 +31,10 @@ exact (``X̃ = X``): every ``x̃_i`` is a function of rows ``≤ i`` only. Same 
 block stale, and calls with at most ``block_size`` rows are exact.
 
 Ablations (``DistrConfig.grouping``): ``"random"`` groups the columns of each block by a seeded random
-permutation; ``"truncate"`` keeps the first ``d/G`` columns and drops the rest (no grouping, no fuse).
+permutation; ``"truncate"`` keeps the first ``d/G`` columns and drops the rest (no grouping, no fuse);
+``"match"`` is the yardstick LSH approximates: a greedy matching of the columns by ``|cos|`` (the rank-1 fit is
+blind to a column's sign), pairs of pairs at the next level for ``G = 4`` and so on (:func:`match_permutation`;
+``d/2 + d/4 + …`` sequential steps per block, reference only).
 
 Grouping is locality-sensitive hashing of the columns of a block: each column ``x_c ∈ ℝ^{block_size}`` is
 projected on ``num_hashes`` seeded Gaussian directions, the signs give a bucket code
@@ -64,6 +67,41 @@ def lsh_permutation(blocks: torch.Tensor, num_hashes: int, seed: int) -> torch.T
     weights = 2 ** torch.arange(num_hashes, device=blocks.device, dtype=torch.int64)
     code = (bits.to(torch.int64) * weights).sum(-1)
     return torch.argsort(code * d + torch.arange(d, device=blocks.device), dim=-1)
+
+
+def _rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t[..., index, :]`` batched: rows ``index`` ``(..., k)`` of ``t`` ``(..., n, m)``."""
+    return t.gather(-2, index[..., None].expand(*index.shape, t.shape[-1]))
+
+
+def match_permutation(blocks: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Column order of each block from a greedy matching, groups of ``group_size`` adjacent.
+
+    blocks: ``(..., block_size, d)``. Level 1 repeatedly takes the two unmatched columns of largest ``|cos|``; each
+    pair is then represented by ``x̂_a ± x̂_b`` (unit columns, the sign of their cosine) and level 2 matches the
+    pairs the same way, until groups hold ``group_size`` columns. Returns int64 ``(..., n_blocks, d)``.
+    """
+    d = blocks.shape[-1]
+    reps = blocks.transpose(-1, -2)  # (..., items, rows): one representative per group so far
+    members = torch.arange(d, device=blocks.device)[:, None].expand(*blocks.shape[:-2], d, 1)
+    while members.shape[-1] < group_size:
+        unit = reps / reps.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+        cos = unit @ unit.transpose(-1, -2)
+        items = cos.shape[-1]
+        free = torch.ones(cos.shape[:-1], dtype=torch.bool, device=cos.device)
+        scores = cos.abs().masked_fill(torch.eye(items, dtype=torch.bool, device=cos.device), -1.0)
+        firsts, seconds = [], []
+        for _ in range(items // 2):
+            flat = scores.masked_fill(~(free[..., :, None] & free[..., None, :]), -2.0).flatten(-2).argmax(-1)
+            a, b = flat // items, flat % items
+            free = free.scatter(-1, a[..., None], False).scatter(-1, b[..., None], False)
+            firsts.append(a)
+            seconds.append(b)
+        a, b = torch.stack(firsts, -1), torch.stack(seconds, -1)  # (..., items/2)
+        sign = torch.where(_rows(cos, a).gather(-1, b[..., None]) < 0, -1.0, 1.0)
+        reps = _rows(unit, a) + sign * _rows(unit, b)
+        members = torch.cat([_rows(members, a), _rows(members, b)], -1)
+    return members.flatten(-2)
 
 
 def top_eigenvector(gram: torch.Tensor, squarings: int = 8) -> torch.Tensor:
@@ -120,6 +158,8 @@ def group_blocks(x: torch.Tensor, config: DistrConfig,
     if config.grouping == "random":
         noise = torch.rand(blocks.shape[:-2] + (d,), generator=torch.Generator().manual_seed(config.seed))
         perm = torch.argsort(noise, dim=-1).to(x.device)
+    elif config.grouping == "match":
+        perm = match_permutation(source, group)
     else:
         perm = lsh_permutation(source, config.num_hashes, config.seed)
 

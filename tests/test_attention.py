@@ -248,8 +248,23 @@ def test_ablation_groupings():
     assert lsh_err < 1e-4 * pairs.norm() < random_err
 
 
+@pytest.mark.parametrize("group", [2, 4])
+def test_match_grouping_finds_signed_groups(group):
+    """Columns that come in groups of G parallel or anti-parallel copies, shuffled: the greedy matching finds the
+    groups (X̃ = X, the rank-1 fit is sign-blind); LSH's sign bits split anti-parallel copies."""
+    base = rand(1, 2, 16, 32 // group, seed=5)
+    signs = torch.tensor([1.0, -2.0, 0.5, -1.5][:group], dtype=base.dtype)
+    x = (base[..., None] * signs).flatten(-2)[..., torch.randperm(32, generator=torch.Generator().manual_seed(0))]
+    config = DistrConfig(group_size=group, block_size=16, grouping="match")
+    assert (approximate_operand(x, config) - x).norm() < 1e-6 * x.norm()
+    assert (approximate_operand(x, config.replace(grouping="lsh")) - x).norm() > 0.1 * x.norm()
+    from hf_distrattn.kernels import prefill
+
+    assert "reference only" in prefill.supports(x, config)  # an ablation: the kernels refuse it
+
+
 @pytest.mark.parametrize("grouping,reduce", [("lsh", "rank1"), ("lsh", "sample"), ("random", "rank1"),
-                                             ("truncate", "rank1")])
+                                             ("truncate", "rank1"), ("match", "rank1")])
 def test_causal_grouping_reads_no_later_row(grouping, reduce):
     """Causal grouping: row i of X̃ is a function of rows ≤ i, and the first block is X itself. The block-wise
     grouping is not causal: changing a row changes earlier rows of its block."""
