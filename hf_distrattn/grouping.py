@@ -79,7 +79,8 @@ def match_permutation(blocks: torch.Tensor, group_size: int) -> torch.Tensor:
 
     blocks: ``(..., block_size, d)``. Level 1 repeatedly takes the two unmatched columns of largest ``|cos|``; each
     pair is then represented by ``x̂_a ± x̂_b`` (unit columns, the sign of their cosine) and level 2 matches the
-    pairs the same way, until groups hold ``group_size`` columns. Returns int64 ``(..., n_blocks, d)``.
+    pairs the same way, until groups hold ``group_size`` columns. Returns int64 ``(..., d)``, a permutation of
+    ``0..d-1`` per block.
     """
     d = blocks.shape[-1]
     reps = blocks.transpose(-1, -2)  # (..., items, rows): one representative per group so far

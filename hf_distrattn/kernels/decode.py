@@ -40,11 +40,12 @@ def _fold(acc, l_i, m_i, s, vt, offs_n, hi, row_ok, i, mask_ptrs, n_q, n_k, CAUS
 
 
 @triton.jit
-def _fuse_matrix(Grp, W, g_base, offs_d, offs_g, dtype):
-    """``Wt_j`` ``(DG, D)`` of a key block from each column's group and weight: ``Wt_j[g, c] = W[c]·[Grp[c] = g]``."""
+def _fuse_query(q, Grp, W, g_base, offs_d, offs_g, IEEE: tl.constexpr):
+    """``(Wt_j, Wt_j q)`` for key block ``j``: its fuse matrix ``(DG, D)`` from each column's group and weight,
+    ``Wt_j[g, c] = W[c]·[Grp[c] = g]``, and the queries in the block's reduced form ``(BLOCK_M, DG)``."""
     wt = tl.where(tl.load(Grp + g_base + offs_d)[None, :] == offs_g[:, None], tl.load(W + g_base + offs_d)[None, :],
-                  0.0)
-    return wt.to(dtype)
+                  0.0).to(q.dtype)
+    return wt, scores(q, tl.trans(wt), 1.0, IEEE).to(q.dtype)
 
 
 @triton.jit
@@ -94,8 +95,7 @@ def _decode_split(Q, K, V, UK, Grp, W, Mask, Out, Lse, scale, n_q, n_k, n_reduce
     if G > 1:  # key block j scores (Wt_j q) · u_s
         for start_n in range(tl.maximum(lo, BLOCK_N), tl.minimum(hi, n_reduced), BLOCK_N):
             offs_n = start_n + offs_t
-            wt = _fuse_matrix(Grp, W, g_base + (start_n // BLOCK_N) * sg_blk, offs_d, offs_g, q.dtype)
-            uq = scores(q, tl.trans(wt), 1.0, IEEE).to(q.dtype)  # (BLOCK_M, DG)
+            wt, uq = _fuse_query(q, Grp, W, g_base + (start_n // BLOCK_N) * sg_blk, offs_d, offs_g, IEEE)
             ukt = tl.load(UK + b * su_b + hk * su_h + offs_n[None, :] * su_n + offs_g[:, None],
                           mask=offs_n[None, :] < hi, other=0.0)
             vt = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :], mask=offs_n[:, None] < hi, other=0.0)
@@ -103,8 +103,7 @@ def _decode_split(Q, K, V, UK, Grp, W, Mask, Out, Lse, scale, n_q, n_k, n_reduce
                                   mask_ptrs, n_q, n_k, CAUSAL, MASK_KIND, IEEE)
         for start_n in range(fused_lo, hi, BLOCK_N):
             offs_n = start_n + offs_t
-            wt = _fuse_matrix(Grp, W, g_base + (start_n // BLOCK_N) * sg_blk, offs_d, offs_g, q.dtype)
-            uq = scores(q, tl.trans(wt), 1.0, IEEE).to(q.dtype)
+            wt, uq = _fuse_query(q, Grp, W, g_base + (start_n // BLOCK_N) * sg_blk, offs_d, offs_g, IEEE)
             kt = tl.load(k_base + offs_n[None, :] * sk_n + offs_d[:, None], mask=offs_n[None, :] < hi, other=0.0)
             ukt = scores(wt, kt, 1.0, IEEE).to(q.dtype)
             vt = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :], mask=offs_n[:, None] < hi, other=0.0)
