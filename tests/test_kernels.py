@@ -120,6 +120,25 @@ def test_grouping_kernel_matches_reference(reduce, group, block, d, n, causal):
     torch.testing.assert_close(wt[..., :dg, :], wt_ref, **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group,block,causal", [(2, 16, True), (4, 32, False), (2, 64, False)])
+def test_grouping_kernel_half_precision_groups_as_float32(dtype, group, block, causal):
+    """16-bit inputs take the tensor-core path (R in three 16-bit parts, one-hot products): the same groups as the
+    float32 path on the same values; a single 16-bit part of R flips hash bits and regroups whole blocks."""
+    if dtype == torch.bfloat16 and DEVICE == "cpu":
+        pytest.skip("the Triton CPU interpreter computes bf16 tl.dot wrongly (numpy has no bf16); runs on GPU")
+    from hf_distrattn.kernels.grouping import group_queries
+
+    q = rand(2, 4, 200, 64, seed=13).to(dtype)
+    config = DistrConfig(group_size=group, block_size=block, seed=5)
+    u, wt = group_queries(q, config, dg_pad=64 // group, causal=causal)
+    u32, wt32 = group_queries(q.float(), config, dg_pad=64 // group, causal=causal)
+    assert torch.equal(wt != 0, wt32 != 0)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(wt.float(), wt32, atol=eps, rtol=0)
+    assert ((u.float() - u32).norm() / u32.norm()).item() < 4 * eps
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("arch", ["llama", "vit"])
 def test_models_through_the_kernel_match_sdpa(arch):

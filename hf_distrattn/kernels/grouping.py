@@ -73,8 +73,8 @@ def _group_block(Q, R, U, Wt, n, heads, sq_b, sq_h, sq_m, su_b, su_h, su_m, sw_b
     code = tl.sum(tl.where(proj > 0, weights[None, :], 0), axis=1)
     perm = tl.sort(code * D + offs_d) % D  # (D,) columns in bucket order
     one_hot = (offs_d[:, None] == perm[None, :]).to(x.dtype)  # (D, D): column c to position k
-    member = tl.arange(0, G)
     if RANK1:
+        member = tl.arange(0, G)
         xs_p = tl.dot(xs, one_hot, input_precision=PRECISION).to(x.dtype)  # bucket order (exact: x's own values)
         full = tl.reshape(tl.dot(tl.trans(xs_p), xs_p, input_precision=PRECISION), (DG, G, DG, G))
         same = tl.arange(0, DG)[:, None, None, None] == tl.arange(0, DG)[None, None, :, None]
@@ -96,7 +96,7 @@ def _group_block(Q, R, U, Wt, n, heads, sq_b, sq_h, sq_m, su_b, su_h, su_m, sw_b
     wt = tl.dot(tl.where(in_group, fuse[None, :], 0.0).to(x.dtype), tl.trans(one_hot), input_precision=PRECISION)
     wt = wt.to(x.dtype)  # (DG_PAD, D), zero rows past DG
     w_base = Wt + b * sw_b + h * sw_h + pid_m * sw_blk
-    tl.store(w_base + offs_j[:, None] * sw_j + offs_d[None, :], wt.to(Wt.dtype.element_ty))
+    tl.store(w_base + offs_j[:, None] * sw_j + offs_d[None, :], wt)
     wu = wt  # U = X · Wuᵀ: the rank-1 weights, or "sample"'s first column of each group
     if not RANK1:
         first = in_group & (offs_d[None, :] % G == 0)
