@@ -11,7 +11,8 @@ tile recomputes its probabilities instead of storing ``P``:
 
 Two kernels, so that every output is written by exactly one program (no atomics): ``_dkdv`` runs one program
 per (key tile, batch·KV head) over every query tile of the KV head's ``Hq/Hkv`` query heads (GQA sums there);
-``_dq`` runs one program per (query tile, batch·query head) over the key tiles. Rows beyond the sequence read
+``_dq`` runs one program per (query tile, batch·query head) over the key tiles; both launch their programs
+longest first (:func:`~.softmax.tile_order`). Rows beyond the sequence read
 zeros and contribute nothing; fully masked rows (``L = −∞``) give ``P = 0``; only causal tiles on the diagonal
 and user masks are masked (the forward's split). Head dims that are not a power of two are zero-padded.
 
@@ -27,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .softmax import key_range, mask_arguments, masked_scores, padded_width, scores
+from .softmax import HEAD_GROUP, key_range, mask_arguments, masked_scores, padded_width, scores, tile_order
 
 LOG2E = 1.4426950408889634
 
@@ -85,8 +86,7 @@ def _dkdv(A, B, V, DO, Lse, Delta, Mask, DB, DV, scale, n_q, n_k, heads, kv_grou
           sm_b, sm_h, sm_m, sdb_b, sdb_h, sdb_n, sdv_b, sdv_h, sdv_n,
           CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_n, bh = tile_order(tl.cdiv(n_k, BLOCK_N), HEAD_GROUP)  # causal: key tile 0 is seen by most queries
     h_kv = heads // kv_group
     b = bh // h_kv
     hk = bh % h_kv
@@ -154,8 +154,9 @@ def _dq(A, B, V, DO, Lse, Delta, Mask, DA, scale, n_q, n_k, heads, kv_group,
         sm_b, sm_h, sm_m, sda_b, sda_h, sda_m,
         CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    n_tiles = tl.cdiv(n_q, BLOCK_M)
+    rank, bh = tile_order(n_tiles, HEAD_GROUP)
+    pid_m = n_tiles - 1 - rank if CAUSAL else rank  # causal: the last query tile sees most keys
     b = bh // heads
     h = bh % heads
     hk = h // kv_group
@@ -215,10 +216,10 @@ def attention_backward(a, b, v, out, lse, dout, *, causal: bool, attn_mask, scal
                   num_warps=params["num_warps"], num_stages=params["num_stages"])
     strides = (*a.stride()[:3], *b.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *lse2.stride()[:2],
                *mask_strides)
-    _dkdv[(triton.cdiv(n_k, block_n), batch * h_kv)](
+    _dkdv[(triton.cdiv(n_k, block_n) * batch * h_kv,)](
         a, b, v, dout, lse2, delta, mask, db, dv, scale, n_q, n_k, heads, heads // h_kv, *strides,
         *db.stride()[:3], *dv.stride()[:3], **common)
-    _dq[(triton.cdiv(n_q, block_m), batch * heads)](
+    _dq[(triton.cdiv(n_q, block_m) * batch * heads,)](
         a, b, v, dout, lse2, delta, mask, da, scale, n_q, n_k, heads, heads // h_kv, *strides, *da.stride()[:3],
         **common)
     return da[..., :d], db[..., :d], dv[..., :d]

@@ -36,7 +36,7 @@ def _fold(acc, l_i, m_i, s, vt, offs_n, hi, row_ok, i, mask_ptrs, n_q, n_k, CAUS
     if CAUSAL:
         keep = keep & (offs_n[None, :] <= i[:, None] + (n_k - n_q))
     s = masked_scores(s, keep, mask_ptrs + offs_n[None, :], MASK_KIND)
-    return online_softmax(acc, l_i, m_i, s, vt, IEEE)
+    return online_softmax(acc, l_i, m_i, s, 1.0, vt, IEEE)
 
 
 @triton.jit

@@ -4,7 +4,7 @@ Pre-pass (:func:`prepare`, skipped at ``G = 1``): the fused grouping kernel of :
 of ``BLOCK_M = block_size`` queries, ``U`` ``(B, Hq, Nq_pad, DG)`` and the fuse matrix ``Wt`` ``(DG, D)``
 (``Wt[j, c]`` = weight of head-dim column ``c`` in group ``j``: one nonzero per column).
 
-Kernel, one program per (query block, batch·head), keys in tiles of ``BLOCK_N``:
+Kernel, one program per (query block, batch·head) in :func:`~.softmax.tile_order`, keys in tiles of ``BLOCK_N``:
 
     K'ᵀ = Wt · Kᵀ                      (fuse on the tensor cores: DG·D per key)
     S = scale · U K'ᵀ  (+ mask)         (score GEMM, inner size DG = D/G)
@@ -28,15 +28,18 @@ import triton.language as tl
 
 from ..config import DistrConfig
 from .grouping import BLOCK_SIZES, group_queries
-from .softmax import finish, key_range, mask_arguments, masked_scores, online_softmax, padded_width, scores
+from .softmax import (HEAD_GROUP, finish, key_range, mask_arguments, masked_scores, online_softmax, padded_width,
+                      scores, tile_order)
 
 
 @triton.jit
 def _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, start_n, offs_m, n_q, n_k, sk_n, sv_n, qk_scale,
           MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr,
-          BLOCK_N: tl.constexpr, D: tl.constexpr, G: tl.constexpr):
+          FOLD_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, G: tl.constexpr):
     """One key tile: fuse K's groups, scores at inner size DG, online-softmax update. MASKED tiles check bounds,
-    causality and the mask; the others are wholly visible to every row of the block."""
+    causality and the mask; the others are wholly visible to every row of the block, and with FOLD_SCALE their
+    scale is applied inside the exponent's multiply-add (:func:`~.softmax.online_softmax`) instead of as a
+    multiply of its own."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     kt_ptrs = k_base + offs_n[None, :] * sk_n + offs_d[:, None]
@@ -52,23 +55,28 @@ def _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, start_n, offs_m, n_q,
             kt = tl.dot(wt, kt, input_precision="ieee")
         else:
             kt = tl.dot(wt, kt).to(u.dtype)
-    s = scores(u, kt, qk_scale, IEEE)
+    if FOLD_SCALE and not MASKED:
+        s = scores(u, kt, 1.0, IEEE)
+        s_scale = qk_scale
+    else:
+        s = scores(u, kt, qk_scale, IEEE)
+        s_scale = 1.0
     if MASKED:
         keep = (offs_n[None, :] < n_k) & (offs_m[:, None] < n_q)
         if CAUSAL:
             keep = keep & (offs_n[None, :] <= offs_m[:, None] + (n_k - n_q))
         s = masked_scores(s, keep, mask_base + offs_n[None, :], MASK_KIND)
-    return online_softmax(acc, l_i, m_i, s, vt, IEEE)
+    return online_softmax(acc, l_i, m_i, s, s_scale, vt, IEEE)
 
 
 @triton.jit
-def _distr_fwd(U, K, V, Wt, Mask, Out, Lse, scale, first_block, n_q, n_k, heads, kv_group,
+def _distr_fwd(U, K, V, Wt, Mask, Out, Lse, scale, first_block, n_tiles, n_q, n_k, heads, kv_group,
                su_b, su_h, su_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sw_b, sw_h, sw_blk, sw_j,
                sm_b, sm_h, sm_m, so_b, so_h, so_m, sl_b, sl_h,
-               CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr,
+               CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr, FOLD_SCALE: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, G: tl.constexpr, DG: tl.constexpr):
-    pid_m = tl.program_id(0) + first_block
-    bh = tl.program_id(1)
+    rank, bh = tile_order(n_tiles, HEAD_GROUP)
+    pid_m = first_block + (n_tiles - 1 - rank if CAUSAL else rank)  # causal: the last block has most keys
     b = bh // heads
     h = bh % heads
     hk = h // kv_group
@@ -90,10 +98,10 @@ def _distr_fwd(U, K, V, Wt, Mask, Out, Lse, scale, first_block, n_q, n_k, heads,
     full, hi = key_range(pid_m, n_q, n_k, CAUSAL, MASK_KIND, BLOCK_M, BLOCK_N)
     for start_n in range(0, full, BLOCK_N):
         acc, l_i, m_i = _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, start_n, offs_m, n_q, n_k, sk_n,
-                              sv_n, qk_scale, False, CAUSAL, MASK_KIND, IEEE, BLOCK_N, D, G)
+                              sv_n, qk_scale, False, CAUSAL, MASK_KIND, IEEE, FOLD_SCALE, BLOCK_N, D, G)
     for start_n in range(full, hi, BLOCK_N):
         acc, l_i, m_i = _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, start_n, offs_m, n_q, n_k, sk_n,
-                              sv_n, qk_scale, True, CAUSAL, MASK_KIND, IEEE, BLOCK_N, D, G)
+                              sv_n, qk_scale, True, CAUSAL, MASK_KIND, IEEE, FOLD_SCALE, BLOCK_N, D, G)
     out, lse = finish(acc, l_i, m_i)
     row_ok = offs_m < n_q
     tl.store(Out + b * so_b + h * so_h + offs_m[:, None] * so_m + offs_d[None, :], out.to(Out.dtype.element_ty),
@@ -127,12 +135,14 @@ def supports(q: torch.Tensor, config: DistrConfig, dropout_p: float = 0.0) -> st
 
 
 def launch_params(block_m: int, d: int, group: int) -> dict:
-    """Key-tile size, warps and pipeline depth (from the H100 launch sweep recorded in NOTES.md)."""
+    """Key-tile size, warps, pipeline depth and where the score scale goes (from the H100 launch sweeps
+    recorded in NOTES.md: variants 6 and 8)."""
+    fold = dict(fold_scale=group > 1 or d < 128)
     if block_m >= 128:
         if group == 1:
-            return dict(block_n=128 if d >= 128 else 64, num_warps=8, num_stages=3)
-        return dict(block_n=64, num_warps=4, num_stages=2 if d >= 128 and group == 2 else 3)
-    return dict(block_n=64, num_warps=4, num_stages=3 if block_m == 64 else 2)
+            return dict(block_n=128 if d >= 128 else 64, num_warps=8, num_stages=3) | fold
+        return dict(block_n=64, num_warps=4, num_stages=2 if d >= 128 and group == 2 else 3) | fold
+    return dict(block_n=64, num_warps=4, num_stages=3 if block_m == 64 else 2) | fold
 
 
 def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: DistrConfig, causal_grouping: bool = False):
@@ -155,7 +165,7 @@ def distr_attention_triton(q, k, v, *, causal=False, attn_mask=None, scale=None,
     ``causal_grouping`` (``G > 1``): query block ``b`` is grouped by block ``b − 1``'s rows and the first block
     is exact, computed by a second, ``G = 1`` launch of the kernel into the same output. ``prepared``: the
     output of :func:`prepare` for these inputs, to time the kernel alone; ``launch`` overrides
-    :func:`launch_params` (``block_n``, ``num_warps``, ``num_stages``) of the ``G``-launch.
+    :func:`launch_params` (``block_n``, ``num_warps``, ``num_stages``, ``fold_scale``) of the ``G``-launch.
     """
     batch, heads, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
@@ -168,12 +178,13 @@ def distr_attention_triton(q, k, v, *, causal=False, attn_mask=None, scale=None,
     n_blocks = triton.cdiv(n_q, config.block_size)
 
     def run(u, kk, vv, group, first_block, count, params):
-        _distr_fwd[(count, batch * heads)](
-            u, kk, vv, wt, mask, out, lse, scale, first_block, n_q, n_k, heads, heads // h_kv,
+        _distr_fwd[(count * batch * heads,)](
+            u, kk, vv, wt, mask, out, lse, scale, first_block, count, n_q, n_k, heads, heads // h_kv,
             u.stride(0), u.stride(1), u.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
             vv.stride(0), vv.stride(1), vv.stride(2), *wt.stride()[:4],
             *mask_strides, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-            CAUSAL=causal, MASK_KIND=mask_kind, IEEE=q.dtype == torch.float32, BLOCK_M=config.block_size,
+            CAUSAL=causal, MASK_KIND=mask_kind, IEEE=q.dtype == torch.float32, FOLD_SCALE=params["fold_scale"],
+            BLOCK_M=config.block_size,
             BLOCK_N=params["block_n"], D=d_pad, G=group, DG=u.shape[-1],
             num_warps=params["num_warps"], num_stages=params["num_stages"],
         )

@@ -1,8 +1,12 @@
-"""Pieces shared by the attention kernels: the mask arguments, masking a score tile, the online softmax."""
+"""Pieces shared by the attention kernels: the mask arguments, the tile order, masking a score tile, the online
+softmax."""
 
 import torch
 import triton
 import triton.language as tl
+
+HEAD_GROUP = tl.constexpr(8)
+"""Heads per group in :func:`tile_order`."""
 
 
 def mask_arguments(attn_mask: torch.Tensor | None, placeholder: torch.Tensor):
@@ -18,6 +22,21 @@ def mask_arguments(attn_mask: torch.Tensor | None, placeholder: torch.Tensor):
 def padded_width(n: int) -> int:
     """The tile width for ``n`` columns: the smallest power of two ``≥ n`` and ``≥ 16`` (``tl.dot``'s minimum)."""
     return max(16, 1 << (n - 1).bit_length())
+
+
+@triton.jit
+def tile_order(n_tiles, GROUP: tl.constexpr):
+    """``(rank, head)`` of this program in a 1-D grid of ``n_tiles`` tiles per head: heads in groups of
+    ``GROUP``, and within a group rank ``r`` of every head before rank ``r + 1``. Callers map rank 0 to their
+    longest tile (causal work per tile grows or shrinks linearly), so the longest programs start first and short
+    ones fill the last wave (longest-first list scheduling; the per-head order left one head's longest
+    tiles for the end), while the heads that run at one time stay few enough to share their K/V in L2."""
+    pid = tl.program_id(0)
+    n_heads = tl.num_programs(0) // n_tiles
+    first = pid // (GROUP * n_tiles) * GROUP
+    size = tl.minimum(GROUP, n_heads - first)
+    r = pid - first * n_tiles
+    return r // size, first + r % size
 
 
 @triton.jit
@@ -55,12 +74,13 @@ def masked_scores(s, keep, mask_ptrs, MASK_KIND: tl.constexpr):
 
 
 @triton.jit
-def online_softmax(acc, l_i, m_i, s, vt, IEEE: tl.constexpr):
-    """Fold a tile of base-2 scores ``s`` and its values ``vt`` into the running ``(acc, l, m)``; rows with
-    no visible key so far keep ``m = -inf`` and contribute nothing (no NaN)."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+def online_softmax(acc, l_i, m_i, s, s_scale, vt, IEEE: tl.constexpr):
+    """Fold a tile of base-2 scores ``s·s_scale`` and its values ``vt`` into the running ``(acc, l, m)``; rows
+    with no visible key so far keep ``m = -inf`` and contribute nothing (no NaN). The scale is applied in the
+    exponent's one fused multiply-add, ``2^(s·s_scale − m)``, not as a pass of its own."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * s_scale)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_use[:, None])
+    p = tl.math.exp2(tl.fma(s, s_scale, -m_use[:, None]))
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     if IEEE:
