@@ -84,7 +84,7 @@ class _FlashAttention(torch.autograd.Function):
         a, b, v, out, lse = ctx.saved_tensors
         da, db, dv = backward.attention_backward(a, b, v, out, lse, dout, causal=ctx.causal,
                                                  attn_mask=ctx.attn_mask, scale=ctx.scale)
-        return da.to(a.dtype), db, dv, None, None, None
+        return da, db, dv, None, None, None
 
 
 def supports(q: torch.Tensor, attn_mask, dropout_p: float) -> str | None:

@@ -2,7 +2,7 @@ r"""Attention backward in Triton (FlashAttention-2 style), for ``out = softmax(s
 
 The training path (:mod:`hf_distrattn.autograd`) calls it with ``A = Q̃`` (or ``B = K̃``): the approximation is a
 differentiable map of one operand, attention on the result is exact, so its backward is the exact one. With the
-forward's float32 log-sum-exp ``L`` and ``Δ = rowsum(dO ∘ O)`` (:func:`attention_backward` computes it), each
+forward's float32 log-sum-exp ``L`` and ``Δ = rowsum(dO ∘ O)`` (``_preprocess``, one pass over both), each
 tile recomputes its probabilities instead of storing ``P``:
 
     P = exp(scale · A Bᵀ + mask − L)          dV = Pᵀ dO
@@ -29,8 +29,6 @@ import triton
 import triton.language as tl
 
 from .softmax import HEAD_GROUP, key_range, mask_arguments, masked_scores, padded_width, scores, tile_order
-
-LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -180,7 +178,32 @@ def _dq(A, B, V, DO, Lse, Delta, Mask, DA, scale, n_q, n_k, heads, kv_group,
     for start_n in range(full, hi, BLOCK_N):
         dq = _dq_tile(dq, a, do, lse2, delta, b_base, v_base, mask_base, start_n, offs_m, n_q, n_k, sb_n, sv_n,
                       qk_scale, True, CAUSAL, MASK_KIND, IEEE, BLOCK_N, D)
-    tl.store(DA + b * sda_b + h * sda_h + offs_m[:, None] * sda_m + offs_d[None, :], dq * scale, mask=rows[:, None])
+    tl.store(DA + b * sda_b + h * sda_h + offs_m[:, None] * sda_m + offs_d[None, :],
+             (dq * scale).to(DA.dtype.element_ty), mask=rows[:, None])
+
+
+PREPROCESS_ROWS = 64
+
+
+@triton.jit
+def _preprocess(Out, DO, Lse, Delta, Lse2, n_q, d, heads, so_b, so_h, so_m, sdo_b, sdo_h, sdo_m, sl_b, sl_h,
+                BLOCK: tl.constexpr, D: tl.constexpr):
+    """One pass over ``O`` and ``dO``: ``Δ = rowsum(dO ∘ O)`` in float32 and the log-sum-exp in base 2, ``+∞``
+    for rows with no visible key (so that their recomputed ``P`` is 0); both written ``(batch, Hq, Nq)``
+    contiguous."""
+    bh = tl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    offs_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D)
+    rows = offs_m < n_q
+    tile = rows[:, None] & (offs_d[None, :] < d)
+    o = tl.load(Out + b * so_b + h * so_h + offs_m[:, None] * so_m + offs_d[None, :], mask=tile, other=0.0)
+    do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_m + offs_d[None, :], mask=tile, other=0.0)
+    lse = tl.load(Lse + b * sl_b + h * sl_h + offs_m, mask=rows, other=0.0)
+    tl.store(Delta + bh * n_q + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rows)
+    tl.store(Lse2 + bh * n_q + offs_m, tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634),
+             mask=rows)
 
 
 def launch_params(d: int, dtype: torch.dtype) -> dict:
@@ -191,23 +214,27 @@ def launch_params(d: int, dtype: torch.dtype) -> dict:
 
 
 def attention_backward(a, b, v, out, lse, dout, *, causal: bool, attn_mask, scale: float, **launch):
-    """Gradients ``(dA, dB, dV)`` of ``softmax(scale · A Bᵀ + mask) V`` (GQA: ``B``, ``V`` have fewer heads).
+    """Gradients ``(dA, dB, dV)`` of ``softmax(scale · A Bᵀ + mask) V`` (GQA: ``B``, ``V`` have fewer heads), in
+    the inputs' dtype (accumulated in float32).
 
-    a, out, dout: ``(batch, Hq, Nq, d)``; b, v: ``(batch, Hkv, Nk, d)``; lse: float32 ``(batch, Hq, Nq)`` from
-    the forward (natural log); attn_mask 4-D or ``None``; ``launch`` overrides :func:`launch_params`.
-    ``dA`` is float32 (it feeds the approximation's own backward), ``dB`` and ``dV`` have ``b``'s dtype.
+    a, out, dout: ``(batch, Hq, Nq, d)`` (any strides with a contiguous last dim; others are copied); b, v:
+    ``(batch, Hkv, Nk, d)``; lse: float32 ``(batch, Hq, Nq)`` from the forward (natural log); attn_mask 4-D or
+    ``None``; ``launch`` overrides :func:`launch_params`.
     """
     batch, heads, n_q, d = a.shape
     h_kv, n_k = b.shape[1], b.shape[2]
-    delta = (dout.float() * out.float()).sum(-1)
-    lse2 = torch.where(lse == float("-inf"), float("inf"), lse) * LOG2E
     d_pad = padded_width(d)
+    out, dout = (t if t.stride(-1) == 1 else t.contiguous() for t in (out, dout))
+    delta = torch.empty(batch, heads, n_q, device=a.device, dtype=torch.float32)
+    lse2 = torch.empty_like(delta)
+    _preprocess[(triton.cdiv(n_q, PREPROCESS_ROWS), batch * heads)](
+        out, dout, lse, delta, lse2, n_q, d, heads, *out.stride()[:3], *dout.stride()[:3], *lse.stride()[:2],
+        BLOCK=PREPROCESS_ROWS, D=d_pad)
     params = launch_params(d_pad, a.dtype) | launch
     block_m, block_n = params["block_m"], params["block_n"]
     if d_pad != d:
         a, b, v, dout = (torch.nn.functional.pad(t, (0, d_pad - d)) for t in (a, b, v, dout))
-    dout = dout.contiguous()
-    da = torch.empty(batch, heads, n_q, d_pad, device=a.device, dtype=torch.float32)
+    da = torch.empty(batch, heads, n_q, d_pad, device=a.device, dtype=a.dtype)
     db = torch.empty(batch, h_kv, n_k, d_pad, device=a.device, dtype=b.dtype)
     dv = torch.empty_like(db)
     mask, mask_kind, mask_strides = mask_arguments(attn_mask, da)

@@ -28,8 +28,17 @@ import triton.language as tl
 
 from ..config import DistrConfig
 from .grouping import BLOCK_SIZES, group_queries
-from .softmax import (HEAD_GROUP, finish, key_range, mask_arguments, masked_scores, online_softmax, padded_width,
-                      scores, tile_order)
+from .softmax import (
+    HEAD_GROUP,
+    finish,
+    key_range,
+    mask_arguments,
+    masked_scores,
+    online_softmax,
+    padded_width,
+    scores,
+    tile_order,
+)
 
 
 @triton.jit
