@@ -9,8 +9,8 @@ kernels (``G = 1`` forward of :mod:`.kernels.prefill`, :mod:`.kernels.backward`)
 grouping (permutation and rank-1 directions) held constant as in the reference. With ``K`` sampled the roles
 swap. ``Q̃`` comes from the Triton grouping kernel for the kernel's settings (LSH, rank-1, power-of-two head
 dim): its fuse matrix ``Wt`` (``DG × D`` per block) gives ``M = Wtᵀ Wt``, so ``Q̃ = (Q Wtᵀ) Wt`` and
-``dQ = (dQ̃ Wtᵀ) Wt``, thin batched GEMMs in the input dtype (``Q Wtᵀ`` is the kernel's ``U``); other settings
-build ``Q̃`` with the PyTorch reference. With causal grouping ``M`` of block ``b`` comes from block ``b − 1`` and
+``dQ = (dQ̃ Wtᵀ) Wt``, one Triton launch each (:func:`.kernels.grouping.project`); other settings build ``Q̃``
+with the PyTorch reference. With causal grouping ``M`` of block ``b`` comes from block ``b − 1`` and
 block 0 has ``M = I``.
 """
 
@@ -21,26 +21,11 @@ import torch
 from .config import DistrConfig
 from .grouping import approximate_operand
 from .kernels import backward, prefill
-from .kernels.grouping import group_queries
+from .kernels.grouping import group_queries, project
 from .kernels.grouping import takes as grouping_kernel_takes
 from .kernels.softmax import padded_width
 
 EXACT = DistrConfig(group_size=1, block_size=128)
-
-
-def _times_m(x: torch.Tensor, wt: torch.Tensor, block: int, causal: bool, u: torch.Tensor | None = None):
-    """``(X Wtᵀ) Wt`` for each block of ``block`` rows (``causal``: block 0 as it is), two thin batched GEMMs in
-    ``x``'s dtype; x ``(B, H, N, D)``, wt ``(B, H, n_blocks, DG, D)``; ``u``: ``X Wtᵀ`` if already at hand
-    (``(B, H, n_blocks·block, DG)``, as the grouping kernel returns it)."""
-    batch, heads, n, d = x.shape
-    n_blocks = wt.shape[2]
-    if u is None:
-        blocks = torch.nn.functional.pad(x, (0, 0, 0, n_blocks * block - n)).reshape(batch, heads, n_blocks, block, d)
-        u = blocks @ wt.transpose(-1, -2)
-    out = (u.reshape(batch, heads, n_blocks, block, -1) @ wt).view(batch, heads, n_blocks * block, d)[:, :, :n]
-    if causal:
-        out[:, :, :block] = x[:, :, :block]
-    return out.contiguous()
 
 
 class _Project(torch.autograd.Function):
@@ -48,15 +33,15 @@ class _Project(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, config, causal):
-        u, wt = group_queries(x, config, padded_width(x.shape[-1] // config.group_size), causal)
+        _, wt = group_queries(x, config, padded_width(x.shape[-1] // config.group_size), causal)
         ctx.save_for_backward(wt)
         ctx.block, ctx.causal = config.block_size, causal
-        return _times_m(x, wt, config.block_size, causal, u)
+        return project(x, wt, config.block_size, causal)
 
     @staticmethod
     def backward(ctx, grad):
         (wt,) = ctx.saved_tensors
-        return _times_m(grad, wt, ctx.block, ctx.causal), None, None
+        return project(grad, wt, ctx.block, ctx.causal), None, None
 
 
 def approximate(x: torch.Tensor, config: DistrConfig, causal: bool) -> torch.Tensor:

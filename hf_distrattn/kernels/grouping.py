@@ -18,6 +18,8 @@ with ``CAUSAL`` the previous block, zeros for block 0), loaded once each:
 float32 accumulator, and ``R`` is passed as three 16-bit parts whose sum is its float32 value, so the projections
 carry float32 accuracy; ``v`` is rounded to the input dtype once, in ``Wt``, and ``U`` uses that same ``Wt``.
 float32 inputs use IEEE float32 products (``R`` in one part).
+
+:func:`project` applies a grouping as the projection ``X ↦ (X Wtᵀ) Wt`` (the training path's ``Q̃`` and ``dQ``).
 """
 
 from __future__ import annotations
@@ -140,3 +142,39 @@ def group_queries(q: torch.Tensor, config: DistrConfig, dg_pad: int, causal: boo
         num_warps=4,
     )
     return u, wt
+
+
+@triton.jit
+def _project_block(X, Wt, Out, n, heads, sx_b, sx_h, sx_m, sw_b, sw_h, sw_blk, sw_j, so_b, so_h, so_m,
+                   CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, DG_PAD: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    offs_j = tl.arange(0, DG_PAD)
+    x = _load_rows(X + b * sx_b + h * sx_h, pid_m * BLOCK_M, n, sx_m, BLOCK_M, D)
+    wt = tl.load(Wt + b * sw_b + h * sw_h + pid_m * sw_blk + offs_j[:, None] * sw_j + offs_d[None, :])
+    u = tl.dot(x, tl.trans(wt), input_precision=PRECISION).to(x.dtype)
+    y = tl.dot(u, wt, input_precision=PRECISION)
+    if CAUSAL:
+        y = tl.where(pid_m == 0, x.to(tl.float32), y)
+    tl.store(Out + b * so_b + h * so_h + rows[:, None] * so_m + offs_d[None, :], y.to(Out.dtype.element_ty),
+             mask=rows[:, None] < n)
+
+
+def project(x: torch.Tensor, wt: torch.Tensor, block: int, causal: bool = False) -> torch.Tensor:
+    """``X M`` per block of ``block`` rows, ``M = Wtᵀ Wt`` the projection of the grouping whose fuse matrices
+    :func:`group_queries` returned as ``wt`` (``causal``: block 0 as it is, ``M = I``): ``(X Wtᵀ) Wt``, two
+    products in one program per block, ``X Wtᵀ`` rounded to ``x``'s dtype as ``U`` is. Differentiating through
+    the grouping with ``M`` held constant, ``∂L/∂X = (∂L/∂X̃) M`` is the same map (``M`` is symmetric)."""
+    batch, heads, n, d = x.shape
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    out = torch.empty(batch, heads, n, d, device=x.device, dtype=x.dtype)
+    _project_block[(wt.shape[2], batch * heads)](
+        x, wt, out, n, heads, *x.stride()[:3], *wt.stride()[:4], *out.stride()[:3],
+        CAUSAL=bool(causal), BLOCK_M=block, D=d, DG_PAD=wt.shape[3],
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4)
+    return out
