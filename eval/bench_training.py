@@ -115,24 +115,32 @@ def tune_backward(n, head_dims, tokens=65536):
     return rows
 
 
-def bench_llama_step(specs, seq_len, reps):
-    """Forward + backward of a bf16 Llama-3.2-1B-shaped model on one sequence of ``seq_len`` tokens."""
+def bench_llama_step(specs, seq_len, reps, rounds=3):
+    """Forward + backward of a bf16 Llama-3.2-1B-shaped model on one sequence of ``seq_len`` tokens: ``rounds``
+    passes over ``specs`` in turn (so that drifts of the machine hit every setting alike), each the median of
+    ``reps`` timed steps; the row holds the median over rounds and every round's time."""
+    import statistics
+
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**LLAMA_1B)).to("cuda", torch.bfloat16).train()
     ids = torch.randint(0, LLAMA_1B["vocab_size"], (1, seq_len), device="cuda")
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+
+    times = {spec: [] for spec in specs}
+    for _ in range(rounds):
+        for spec in specs:
+            use(model, spec)
+            times[spec].append(cuda_ms(step, reps, warmup=2))
     rows = []
     for spec in specs:
-        use(model, spec)
-
-        def step():
-            model.zero_grad(set_to_none=True)
-            model(ids, labels=ids).loss.backward()
-
-        ms = cuda_ms(step, reps, warmup=2)
+        ms = statistics.median(times[spec])
         rows.append({"method": spec, "task": f"llama-3.2-1b-shape train step {seq_len}", "ms": ms,
-                     "tokens_per_s": seq_len / ms * 1000})
+                     "round_ms": times[spec], "tokens_per_s": seq_len / ms * 1000})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -167,9 +175,10 @@ def main(argv=None):
     parser.add_argument("--groups", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--causal", choices=["both", "yes", "no"], default="yes")
     parser.add_argument("--attn", nargs="+", default=["sdpa", "distr:group_size=1", "distr:group_size=2",
-                                                      "distr:group_size=4"])
+                                                      "distr:group_size=2,block_size=128", "distr:group_size=4"])
     parser.add_argument("--step-seq-len", type=int, default=4096)
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tune", action="store_true", help="sweep the backward launches first (causal, N=4096)")
     parser.add_argument("--json")
     parser.add_argument("--markdown")
@@ -177,7 +186,7 @@ def main(argv=None):
     causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
     tune_rows = tune_backward(4096, args.head_dims) if args.tune else []
     kernel_rows = bench_kernels(args.seq_lens, args.head_dims, causals, args.groups)
-    step_rows = bench_llama_step(args.attn, args.step_seq_len, args.reps) if args.attn else []
+    step_rows = bench_llama_step(args.attn, args.step_seq_len, args.reps, args.rounds) if args.attn else []
     write_results(args.json, args.markdown, "bf16 training", tune_rows + kernel_rows + step_rows,
                   markdown(kernel_rows, step_rows))
 

@@ -16,6 +16,10 @@ from hf_distrattn.api import selected_backend
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
+import triton  # noqa: E402 - only where the kernels can run
+import triton.language as tl  # noqa: E402
+
+from hf_distrattn.kernels.softmax import HEAD_GROUP, tile_order  # noqa: E402
 
 
 def triton_config(**kw):
@@ -34,6 +38,7 @@ CASES = [  # group, block, head_dim, causal, n_q, n_k, heads (q, kv)
     (1, 16, 32, True, 40, 40, (2, 2)),
     (4, 16, 128, False, 18, 50, (2, 2)),
     (2, 16, 64, True, 50, 30, (2, 2)),  # more queries than keys: first rows fully masked
+    (2, 16, 32, True, 40, 40, (6, 3)),  # 12 batch·heads: a full and a partial group of the tile order
 ]
 
 
@@ -277,3 +282,27 @@ def test_reduced_key_decode_reads_no_full_key_after_the_first_block():
     assert torch.equal(out, again)
     with pytest.raises(ValueError, match="reduced_keys"):
         distr_attention(q, k, v, config=config.replace(group_size=4), causal_grouping=True, reduced_keys=keys)
+
+
+@triton.jit
+def _record_tile_order(Out, n_tiles):
+    rank, head = tile_order(n_tiles, HEAD_GROUP)
+    pid = tl.program_id(0)
+    tl.store(Out + 2 * pid, rank)
+    tl.store(Out + 2 * pid + 1, head)
+
+
+@pytest.mark.parametrize("n_tiles,n_heads", [(1, 3), (5, 8), (3, 17), (4, 20)])
+def test_tile_order_is_longest_first_and_visits_each_tile_once(n_tiles, n_heads):
+    """Every (tile rank, head) once; within a group of heads, rank r of every head before rank r + 1 (so rank 0,
+    which the kernels map to their longest tile, starts first)."""
+    got = torch.full((n_tiles * n_heads, 2), -1, dtype=torch.int32, device=DEVICE)
+    _record_tile_order[(n_tiles * n_heads,)](got, n_tiles)
+    pairs = [tuple(p) for p in got.tolist()]
+    assert sorted(pairs) == [(r, h) for r in range(n_tiles) for h in range(n_heads)]
+    group = int(HEAD_GROUP)
+    for first in range(0, n_heads, group):
+        ranks = [r for r, h in pairs if first <= h < first + group]
+        assert ranks == sorted(ranks)
+        assert {h for _, h in pairs[first * n_tiles:(first + min(group, n_heads - first)) * n_tiles]} == set(
+            range(first, min(first + group, n_heads)))
