@@ -33,7 +33,7 @@ class _Project(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, config, causal):
-        _, wt = group_queries(x, config, padded_width(x.shape[-1] // config.group_size), causal)
+        _, wt = group_queries(x, config, padded_width(x.shape[-1] // config.group_size), causal, with_u=False)
         ctx.save_for_backward(wt)
         ctx.block, ctx.causal = config.block_size, causal
         return project(x, wt, config.block_size, causal)

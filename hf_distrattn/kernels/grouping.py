@@ -55,7 +55,7 @@ def _load_rows(base, first, n, stride_m, BLOCK_M: tl.constexpr, D: tl.constexpr)
 def _group_block(Q, R, U, Wt, n, heads, sq_b, sq_h, sq_m, su_b, su_h, su_m, sw_b, sw_h, sw_blk, sw_j,
                  CAUSAL: tl.constexpr, RANK1: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
                  G: tl.constexpr, DG: tl.constexpr, DG_PAD: tl.constexpr, NH: tl.constexpr,
-                 R_PARTS: tl.constexpr, PRECISION: tl.constexpr):
+                 R_PARTS: tl.constexpr, PRECISION: tl.constexpr, WITH_U: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // heads
@@ -99,13 +99,15 @@ def _group_block(Q, R, U, Wt, n, heads, sq_b, sq_h, sq_m, su_b, su_h, su_m, sw_b
     wt = wt.to(x.dtype)  # (DG_PAD, D), zero rows past DG
     w_base = Wt + b * sw_b + h * sw_h + pid_m * sw_blk
     tl.store(w_base + offs_j[:, None] * sw_j + offs_d[None, :], wt)
-    wu = wt  # U = X · Wuᵀ: the rank-1 weights, or "sample"'s first column of each group
-    if not RANK1:
-        first = in_group & (offs_d[None, :] % G == 0)
-        wu = tl.dot(tl.where(first, 1.0, 0.0).to(x.dtype), tl.trans(one_hot), input_precision=PRECISION).to(x.dtype)
-    u = tl.dot(x, tl.trans(wu), input_precision=PRECISION)  # (BLOCK_M, DG_PAD)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    tl.store(U + b * su_b + h * su_h + rows[:, None] * su_m + offs_j[None, :], u.to(U.dtype.element_ty))
+    if WITH_U:
+        wu = wt  # U = X · Wuᵀ: the rank-1 weights, or "sample"'s first column of each group
+        if not RANK1:
+            first = in_group & (offs_d[None, :] % G == 0)
+            wu = tl.dot(tl.where(first, 1.0, 0.0).to(x.dtype), tl.trans(one_hot),
+                        input_precision=PRECISION).to(x.dtype)
+        u = tl.dot(x, tl.trans(wu), input_precision=PRECISION)  # (BLOCK_M, DG_PAD)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        tl.store(U + b * su_b + h * su_h + rows[:, None] * su_m + offs_j[None, :], u.to(U.dtype.element_ty))
 
 
 @functools.lru_cache(maxsize=64)
@@ -121,27 +123,28 @@ def _projection_parts(block: int, num_hashes: int, seed: int, nh: int, device: t
     return torch.stack(parts).to(device)
 
 
-def group_queries(q: torch.Tensor, config: DistrConfig, dg_pad: int, causal: bool = False):
+def group_queries(q: torch.Tensor, config: DistrConfig, dg_pad: int, causal: bool = False, with_u: bool = True):
     """``U`` ``(B, H, n_blocks·BLOCK_M, dg_pad)`` (zero padding columns) and ``Wt`` ``(B, H, n_blocks, dg_pad, d)``.
 
     ``Wt`` is float32 for float32 ``q``, else ``q``'s dtype. Needs a power-of-two head dim ``d``. ``causal``: each
-    block grouped by the previous block's rows (block 0 by zeros; the callers compute it exactly).
+    block grouped by the previous block's rows (block 0 by zeros; the callers compute it exactly). ``with_u=False``:
+    ``Wt`` alone (``U`` is ``None``), for callers that apply the grouping themselves (:func:`project`).
     """
     batch, heads, n, d = q.shape
     block, group = config.block_size, config.group_size
     n_blocks = triton.cdiv(n, block)
     nh = max(16, triton.next_power_of_2(config.num_hashes))
     r = _projection_parts(block, config.num_hashes, config.seed, nh, q.device, q.dtype)
-    u = torch.empty(batch, heads, n_blocks * block, dg_pad, device=q.device, dtype=q.dtype)
+    u = torch.empty(batch, heads, n_blocks * block if with_u else 1, dg_pad, device=q.device, dtype=q.dtype)
     wt = torch.empty(batch, heads, n_blocks, dg_pad, d, device=q.device, dtype=q.dtype)
     _group_block[(n_blocks, batch * heads)](
         q, r, u, wt, n, heads, q.stride(0), q.stride(1), q.stride(2), u.stride(0), u.stride(1), u.stride(2),
         wt.stride(0), wt.stride(1), wt.stride(2), wt.stride(3),
         CAUSAL=int(causal), RANK1=config.reduce == "rank1", BLOCK_M=block, D=d, G=group, DG=d // group,
         DG_PAD=dg_pad, NH=nh, R_PARTS=r.shape[0], PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4,
+        WITH_U=with_u, num_warps=4,
     )
-    return u, wt
+    return (u if with_u else None), wt
 
 
 @triton.jit
