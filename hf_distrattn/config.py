@@ -9,7 +9,7 @@ from typing import Any, Literal
 SAMPLED = ("q", "k")
 REDUCTIONS = ("rank1", "sample")
 BACKENDS = ("auto", "reference", "triton")
-GROUPINGS = ("lsh", "random", "truncate", "match")
+GROUPINGS = ("lsh", "random", "truncate", "match", "pca")
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,9 @@ class DistrConfig:
             ``"reference"`` or ``"triton"`` (error if the kernel cannot take the call).
         grouping: ``"lsh"`` (the method); ablations for the eval tables: ``"random"`` (a seeded random column
             grouping per block), ``"truncate"`` (no grouping: scores from the first ``d/G`` dimensions only) and
-            ``"match"`` (greedy matching of the columns by ``|cos|``: the yardstick for the hash; reference only).
+            ``"match"`` (greedy matching of the columns by ``|cos|``: the yardstick for the hash; reference only);
+            ``"pca"`` replaces the groups by the block's top ``d/G`` principal directions (with causal grouping,
+            of a decayed covariance of the blocks before it; reference only; :mod:`hf_distrattn.grouping`).
         exact_layers: layer indices that :func:`hf_distrattn.configure` keeps exact (``G = 1``) when it applies
             this config to a whole model; written ``exact_layers=0+1`` in a spec. Ignored by single calls.
     """
@@ -44,7 +46,7 @@ class DistrConfig:
     sampled: Literal["q", "k"] = "q"
     reduce: Literal["rank1", "sample"] = "rank1"
     backend: Literal["auto", "reference", "triton"] = "auto"
-    grouping: Literal["lsh", "random", "truncate", "match"] = "lsh"
+    grouping: Literal["lsh", "random", "truncate", "match", "pca"] = "lsh"
     exact_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:

@@ -34,7 +34,17 @@ Ablations (``DistrConfig.grouping``): ``"random"`` groups the columns of each bl
 permutation; ``"truncate"`` keeps the first ``d/G`` columns and drops the rest (no grouping, no fuse);
 ``"match"`` is the yardstick LSH approximates: a greedy matching of the columns by ``|cos|`` (the rank-1 fit is
 blind to a column's sign), pairs of pairs at the next level for ``G = 4`` and so on (:func:`match_permutation`;
-``d/2 + d/4 + …`` sequential steps per block, reference only).
+``d/2 + d/4 + …`` sequential steps per block, reference only); ``"pca"`` drops the groups (below).
+
+Projection (``grouping="pca"``). Grouping with the rank-1 reduction is the special case, with disjoint column
+supports, of ``X̃ = X P Pᵀ`` for an orthonormal ``P`` (``d × d/G``); the kernels' cost is the same for any
+``P`` (``U = X P``, the other operand fused by ``Wt = Pᵀ``). ``"pca"`` takes ``P`` = the top ``d/G``
+eigenvectors of a covariance of the block's rows: without ``causal``, the block's own ``X_bᵀ X_b`` (the best
+rank-``d/G`` fit of the block, Eckart–Young); with ``causal``, the decayed covariance of the blocks before it,
+``C_b = Σ_{j<b} λ^{b−1−j} X_jᵀ X_j`` with ``λ = PCA_DECAY``. On a RoPE LM the column pairs that LSH forms on
+block ``b − 1`` no longer fit block ``b`` (the phases have moved), while the leading subspace of the last few
+hundred queries does. It needs a ``d × d`` eigendecomposition per block, which cuSOLVER does not batch for
+``d > 32``: reference only, eigenvectors computed on the CPU in float64.
 
 Grouping is locality-sensitive hashing of the columns of a block: each column ``x_c ∈ ℝ^{block_size}`` is
 projected on ``num_hashes`` seeded Gaussian directions, the signs give a bucket code
@@ -47,6 +57,10 @@ from __future__ import annotations
 import torch
 
 from .config import DistrConfig
+
+PCA_DECAY = 0.7
+"""``λ`` of the causal ``"pca"`` covariance, per block (ref-llama-bytes, G=2, blocks of 64, two windows:
+λ = 0.5 / 0.7 / 0.8 / 0.9 / 1 gave 1.762 / 1.746 / 1.755 / 1.772 / 1.786 bits/byte, exact 1.767)."""
 
 
 def lsh_projections(block_size: int, num_hashes: int, seed: int, device, dtype) -> torch.Tensor:
@@ -173,6 +187,28 @@ def group_blocks(x: torch.Tensor, config: DistrConfig,
     return perm, u.reshape(batch, heads, n_blocks * block, d // group), v
 
 
+def pca_bases(x: torch.Tensor, config: DistrConfig, causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``"pca"`` projection of every block of ``x`` ``(batch, heads, seq, d)`` (module notes).
+
+    Returns the zero-padded blocks ``(batch, heads, n_blocks, block_size, d)`` and the orthonormal bases ``P``
+    ``(batch, heads, n_blocks, d, d/G)``, both in float32 (float64 for float64 input). ``causal``: ``P`` of block
+    ``b`` from blocks ``< b`` only (block 0's is arbitrary; :func:`approximate_operand` keeps block 0 exact).
+    """
+    block, rank = config.block_size, x.shape[-1] // config.group_size
+    batch, heads, seq, d = x.shape
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    n_blocks = -(-seq // block)
+    blocks = torch.nn.functional.pad(x.to(compute), (0, 0, 0, n_blocks * block - seq)).view(
+        batch, heads, n_blocks, block, d)
+    cov = (blocks.transpose(-1, -2) @ blocks).detach().to("cpu", torch.float64)
+    if causal:  # C_b = Σ_{j<b} λ^(b-1-j) C_j, as one (n_blocks × n_blocks) weighting of the blocks
+        lag = torch.arange(n_blocks)[:, None] - 1 - torch.arange(n_blocks)
+        weights = torch.where(lag >= 0, PCA_DECAY ** lag.clamp_min(0).double(), 0.0)
+        cov = torch.einsum("bj,...jxy->...bxy", weights, cov)
+    basis = torch.linalg.eigh(cov).eigenvectors[..., -rank:]  # eigenvalues ascend: the top d/G
+    return blocks, basis.to(x.device, compute)
+
+
 def approximate_operand(x: torch.Tensor, config: DistrConfig, causal: bool = False) -> torch.Tensor:
     """``X̃``: every block-group of ``x``'s columns replaced by its rank-1 factor product ``u_g v_gᵀ``.
 
@@ -185,6 +221,9 @@ def approximate_operand(x: torch.Tensor, config: DistrConfig, causal: bool = Fal
     batch, heads, seq, d = x.shape
     if config.grouping == "truncate":
         out = torch.cat([x_c[..., : d // config.group_size], torch.zeros_like(x_c[..., d // config.group_size :])], -1)
+    elif config.grouping == "pca":
+        blocks, basis = pca_bases(x, config, causal)
+        out = (blocks @ basis @ basis.transpose(-1, -2)).view(batch, heads, -1, d)[:, :, :seq]
     else:
         perm, u, v = group_blocks(x, config, causal)
         n_blocks = perm.shape[2]

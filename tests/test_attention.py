@@ -263,8 +263,38 @@ def test_match_grouping_finds_signed_groups(group):
     assert "reference only" in prefill.supports(x, config)  # an ablation: the kernels refuse it
 
 
+def test_pca_projection_is_the_decayed_prefix_subspace():
+    """``grouping="pca"``: rows in a rotated ``d/G``-dim subspace (no column grouping fits them) are reproduced
+    exactly, causal or not; with causal grouping block ``b`` is projected on the top eigenvectors of
+    ``Σ_{j<b} λ^(b-1-j) X_jᵀ X_j`` (built here block by block); the gradient is ``dX̃ P Pᵀ`` (P held constant)."""
+    from hf_distrattn.grouping import PCA_DECAY
+    from hf_distrattn.kernels import prefill
+
+    config = DistrConfig(group_size=2, block_size=8, grouping="pca")
+    basis = torch.linalg.qr(rand(16, 8, dtype=torch.float64, seed=7)).Q
+    low_rank = rand(1, 2, 40, 8, dtype=torch.float64, seed=8) @ basis.T
+    for causal in (False, True):
+        assert (approximate_operand(low_rank, config, causal) - low_rank).norm() < 1e-9 * low_rank.norm()
+    assert (approximate_operand(low_rank, config.replace(grouping="lsh")) - low_rank).norm() > 0.1 * low_rank.norm()
+    assert "reference only" in prefill.supports(low_rank.float(), config)
+
+    x = rand(1, 1, 40, 16, dtype=torch.float64, seed=9)
+    blocks = x.view(5, 8, 16)
+    cov = sum(PCA_DECAY ** (2 - j) * blocks[j].T @ blocks[j] for j in range(3))
+    top = torch.linalg.eigh(cov).eigenvectors[:, -8:]
+    torch.testing.assert_close(approximate_operand(x, config, causal=True)[0, 0, 24:32], blocks[3] @ top @ top.T)
+
+    q = x.clone().requires_grad_()
+    k, v = rand(1, 1, 40, 16, dtype=torch.float64, seed=10), rand(1, 1, 40, 16, dtype=torch.float64, seed=11)
+    distr_attention(q, k, v, config=config).square().sum().backward()
+    own = torch.linalg.eigh(blocks.transpose(-1, -2) @ blocks).eigenvectors[..., -8:]
+    q_tilde = (blocks @ own @ own.transpose(-1, -2)).reshape(1, 1, 40, 16).requires_grad_()
+    F.scaled_dot_product_attention(q_tilde, k, v).square().sum().backward()
+    torch.testing.assert_close(q.grad, (q_tilde.grad.view(5, 8, 16) @ own @ own.transpose(-1, -2)).view(1, 1, 40, 16))
+
+
 @pytest.mark.parametrize("grouping,reduce", [("lsh", "rank1"), ("lsh", "sample"), ("random", "rank1"),
-                                             ("truncate", "rank1"), ("match", "rank1")])
+                                             ("truncate", "rank1"), ("match", "rank1"), ("pca", "rank1")])
 def test_causal_grouping_reads_no_later_row(grouping, reduce):
     """Causal grouping: row i of X̃ is a function of rows ≤ i, and the first block is X itself. The block-wise
     grouping is not causal: changing a row changes earlier rows of its block."""
