@@ -154,6 +154,16 @@ def group_weights(grouped: torch.Tensor, reduce: str) -> tuple[torch.Tensor, tor
     return v, v
 
 
+def as_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``x`` ``(batch, heads, seq, d)`` as ``(batch, heads, n_blocks, block, d)`` in float32 (float64 in), the last
+    block zero-padded."""
+    batch, heads, seq, d = x.shape
+    n_blocks = -(-seq // block)
+    padded = torch.nn.functional.pad(x.to(torch.float64 if x.dtype == torch.float64 else torch.float32),
+                                     (0, 0, 0, n_blocks * block - seq))
+    return padded.view(batch, heads, n_blocks, block, d)
+
+
 def group_blocks(x: torch.Tensor, config: DistrConfig,
                  causal: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Grouping and rank-1 factors of every block of ``x`` ``(batch, heads, seq, d)``, in float32 (float64 in).
@@ -166,10 +176,8 @@ def group_blocks(x: torch.Tensor, config: DistrConfig,
     """
     group, block = config.group_size, config.block_size
     batch, heads, seq, d = x.shape
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    n_blocks = -(-seq // block)
-    padded = torch.nn.functional.pad(x.to(compute), (0, 0, 0, n_blocks * block - seq))
-    blocks = padded.view(batch, heads, n_blocks, block, d)
+    blocks = as_blocks(x, block)
+    n_blocks = blocks.shape[2]
     source = torch.nn.functional.pad(blocks, (0, 0, 0, 0, 1, -1)) if causal else blocks
     if config.grouping == "random":
         noise = torch.rand(blocks.shape[:-2] + (d,), generator=torch.Generator().manual_seed(config.seed))
@@ -195,23 +203,20 @@ def pca_bases(x: torch.Tensor, config: DistrConfig, causal: bool = False) -> tup
     ``(batch, heads, n_blocks, d, d/G)``, both in float32 (float64 for float64 input). ``causal``: ``P`` of block
     ``b`` from blocks ``< b`` only (block 0's is arbitrary; :func:`approximate_operand` keeps block 0 exact).
     """
-    block, rank = config.block_size, x.shape[-1] // config.group_size
-    batch, heads, seq, d = x.shape
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    n_blocks = -(-seq // block)
-    blocks = torch.nn.functional.pad(x.to(compute), (0, 0, 0, n_blocks * block - seq)).view(
-        batch, heads, n_blocks, block, d)
+    blocks = as_blocks(x, config.block_size)
+    n_blocks = blocks.shape[2]
     cov = (blocks.transpose(-1, -2) @ blocks).detach().to("cpu", torch.float64)
     if causal:  # C_b = Σ_{j<b} λ^(b-1-j) C_j, as one (n_blocks × n_blocks) weighting of the blocks
         lag = torch.arange(n_blocks)[:, None] - 1 - torch.arange(n_blocks)
         weights = torch.where(lag >= 0, PCA_DECAY ** lag.clamp_min(0).double(), 0.0)
         cov = torch.einsum("bj,...jxy->...bxy", weights, cov)
-    basis = torch.linalg.eigh(cov).eigenvectors[..., -rank:]  # eigenvalues ascend: the top d/G
-    return blocks, basis.to(x.device, compute)
+    basis = torch.linalg.eigh(cov).eigenvectors[..., -(x.shape[-1] // config.group_size):]  # ascending: top d/G
+    return blocks, basis.to(x.device, blocks.dtype)
 
 
 def approximate_operand(x: torch.Tensor, config: DistrConfig, causal: bool = False) -> torch.Tensor:
-    """``X̃``: every block-group of ``x``'s columns replaced by its rank-1 factor product ``u_g v_gᵀ``.
+    """``X̃``: every block-group of ``x``'s columns replaced by its rank-1 factor product ``u_g v_gᵀ`` (``"pca"``:
+    every block projected on its basis, ``X_b P Pᵀ``).
 
     x: ``(batch, heads, seq, d)``; returns the same shape in float32 (float64 for float64 input).
     ``causal``: the causal grouping of the module notes (first block exact).
