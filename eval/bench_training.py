@@ -86,32 +86,35 @@ def bench_kernels(seq_lens, head_dims, causals, groups, tokens=65536):
     return rows
 
 
-# square tiles only: non-square ones compile under the interpreter but failed to compile on the H100 (Triton 3.6)
-TUNE_LAUNCHES = [dict(block_m=64, block_n=64, num_warps=4, num_stages=2),
-                 dict(block_m=64, block_n=64, num_warps=4, num_stages=3),
-                 dict(block_m=64, block_n=64, num_warps=8, num_stages=3),
-                 dict(block_m=32, block_n=32, num_warps=4, num_stages=3),
-                 dict(block_m=128, block_n=128, num_warps=8, num_stages=2)]
+TUNE_LAUNCHES = {  # per kernel: (block_m, block_n, num_warps, num_stages); _dkdv wide key tiles, _dq tall query tiles
+    "dkdv": [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (32, 64, 4, 3), (32, 128, 4, 3), (32, 128, 8, 3),
+             (64, 128, 8, 3)],
+    "dq": [(64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)],
+}
 
 
 def tune_backward(n, head_dims, tokens=65536):
-    """Time :func:`attention_backward` (causal, bf16) at each launch of TUNE_LAUNCHES."""
+    """Time :func:`attention_backward` (causal, bf16, 32 query / 8 KV heads at d=64) with each launch of
+    TUNE_LAUNCHES for one kernel, the other at its default."""
     from ..kernels import backward, prefill
 
     rows = []
     for d in head_dims:
         heads, batch = 2048 // d, max(1, tokens // n)
-        q, k, v, dout = (torch.randn(batch, heads, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+        q, dout = (torch.randn(batch, heads, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        k, v = (torch.randn(batch, heads // 4, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         out, lse = prefill.distr_attention_triton(q, k, v, causal=True, config=DistrConfig(group_size=1))
-        for launch in TUNE_LAUNCHES:
-            row = {"tune": "backward", "d": d, "n": n} | launch
-            try:
-                row["ms"] = median_ms(partial(backward.attention_backward, q, k, v, out, lse, dout, causal=True,
-                                              attn_mask=None, scale=d**-0.5, **launch))
-            except Exception as error:  # noqa: BLE001 - a launch that does not fit is reported
-                row["error"] = str(error).splitlines()[0][:200]
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        for kernel, launches in TUNE_LAUNCHES.items():
+            for block_m, block_n, warps, stages in launches:
+                launch = dict(block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages)
+                row = {"tune": f"backward {kernel}", "d": d, "n": n} | launch
+                try:
+                    row["ms"] = median_ms(partial(backward.attention_backward, q, k, v, out, lse, dout, causal=True,
+                                                  attn_mask=None, scale=d**-0.5, **{kernel: launch}))
+                except Exception as error:  # noqa: BLE001 - a launch that does not fit is reported
+                    row["error"] = str(error).splitlines()[0][:200]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     return rows
 
 

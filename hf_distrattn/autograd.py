@@ -8,10 +8,10 @@ so the forward is ``Q̃`` followed by exact attention on ``(Q̃, K, V)``, whose 
 kernels (``G = 1`` forward of :mod:`.kernels.prefill`, :mod:`.kernels.backward`), and ``dQ = dQ̃ M``, the
 grouping (permutation and rank-1 directions) held constant as in the reference. With ``K`` sampled the roles
 swap. ``Q̃`` comes from the Triton grouping kernel for the kernel's settings (LSH, rank-1, power-of-two head
-dim): its fuse matrix ``Wt`` (``DG × D`` per block) gives ``M = Wtᵀ Wt``, so ``Q̃ = (Q Wtᵀ) Wt`` and
-``dQ = (dQ̃ Wtᵀ) Wt``, one Triton launch each (:func:`.kernels.grouping.project`); other settings build ``Q̃``
-with the PyTorch reference. With causal grouping ``M`` of block ``b`` comes from block ``b − 1`` and
-block 0 has ``M = I``.
+dim): its fuse matrix ``Wt`` (``DG × D`` per block) gives ``M = Wtᵀ Wt``, so ``Q̃ = (Q Wtᵀ) Wt`` (written by
+the grouping launch itself) and ``dQ = (dQ̃ Wtᵀ) Wt`` (one launch, :func:`.kernels.grouping.project`); other
+settings build ``Q̃`` with the PyTorch reference. With causal grouping ``M`` of block ``b`` comes from block
+``b − 1`` and block 0 has ``M = I``.
 """
 
 from __future__ import annotations
@@ -33,10 +33,11 @@ class _Project(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, config, causal):
-        _, wt = group_queries(x, config, padded_width(x.shape[-1] // config.group_size), causal, with_u=False)
+        x_tilde, wt = group_queries(x, config, padded_width(x.shape[-1] // config.group_size), causal,
+                                    project=True)
         ctx.save_for_backward(wt)
         ctx.block, ctx.causal = config.block_size, causal
-        return project(x, wt, config.block_size, causal)
+        return x_tilde
 
     @staticmethod
     def backward(ctx, grad):

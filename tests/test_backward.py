@@ -119,3 +119,24 @@ def test_dropout_falls_back_to_reference_with_one_warning():
             for _ in range(2):
                 distr_attention(q, q, q, dropout_p=0.1, config=config).sum().backward()
         assert sum("dropout" in str(w.message) for w in caught) == 1
+
+
+@pytest.mark.parametrize("causal,kind", [(True, None), (False, "bool")])
+def test_backward_tiles_need_not_be_square(causal, kind):
+    """Key tiles of ``_dkdv`` wider than its query steps, query tiles of ``_dq`` taller than its key steps: the
+    causal tile ranges (which query tiles see a key tile, which key tiles a query tile sees fully) must not
+    assume square tiles. Same gradients as the default launch, GQA, lengths that fill no tile."""
+    from hf_distrattn.kernels import backward, prefill
+
+    q = rand(1, 4, 45, 32, seed=1, dtype=torch.float16)
+    k, v = rand(1, 2, 45, 32, seed=2, dtype=torch.float16), rand(1, 2, 45, 32, seed=3, dtype=torch.float16)
+    mask = make_mask(kind, 1, 4, 45) if kind else None
+    out, lse = prefill.distr_attention_triton(q, k, v, causal=causal, attn_mask=mask, config=DistrConfig(group_size=1))
+    dout = rand(*q.shape, seed=4, dtype=torch.float16)
+    call = dict(causal=causal, attn_mask=mask, scale=32**-0.5)
+    square = backward.attention_backward(q, k, v, out, lse, dout, **call)
+    tiles = dict(num_warps=4, num_stages=2)
+    wide = backward.attention_backward(q, k, v, out, lse, dout, **call, dkdv=dict(block_m=16, block_n=32) | tiles,
+                                       dq=dict(block_m=32, block_n=16) | tiles)
+    for name, a, b in zip(("dq", "dk", "dv"), wide, square, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3, msg=lambda m, name=name: f"{name}: {m}")

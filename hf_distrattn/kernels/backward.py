@@ -43,13 +43,15 @@ def _probs_t(a, bt_or_b, lse2, mask_base, offs_m, offs_n, n_q, n_k, qk_scale, TR
             if CAUSAL:
                 keep = keep & (offs_n[:, None] <= offs_m[None, :] + (n_k - n_q))
             s = masked_scores(s, keep, mask_base + offs_n[:, None], MASK_KIND)
-        return tl.math.exp2(s - lse2[None, :])
-    if MASKED:
-        keep = (offs_n[None, :] < n_k) & (offs_m[:, None] < n_q)
-        if CAUSAL:
-            keep = keep & (offs_n[None, :] <= offs_m[:, None] + (n_k - n_q))
-        s = masked_scores(s, keep, mask_base + offs_n[None, :], MASK_KIND)
-    return tl.math.exp2(s - lse2[:, None])
+        p = tl.math.exp2(s - lse2[None, :])
+    else:  # an explicit branch: code after a return under a constexpr `if` is still built (non-square tiles)
+        if MASKED:
+            keep = (offs_n[None, :] < n_k) & (offs_m[:, None] < n_q)
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + (n_k - n_q))
+            s = masked_scores(s, keep, mask_base + offs_n[None, :], MASK_KIND)
+        p = tl.math.exp2(s - lse2[:, None])
+    return p
 
 
 @triton.jit
@@ -207,19 +209,23 @@ def _preprocess(Out, DO, Lse, Delta, Lse2, n_q, d, heads, so_b, so_h, so_m, sdo_
 
 
 def launch_params(d: int, dtype: torch.dtype) -> dict:
-    """Square tiles of 64 (the H100 sweep in NOTES.md: 3 stages at d ≤ 64, 2 at 128); 32 for float32."""
+    """``{"dkdv": ..., "dq": ...}``: tile sizes (``block_m`` query rows, ``block_n`` keys), warps and stages of
+    each kernel. Square tiles of 64 (the H100 sweep in NOTES.md: 3 stages at d ≤ 64, 2 at 128); 32 for
+    float32."""
     if dtype == torch.float32:
-        return dict(block_m=32, block_n=32, num_warps=4, num_stages=2)
-    return dict(block_m=64, block_n=64, num_warps=4, num_stages=3 if d <= 64 else 2)
+        tile = dict(block_m=32, block_n=32, num_warps=4, num_stages=2)
+    else:
+        tile = dict(block_m=64, block_n=64, num_warps=4, num_stages=3 if d <= 64 else 2)
+    return {"dkdv": tile, "dq": tile}
 
 
-def attention_backward(a, b, v, out, lse, dout, *, causal: bool, attn_mask, scale: float, **launch):
+def attention_backward(a, b, v, out, lse, dout, *, causal: bool, attn_mask, scale: float, dkdv=None, dq=None):
     """Gradients ``(dA, dB, dV)`` of ``softmax(scale · A Bᵀ + mask) V`` (GQA: ``B``, ``V`` have fewer heads), in
     the inputs' dtype (accumulated in float32).
 
     a, out, dout: ``(batch, Hq, Nq, d)`` (any strides with a contiguous last dim; others are copied); b, v:
     ``(batch, Hkv, Nk, d)``; lse: float32 ``(batch, Hq, Nq)`` from the forward (natural log); attn_mask 4-D or
-    ``None``; ``launch`` overrides :func:`launch_params`.
+    ``None``; ``dkdv`` / ``dq``: dicts that override entries of :func:`launch_params` for that kernel.
     """
     batch, heads, n_q, d = a.shape
     h_kv, n_k = b.shape[1], b.shape[2]
@@ -230,23 +236,26 @@ def attention_backward(a, b, v, out, lse, dout, *, causal: bool, attn_mask, scal
     _preprocess[(triton.cdiv(n_q, PREPROCESS_ROWS), batch * heads)](
         out, dout, lse, delta, lse2, n_q, d, heads, *out.stride()[:3], *dout.stride()[:3], *lse.stride()[:2],
         BLOCK=PREPROCESS_ROWS, D=d_pad)
-    params = launch_params(d_pad, a.dtype) | launch
-    block_m, block_n = params["block_m"], params["block_n"]
+    defaults = launch_params(d_pad, a.dtype)
+    p_kv, p_q = defaults["dkdv"] | (dkdv or {}), defaults["dq"] | (dq or {})
     if d_pad != d:
         a, b, v, dout = (torch.nn.functional.pad(t, (0, d_pad - d)) for t in (a, b, v, dout))
     da = torch.empty(batch, heads, n_q, d_pad, device=a.device, dtype=a.dtype)
     db = torch.empty(batch, h_kv, n_k, d_pad, device=a.device, dtype=b.dtype)
     dv = torch.empty_like(db)
     mask, mask_kind, mask_strides = mask_arguments(attn_mask, da)
-    ieee = a.dtype == torch.float32
-    common = dict(CAUSAL=causal, MASK_KIND=mask_kind, IEEE=ieee, BLOCK_M=block_m, BLOCK_N=block_n, D=d_pad,
-                  num_warps=params["num_warps"], num_stages=params["num_stages"])
+    common = dict(CAUSAL=causal, MASK_KIND=mask_kind, IEEE=a.dtype == torch.float32, D=d_pad)
     strides = (*a.stride()[:3], *b.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *lse2.stride()[:2],
                *mask_strides)
-    _dkdv[(triton.cdiv(n_k, block_n) * batch * h_kv,)](
+
+    def launch(params):
+        return dict(BLOCK_M=params["block_m"], BLOCK_N=params["block_n"], num_warps=params["num_warps"],
+                    num_stages=params["num_stages"]) | common
+
+    _dkdv[(triton.cdiv(n_k, p_kv["block_n"]) * batch * h_kv,)](
         a, b, v, dout, lse2, delta, mask, db, dv, scale, n_q, n_k, heads, heads // h_kv, *strides,
-        *db.stride()[:3], *dv.stride()[:3], **common)
-    _dq[(triton.cdiv(n_q, block_m) * batch * heads,)](
+        *db.stride()[:3], *dv.stride()[:3], **launch(p_kv))
+    _dq[(triton.cdiv(n_q, p_q["block_m"]) * batch * heads,)](
         a, b, v, dout, lse2, delta, mask, da, scale, n_q, n_k, heads, heads // h_kv, *strides, *da.stride()[:3],
-        **common)
+        **launch(p_q))
     return da[..., :d], db[..., :d], dv[..., :d]

@@ -19,7 +19,8 @@ float32 accumulator, and ``R`` is passed as three 16-bit parts whose sum is its 
 carry float32 accuracy; ``v`` is rounded to the input dtype once, in ``Wt``, and ``U`` uses that same ``Wt``.
 float32 inputs use IEEE float32 products (``R`` in one part).
 
-:func:`project` applies a grouping as the projection ``X ↦ (X Wtᵀ) Wt`` (the training path's ``Q̃`` and ``dQ``).
+:func:`project` applies a grouping as the projection ``X ↦ (X Wtᵀ) Wt`` (the training path's ``dQ``); with
+``PROJECT`` the grouping launch writes that projection of its own block in place of ``U`` (the training ``Q̃``).
 """
 
 from __future__ import annotations
@@ -52,10 +53,21 @@ def _load_rows(base, first, n, stride_m, BLOCK_M: tl.constexpr, D: tl.constexpr)
 
 
 @triton.jit
+def _projected(x, wt, pid_m, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """``(X Wtᵀ) Wt`` of a block in float32, ``X Wtᵀ`` rounded to ``x``'s dtype as ``U`` is; ``CAUSAL``: block 0
+    as it is."""
+    u = tl.dot(x, tl.trans(wt), input_precision=PRECISION).to(x.dtype)
+    y = tl.dot(u, wt, input_precision=PRECISION)
+    if CAUSAL:
+        y = tl.where(pid_m == 0, x.to(tl.float32), y)
+    return y
+
+
+@triton.jit
 def _group_block(Q, R, U, Wt, n, heads, sq_b, sq_h, sq_m, su_b, su_h, su_m, sw_b, sw_h, sw_blk, sw_j,
                  CAUSAL: tl.constexpr, RANK1: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
                  G: tl.constexpr, DG: tl.constexpr, DG_PAD: tl.constexpr, NH: tl.constexpr,
-                 R_PARTS: tl.constexpr, PRECISION: tl.constexpr, WITH_U: tl.constexpr):
+                 R_PARTS: tl.constexpr, PRECISION: tl.constexpr, PROJECT: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // heads
@@ -99,14 +111,17 @@ def _group_block(Q, R, U, Wt, n, heads, sq_b, sq_h, sq_m, su_b, su_h, su_m, sw_b
     wt = wt.to(x.dtype)  # (DG_PAD, D), zero rows past DG
     w_base = Wt + b * sw_b + h * sw_h + pid_m * sw_blk
     tl.store(w_base + offs_j[:, None] * sw_j + offs_d[None, :], wt)
-    if WITH_U:
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if PROJECT:  # U is (n, D): the projection X̃ = (X Wtᵀ) Wt
+        tl.store(U + b * su_b + h * su_h + rows[:, None] * su_m + offs_d[None, :],
+                 _projected(x, wt, pid_m, CAUSAL, PRECISION).to(U.dtype.element_ty), mask=rows[:, None] < n)
+    else:
         wu = wt  # U = X · Wuᵀ: the rank-1 weights, or "sample"'s first column of each group
         if not RANK1:
             first = in_group & (offs_d[None, :] % G == 0)
             wu = tl.dot(tl.where(first, 1.0, 0.0).to(x.dtype), tl.trans(one_hot),
                         input_precision=PRECISION).to(x.dtype)
         u = tl.dot(x, tl.trans(wu), input_precision=PRECISION)  # (BLOCK_M, DG_PAD)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         tl.store(U + b * su_b + h * su_h + rows[:, None] * su_m + offs_j[None, :], u.to(U.dtype.element_ty))
 
 
@@ -123,28 +138,31 @@ def _projection_parts(block: int, num_hashes: int, seed: int, nh: int, device: t
     return torch.stack(parts).to(device)
 
 
-def group_queries(q: torch.Tensor, config: DistrConfig, dg_pad: int, causal: bool = False, with_u: bool = True):
+def group_queries(q: torch.Tensor, config: DistrConfig, dg_pad: int, causal: bool = False,
+                  project: bool = False):
     """``U`` ``(B, H, n_blocks·BLOCK_M, dg_pad)`` (zero padding columns) and ``Wt`` ``(B, H, n_blocks, dg_pad, d)``.
 
     ``Wt`` is float32 for float32 ``q``, else ``q``'s dtype. Needs a power-of-two head dim ``d``. ``causal``: each
-    block grouped by the previous block's rows (block 0 by zeros; the callers compute it exactly). ``with_u=False``:
-    ``Wt`` alone (``U`` is ``None``), for callers that apply the grouping themselves (:func:`project`).
+    block grouped by the previous block's rows (block 0 by zeros; the callers compute it exactly).
+    ``project=True``: the projection ``Q̃ = (Q Wtᵀ) Wt`` ``(B, H, n, d)`` (as :func:`project`, block 0 as it is
+    when ``causal``) in place of ``U``, from the same launch (the training path's forward).
     """
     batch, heads, n, d = q.shape
     block, group = config.block_size, config.group_size
     n_blocks = triton.cdiv(n, block)
     nh = max(16, triton.next_power_of_2(config.num_hashes))
     r = _projection_parts(block, config.num_hashes, config.seed, nh, q.device, q.dtype)
-    u = torch.empty(batch, heads, n_blocks * block if with_u else 1, dg_pad, device=q.device, dtype=q.dtype)
+    shape = (batch, heads, n, d) if project else (batch, heads, n_blocks * block, dg_pad)
+    u = torch.empty(shape, device=q.device, dtype=q.dtype)
     wt = torch.empty(batch, heads, n_blocks, dg_pad, d, device=q.device, dtype=q.dtype)
     _group_block[(n_blocks, batch * heads)](
         q, r, u, wt, n, heads, q.stride(0), q.stride(1), q.stride(2), u.stride(0), u.stride(1), u.stride(2),
         wt.stride(0), wt.stride(1), wt.stride(2), wt.stride(3),
         CAUSAL=int(causal), RANK1=config.reduce == "rank1", BLOCK_M=block, D=d, G=group, DG=d // group,
         DG_PAD=dg_pad, NH=nh, R_PARTS=r.shape[0], PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        WITH_U=with_u, num_warps=4,
+        PROJECT=project, num_warps=4,
     )
-    return (u if with_u else None), wt
+    return u, wt
 
 
 @triton.jit
@@ -160,10 +178,7 @@ def _project_block(X, Wt, Out, n, heads, sx_b, sx_h, sx_m, sw_b, sw_h, sw_blk, s
     offs_j = tl.arange(0, DG_PAD)
     x = _load_rows(X + b * sx_b + h * sx_h, pid_m * BLOCK_M, n, sx_m, BLOCK_M, D)
     wt = tl.load(Wt + b * sw_b + h * sw_h + pid_m * sw_blk + offs_j[:, None] * sw_j + offs_d[None, :])
-    u = tl.dot(x, tl.trans(wt), input_precision=PRECISION).to(x.dtype)
-    y = tl.dot(u, wt, input_precision=PRECISION)
-    if CAUSAL:
-        y = tl.where(pid_m == 0, x.to(tl.float32), y)
+    y = _projected(x, wt, pid_m, CAUSAL, PRECISION)
     tl.store(Out + b * so_b + h * so_h + rows[:, None] * so_m + offs_d[None, :], y.to(Out.dtype.element_ty),
              mask=rows[:, None] < n)
 
