@@ -9,9 +9,9 @@ kernels (``G = 1`` forward of :mod:`.kernels.prefill`, :mod:`.kernels.backward`)
 grouping (permutation and rank-1 directions) held constant as in the reference. With ``K`` sampled the roles
 swap. ``Q̃`` comes from the Triton grouping kernel for the kernel's settings (LSH, rank-1, power-of-two head
 dim): its fuse matrix ``Wt`` (``DG × D`` per block) gives ``M = Wtᵀ Wt``, so ``Q̃ = (Q Wtᵀ) Wt`` (written by
-the grouping launch itself) and ``dQ = (dQ̃ Wtᵀ) Wt`` (one launch, :func:`.kernels.grouping.project`); other
-settings build ``Q̃`` with the PyTorch reference. With causal grouping ``M`` of block ``b`` comes from block
-``b − 1`` and block 0 has ``M = I``.
+the grouping launch itself) and ``dQ = (dQ̃ Wtᵀ) Wt`` (in the epilogue of the backward kernel that writes
+``dQ̃``); other settings build ``Q̃`` with the PyTorch reference and autograd differentiates it. With causal
+grouping ``M`` of block ``b`` comes from block ``b − 1`` and block 0 has ``M = I``.
 """
 
 from __future__ import annotations
@@ -21,56 +21,50 @@ import torch
 from .config import DistrConfig
 from .grouping import approximate_operand
 from .kernels import backward, prefill
-from .kernels.grouping import group_queries, project
+from .kernels.grouping import group_queries
 from .kernels.grouping import takes as grouping_kernel_takes
 from .kernels.softmax import padded_width
 
 EXACT = DistrConfig(group_size=1, block_size=128)
 
 
-class _Project(torch.autograd.Function):
-    """``X̃ = X M`` per block of ``config.block_size`` rows with ``M = Wtᵀ Wt`` from the grouping kernel."""
-
-    @staticmethod
-    def forward(ctx, x, config, causal):
-        x_tilde, wt = group_queries(x, config, padded_width(x.shape[-1] // config.group_size), causal,
-                                    project=True)
-        ctx.save_for_backward(wt)
-        ctx.block, ctx.causal = config.block_size, causal
-        return x_tilde
-
-    @staticmethod
-    def backward(ctx, grad):
-        (wt,) = ctx.saved_tensors
-        return project(grad, wt, ctx.block, ctx.causal), None, None
-
-
-def approximate(x: torch.Tensor, config: DistrConfig, causal: bool) -> torch.Tensor:
-    """``X̃`` in ``x``'s dtype, differentiable with the grouping held constant (``causal``: causal grouping)."""
-    if config.reduce == "rank1" and grouping_kernel_takes(x, config):  # M = Wtᵀ Wt needs u = Wt x
-        return _Project.apply(x, config, causal)
-    return approximate_operand(x, config, causal).to(x.dtype)
+def _kernel_grouping(x: torch.Tensor, config: DistrConfig) -> bool:
+    """Whether the grouping kernel builds ``X̃`` (``M = Wtᵀ Wt`` needs the rank-1 reduction's ``u = Wt x``)."""
+    return config.reduce == "rank1" and grouping_kernel_takes(x, config)
 
 
 class _FlashAttention(torch.autograd.Function):
-    """Exact attention on ``(a, b, v)`` with the Triton kernels; returns ``(out, lse)`` (lse not differentiable)."""
+    """Exact attention on ``(a, b, v)`` with the Triton kernels; returns ``(out, lse)`` (lse not differentiable).
+
+    ``grouping = (config, causal_grouping)``: the sampled operand is first replaced by ``X̃ = (X Wtᵀ) Wt`` from the
+    grouping kernel, and its gradient leaves the backward kernel as ``dX̃ M``."""
 
     @staticmethod
-    def forward(ctx, a, b, v, causal, attn_mask, scale):
-        config = EXACT if a.dtype != torch.float32 else EXACT.replace(block_size=32)  # fp32 tiles: 2× the bytes
+    def forward(ctx, a, b, v, causal, attn_mask, scale, grouping):
+        wt, ctx.project = None, None
+        if grouping is not None:
+            config, causal_grouping = grouping
+            operand = "a" if config.sampled == "q" else "b"
+            x = a if operand == "a" else b
+            x, wt = group_queries(x, config, padded_width(x.shape[-1] // config.group_size), causal_grouping,
+                                  project=True)
+            a, b = (x, b) if operand == "a" else (a, x)
+            ctx.project = (operand, config.block_size, causal_grouping)
+        exact = EXACT if a.dtype != torch.float32 else EXACT.replace(block_size=32)  # fp32 tiles: 2× the bytes
         out, lse = prefill.distr_attention_triton(a, b, v, causal=causal, attn_mask=attn_mask, scale=scale,
-                                                  config=config)
-        ctx.save_for_backward(a, b, v, out, lse)
+                                                  config=exact)
+        ctx.save_for_backward(a, b, v, out, lse, wt)
         ctx.causal, ctx.attn_mask, ctx.scale = causal, attn_mask, scale
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        a, b, v, out, lse = ctx.saved_tensors
+        a, b, v, out, lse, wt = ctx.saved_tensors
+        project = None if ctx.project is None else (ctx.project[0], wt, *ctx.project[1:])
         da, db, dv = backward.attention_backward(a, b, v, out, lse, dout, causal=ctx.causal,
-                                                 attn_mask=ctx.attn_mask, scale=ctx.scale)
-        return da, db, dv, None, None, None
+                                                 attn_mask=ctx.attn_mask, scale=ctx.scale, project=project)
+        return da, db, dv, None, None, None, None
 
 
 def supports(q: torch.Tensor, attn_mask, dropout_p: float) -> str | None:
@@ -93,9 +87,13 @@ def attention(q, k, v, *, causal: bool, attn_mask, scale: float | None, config: 
     Shapes as :func:`hf_distrattn.distr_attention`; ``attn_mask`` already 4-D.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    grouping = None
     if not config.exact:
-        if config.sampled == "q":
-            q = approximate(q, config, causal_grouping)
+        x = q if config.sampled == "q" else k
+        if _kernel_grouping(x, config):
+            grouping = (config, causal_grouping)
+        elif config.sampled == "q":
+            q = approximate_operand(q, config, causal_grouping).to(q.dtype)
         else:
-            k = approximate(k, config, causal_grouping)
-    return _FlashAttention.apply(q, k, v, causal, attn_mask, scale)
+            k = approximate_operand(k, config, causal_grouping).to(k.dtype)
+    return _FlashAttention.apply(q, k, v, causal, attn_mask, scale, grouping)

@@ -61,6 +61,7 @@ CASES = [  # group, sampled, block, head_dim, causal, n_q, n_k, heads (q, kv)
     (2, "k", 16, 64, True, 45, 45, (2, 1)),
     (4, "q", 32, 128, False, 18, 50, (2, 2)),
     (2, "q", 16, 64, True, 50, 30, (2, 2)),  # more queries than keys: the first rows see nothing
+    (2, "q", 128, 64, True, 150, 150, (2, 1)),  # backward tiles inside one grouping block (above: spanning several)
     (1, "q", 16, 32, True, 40, 40, (10, 5)),  # 20 / 10 batch·heads: partial groups of the tile order
 ]
 

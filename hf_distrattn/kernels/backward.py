@@ -15,6 +15,9 @@ per (key tile, batch·KV head) over every query tile of the KV head's ``Hq/Hkv``
 longest first (:func:`~.softmax.tile_order`). Rows beyond the sequence read
 zeros and contribute nothing; fully masked rows (``L = −∞``) give ``P = 0``; only causal tiles on the diagonal
 and user masks are masked (the forward's split). Head dims that are not a power of two are zero-padded.
+When ``A = X M`` per grouping block (the training path's ``Q̃``, ``M = Wtᵀ Wt``), ``_dq`` writes ``dX = dA M``
+instead of ``dA`` (:func:`_project_tile` in its epilogue, one ``Wt`` per grouping block the tile covers); the
+same for ``B`` in ``_dkdv``.
 
 Cost: five ``d``-deep GEMMs per score (recompute, dP, dV, dA, dB), as in FlashAttention-2. Recomputing the
 scores in the reduced ``d/G`` form would need the per-query-block key fuse inside ``_dkdv`` for every (key,
@@ -28,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .grouping import project_block
 from .softmax import HEAD_GROUP, key_range, mask_arguments, masked_scores, padded_width, scores, tile_order
 
 
@@ -52,6 +56,26 @@ def _probs_t(a, bt_or_b, lse2, mask_base, offs_m, offs_n, n_q, n_k, qk_scale, TR
             s = masked_scores(s, keep, mask_base + offs_n[None, :], MASK_KIND)
         p = tl.math.exp2(s - lse2[:, None])
     return p
+
+
+@triton.jit
+def _project_tile(x, wt_base, first, n, IEEE: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
+                  PROJECT_BLOCK: tl.constexpr, PROJECT_CAUSAL: tl.constexpr, DG_PAD: tl.constexpr):
+    """``X M_g`` in float32 for the tile's rows ``first ..``, each with its grouping block ``g``'s projection
+    ``M_g = Wt_gᵀ Wt_g`` (``wt_base``: the head's ``(n_blocks, DG_PAD, D)`` fuse matrices, contiguous): a tile
+    lies in one grouping block or spans several (one pair of products each); ``x`` in the storage dtype."""
+    rows = first + tl.arange(0, BLOCK)
+    offs = tl.arange(0, DG_PAD)[:, None] * D + tl.arange(0, D)[None, :]
+    y = tl.zeros([BLOCK, D], tl.float32)
+    for start in tl.static_range(0, BLOCK, PROJECT_BLOCK):
+        g = (first + start) // PROJECT_BLOCK
+        wt = tl.load(wt_base + tl.minimum(g, (n - 1) // PROJECT_BLOCK) * (DG_PAD * D) + offs)  # rows ≥ n: unused
+        if IEEE:
+            xm = project_block(x, wt, g, PROJECT_CAUSAL, "ieee")
+        else:
+            xm = project_block(x, wt, g, PROJECT_CAUSAL, "tf32")
+        y = tl.where((rows // PROJECT_BLOCK == g)[:, None], xm, y)
+    return y
 
 
 @triton.jit
@@ -81,11 +105,12 @@ def _dkdv_tile(dk, dv, k, v, a_base, do_base, lse_base, delta_base, mask_base, s
 
 
 @triton.jit
-def _dkdv(A, B, V, DO, Lse, Delta, Mask, DB, DV, scale, n_q, n_k, heads, kv_group,
+def _dkdv(A, B, V, DO, Lse, Delta, Mask, DB, DV, Wt, scale, n_q, n_k, heads, kv_group,
           sa_b, sa_h, sa_m, sb_b, sb_h, sb_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_m, sl_b, sl_h,
           sm_b, sm_h, sm_m, sdb_b, sdb_h, sdb_n, sdv_b, sdv_h, sdv_n,
           CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+          PROJECT_BLOCK: tl.constexpr, PROJECT_CAUSAL: tl.constexpr, DG_PAD: tl.constexpr):
     pid_n, bh = tile_order(tl.cdiv(n_k, BLOCK_N), HEAD_GROUP)  # causal: key tile 0 is seen by most queries
     h_kv = heads // kv_group
     b = bh // h_kv
@@ -120,8 +145,12 @@ def _dkdv(A, B, V, DO, Lse, Delta, Mask, DB, DV, scale, n_q, n_k, heads, kv_grou
         for start_m in range(tl.maximum(full, lo), n_q, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, a_base, do_base, lse_base, delta_base, mask_base, start_m, offs_n,
                                 n_q, n_k, sa_m, sdo_m, sm_m, qk_scale, False, CAUSAL, MASK_KIND, IEEE, BLOCK_M, D)
-    tl.store(DB + b * sdb_b + hk * sdb_h + offs_n[:, None] * sdb_n + offs_d[None, :],
-             (dk * scale).to(DB.dtype.element_ty), mask=cols[:, None])
+    dk = (dk * scale).to(DB.dtype.element_ty)
+    if PROJECT_BLOCK:  # dK = dK̃ M
+        wt_base = Wt + bh.to(tl.int64) * tl.cdiv(n_k, PROJECT_BLOCK) * (DG_PAD * D)
+        dk = _project_tile(dk, wt_base, start_n, n_k, IEEE, BLOCK_N, D, PROJECT_BLOCK, PROJECT_CAUSAL,
+                           DG_PAD).to(DB.dtype.element_ty)
+    tl.store(DB + b * sdb_b + hk * sdb_h + offs_n[:, None] * sdb_n + offs_d[None, :], dk, mask=cols[:, None])
     tl.store(DV + b * sdv_b + hk * sdv_h + offs_n[:, None] * sdv_n + offs_d[None, :], dv.to(DV.dtype.element_ty),
              mask=cols[:, None])
 
@@ -149,11 +178,12 @@ def _dq_tile(dq, a, do, lse2, delta, b_base, v_base, mask_base, start_n, offs_m,
 
 
 @triton.jit
-def _dq(A, B, V, DO, Lse, Delta, Mask, DA, scale, n_q, n_k, heads, kv_group,
+def _dq(A, B, V, DO, Lse, Delta, Mask, DA, Wt, scale, n_q, n_k, heads, kv_group,
         sa_b, sa_h, sa_m, sb_b, sb_h, sb_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_m, sl_b, sl_h,
         sm_b, sm_h, sm_m, sda_b, sda_h, sda_m,
         CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+        PROJECT_BLOCK: tl.constexpr, PROJECT_CAUSAL: tl.constexpr, DG_PAD: tl.constexpr):
     n_tiles = tl.cdiv(n_q, BLOCK_M)
     rank, bh = tile_order(n_tiles, HEAD_GROUP)
     pid_m = n_tiles - 1 - rank if CAUSAL else rank  # causal: the last query tile sees most keys
@@ -180,8 +210,12 @@ def _dq(A, B, V, DO, Lse, Delta, Mask, DA, scale, n_q, n_k, heads, kv_group,
     for start_n in range(full, hi, BLOCK_N):
         dq = _dq_tile(dq, a, do, lse2, delta, b_base, v_base, mask_base, start_n, offs_m, n_q, n_k, sb_n, sv_n,
                       qk_scale, True, CAUSAL, MASK_KIND, IEEE, BLOCK_N, D)
-    tl.store(DA + b * sda_b + h * sda_h + offs_m[:, None] * sda_m + offs_d[None, :],
-             (dq * scale).to(DA.dtype.element_ty), mask=rows[:, None])
+    dq = (dq * scale).to(DA.dtype.element_ty)
+    if PROJECT_BLOCK:  # dQ = dQ̃ M
+        wt_base = Wt + bh.to(tl.int64) * tl.cdiv(n_q, PROJECT_BLOCK) * (DG_PAD * D)
+        dq = _project_tile(dq, wt_base, pid_m * BLOCK_M, n_q, IEEE, BLOCK_M, D, PROJECT_BLOCK, PROJECT_CAUSAL,
+                           DG_PAD).to(DA.dtype.element_ty)
+    tl.store(DA + b * sda_b + h * sda_h + offs_m[:, None] * sda_m + offs_d[None, :], dq, mask=rows[:, None])
 
 
 PREPROCESS_ROWS = 64
@@ -219,13 +253,17 @@ def launch_params(d: int, dtype: torch.dtype) -> dict:
     return {"dkdv": tile, "dq": tile}
 
 
-def attention_backward(a, b, v, out, lse, dout, *, causal: bool, attn_mask, scale: float, dkdv=None, dq=None):
+def attention_backward(a, b, v, out, lse, dout, *, causal: bool, attn_mask, scale: float, project=None,
+                       dkdv=None, dq=None):
     """Gradients ``(dA, dB, dV)`` of ``softmax(scale · A Bᵀ + mask) V`` (GQA: ``B``, ``V`` have fewer heads), in
     the inputs' dtype (accumulated in float32).
 
     a, out, dout: ``(batch, Hq, Nq, d)`` (any strides with a contiguous last dim; others are copied); b, v:
     ``(batch, Hkv, Nk, d)``; lse: float32 ``(batch, Hq, Nq)`` from the forward (natural log); attn_mask 4-D or
     ``None``; ``dkdv`` / ``dq``: dicts that override entries of :func:`launch_params` for that kernel.
+    ``project = (operand, wt, block, causal)``: ``A`` (operand ``"a"``) or ``B`` (``"b"``) is ``X M`` per block of
+    ``block`` rows, ``M = Wtᵀ Wt`` from :func:`.grouping.group_queries` (``wt`` contiguous; ``causal``: block 0
+    has ``M = I``); that gradient is returned as ``dX = dX̃ M`` (``M`` symmetric), in the kernel's epilogue.
     """
     batch, heads, n_q, d = a.shape
     h_kv, n_k = b.shape[1], b.shape[2]
@@ -245,17 +283,22 @@ def attention_backward(a, b, v, out, lse, dout, *, causal: bool, attn_mask, scal
     dv = torch.empty_like(db)
     mask, mask_kind, mask_strides = mask_arguments(attn_mask, da)
     common = dict(CAUSAL=causal, MASK_KIND=mask_kind, IEEE=a.dtype == torch.float32, D=d_pad)
+    if project is not None and d_pad != d:
+        raise ValueError(f"project needs a power-of-two head dim, got {d}")
+    wt = da if project is None else project[1]  # da: a placeholder pointer, never read
     strides = (*a.stride()[:3], *b.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *lse2.stride()[:2],
                *mask_strides)
 
-    def launch(params):
+    def launch(params, operand):  # operand: "a" for _dq, "b" for _dkdv
+        projected = project is not None and project[0] == operand
         return dict(BLOCK_M=params["block_m"], BLOCK_N=params["block_n"], num_warps=params["num_warps"],
-                    num_stages=params["num_stages"]) | common
+                    num_stages=params["num_stages"], PROJECT_BLOCK=project[2] if projected else 0,
+                    PROJECT_CAUSAL=projected and project[3], DG_PAD=wt.shape[-2] if projected else 16) | common
 
     _dkdv[(triton.cdiv(n_k, p_kv["block_n"]) * batch * h_kv,)](
-        a, b, v, dout, lse2, delta, mask, db, dv, scale, n_q, n_k, heads, heads // h_kv, *strides,
-        *db.stride()[:3], *dv.stride()[:3], **launch(p_kv))
+        a, b, v, dout, lse2, delta, mask, db, dv, wt, scale, n_q, n_k, heads, heads // h_kv, *strides,
+        *db.stride()[:3], *dv.stride()[:3], **launch(p_kv, "b"))
     _dq[(triton.cdiv(n_q, p_q["block_m"]) * batch * heads,)](
-        a, b, v, dout, lse2, delta, mask, da, scale, n_q, n_k, heads, heads // h_kv, *strides, *da.stride()[:3],
-        **launch(p_q))
+        a, b, v, dout, lse2, delta, mask, da, wt, scale, n_q, n_k, heads, heads // h_kv, *strides,
+        *da.stride()[:3], **launch(p_q, "a"))
     return da[..., :d], db[..., :d], dv[..., :d]

@@ -19,8 +19,8 @@ float32 accumulator, and ``R`` is passed as three 16-bit parts whose sum is its 
 carry float32 accuracy; ``v`` is rounded to the input dtype once, in ``Wt``, and ``U`` uses that same ``Wt``.
 float32 inputs use IEEE float32 products (``R`` in one part).
 
-:func:`project` applies a grouping as the projection ``X ↦ (X Wtᵀ) Wt`` (the training path's ``dQ``); with
-``PROJECT`` the grouping launch writes that projection of its own block in place of ``U`` (the training ``Q̃``).
+With ``PROJECT`` the launch writes the projection ``X̃ = (X Wtᵀ) Wt`` of its own block in place of ``U`` (the
+training path's ``Q̃``; its backward applies the same map to ``dQ̃`` with :func:`project_block`).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _load_rows(base, first, n, stride_m, BLOCK_M: tl.constexpr, D: tl.constexpr)
 
 
 @triton.jit
-def _projected(x, wt, pid_m, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+def project_block(x, wt, pid_m, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
     """``(X Wtᵀ) Wt`` of a block in float32, ``X Wtᵀ`` rounded to ``x``'s dtype as ``U`` is; ``CAUSAL``: block 0
     as it is."""
     u = tl.dot(x, tl.trans(wt), input_precision=PRECISION).to(x.dtype)
@@ -114,7 +114,7 @@ def _group_block(Q, R, U, Wt, n, heads, sq_b, sq_h, sq_m, su_b, su_h, su_m, sw_b
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     if PROJECT:  # U is (n, D): the projection X̃ = (X Wtᵀ) Wt
         tl.store(U + b * su_b + h * su_h + rows[:, None] * su_m + offs_d[None, :],
-                 _projected(x, wt, pid_m, CAUSAL, PRECISION).to(U.dtype.element_ty), mask=rows[:, None] < n)
+                 project_block(x, wt, pid_m, CAUSAL, PRECISION).to(U.dtype.element_ty), mask=rows[:, None] < n)
     else:
         wu = wt  # U = X · Wuᵀ: the rank-1 weights, or "sample"'s first column of each group
         if not RANK1:
@@ -144,8 +144,9 @@ def group_queries(q: torch.Tensor, config: DistrConfig, dg_pad: int, causal: boo
 
     ``Wt`` is float32 for float32 ``q``, else ``q``'s dtype. Needs a power-of-two head dim ``d``. ``causal``: each
     block grouped by the previous block's rows (block 0 by zeros; the callers compute it exactly).
-    ``project=True``: the projection ``Q̃ = (Q Wtᵀ) Wt`` ``(B, H, n, d)`` (as :func:`project`, block 0 as it is
-    when ``causal``) in place of ``U``, from the same launch (the training path's forward).
+    ``project=True``: the projection ``Q̃ = (Q Wtᵀ) Wt`` ``(B, H, n, d)`` (block 0 as it is when ``causal``;
+    ``X Wtᵀ`` rounded to ``q``'s dtype as ``U`` is) in place of ``U``, from the same launch (the training path's
+    forward). ``M = Wtᵀ Wt`` is symmetric, so ``∂L/∂Q = (∂L/∂Q̃) M`` with the grouping held constant.
     """
     batch, heads, n, d = q.shape
     block, group = config.block_size, config.group_size
@@ -163,36 +164,3 @@ def group_queries(q: torch.Tensor, config: DistrConfig, dg_pad: int, causal: boo
         PROJECT=project, num_warps=4,
     )
     return u, wt
-
-
-@triton.jit
-def _project_block(X, Wt, Out, n, heads, sx_b, sx_h, sx_m, sw_b, sw_h, sw_blk, sw_j, so_b, so_h, so_m,
-                   CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, DG_PAD: tl.constexpr,
-                   PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // heads
-    h = bh % heads
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    offs_j = tl.arange(0, DG_PAD)
-    x = _load_rows(X + b * sx_b + h * sx_h, pid_m * BLOCK_M, n, sx_m, BLOCK_M, D)
-    wt = tl.load(Wt + b * sw_b + h * sw_h + pid_m * sw_blk + offs_j[:, None] * sw_j + offs_d[None, :])
-    y = _projected(x, wt, pid_m, CAUSAL, PRECISION)
-    tl.store(Out + b * so_b + h * so_h + rows[:, None] * so_m + offs_d[None, :], y.to(Out.dtype.element_ty),
-             mask=rows[:, None] < n)
-
-
-def project(x: torch.Tensor, wt: torch.Tensor, block: int, causal: bool = False) -> torch.Tensor:
-    """``X M`` per block of ``block`` rows, ``M = Wtᵀ Wt`` the projection of the grouping whose fuse matrices
-    :func:`group_queries` returned as ``wt`` (``causal``: block 0 as it is, ``M = I``): ``(X Wtᵀ) Wt``, two
-    products in one program per block, ``X Wtᵀ`` rounded to ``x``'s dtype as ``U`` is. Differentiating through
-    the grouping with ``M`` held constant, ``∂L/∂X = (∂L/∂X̃) M`` is the same map (``M`` is symmetric)."""
-    batch, heads, n, d = x.shape
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    out = torch.empty(batch, heads, n, d, device=x.device, dtype=x.dtype)
-    _project_block[(wt.shape[2], batch * heads)](
-        x, wt, out, n, heads, *x.stride()[:3], *wt.stride()[:4], *out.stride()[:3],
-        CAUSAL=bool(causal), BLOCK_M=block, D=d, DG_PAD=wt.shape[3],
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4)
-    return out
