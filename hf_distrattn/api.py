@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -126,7 +127,8 @@ def distr_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config
     Fallback: if ``d`` is not a multiple of ``config.group_size`` the call is exact, with one warning.
     """
     _check_tensors(q, k, v)
-    if q.dtype == torch.float32 and torch.is_autocast_enabled(q.device.type):
+    autocast = torch.is_autocast_enabled(q.device.type)
+    if q.dtype == torch.float32 and autocast:
         q, k, v = (t.to(torch.get_autocast_dtype(q.device.type)) for t in (q, k, v))
     config = DEFAULT_CONFIG if config is None else config
     if not isinstance(config, DistrConfig):
@@ -144,9 +146,9 @@ def distr_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config
         config = config.replace(group_size=1)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     backend = selected_backend(q, config, dropout_p, needs_grad, mask)
-    with torch.autocast(q.device.type, enabled=False):  # each path picks its own precision
+    with torch.autocast(q.device.type, enabled=False) if autocast else contextlib.nullcontext():
         out, lse = _run(backend, needs_grad, q, k, v, causal, mask, scale, config, dropout_p, causal_grouping,
-                        reduced_keys)
+                        reduced_keys)  # each path picks its own precision
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
 

@@ -28,6 +28,7 @@ import triton.language as tl
 
 from ..config import DistrConfig
 from .grouping import BLOCK_SIZES, group_queries
+from .launch import cached
 from .softmax import (
     HEAD_GROUP,
     finish,
@@ -78,6 +79,7 @@ def _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, start_n, offs_m, n_q,
     return online_softmax(acc, l_i, m_i, s, s_scale, vt, IEEE)
 
 
+@cached
 @triton.jit
 def _distr_fwd(U, K, V, Wt, Mask, Out, Lse, scale, first_block, n_tiles, n_q, n_k, heads, kv_group,
                su_b, su_h, su_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sw_b, sw_h, sw_blk, sw_j,
@@ -156,13 +158,13 @@ def launch_params(block_m: int, d: int, group: int) -> dict:
 
 def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: DistrConfig, causal_grouping: bool = False):
     """The pre-pass: ``(U, K, V, Wt)``. ``G = 1``: Q, K, V as they are (head dim zero-padded to a power of two
-    where needed), no ``Wt``. ``G > 1``: the fused grouping kernel's ``U`` and ``Wt``."""
+    where needed), ``Wt = None``. ``G > 1``: the fused grouping kernel's ``U`` and ``Wt``."""
     d = q.shape[-1]
     if config.group_size == 1:
         d_pad = padded_width(d)
         if d_pad != d:
             q, k, v = (torch.nn.functional.pad(t, (0, d_pad - d)) for t in (q, k, v))
-        return q, k, v, q.new_empty(1, 1, 1, 1)
+        return q, k, v, None
     u, wt = group_queries(q, config, padded_width(d // config.group_size), causal_grouping)
     return u, k, v, wt
 
@@ -183,6 +185,7 @@ def distr_attention_triton(q, k, v, *, causal=False, attn_mask=None, scale=None,
     d_pad = vv.shape[-1]
     out = torch.empty(batch, heads, n_q, d_pad, device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, heads, n_q, device=q.device, dtype=torch.float32)
+    wt = out if wt is None else wt  # G = 1: a placeholder, never read
     mask, mask_kind, mask_strides = mask_arguments(attn_mask, out)
     n_blocks = triton.cdiv(n_q, config.block_size)
 
@@ -204,4 +207,4 @@ def distr_attention_triton(q, k, v, *, causal=False, attn_mask=None, scale=None,
     if n_blocks > first_block:
         run(u, kk, vv, config.group_size, first_block, n_blocks - first_block,
             launch_params(config.block_size, d, config.group_size) | launch)
-    return out[..., :d], lse
+    return (out if d_pad == d else out[..., :d]), lse
