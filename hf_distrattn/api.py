@@ -146,6 +146,8 @@ def distr_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config
         config = config.replace(group_size=1)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     backend = selected_backend(q, config, dropout_p, needs_grad, mask)
+    if backend == "triton":  # the kernels address the head dim with unit stride
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     with torch.autocast(q.device.type, enabled=False) if autocast else contextlib.nullcontext():
         out, lse = _run(backend, needs_grad, q, k, v, causal, mask, scale, config, dropout_p, causal_grouping,
                         reduced_keys)  # each path picks its own precision

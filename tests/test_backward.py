@@ -140,3 +140,30 @@ def test_backward_tiles_need_not_be_square(causal, kind):
                                        dq=dict(block_m=32, block_n=16))
     for name, a, b in zip(("dq", "dk", "dv"), wide, square, strict=True):
         torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("group", [1, 2])
+@pytest.mark.parametrize("layout", ["transformers", "strided_head_dim"])
+def test_strided_inputs(layout, group):
+    """Transformers' layout (``(B, N, H, d)`` buffers viewed as ``(B, H, N, d)``) and a head dim with a non-unit
+    stride give what contiguous copies give, with and without gradients. In Transformers' layout the output and
+    the gradients keep the inputs' strides, so that transposing the output back to ``(B, N, H, d)`` is free."""
+    b, n, d = 2, 40, 32
+
+    def make(heads, seed):
+        if layout == "transformers":
+            return rand(b, n, heads, d, seed=seed).transpose(1, 2)
+        return rand(b, heads, d, n, seed=seed).transpose(2, 3)
+
+    q, k, v = make(4, 1), make(2, 2), make(2, 3)
+    config = DistrConfig(group_size=group, block_size=16, backend="triton")
+    dout = rand(b, 4, n, d, seed=9)
+    mine = grads(q, k, v, dout, causal=True, config=config)
+    ref = grads(q.contiguous(), k.contiguous(), v.contiguous(), dout, causal=True, config=config)
+    with torch.no_grad():
+        inference = distr_attention(q, k, v, causal=True, config=config)
+    for a, r in zip((inference, *mine), (ref[0], *ref), strict=True):
+        torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
+    if layout == "transformers":
+        assert inference.stride() == mine[0].stride() == q.stride()
+        assert [g.stride() for g in mine[1:]] == [t.stride() for t in (q, k, v)]

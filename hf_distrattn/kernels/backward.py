@@ -2,17 +2,18 @@ r"""Attention backward in Triton (FlashAttention-2 style), for ``out = softmax(s
 
 The training path (:mod:`hf_distrattn.autograd`) calls it with ``A = Q̃`` (or ``B = K̃``): the approximation is a
 differentiable map of one operand, attention on the result is exact, so its backward is the exact one. With the
-forward's float32 log-sum-exp ``L`` and ``Δ = rowsum(dO ∘ O)`` (``_preprocess``, one pass over both), each
-tile recomputes its probabilities instead of storing ``P``:
+forward's float32 log-sum-exp ``L`` and ``Δ = rowsum(dO ∘ O)``, each tile recomputes its probabilities instead of
+storing ``P``:
 
     P = exp(scale · A Bᵀ + mask − L)          dV = Pᵀ dO
     dP = dO Vᵀ                               dS = P ∘ (dP − Δ)
     dA = scale · dS B                        dB = scale · dSᵀ A
 
-Two kernels, so that every output is written by exactly one program (no atomics): ``_dkdv`` runs one program
-per (key tile, batch·KV head) over every query tile of the KV head's ``Hq/Hkv`` query heads (GQA sums there);
-``_dq`` runs one program per (query tile, batch·query head) over the key tiles; both launch their programs
-longest first (:func:`~.softmax.tile_order`). Rows beyond the sequence read
+Two kernels, so that every output is written by exactly one program (no atomics): ``_dq`` runs one program per
+(query tile, batch·query head) over the key tiles and also writes its rows' ``Δ`` (it holds their ``dO`` tile
+already); ``_dkdv``, launched after it, runs one program per (key tile, batch·KV head) over every query tile of the
+KV head's ``Hq/Hkv`` query heads (GQA sums there). Both launch their programs longest first
+(:func:`~.softmax.tile_order`). Rows beyond the sequence read
 zeros and contribute nothing; fully masked rows (``L = −∞``) give ``P = 0``; only causal tiles on the diagonal
 and user masks are masked (the forward's split). Head dims that are not a power of two are zero-padded.
 When ``A = X M`` per grouping block (the training path's ``Q̃``, ``M = Wtᵀ Wt``), ``_dq`` writes ``dX = dA M``
@@ -33,6 +34,12 @@ import triton.language as tl
 
 from .grouping import project_block
 from .softmax import HEAD_GROUP, key_range, mask_arguments, masked_scores, padded_width, scores, tile_order
+
+
+@triton.jit
+def _lse2(lse):
+    """The log-sum-exp in base 2; ``+∞`` for rows with no visible key (``L = −∞``), so that their ``P`` is 0."""
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
 
 
 @triton.jit
@@ -87,7 +94,7 @@ def _dkdv_tile(dk, dv, k, v, a_base, do_base, lse_base, delta_base, mask_base, s
     rows = offs_m < n_q
     at = tl.load(a_base + offs_m[None, :] * sa_m + offs_d[:, None], mask=rows[None, :], other=0.0)
     do = tl.load(do_base + offs_m[:, None] * sdo_m + offs_d[None, :], mask=rows[:, None], other=0.0)
-    lse2 = tl.load(lse_base + offs_m, mask=rows, other=0.0)
+    lse2 = _lse2(tl.load(lse_base + offs_m, mask=rows, other=0.0))
     delta = tl.load(delta_base + offs_m, mask=rows, other=0.0)
     pt = _probs_t(k, at, lse2, mask_base + offs_m[None, :] * sm_m, offs_m, offs_n, n_q, n_k, qk_scale, True,
                   MASKED, CAUSAL, MASK_KIND, IEEE)
@@ -178,9 +185,9 @@ def _dq_tile(dq, a, do, lse2, delta, b_base, v_base, mask_base, start_n, offs_m,
 
 
 @triton.jit
-def _dq(A, B, V, DO, Lse, Delta, Mask, DA, Wt, scale, n_q, n_k, heads, kv_group,
+def _dq(A, B, V, DO, Lse, Delta, Mask, DA, Wt, Out, scale, n_q, n_k, heads, kv_group,
         sa_b, sa_h, sa_m, sb_b, sb_h, sb_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_m, sl_b, sl_h,
-        sm_b, sm_h, sm_m, sda_b, sda_h, sda_m,
+        sm_b, sm_h, sm_m, sda_b, sda_h, sda_m, so_b, so_h, so_m,
         CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
         PROJECT_BLOCK: tl.constexpr, PROJECT_CAUSAL: tl.constexpr, DG_PAD: tl.constexpr):
@@ -196,8 +203,10 @@ def _dq(A, B, V, DO, Lse, Delta, Mask, DA, Wt, scale, n_q, n_k, heads, kv_group,
     a = tl.load(A + b * sa_b + h * sa_h + offs_m[:, None] * sa_m + offs_d[None, :], mask=rows[:, None], other=0.0)
     do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_m + offs_d[None, :], mask=rows[:, None],
                  other=0.0)
-    lse2 = tl.load(Lse + b * sl_b + h * sl_h + offs_m, mask=rows, other=0.0)
-    delta = tl.load(Delta + b * sl_b + h * sl_h + offs_m, mask=rows, other=0.0)
+    o = tl.load(Out + b * so_b + h * so_h + offs_m[:, None] * so_m + offs_d[None, :], mask=rows[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # Δ = rowsum(dO ∘ O), for _dkdv too
+    tl.store(Delta + b * sl_b + h * sl_h + offs_m, delta, mask=rows)
+    lse2 = _lse2(tl.load(Lse + b * sl_b + h * sl_h + offs_m, mask=rows, other=0.0))
     b_base = B + b * sb_b + hk * sb_h
     v_base = V + b * sv_b + hk * sv_h
     mask_base = Mask + b * sm_b + h * sm_h + offs_m[:, None] * sm_m
@@ -216,30 +225,6 @@ def _dq(A, B, V, DO, Lse, Delta, Mask, DA, Wt, scale, n_q, n_k, heads, kv_group,
         dq = _project_tile(dq, wt_base, pid_m * BLOCK_M, n_q, IEEE, BLOCK_M, D, PROJECT_BLOCK, PROJECT_CAUSAL,
                            DG_PAD).to(DA.dtype.element_ty)
     tl.store(DA + b * sda_b + h * sda_h + offs_m[:, None] * sda_m + offs_d[None, :], dq, mask=rows[:, None])
-
-
-PREPROCESS_ROWS = 64
-
-
-@triton.jit
-def _preprocess(Out, DO, Lse, Delta, Lse2, n_q, d, heads, so_b, so_h, so_m, sdo_b, sdo_h, sdo_m, sl_b, sl_h,
-                BLOCK: tl.constexpr, D: tl.constexpr):
-    """One pass over ``O`` and ``dO``: ``Δ = rowsum(dO ∘ O)`` in float32 and the log-sum-exp in base 2, ``+∞``
-    for rows with no visible key (so that their recomputed ``P`` is 0); both written ``(batch, Hq, Nq)``
-    contiguous."""
-    bh = tl.program_id(1)
-    b = bh // heads
-    h = bh % heads
-    offs_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, D)
-    rows = offs_m < n_q
-    tile = rows[:, None] & (offs_d[None, :] < d)
-    o = tl.load(Out + b * so_b + h * so_h + offs_m[:, None] * so_m + offs_d[None, :], mask=tile, other=0.0)
-    do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_m + offs_d[None, :], mask=tile, other=0.0)
-    lse = tl.load(Lse + b * sl_b + h * sl_h + offs_m, mask=rows, other=0.0)
-    tl.store(Delta + bh * n_q + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rows)
-    tl.store(Lse2 + bh * n_q + offs_m, tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634),
-             mask=rows)
 
 
 def launch_params(d: int, dtype: torch.dtype) -> dict:
@@ -269,24 +254,19 @@ def attention_backward(a, b, v, out, lse, dout, *, causal: bool, attn_mask, scal
     h_kv, n_k = b.shape[1], b.shape[2]
     d_pad = padded_width(d)
     out, dout = (t if t.stride(-1) == 1 else t.contiguous() for t in (out, dout))
-    delta = torch.empty(batch, heads, n_q, device=a.device, dtype=torch.float32)
-    lse2 = torch.empty_like(delta)
-    _preprocess[(triton.cdiv(n_q, PREPROCESS_ROWS), batch * heads)](
-        out, dout, lse, delta, lse2, n_q, d, heads, *out.stride()[:3], *dout.stride()[:3], *lse.stride()[:2],
-        BLOCK=PREPROCESS_ROWS, D=d_pad)
+    lse = lse.contiguous()
+    delta = torch.empty_like(lse)  # written by _dq, read by _dkdv
     defaults = launch_params(d_pad, a.dtype)
     p_kv, p_q = defaults["dkdv"] | (dkdv or {}), defaults["dq"] | (dq or {})
     if d_pad != d:
-        a, b, v, dout = (torch.nn.functional.pad(t, (0, d_pad - d)) for t in (a, b, v, dout))
-    da = torch.empty(batch, heads, n_q, d_pad, device=a.device, dtype=a.dtype)
-    db = torch.empty(batch, h_kv, n_k, d_pad, device=a.device, dtype=b.dtype)
-    dv = torch.empty_like(db)
+        a, b, v, out, dout = (torch.nn.functional.pad(t, (0, d_pad - d)) for t in (a, b, v, out, dout))
+    da, db, dv = (torch.empty_like(t) for t in (a, b, v))  # the inputs' layouts (Transformers' (B, N, H, d) views)
     mask, mask_kind, mask_strides = mask_arguments(attn_mask, da)
     common = dict(CAUSAL=causal, MASK_KIND=mask_kind, IEEE=a.dtype == torch.float32, D=d_pad)
     if project is not None and d_pad != d:
         raise ValueError(f"project needs a power-of-two head dim, got {d}")
     wt = da if project is None else project[1]  # da: a placeholder pointer, never read
-    strides = (*a.stride()[:3], *b.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *lse2.stride()[:2],
+    strides = (*a.stride()[:3], *b.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *lse.stride()[:2],
                *mask_strides)
 
     def launch(params, operand):  # operand: "a" for _dq, "b" for _dkdv
@@ -295,12 +275,12 @@ def attention_backward(a, b, v, out, lse, dout, *, causal: bool, attn_mask, scal
                     num_stages=params["num_stages"], PROJECT_BLOCK=project[2] if projected else 0,
                     PROJECT_CAUSAL=projected and project[3], DG_PAD=wt.shape[-2] if projected else 16) | common
 
-    _dkdv[(triton.cdiv(n_k, p_kv["block_n"]) * batch * h_kv,)](
-        a, b, v, dout, lse2, delta, mask, db, dv, wt, scale, n_q, n_k, heads, heads // h_kv, *strides,
-        *db.stride()[:3], *dv.stride()[:3], **launch(p_kv, "b"))
     _dq[(triton.cdiv(n_q, p_q["block_m"]) * batch * heads,)](
-        a, b, v, dout, lse2, delta, mask, da, wt, scale, n_q, n_k, heads, heads // h_kv, *strides,
-        *da.stride()[:3], **launch(p_q, "a"))
+        a, b, v, dout, lse, delta, mask, da, wt, out, scale, n_q, n_k, heads, heads // h_kv, *strides,
+        *da.stride()[:3], *out.stride()[:3], **launch(p_q, "a"))
+    _dkdv[(triton.cdiv(n_k, p_kv["block_n"]) * batch * h_kv,)](
+        a, b, v, dout, lse, delta, mask, db, dv, wt, scale, n_q, n_k, heads, heads // h_kv, *strides,
+        *db.stride()[:3], *dv.stride()[:3], **launch(p_kv, "b"))
     if d_pad == d:
         return da, db, dv
     return da[..., :d], db[..., :d], dv[..., :d]

@@ -153,8 +153,8 @@ def group_queries(q: torch.Tensor, config: DistrConfig, dg_pad: int, causal: boo
     n_blocks = triton.cdiv(n, block)
     nh = max(16, triton.next_power_of_2(config.num_hashes))
     r = _projection_parts(block, config.num_hashes, config.seed, nh, q.device, q.dtype)
-    shape = (batch, heads, n, d) if project else (batch, heads, n_blocks * block, dg_pad)
-    u = torch.empty(shape, device=q.device, dtype=q.dtype)
+    u = torch.empty_like(q) if project else torch.empty(batch, heads, n_blocks * block, dg_pad, device=q.device,
+                                                            dtype=q.dtype)
     wt = torch.empty(batch, heads, n_blocks, dg_pad, d, device=q.device, dtype=q.dtype)
     _group_block[(n_blocks, batch * heads)](
         q, r, u, wt, n, heads, q.stride(0), q.stride(1), q.stride(2), u.stride(0), u.stride(1), u.stride(2),

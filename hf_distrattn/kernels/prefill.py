@@ -181,7 +181,8 @@ def distr_attention_triton(q, k, v, *, causal=False, attn_mask=None, scale=None,
     scale = 1 / math.sqrt(d) if scale is None else scale
     u, kk, vv, wt = prepared or prepare(q, k, v, config, causal_grouping)
     d_pad = vv.shape[-1]
-    out = torch.empty(batch, heads, n_q, d_pad, device=q.device, dtype=q.dtype)
+    # q's layout: Transformers passes a (B, N, H, d) buffer viewed as (B, H, N, d), and transposes the output back
+    out = torch.empty_like(q) if d_pad == d else torch.empty(batch, heads, n_q, d_pad, device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, heads, n_q, device=q.device, dtype=torch.float32)
     wt = out if wt is None else wt  # G = 1: a placeholder, never read
     mask, mask_kind, mask_strides = mask_arguments(attn_mask, out)
