@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from .grouping import project_block
+from .launch import cached
 from .softmax import HEAD_GROUP, key_range, mask_arguments, masked_scores, padded_width, scores, tile_order
 
 
@@ -111,6 +112,7 @@ def _dkdv_tile(dk, dv, k, v, a_base, do_base, lse_base, delta_base, mask_base, s
     return dk, dv
 
 
+@cached
 @triton.jit
 def _dkdv(A, B, V, DO, Lse, Delta, Mask, DB, DV, Wt, scale, n_q, n_k, heads, kv_group,
           sa_b, sa_h, sa_m, sb_b, sb_h, sb_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_m, sl_b, sl_h,
@@ -184,6 +186,7 @@ def _dq_tile(dq, a, do, lse2, delta, b_base, v_base, mask_base, start_n, offs_m,
     return dq
 
 
+@cached
 @triton.jit
 def _dq(A, B, V, DO, Lse, Delta, Mask, DA, Wt, Out, scale, n_q, n_k, heads, kv_group,
         sa_b, sa_h, sa_m, sb_b, sb_h, sb_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_m, sl_b, sl_h,

@@ -33,6 +33,7 @@ import triton.language as tl
 
 from ..config import DistrConfig
 from ..grouping import lsh_projections
+from .launch import cached
 
 BLOCK_SIZES = (16, 32, 64, 128)
 
@@ -63,6 +64,7 @@ def project_block(x, wt, pid_m, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
     return y
 
 
+@cached
 @triton.jit
 def _group_block(Q, R, U, Wt, n, heads, sq_b, sq_h, sq_m, su_b, su_h, su_m, sw_b, sw_h, sw_blk, sw_j,
                  CAUSAL: tl.constexpr, RANK1: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,

@@ -28,6 +28,7 @@ import triton.language as tl
 
 from ..config import DistrConfig
 from .grouping import BLOCK_SIZES, group_queries
+from .launch import cached
 from .softmax import (
     HEAD_GROUP,
     finish,
@@ -78,6 +79,7 @@ def _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, start_n, offs_m, n_q,
     return online_softmax(acc, l_i, m_i, s, s_scale, vt, IEEE)
 
 
+@cached
 @triton.jit
 def _distr_fwd(U, K, V, Wt, Mask, Out, Lse, scale, first_block, n_tiles, n_q, n_k, heads, kv_group,
                su_b, su_h, su_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sw_b, sw_h, sw_blk, sw_j,

@@ -1,0 +1,113 @@
+"""The launch cache (``kernels/launch.py``): a repeated signature skips Triton's launch path and passes the
+arguments, constexprs included, in signature order to the compiled kernel; anything Triton specializes on sends
+the launch back through Triton. On CPU against a stand-in for a compiled kernel; on a GPU, repeated training
+calls through the real kernels."""
+
+import types
+
+import pytest
+import torch
+from kernel_inputs import DEVICE, rand
+
+from hf_distrattn.kernels import launch
+
+
+class FakeKernel:
+    """A compiled kernel: ``kernel[grid](*args)`` records a direct launch."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def __getitem__(self, grid):
+        return lambda *args: self.calls.append(("direct", grid, args))
+
+
+class FakeJit:
+    """Records launches that go through Triton; parameters X, n, scale, then constexprs A, B."""
+
+    arg_names = ["X", "n", "scale", "A", "B"]
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        def run(*args, **meta):
+            self.calls.append(("triton", grid, args, meta))
+            return FakeKernel(self.calls)
+        return run
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    monkeypatch.setattr(launch, "driver", types.SimpleNamespace(active=types.SimpleNamespace(
+        get_current_device=lambda: 0)))
+    fn = FakeJit()
+    return fn, launch._Cached(fn)
+
+
+def test_repeated_signature_launches_directly_in_signature_order(fake):
+    fn, kernel = fake
+    x, y = torch.zeros(64), torch.ones(64)
+    kernel[(3,)](x, 16, 0.5, B=2, A=1, num_warps=4)
+    kernel[(3, 2)](y, 16, 0.5, B=2, A=1, num_warps=4)
+    assert [c[0] for c in fn.calls] == ["triton", "direct"]
+    assert fn.calls[1][1:] == ((3, 2, 1), (y, 16, 0.5, 1, 2))
+
+
+@pytest.mark.parametrize("change", ["int", "float", "dtype", "alignment", "constexpr", "num_warps"])
+def test_what_triton_specializes_on_goes_through_triton(fake, change):
+    fn, kernel = fake
+    x = torch.zeros(64)
+    args, meta = [x, 16, 0.5], dict(A=1, B=2, num_warps=4)
+    kernel[(1,)](*args, **meta)
+    if change == "int":
+        args[1] = 17
+    elif change == "float":
+        args[2] = 0.25
+    elif change == "dtype":
+        args[0] = x.half()
+    elif change == "alignment":
+        args[0] = x[1:]  # 4 bytes past a 16-byte boundary
+    elif change == "constexpr":
+        meta["A"] = 3
+    else:
+        meta["num_warps"] = 8
+    kernel[(1,)](*args, **meta)
+    assert [c[0] for c in fn.calls] == ["triton", "triton"]
+
+
+def test_table_is_bounded(fake, monkeypatch):
+    fn, kernel = fake
+    monkeypatch.setattr(launch, "MAX_SIGNATURES", 4)
+    for n in range(10):
+        kernel[(1,)](torch.zeros(4), n, 0.5, A=1, B=2)
+    assert len(kernel.compiled) <= 4
+    assert [c[0] for c in fn.calls] == ["triton"] * 10
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="compiled kernels need a GPU")
+def test_cached_launches_give_triton_results():
+    """Training calls through every cached kernel (grouping, forward, backward): the second call of a signature
+    launches directly and must reproduce the first bit for bit; a view 2 bytes off alignment gets its own kernel."""
+    from hf_distrattn import DistrConfig, distr_attention
+    from hf_distrattn.kernels import backward
+
+    config = DistrConfig(group_size=2, block_size=32, backend="triton")
+    dout = rand(1, 4, 128, 64, dtype=torch.bfloat16, seed=2)
+
+    def train(q):
+        q = q.detach().requires_grad_()
+        out = distr_attention(q, q, q, causal=True, config=config)
+        out.backward(dout)
+        return out.detach(), q.grad
+
+    numel = 4 * 128 * 64
+    base = rand(numel + 1, dtype=torch.bfloat16, seed=1)
+    for q in (base[:numel].view(1, 4, 128, 64), base[1:].view(1, 4, 128, 64)):
+        signatures = len(backward._dq.compiled)
+        first, second = train(q), train(q)
+        assert len(backward._dq.compiled) == signatures + 1
+        for a, b in zip(first, second, strict=True):
+            assert torch.equal(a, b)
+        for a, b in zip(first, train(q.contiguous()), strict=True):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
