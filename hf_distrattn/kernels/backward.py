@@ -10,20 +10,21 @@ storing ``P``:
     dA = scale · dS B                        dB = scale · dSᵀ A
 
 Two kernels, so that every output is written by exactly one program (no atomics): ``_dq`` runs one program per
-(query tile, batch·query head) over the key tiles and also writes its rows' ``Δ`` (it holds their ``dO`` tile
-already); ``_dkdv``, launched after it, runs one program per (key tile, batch·KV head) over every query tile of the
-KV head's ``Hq/Hkv`` query heads (GQA sums there). Both launch their programs longest first
-(:func:`~.softmax.tile_order`). Rows beyond the sequence read
+(query tile, batch·query head) over the key tiles and also writes its rows' ``Δ`` and base-2 log-sum-exp (it
+holds their ``dO`` tile already); ``_dkdv``, launched after it, runs one program per (key tile, batch·KV head)
+over every query tile of the KV head's ``Hq/Hkv`` query heads (GQA sums there). Both launch their programs
+longest first (:func:`~.softmax.tile_order`). Rows beyond the sequence read
 zeros and contribute nothing; fully masked rows (``L = −∞``) give ``P = 0``; only causal tiles on the diagonal
 and user masks are masked (the forward's split). Head dims that are not a power of two are zero-padded.
 When ``A = X M`` per grouping block (the training path's ``Q̃``, ``M = Wtᵀ Wt``), ``_dq`` writes ``dX = dA M``
 instead of ``dA`` (:func:`_project_tile` in its epilogue, one ``Wt`` per grouping block the tile covers); the
 same for ``B`` in ``_dkdv``.
 
-Cost: five ``d``-deep GEMMs per score (recompute, dP, dV, dA, dB), as in FlashAttention-2. Recomputing the
-scores in the reduced ``d/G`` form would need the per-query-block key fuse inside ``_dkdv`` for every (key,
-query) tile pair, ``d²/G`` MACs per key row per query tile, which at ``BLOCK = 64`` costs what it saves at ``G = 2``
-(see NOTES.md), so the backward works on ``Ã`` directly.
+Cost: seven ``d``-deep GEMMs per score (``_dkdv``: recompute, dP, dV, dB; ``_dq``: recompute, dP, dA), against
+FlashAttention-2's five with a float32 ``dA`` accumulated by atomics (slower in Triton by public reports).
+Recomputing the scores in the reduced ``d/G`` form would need the per-query-block key fuse inside ``_dkdv`` for
+every (key, query) tile pair, ``d²/G`` MACs per key row per query tile, which at ``BLOCK = 64`` costs what it
+saves at ``G = 2`` (see NOTES.md), so the backward works on ``Ã`` directly.
 """
 
 from __future__ import annotations
@@ -35,12 +36,6 @@ import triton.language as tl
 from .grouping import project_block
 from .launch import cached
 from .softmax import HEAD_GROUP, key_range, mask_arguments, masked_scores, padded_width, scores, tile_order
-
-
-@triton.jit
-def _lse2(lse):
-    """The log-sum-exp in base 2; ``+∞`` for rows with no visible key (``L = −∞``), so that their ``P`` is 0."""
-    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
 
 
 @triton.jit
@@ -95,7 +90,7 @@ def _dkdv_tile(dk, dv, k, v, a_base, do_base, lse_base, delta_base, mask_base, s
     rows = offs_m < n_q
     at = tl.load(a_base + offs_m[None, :] * sa_m + offs_d[:, None], mask=rows[None, :], other=0.0)
     do = tl.load(do_base + offs_m[:, None] * sdo_m + offs_d[None, :], mask=rows[:, None], other=0.0)
-    lse2 = _lse2(tl.load(lse_base + offs_m, mask=rows, other=0.0))
+    lse2 = tl.load(lse_base + offs_m, mask=rows, other=0.0)
     delta = tl.load(delta_base + offs_m, mask=rows, other=0.0)
     pt = _probs_t(k, at, lse2, mask_base + offs_m[None, :] * sm_m, offs_m, offs_n, n_q, n_k, qk_scale, True,
                   MASKED, CAUSAL, MASK_KIND, IEEE)
@@ -188,7 +183,7 @@ def _dq_tile(dq, a, do, lse2, delta, b_base, v_base, mask_base, start_n, offs_m,
 
 @cached
 @triton.jit
-def _dq(A, B, V, DO, Lse, Delta, Mask, DA, Wt, Out, scale, n_q, n_k, heads, kv_group,
+def _dq(A, B, V, DO, Lse, Delta, Lse2, Mask, DA, Wt, Out, scale, n_q, n_k, heads, kv_group,
         sa_b, sa_h, sa_m, sb_b, sb_h, sb_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_m, sl_b, sl_h,
         sm_b, sm_h, sm_m, sda_b, sda_h, sda_m, so_b, so_h, so_m,
         CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr,
@@ -207,9 +202,11 @@ def _dq(A, B, V, DO, Lse, Delta, Mask, DA, Wt, Out, scale, n_q, n_k, heads, kv_g
     do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_m + offs_d[None, :], mask=rows[:, None],
                  other=0.0)
     o = tl.load(Out + b * so_b + h * so_h + offs_m[:, None] * so_m + offs_d[None, :], mask=rows[:, None], other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # Δ = rowsum(dO ∘ O), for _dkdv too
-    tl.store(Delta + b * sl_b + h * sl_h + offs_m, delta, mask=rows)
-    lse2 = _lse2(tl.load(Lse + b * sl_b + h * sl_h + offs_m, mask=rows, other=0.0))
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # Δ = rowsum(dO ∘ O)
+    lse = tl.load(Lse + b * sl_b + h * sl_h + offs_m, mask=rows, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # no visible key: P = 0
+    tl.store(Delta + b * sl_b + h * sl_h + offs_m, delta, mask=rows)  # both for _dkdv
+    tl.store(Lse2 + b * sl_b + h * sl_h + offs_m, lse2, mask=rows)
     b_base = B + b * sb_b + hk * sb_h
     v_base = V + b * sv_b + hk * sv_h
     mask_base = Mask + b * sm_b + h * sm_h + offs_m[:, None] * sm_m
@@ -258,7 +255,7 @@ def attention_backward(a, b, v, out, lse, dout, *, causal: bool, attn_mask, scal
     d_pad = padded_width(d)
     out, dout = (t if t.stride(-1) == 1 else t.contiguous() for t in (out, dout))
     lse = lse.contiguous()
-    delta = torch.empty_like(lse)  # written by _dq, read by _dkdv
+    delta, lse2 = torch.empty_like(lse), torch.empty_like(lse)  # Δ and the base-2 lse: written by _dq for _dkdv
     defaults = launch_params(d_pad, a.dtype)
     p_kv, p_q = defaults["dkdv"] | (dkdv or {}), defaults["dq"] | (dq or {})
     if d_pad != d:
@@ -279,10 +276,10 @@ def attention_backward(a, b, v, out, lse, dout, *, causal: bool, attn_mask, scal
                     PROJECT_CAUSAL=projected and project[3], DG_PAD=wt.shape[-2] if projected else 16) | common
 
     _dq[(triton.cdiv(n_q, p_q["block_m"]) * batch * heads,)](
-        a, b, v, dout, lse, delta, mask, da, wt, out, scale, n_q, n_k, heads, heads // h_kv, *strides,
+        a, b, v, dout, lse, delta, lse2, mask, da, wt, out, scale, n_q, n_k, heads, heads // h_kv, *strides,
         *da.stride()[:3], *out.stride()[:3], **launch(p_q, "a"))
     _dkdv[(triton.cdiv(n_k, p_kv["block_n"]) * batch * h_kv,)](
-        a, b, v, dout, lse, delta, mask, db, dv, wt, scale, n_q, n_k, heads, heads // h_kv, *strides,
+        a, b, v, dout, lse2, delta, mask, db, dv, wt, scale, n_q, n_k, heads, heads // h_kv, *strides,
         *db.stride()[:3], *dv.stride()[:3], **launch(p_kv, "b"))
     if d_pad == d:
         return da, db, dv
