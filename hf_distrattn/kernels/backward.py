@@ -243,9 +243,11 @@ def attention_backward(a, b, v, out, lse, dout, *, causal: bool, attn_mask, scal
     """Gradients ``(dA, dB, dV)`` of ``softmax(scale · A Bᵀ + mask) V`` (GQA: ``B``, ``V`` have fewer heads), in
     the inputs' dtype (accumulated in float32).
 
-    a, out, dout: ``(batch, Hq, Nq, d)`` (any strides with a contiguous last dim; others are copied); b, v:
-    ``(batch, Hkv, Nk, d)``; lse: float32 ``(batch, Hq, Nq)`` from the forward (natural log); attn_mask 4-D or
-    ``None``; ``dkdv`` / ``dq``: dicts that override entries of :func:`launch_params` for that kernel.
+    a, out, dout: ``(batch, Hq, Nq, d)``; b, v: ``(batch, Hkv, Nk, d)``; any strides, a unit-stride last dim for
+    ``a``, ``b``, ``v`` (as :func:`hf_distrattn.distr_attention` passes them; ``out``, ``dout`` are copied
+    otherwise); the gradients keep the inputs' layouts. lse: float32 ``(batch, Hq, Nq)`` from the forward (natural
+    log); attn_mask 4-D or ``None``; ``dkdv`` / ``dq``: dicts that override entries of :func:`launch_params` for
+    that kernel.
     ``project = (operand, wt, block, causal)``: ``A`` (operand ``"a"``) or ``B`` (``"b"``) is ``X M`` per block of
     ``block`` rows, ``M = Wtᵀ Wt`` from :func:`.grouping.group_queries` (``wt`` contiguous; ``causal``: block 0
     has ``M = I``); that gradient is returned as ``dX = dX̃ M`` (``M`` symmetric), in the kernel's epilogue.
