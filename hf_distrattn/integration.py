@@ -35,6 +35,10 @@ def distr_attention_forward(module: torch.nn.Module, query, key, value, attentio
     causal = False
     if attention_mask is None:
         causal = bool(is_causal if is_causal is not None else module_causal) and query.shape[2] > 1
+        if causal and key.shape[2] > query.shape[2]:
+            # Transformers skips the mask only where SDPA's top-left causal alignment is right: a prefill into an
+            # empty static cache, whose slots past the prompt are unfilled. Those keys must not be attended.
+            key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]
     reduced_keys = None
     if module_causal and config.sampled == "k" and not config.exact:
         reduced_keys = getattr(module, "distr_reduced_keys", None)

@@ -204,3 +204,26 @@ def test_decoding_with_reduced_keys_equals_the_prefill_approximation():
     whole = model(out.sequences).logits[0, 11:-1]
     torch.testing.assert_close(torch.stack(out.logits)[:, 0], whole, atol=1e-4, rtol=1e-4)
     assert (model(torch.cat([ids, ids, ids], 1)).logits - exact).abs().max() > 1e-3  # approximated
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("group", [1, 2])
+def test_static_cache_generates_the_dynamic_cache_tokens(group):
+    """A static cache hands the attention function every slot, the unfilled ones too, and no mask for a prefill
+    into an empty cache (SDPA's top-left causal alignment covers it): the tokens must not change. Left-padded
+    batch of two; G=1 must also give sdpa's tokens."""
+    model, _ = tiny_llama()
+    ids = torch.randint(1, 97, (2, 40), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    single = dict(kwargs, input_ids=ids[:1])
+    batch = dict(kwargs, input_ids=ids, attention_mask=mask)
+    sdpa = model.generate(**single)
+    model.set_attn_implementation("distr")
+    configure(model, DistrConfig(group_size=group, block_size=16))
+    for call in (single, batch):
+        dynamic = model.generate(**call)
+        assert torch.equal(model.generate(**call, cache_implementation="static"), dynamic)
+    if group == 1:
+        assert torch.equal(model.generate(**single), sdpa)
