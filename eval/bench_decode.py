@@ -3,12 +3,13 @@
 Peers in the same run: SDPA as Transformers calls it (``enable_gqa=True``, default dispatch) and under each
 backend (flash, cuDNN, memory-efficient; K/V repeated to the query heads where a backend refuses
 ``enable_gqa``), our exact split-KV kernel (``distr-G1``), and ``sampled="k"`` DistrAttention reading the keys
-in reduced form (:mod:`hf_distrattn.kvcache`), timed in the steady state of generation (reduced form up to
-date) and, separately, the update that reduces a completed key block (``update_us``, once per 64 tokens). Two
-times per step, medians of ``triton.testing.do_bench``: ``us``, eager calls back to back (what Python-driven
-generation pays, host launch overhead included), and ``graph_us``, ten steps captured in one CUDA graph and
-replayed (device time only, what a CUDA-graph decoder pays). ``bytes`` is what the kernel must read (K and V, or
-reduced K, fuse data and V) and ``GB/s`` that over the graph time.
+in reduced form from a :class:`~hf_distrattn.cache.ReducedStaticLayer`. A step is what one layer does per
+generated token: write the new key and value into a static cache layer (for ``-k`` also reduce the new key)
+and attend. Two times per step, medians of ``triton.testing.do_bench``: ``us``, eager calls back to back (what
+Python-driven generation pays, host launch overhead included), and ``graph_us``, ten steps captured in one CUDA
+graph and replayed (device time only, what a CUDA-graph decoder pays). ``host_us`` / ``call_host_us``: host time
+to issue one step / the attention call alone (eager, :func:`host_us`). ``bytes`` is what the attention must read
+(K and V, or reduced K, fuse data and V) and ``GB/s`` that over the graph time.
 
     python -m hf_distrattn.eval.bench_decode --json results/decode.json --markdown results/decode.md
 """
@@ -17,56 +18,82 @@ from __future__ import annotations
 
 import argparse
 import json
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from ..api import distr_attention
 from ..config import DistrConfig
-from ..kvcache import ReducedKeys
 from .bench_kernels import median_ms, sdpa_backend
 from .common import write_results
 
 
 def _sdpa(q, k, v, backend=None):
-    """SDPA for one decode step; GQA by ``enable_gqa`` or, where the backend refuses it, repeated K/V."""
+    """SDPA for one decode step, ``fn(q, keys, values)``: GQA by ``enable_gqa`` or, where the backend refuses it,
+    K/V repeated to the query heads in the call (as Transformers' ``repeat_kv`` does)."""
     from contextlib import nullcontext
 
     context = sdpa_backend(backend) if backend else nullcontext
 
-    def gqa():
+    def gqa(q, k, v):
         with context():
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
+    def repeated(q, k, v):
+        rep = q.shape[1] // k.shape[1]
+        with context():
+            return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1))
+
     try:
-        gqa()
+        gqa(q, k, v)
         return gqa
     except RuntimeError:
-        rep = q.shape[1] // k.shape[1]
-        kr, vr = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-
-        def repeated():
-            with context():
-                return F.scaled_dot_product_attention(q, kr, vr)
-
-        repeated()
+        repeated(q, k, v)
         return repeated
 
 
-def _distr(q, k, v, config):
-    """One decode step of ``distr_attention`` (reduced keys up to date for ``sampled="k"``), and the update that
-    reduces a just-completed key block (once per ``block_size`` generated tokens), or ``None``."""
-    keys = None if config.exact else ReducedKeys(config)
+def host_us(fn, calls: int = 100) -> float:
+    """Host time per call: ``calls`` eager calls issued back to back, timed on the host before synchronizing
+    (fewer launches than the GPU queue holds, so the host never waits for the GPU)."""
+    import time
+
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    seconds = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return seconds / calls * 1e6
+
+
+def _step(q, k, v, config, attend):
+    """One decode step over a static cache layer holding ``k``, ``v`` and the step's own key (the last slot, written
+    again at every call): the cache update (and for ``sampled="k"`` the reduction of the new key), then
+    ``attend(q, keys, values, layer)``. Returns the step and the attention call alone (on the filled layer)."""
+    from transformers.cache_utils import StaticLayer
+
+    from ..cache import ReducedStaticLayer
+
+    n = k.shape[2]
+    reduced = isinstance(config, DistrConfig) and config.sampled == "k" and not config.exact
+    layer = ReducedStaticLayer(n, config) if reduced else StaticLayer(n)
+    layer.update(k[:, :, :-1], v[:, :, :-1])
+    new_k, new_v = k[:, :, -1:].clone(), v[:, :, -1:].clone()
 
     def step():
-        return distr_attention(q, k, v, config=config, causal_grouping=True, reduced_keys=keys)
-
-    def update():
-        keys.length = k.shape[2] // config.block_size * config.block_size - config.block_size
-        keys.update(k)
+        layer.cumulative_length.fill_(n - 1)
+        keys, values = layer.update(new_k, new_v)
+        return attend(q, keys, values, layer)
 
     step()
-    return step, (update if keys is not None else None)
+    return step, lambda: attend(q, layer.keys, layer.values, layer)
+
+
+def _distr(q, keys, values, layer, config):
+    reduced = getattr(layer, "reduced", None)
+    return distr_attention(q, keys, values, config=config, causal_grouping=True, reduced_keys=reduced)
 
 
 def graph_us(fn, steps: int = 10) -> float:
@@ -103,12 +130,13 @@ def bench(cache_lens, head_dims, groups, batch=1, heads=(32, 8), block_size=64):
                 row = {"method": name, "d": d, "cache": n, "batch": batch, "heads": list(heads), "bytes": nbytes}
                 try:
                     if isinstance(setting, DistrConfig):
-                        fn, update = _distr(q, k, v, setting)
-                        if update is not None:
-                            row["update_us"] = median_ms(update) * 1000
+                        fn, call = _step(q, k, v, setting, partial(_distr, config=setting))
                     else:
-                        fn = _sdpa(q, k, v, setting)
+                        attend = _sdpa(q, k, v, setting)
+                        fn, call = _step(q, k, v, setting,
+                                         lambda q, keys, values, _, attend=attend: attend(q, keys, values))
                     row["us"] = median_ms(fn) * 1000
+                    row["host_us"], row["call_host_us"] = host_us(fn), host_us(call)
                     row["graph_us"] = graph_us(fn)
                     row["gb_per_s"] = nbytes / row["graph_us"] / 1e3
                 except Exception as error:  # noqa: BLE001 - a peer that cannot run this shape is reported
@@ -121,7 +149,8 @@ def bench(cache_lens, head_dims, groups, batch=1, heads=(32, 8), block_size=64):
 def markdown(rows) -> str:
     keys = sorted({(r["d"], r["cache"]) for r in rows})
     names = list(dict.fromkeys(r["method"] for r in rows))
-    lines = ["Decode step, µs: eager calls / CUDA graph (graph speed-up over sdpa's graph) [update µs]", "",
+    lines = ["Decode step (cache update + attention), µs: eager calls / CUDA graph (graph speed-up over sdpa's) "
+             "[host µs of the attention call]", "",
              "| d | cached tokens | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
     for d, n in keys:
         by = {r["method"]: r for r in rows if (r["d"], r["cache"]) == (d, n)}
@@ -133,14 +162,14 @@ def markdown(rows) -> str:
                 cells.append("—")
                 continue
             cell = f"{r['us']:.1f} / {r['graph_us']:.1f}" + (f" ({base / r['graph_us']:.2f}×)" if base else "")
-            cells.append(cell + (f" [{r['update_us']:.0f}]" if "update_us" in r else ""))
+            cells.append(cell + f" [{r['call_host_us']:.0f}]")
         lines.append(f"| {d} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cache-lens", type=int, nargs="+", default=[32768, 65536, 131072])
+    parser.add_argument("--cache-lens", type=int, nargs="+", default=[8192, 32768, 131072])
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--groups", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--batch", type=int, default=1)

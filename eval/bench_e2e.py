@@ -1,12 +1,17 @@
 """End-to-end latency with random weights of real geometries, ``sdpa`` against ``distr`` settings, one GPU:
 
 - Llama-3.2-1B shape (16 layers, hidden 2048, 32 query / 8 KV heads, head_dim 64): prefill at each
-  ``--prefill`` length (batch 1, last-token logits only) and greedy decode tokens/s after a 4k prompt;
+  ``--prefill`` length (batch 1, last-token logits only), greedy decode tokens/s after each ``--decode-prompt``
+  (``(n − 1) / (T(n new tokens) − T(1 new token))``, so the prefill cancels), and a training step (forward +
+  backward) at ``--train-seq-len``;
 - ViT-B/16 shape (12 layers, hidden 768, 197 tokens): batch-256 inference.
 
-Times are medians over ``--reps`` CUDA-event-timed runs after one warm-up.
+``--compile``: both sides compiled the same way: ``torch.compile(model, fullgraph=True)`` for prefill, ViT and
+the training step, and for decode a static cache with Transformers' compiled decode step
+(``fullgraph=True, mode="reduce-overhead"``: CUDA graphs). Without it, eager with the dynamic cache. Times are
+medians over ``--reps`` CUDA-event-timed runs after warm-up (compilation included in the warm-up).
 
-    python -m hf_distrattn.eval.bench_e2e --json results/e2e.json --markdown results/e2e.md
+    python -m hf_distrattn.eval.bench_e2e --compile --json results/e2e.json --markdown results/e2e.md
 """
 
 from __future__ import annotations
@@ -29,41 +34,82 @@ def use(model, spec: str) -> None:
     apply_setting(model, name, config)
 
 
+def compiled(model, compile: bool):
+    """``model`` itself, or compiled whole (a fresh compilation: the attention setting changed)."""
+    if not compile:
+        return model
+    torch._dynamo.reset()
+    return torch.compile(model, fullgraph=True, dynamic=False)
+
+
+def _decode_kwargs(compile: bool) -> dict:
+    if not compile:
+        return {}
+    from transformers.generation.configuration_utils import CompileConfig
+
+    return dict(cache_implementation="static", compile_config=CompileConfig(fullgraph=True, mode="reduce-overhead"))
+
+
 @torch.no_grad()
-def bench_llama(specs, prefill_lens, decode_prompt, decode_tokens, reps):
+def bench_llama(specs, prefill_lens, decode_prompts, decode_tokens, reps, compile):
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**LLAMA_1B)).to("cuda", torch.bfloat16).eval()
     rows = []
     for spec in specs:
         use(model, spec)
+        run = compiled(model, compile)
         for n in prefill_lens:
             ids = torch.randint(0, LLAMA_1B["vocab_size"], (1, n), device="cuda")
-            ms = cuda_ms(lambda ids=ids: model(ids, use_cache=False, logits_to_keep=1), reps)
+            ms = cuda_ms(lambda ids=ids, run=run: run(ids, use_cache=False, logits_to_keep=1), reps, warmup=2)
             rows.append({"model": "llama-3.2-1b-shape", "attn": spec, "task": f"prefill {n}", "ms": ms})
             print(json.dumps(rows[-1]), flush=True)
-        prompt = torch.randint(0, LLAMA_1B["vocab_size"], (1, decode_prompt), device="cuda")
+        for n in decode_prompts:
+            prompt = torch.randint(0, LLAMA_1B["vocab_size"], (1, n), device="cuda")
 
-        def decode(prompt=prompt):
-            model.generate(prompt, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False,
-                           pad_token_id=0)
+            def generate(tokens, prompt=prompt):
+                model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                               pad_token_id=0, **_decode_kwargs(compile))
 
-        ms = cuda_ms(decode, max(1, reps // 2))
-        prefill_ms = cuda_ms(lambda prompt=prompt: model(prompt, logits_to_keep=1), reps)
-        rows.append({"model": "llama-3.2-1b-shape", "attn": spec, "task": f"decode after {decode_prompt}",
-                     "ms": ms, "tokens_per_s": decode_tokens / ((ms - prefill_ms) / 1000)})
+            torch._dynamo.reset()
+            whole = cuda_ms(lambda: generate(decode_tokens), max(1, reps // 2), warmup=2)
+            first = cuda_ms(lambda: generate(1), max(1, reps // 2))
+            rows.append({"model": "llama-3.2-1b-shape", "attn": spec, "task": f"decode after {n}", "ms": whole,
+                         "tokens_per_s": (decode_tokens - 1) / ((whole - first) / 1000)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def bench_train_step(specs, seq_len, reps, compile):
+    """Forward + backward of the Llama-3.2-1B-shaped model (bf16) on one sequence of ``seq_len`` tokens."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**LLAMA_1B)).to("cuda", torch.bfloat16).train()
+    ids = torch.randint(0, LLAMA_1B["vocab_size"], (1, seq_len), device="cuda")
+    rows = []
+    for spec in specs:
+        use(model, spec)
+        run = compiled(model, compile)
+
+        def step(run=run):
+            model.zero_grad(set_to_none=True)
+            run(ids, labels=ids).loss.backward()
+
+        ms = cuda_ms(step, reps, warmup=3)
+        rows.append({"model": "llama-3.2-1b-shape", "attn": spec, "task": f"train step {seq_len}", "ms": ms,
+                     "tokens_per_s": seq_len / ms * 1000})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 @torch.no_grad()
-def bench_vit(specs, batch, reps):
+def bench_vit(specs, batch, reps, compile):
     torch.manual_seed(0)
     model = ViTForImageClassification(ViTConfig()).to("cuda", torch.bfloat16).eval()
     pixels = torch.randn(batch, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
     rows = []
     for spec in specs:
         use(model, spec)
-        ms = cuda_ms(lambda: model(pixel_values=pixels), reps)
+        run = compiled(model, compile)
+        ms = cuda_ms(lambda run=run: run(pixel_values=pixels), reps, warmup=2)
         rows.append({"model": "vit-b16-shape", "attn": spec, "task": f"batch {batch}", "ms": ms,
                      "images_per_s": batch / ms * 1000})
         print(json.dumps(rows[-1]), flush=True)
@@ -72,12 +118,15 @@ def bench_vit(specs, batch, reps):
 
 def markdown(rows) -> str:
     lines = ["| model | task | attention | ms | vs sdpa |", "|---|---|---|---:|---:|"]
-    base = {(r["model"], r["task"]): r["ms"] for r in rows if r["attn"] == "sdpa"}
+    base = {(r["model"], r["task"]): r for r in rows if r["attn"] == "sdpa"}
     for r in rows:
         ref = base.get((r["model"], r["task"]))
-        speed = f"{ref / r['ms']:.2f}×" if ref else "—"
-        extra = f" ({r['tokens_per_s']:.0f} tok/s)" if "tokens_per_s" in r else ""
-        lines.append(f"| {r['model']} | {r['task']} | {r['attn']} | {r['ms']:.2f}{extra} | {speed} |")
+        if "tokens_per_s" in r and r["task"].startswith("decode"):
+            speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}×" if ref else "—"
+            lines.append(f"| {r['model']} | {r['task']} | {r['attn']} | {r['tokens_per_s']:.0f} tok/s | {speed} |")
+            continue
+        speed = f"{ref['ms'] / r['ms']:.2f}×" if ref else "—"
+        lines.append(f"| {r['model']} | {r['task']} | {r['attn']} | {r['ms']:.2f} | {speed} |")
     return "\n".join(lines)
 
 
@@ -85,18 +134,24 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--attn", nargs="+", default=["sdpa", "distr:group_size=1,block_size=128",
                                                       "distr:group_size=4,block_size=128",
-                                                      "distr:group_size=2,sampled=k"])
-    parser.add_argument("--prefill", type=int, nargs="+", default=[4096, 16384])
-    parser.add_argument("--decode-prompt", type=int, default=4096)
-    parser.add_argument("--decode-tokens", type=int, default=32)
-    parser.add_argument("--vit-batch", type=int, default=256)
+                                                      "distr:group_size=2,sampled=k", "distr:group_size=4,sampled=k"])
+    parser.add_argument("--compile", action="store_true", help="compile both sides (static cache for decode)")
+    parser.add_argument("--prefill", type=int, nargs="*", default=[4096, 16384])
+    parser.add_argument("--decode-prompt", type=int, nargs="*", default=[4096, 32768])
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--train-seq-len", type=int, default=4096, help="0: no training step")
+    parser.add_argument("--vit-batch", type=int, default=256, help="0: no ViT")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     args = parser.parse_args(argv)
-    rows = bench_llama(args.attn, args.prefill, args.decode_prompt, args.decode_tokens, args.reps)
-    rows += bench_vit(args.attn, args.vit_batch, args.reps)
-    write_results(args.json, args.markdown, "bf16, random weights", rows, markdown(rows))
+    rows = bench_llama(args.attn, args.prefill, args.decode_prompt, args.decode_tokens, args.reps, args.compile)
+    if args.train_seq_len:
+        rows += bench_train_step(args.attn, args.train_seq_len, args.reps, args.compile)
+    if args.vit_batch:
+        rows += bench_vit(args.attn, args.vit_batch, args.reps, args.compile)
+    write_results(args.json, args.markdown, "bf16, random weights" + (", compiled" if args.compile else ", eager"),
+                  rows, markdown(rows))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from ..api import distr_attention
 from ..config import DistrConfig
+from ..grouping import hash_directions
 from ..kernels import prefill
 from .common import write_results
 
@@ -31,10 +33,15 @@ def sdpa_backend(name):
     return lambda: sdpa_kernel(backend)
 
 
-def _distr(q, k, v, causal, config, **launch):
-    """The kernel as ``distr_attention`` calls it: causal calls group causally (first query block exact)."""
+def _distr(q, k, v, causal, config):
+    """The whole call, as users make it (causal calls group causally: first query block exact)."""
+    return distr_attention(q, k, v, causal=causal, config=config)
+
+
+def _kernel(q, k, v, causal, config, prepared, **launch):
+    """The attention kernel alone, on the pre-pass's output ``prepared``."""
     return prefill.distr_attention_triton(q, k, v, causal=causal, config=config, causal_grouping=causal,
-                                          **launch)[0]
+                                          prepared=prepared, **launch)[0]
 
 
 def median_ms(fn) -> float:
@@ -90,12 +97,13 @@ def bench(seq_lens, head_dims, causals, groups, block_sizes, dtype=torch.bfloat1
                                 "rel_err": ((out.float() - exact).norm() / exact.norm()).item()}
                         if name.startswith("distr"):
                             cfg = fn.keywords["config"]
-                            ready = prefill.prepare(q, k, v, cfg, causal_grouping=causal)
-                            row["kernel_ms"] = median_ms(partial(_distr, q, k, v, causal, cfg, prepared=ready))
+                            hashes = hash_directions(cfg.block_size, cfg.num_hashes, cfg.seed, q.device)
+                            ready = prefill.prepare(q, k, v, cfg, causal_grouping=causal, hashes=hashes)
+                            row["kernel_ms"] = median_ms(partial(_kernel, q, k, v, causal, cfg, ready))
                             if n in tune:
                                 row["launches"] = [
-                                    launch | {"kernel_ms": median_ms(partial(_distr, q, k, v, causal, cfg,
-                                                                             prepared=ready, **launch))}
+                                    launch | {"kernel_ms": median_ms(partial(_kernel, q, k, v, causal, cfg, ready,
+                                                                             **launch))}
                                     for launch in LAUNCHES]
                     except Exception as error:  # noqa: BLE001 - a peer that cannot run this shape is reported
                         row["error"] = str(error).splitlines()[0][:200]

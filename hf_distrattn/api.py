@@ -1,15 +1,16 @@
-"""``distr_attention``: argument checks, then dispatch to the Triton kernels or the PyTorch reference."""
+"""``distr_attention``: argument checks, then the path :func:`hf_distrattn.plan.plan` picks, through the ops."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
 
 import torch
 
-from . import reference
+from . import ops, reference
 from .config import DistrConfig
+from .grouping import approximate_operand, hash_directions
+from .plan import plan
 
 DEFAULT_CONFIG = DistrConfig()
 """Settings used where none are given: ``G=2``, blocks of 64 queries, rank-1 reduction, 8 hash bits."""
@@ -19,46 +20,10 @@ _warned: set[str] = set()
 
 
 def warn_once(message: str) -> None:
-    if message not in _warned:
+    """One warning per distinct message (skipped while ``torch.compile`` traces: the eager call warned)."""
+    if not torch.compiler.is_compiling() and message not in _warned:
         _warned.add(message)
         warnings.warn(message, stacklevel=3)
-
-
-def _triton_refusal(q: torch.Tensor, config: DistrConfig, dropout_p: float, needs_grad: bool,
-                    attn_mask) -> str | None:
-    """Why the Triton kernels cannot take this call (``None`` if they can)."""
-    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return f"device {q.device} (Triton needs CUDA, or TRITON_INTERPRET=1)"
-    try:
-        from . import autograd
-        from .kernels import prefill
-    except ImportError as error:
-        return f"triton is not importable ({error})"
-    if needs_grad or config.sampled == "k":
-        return autograd.supports(q, attn_mask, dropout_p)
-    return prefill.supports(q, config, dropout_p)
-
-
-def selected_backend(q: torch.Tensor, config: DistrConfig, dropout_p: float = 0.0, needs_grad: bool = False,
-                     attn_mask=None) -> str:
-    """``"triton"`` or ``"reference"``: what :func:`distr_attention` runs for these inputs.
-
-    ``backend="auto"`` takes the kernels for CUDA tensors they support; ``"triton"`` insists (CPU tensors run
-    them under ``TRITON_INTERPRET=1``) and raises a ValueError naming the reason when they cannot. Calls that
-    need gradients take the differentiable Triton path of :mod:`hf_distrattn.autograd`; where it cannot
-    (dropout, a mask that needs gradients) they run the differentiable reference, with one warning on CUDA.
-    """
-    if config.backend == "reference" or (config.backend == "auto" and q.device.type != "cuda"):
-        return "reference"
-    refusal = _triton_refusal(q, config, dropout_p, needs_grad, attn_mask)
-    if refusal is None:
-        return "triton"
-    if config.backend == "triton":
-        raise ValueError(f"DistrConfig.backend='triton' cannot take this call: {refusal}")
-    if needs_grad:
-        warn_once(f"distr_attention: the Triton training path cannot take this call ({refusal}); "
-                  "running the (slower) PyTorch reference")
-    return "reference"
 
 
 def _check_tensors(q, k, v) -> None:
@@ -106,25 +71,27 @@ def distr_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config
 
     Args:
         q: ``(B, Hq, Nq, d)``; k, v: ``(B, Hkv, Nk, d)`` with ``Hq % Hkv == 0`` (GQA, never repeated in memory).
-        causal: mask keys after each query; with ``Nq < Nk`` the queries are the last ``Nq`` positions.
+        causal: mask keys after each query; the queries are the last ``Nq`` of the ``Nk`` positions (bottom-right,
+            as for a chunk after a KV cache), so with ``Nq > Nk`` the first ``Nq − Nk`` rows see no key.
         attn_mask: boolean (True = keep) or additive float, broadcastable to ``(B, Hq, Nq, Nk)``;
             combines with ``causal``.
         scale: score scale, default ``d ** -0.5``.
         config: :class:`DistrConfig`; ``None`` means :data:`DEFAULT_CONFIG`.
         return_lse: also return the float32 log-sum-exp ``(B, Hq, Nq)`` of the scaled scores actually used.
-        dropout_p: dropout on the attention probabilities (training only).
+        dropout_p: dropout on the attention probabilities (training; runs the differentiable reference).
         causal_grouping: group each block of the sampled operand by the previous block's rows, the first block
             exact, so that no position's scores depend on later tokens (:mod:`hf_distrattn.grouping`).
-            ``None`` means ``causal``; pass ``True`` when ``attn_mask`` carries the causal pattern. A causal
-            call with at most ``block_size`` queries (decoding) is then exact when ``q`` is sampled.
-        reduced_keys: a :class:`hf_distrattn.kvcache.ReducedKeys` that holds this layer's keys in reduced form
-            across decoding calls (``sampled="k"``, causal grouping, CUDA): each call extends it to ``k`` and
-            the decode kernel reads ``d/G`` of each key. Without it such calls build the reduced form anew.
+            ``None`` means ``causal``; pass ``True`` when ``attn_mask`` carries the causal pattern. A call whose
+            sampled operand has at most ``block_size`` rows is then exact.
+        reduced_keys: ``(reduced_keys, fuse_group, fuse_weight)`` of a reduced-key cache layer
+            (:mod:`hf_distrattn.cache`; ``sampled="k"``, causal grouping): ``k``'s blocks after the first in
+            reduced form, which the decode kernel reads instead of ``k`` (``d/G`` of each key instead of ``d``).
 
-    Returns ``out`` ``(B, Hq, Nq, d)`` in q's dtype (and ``lse``). Rows with every key masked give zeros.
+    Returns ``out`` ``(B, Hq, Nq, d)`` in q's dtype and layout (and ``lse``). Rows with every key masked give zeros.
     Under autocast, float32 inputs are cast to the autocast dtype first, as SDPA does (so that mixed-precision
-    training of a float32 model runs the half-precision kernels).
-    Fallback: if ``d`` is not a multiple of ``config.group_size`` the call is exact, with one warning.
+    training of a float32 model runs the half-precision kernels). Which implementation runs is
+    :func:`hf_distrattn.plan.plan`'s choice. Fallback: if ``d`` is not a multiple of ``config.group_size`` the call
+    is exact, with one warning.
     """
     _check_tensors(q, k, v)
     autocast = torch.is_autocast_enabled(q.device.type)
@@ -137,46 +104,39 @@ def distr_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     batch, heads, n_q, d = q.shape
     mask = normalize_mask(attn_mask, batch, heads, n_q, k.shape[2])
+    causal_grouping = causal if causal_grouping is None else bool(causal_grouping)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    chosen = plan(q, k, config, causal_grouping=causal_grouping, needs_grad=needs_grad, dropout_p=dropout_p,
+                  mask_needs_grad=mask is not None and mask.requires_grad, reduced_keys=reduced_keys is not None)
+    if chosen.path == "reference-autograd" and q.is_cuda:
+        warn_once(f"distr_attention: {chosen.reason} runs the (slower) PyTorch reference")
     if d % config.group_size:
         warn_once(f"head_dim {d} is not a multiple of DistrConfig.group_size={config.group_size}: "
                   "computing exact attention instead")
-        config = config.replace(group_size=1)
-    causal_grouping = causal if causal_grouping is None else bool(causal_grouping)
-    if causal_grouping and config.sampled == "q" and n_q <= config.block_size:
-        config = config.replace(group_size=1)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    backend = selected_backend(q, config, dropout_p, needs_grad, mask)
-    if backend == "triton":  # the kernels address the head dim with unit stride
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    scale = d**-0.5 if scale is None else float(scale)
     with torch.autocast(q.device.type, enabled=False) if autocast else contextlib.nullcontext():
-        out, lse = _run(backend, needs_grad, q, k, v, causal, mask, scale, config, dropout_p, causal_grouping,
-                        reduced_keys)  # each path picks its own precision
+        out, lse = _run(chosen, q, k, v, causal, mask, scale, config, dropout_p, causal_grouping, reduced_keys)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
 
 
-def _run(backend, needs_grad, q, k, v, causal, mask, scale, config, dropout_p, causal_grouping, reduced_keys):
-    if backend == "triton" and not needs_grad:
-        from . import kvcache
-        from .kernels import decode
-
-        if decode.supports(q, k, config) is None:
-            if config.exact:
-                return decode.decode_attention(q, k, v, causal=causal, attn_mask=mask, scale=scale)
-            if kvcache.reducible(k, config, causal_grouping):
-                if reduced_keys is not None and reduced_keys.config != config:
-                    raise ValueError(f"reduced_keys holds keys reduced for {reduced_keys.config}, not {config}")
-                keys = (reduced_keys or kvcache.ReducedKeys(config)).update(k)
-                return decode.decode_attention(q, k, v, causal=causal, attn_mask=mask, scale=scale, reduced=keys)
-    if backend == "triton" and (needs_grad or config.sampled == "k"):
-        from . import autograd
-
-        return autograd.attention(q, k, v, causal=causal, attn_mask=mask, scale=scale, config=config,
-                                  causal_grouping=causal_grouping)
-    if backend == "triton":
-        from .kernels import prefill
-
-        return prefill.distr_attention_triton(q, k, v, causal=causal, attn_mask=mask, scale=scale, config=config,
-                                              causal_grouping=causal_grouping)
-    return reference.attention(q, k, v, causal=causal, attn_mask=mask, scale=scale, config=config,
-                               dropout_p=dropout_p, causal_grouping=causal_grouping)
+def _run(chosen, q, k, v, causal, mask, scale, config, dropout_p, causal_grouping, reduced_keys):
+    group, path = chosen.group_size, chosen.path
+    hashes = None
+    if group > 1 and config.grouping == "lsh":
+        hashes = hash_directions(config.block_size, config.num_hashes, config.seed, q.device)
+    if path == "reference-autograd":
+        exact = config if group == config.group_size else config.replace(group_size=group)
+        return reference.attention(q, k, v, causal=causal, attn_mask=mask, scale=scale, config=exact,
+                                   dropout_p=dropout_p, causal_grouping=causal_grouping, hashes=hashes)
+    if path in ("reduced-decode", "reduced-reference"):
+        return ops.reduced_decode(q, k, v, mask, *reduced_keys, path, causal, scale, config.block_size)
+    if path == "approximated":  # X̃ in PyTorch (autograd through it), then the exact kernels
+        if group > 1 and config.sampled == "q":
+            q = approximate_operand(q, config, causal_grouping, hashes).to(q.dtype)
+        elif group > 1:
+            k = approximate_operand(k, config, causal_grouping, hashes).to(k.dtype)
+        path, group = "projected", 1
+    out, lse, _, _ = ops.attention(q, k, v, mask, hashes, path, causal, scale, *ops.config_args(config, group),
+                                   causal_grouping)
+    return out, lse

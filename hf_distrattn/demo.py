@@ -14,8 +14,8 @@ import yaml
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from .api import selected_backend
 from .eval.common import apply_setting, parse_settings, pick_device, pick_dtype
+from .integration import layer_plans
 
 
 def load_config(name: str = "demo-llama.yaml") -> dict:
@@ -40,6 +40,19 @@ def prompt_ids(prompt: str, tokenizer, vocab_size: int) -> torch.Tensor:
     return tokenizer(prompt, return_tensors="pt").input_ids
 
 
+def paths_summary(rows: list[dict]) -> str:
+    """``"prefill fused ×16, decode decode ×16"``: how many layers take each path (:func:`layer_plans`)."""
+    parts = []
+    for stage in ("prefill", "decode"):
+        counts = {}
+        for row in rows:
+            if stage in row:
+                counts[row[stage]] = counts.get(row[stage], 0) + 1
+        if counts:
+            parts.append(f"{stage} " + " + ".join(f"{path} ×{n}" for path, n in counts.items()))
+    return ", ".join(parts)
+
+
 @torch.no_grad()
 def run_demo(model: str | None = None, attn: list[str] | None = None, prompt: str | None = None,
              new_tokens: int | None = None, device: str | None = None, dtype: str = "auto") -> dict:
@@ -62,9 +75,7 @@ def run_demo(model: str | None = None, attn: list[str] | None = None, prompt: st
         seconds = time.perf_counter() - start
         tokens = out[0, ids.shape[1]:]
         first = first or {"logits": logits, "tokens": tokens}
-        head_dim = getattr(lm.config, "head_dim", None) or lm.config.hidden_size // lm.config.num_attention_heads
-        probe = torch.empty(1, 1, 1, head_dim, device=device, dtype=torch_dtype)
-        path = "sdpa" if config is None else selected_backend(probe, config)
+        path = "sdpa" if config is None else paths_summary(layer_plans(lm, ids.shape[1]))
         rows.append({
             "attn": spec,
             "path": path,

@@ -2,8 +2,9 @@
 
 A causal LM trains on random-order disjoint windows of ``seq_len`` tokens of a text (next-token loss); an image
 classifier on a dataset ``SPEC`` as :mod:`hf_distrattn.eval.vit` reads it (cross-entropy). The attention setting
-(``distr:group_size=2,...``) is applied before training, so gradients flow through the approximation
-(:mod:`hf_distrattn.autograd` on CUDA). Training stops at ``steps`` or ``max_minutes``, whichever comes first.
+(``distr:group_size=2,...``) is applied before training, so gradients flow through the approximation (the
+differentiable ``hf_distrattn::attention`` op, Triton kernels on CUDA). Training stops at ``steps`` or
+``max_minutes``, whichever comes first.
 
 Output folder: ``checkpoint-STEP/`` (accelerate state + ``trainer_state.json``, for ``--resume``), ``final/``
 (``save_pretrained`` of the model and its tokenizer or image processor) and ``finetune.json`` (arguments,

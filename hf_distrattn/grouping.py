@@ -1,55 +1,54 @@
-r"""Block-wise LSH grouping of the head dimension: the DistrAttention approximation of ``Q·Kᵀ``.
+r"""Block-wise LSH grouping of the head dimension: the DistrAttention approximation of ``Q·Kᵀ`` (reference form).
 
 The maths. Scores are a sum over the ``d`` head-dim columns, ``S = Q Kᵀ = Σ_c q_c k_cᵀ``. Split the rows
 (tokens) of the *sampled* operand ``X`` (``Q`` by default) into blocks of ``block_size`` rows; inside a block,
 sort the ``d`` columns so that alike columns sit together and cut them into ``d/G`` groups of ``G``. Within a
-group ``g`` the block's columns are approximated by one rank-1 term, ``X[:, g] ≈ u_g v_gᵀ``
-(``u_g`` a block column, ``v_g`` a ``G``-vector), so that for the other, *fused*, operand ``Y``:
+group ``g`` the block's columns are approximated by one rank-1 term, ``X[:, g] ≈ u_g v_gᵀ`` with
+``u_g = X[:, g] w_g`` (``w_g``, ``v_g`` two ``G``-vectors), so that for the other, *fused*, operand ``Y``:
 
     Σ_{c∈g} x_c y_cᵀ  ≈  u_g (Σ_{c∈g} v_{g,c} y_c)ᵀ  =  u_g ỹ_gᵀ,
 
 and the score GEMM of a block, ``[u_1 … u_{d/G}] · [ỹ_1 … ỹ_{d/G}]ᵀ``, has inner size ``d/G`` instead of ``d``.
-``reduce="sample"`` takes ``u_g`` = the group's first column and ``v_g = 1`` (keep one column, sum the other
-operand's group); ``reduce="rank1"`` takes the best rank-1 fit (top eigenvector ``v_g`` of the ``G×G`` Gram
-matrix ``X[:, g]ᵀ X[:, g]``, ``u_g = X[:, g] v_g``), which costs the same in the kernel and errs less.
+``reduce="sample"`` keeps the group's first column (``w_g = e_0``, ``v_g = 1``: the paper); ``reduce="rank1"``
+the best rank-1 fit (``w_g = v_g`` = top eigenvector of the group's ``G×G`` Gram matrix ``X[:, g]ᵀ X[:, g]``),
+which costs the same in the kernels and errs less.
 
-Equivalently, ``u_g ỹ_gᵀ = (u_g v_gᵀ) Y[:, g]ᵀ``: the approximation is exact attention with ``X`` replaced by
-``X̃`` whose group columns are ``u_g v_gᵀ``. :func:`approximate_operand` returns ``X̃``; the reference
-attends with it, the kernels with the reduced ``d/G`` form (same numbers, fewer FLOPs).
+One linear map per block. With the grouping held fixed, ``X̃_b = X_b M_b`` where ``M_b`` (``d × d``) is, in
+bucket order, block-diagonal with the groups' ``w_g v_gᵀ`` (:func:`projections`); the approximation is exact
+attention with ``X`` replaced by ``X̃``. The reference attends with ``X̃``, the kernels with the reduced ``d/G``
+form (same numbers, fewer FLOPs). For rank-1 groups ``M_b = Σ_g v_g v_gᵀ`` is an orthogonal projection.
 
-Gradients (training). The grouping is a constant of the backward: the permutation, and the rank-1 directions
-``v_g`` too, so that per block ``X̃ = X M`` with ``M = Σ_g v_g v_gᵀ`` (placed on the group's columns) a fixed
-orthogonal projection and ``dX = dX̃ M``. Differentiating ``v_g`` as well would add the eigenvector derivative,
-which grows like ``1/(λ₁ − λ₂)``: in near-degenerate groups, common on isotropic inputs, it made ``‖dQ‖`` 5 to
-2,600 times the exact gradient's on an H100 benchmark, so it is left out (a straight-through on the directions).
+Gradients (training). The grouping is a constant of the backward: the permutation and the factors, so
+``dX_b = dX̃_b M_bᵀ``. Differentiating ``v_g`` as well would add the eigenvector derivative, which grows like
+``1/(λ₁ − λ₂)``: in near-degenerate groups, common on isotropic inputs, it made ``‖dQ‖`` 5 to 2,600 times the
+exact gradient's on an H100 benchmark, so it is left out (a straight-through on the directions).
 
 Causal grouping. Grouping a block from all its rows makes row ``i``'s ``x̃_i`` depend on the rows after it
 in the block: under a causal mask, later tokens would reach earlier positions (and a model fine-tuned through
-the approximation learns to read them). With ``causal=True``, block ``b``'s permutation and directions come
-from the rows of block ``b − 1`` (all earlier), ``u`` still from block ``b``'s own rows, and the first block is
-exact (``X̃ = X``): every ``x̃_i`` is a function of rows ``≤ i`` only. Same kernel cost; the grouping is one
-block stale, and calls with at most ``block_size`` rows are exact.
+the approximation learns to read them). With ``causal=True``, block ``b``'s permutation and factors come from the
+rows of block ``b − 1`` (all earlier), ``u`` still from block ``b``'s own rows, and the first block is exact
+(``M_0 = I``): every ``x̃_i`` is a function of rows ``≤ i`` only. Same kernel cost; the grouping is one block
+stale, and calls with at most ``block_size`` rows are exact.
+
+The hash. Each column ``x_c ∈ ℝ^{block_size}`` of a block is projected on ``num_hashes`` random ``±1``
+directions (Rademacher, :func:`hash_directions`: a counter-based integer hash of ``(seed, index)``, so the same
+numbers on every device, with no random-number generator, and exact in 16-bit arithmetic); the signs give a
+bucket code ``Σ_i [x_cᵀ r_i > 0] 2^i`` and columns are stably sorted by code (ties by column index). Columns in
+one bucket point the same way (sign random projections), so a group of consecutive sorted columns is nearly
+rank 1.
 
 Ablations (``DistrConfig.grouping``): ``"random"`` groups the columns of each block by a seeded random
 permutation; ``"truncate"`` keeps the first ``d/G`` columns and drops the rest (no grouping, no fuse);
 ``"match"`` is the yardstick LSH approximates: a greedy matching of the columns by ``|cos|`` (the rank-1 fit is
 blind to a column's sign), pairs of pairs at the next level for ``G = 4`` and so on (:func:`match_permutation`;
-``d/2 + d/4 + …`` sequential steps per block, reference only); ``"pca"`` drops the groups (below).
-
-Projection (``grouping="pca"``). Grouping with the rank-1 reduction is the special case, with disjoint column
-supports, of ``X̃ = X P Pᵀ`` for an orthonormal ``P`` (``d × d/G``); the kernels' cost is the same for any
-``P`` (``U = X P``, the other operand fused by ``Wt = Pᵀ``). ``"pca"`` takes ``P`` = the top ``d/G``
-eigenvectors of a covariance of the block's rows: without ``causal``, the block's own ``X_bᵀ X_b`` (the best
-rank-``d/G`` fit of the block, Eckart–Young); with ``causal``, the decayed covariance of the blocks before it,
-``C_b = Σ_{j<b} λ^{b−1−j} X_jᵀ X_j`` with ``λ = PCA_DECAY``. On a RoPE LM the column pairs that LSH forms on
-block ``b − 1`` no longer fit block ``b`` (the phases have moved), while the leading subspace of the last few
-hundred queries does. It needs a ``d × d`` eigendecomposition per block, which cuSOLVER does not batch for
-``d > 32``: reference only, eigenvectors computed on the CPU in float64.
-
-Grouping is locality-sensitive hashing of the columns of a block: each column ``x_c ∈ ℝ^{block_size}`` is
-projected on ``num_hashes`` seeded Gaussian directions, the signs give a bucket code
-``Σ_i [x_cᵀ r_i > 0] 2^i``, and columns are stably sorted by code (ties by column index). Columns in one
-bucket point the same way (SimHash), so a group of consecutive sorted columns is nearly rank 1.
+``d/2 + d/4 + …`` sequential steps per block, reference only); ``"pca"`` drops the groups: ``M_b = P Pᵀ`` for
+the top ``d/G`` eigenvectors ``P`` of a covariance of the block's rows (without ``causal``, the block's own
+``X_bᵀ X_b``: its best rank-``d/G`` fit, Eckart–Young; with ``causal``, the decayed covariance of the blocks
+before it, ``C_b = Σ_{j<b} λ^{b−1−j} X_jᵀ X_j``, ``λ = PCA_DECAY``). Rank-1 grouping is the special case of
+``P`` with disjoint column supports, and the kernels' cost is the same for any ``P``; on a RoPE LM the column
+pairs LSH forms on block ``b − 1`` no longer fit block ``b`` (the phases have moved), while the leading subspace
+of the last few hundred queries does. Reference only: a ``d × d`` eigendecomposition per block, on the CPU in
+float64.
 """
 
 from __future__ import annotations
@@ -60,26 +59,65 @@ from .config import DistrConfig
 
 PCA_DECAY = 0.7
 """``λ`` of the causal ``"pca"`` covariance, per block (ref-llama-bytes, G=2, blocks of 64, two windows:
-λ = 0.5 / 0.7 / 0.8 / 0.9 / 1 gave 1.762 / 1.746 / 1.755 / 1.772 / 1.786 bits/byte, exact 1.767; all 102 windows:
-λ = 0.5 / 0.7 / 0.85 gave +2.6 / +1.9 / +2.1%)."""
+λ = 0.5 / 0.7 / 0.8 / 0.9 / 1 gave 1.762 / 1.746 / 1.755 / 1.772 / 1.786 bits/byte, exact 1.767)."""
+
+_MASK32 = 0xFFFFFFFF
+_HASH_CACHE: dict[tuple, torch.Tensor] = {}
 
 
-def lsh_projections(block_size: int, num_hashes: int, seed: int, device, dtype) -> torch.Tensor:
-    """The ``(block_size, num_hashes)`` Gaussian directions of the hash, drawn on the CPU for determinism."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(block_size, num_hashes, generator=generator, dtype=torch.float64).to(device, dtype)
+def _mul32(x, c: int):
+    """``x · c mod 2³²`` for ``x`` in ``[0, 2³²)`` (Python int or int64 tensor) without leaving int64."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
 
 
-def lsh_permutation(blocks: torch.Tensor, num_hashes: int, seed: int) -> torch.Tensor:
+def mix32(x):
+    """A 32-bit integer finalizer (``lowbias32``): well-mixed bits of ``x`` in ``[0, 2³²)``; ints or tensors."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_hash(count: int, seed: int, stream: int, device) -> torch.Tensor:
+    """int64 ``(count,)`` of well-mixed 32-bit values: element ``i`` is ``mix32(mix32(i + key) ^ key)`` with
+    ``key = mix32(seed·2654435761 + stream mod 2³²)``. Deterministic, traceable, the same on every device."""
+    key = mix32((seed * 2654435761 + stream) & _MASK32)
+    i = torch.arange(count, device=device, dtype=torch.int64)
+    return mix32(mix32((i + key) & _MASK32) ^ key)
+
+
+def padded_width(n: int) -> int:
+    """The tile width for ``n`` columns: the smallest power of two ``≥ n`` and ``≥ 16`` (``tl.dot``'s minimum)."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def hash_directions(block_size: int, num_hashes: int, seed: int, device) -> torch.Tensor:
+    """The hash's ``(block_size, padded_width(num_hashes))`` float32 directions: ``±1`` in the first ``num_hashes``
+    columns (entry ``(i, j)`` from bit 31 of ``counter_hash`` at ``i·num_hashes + j``), zeros after them (a zero
+    column gives bit 0, so the padding changes no code). Made once per setting and device in eager code; under
+    ``torch.compile`` the same ops are traced."""
+    key = (block_size, num_hashes, seed, torch.device(device))
+    cached = None if torch.compiler.is_compiling() else _HASH_CACHE.get(key)
+    if cached is not None:
+        return cached
+    bits = counter_hash(block_size * num_hashes, seed, 0, device) >> 31
+    signs = (1 - 2 * bits).to(torch.float32).view(block_size, num_hashes)
+    directions = torch.nn.functional.pad(signs, (0, padded_width(num_hashes) - num_hashes))
+    if not torch.compiler.is_compiling():
+        _HASH_CACHE[key] = directions
+    return directions
+
+
+def lsh_permutation(blocks: torch.Tensor, hashes: torch.Tensor) -> torch.Tensor:
     """Column order of each block, alike columns adjacent.
 
-    blocks: ``(..., n_blocks, block_size, d)``; returns int64 ``(..., n_blocks, d)``, a permutation of ``0..d-1``
-    sorting the columns by LSH bucket code, ties broken by column index.
+    blocks: ``(..., n_blocks, block_size, d)``; hashes: :func:`hash_directions` for ``block_size``. Returns int64
+    ``(..., n_blocks, d)``, a permutation of ``0..d-1`` sorting the columns by bucket code, ties by column index.
     """
-    block_size, d = blocks.shape[-2:]
-    r = lsh_projections(block_size, num_hashes, seed, blocks.device, blocks.dtype)
-    bits = (blocks.transpose(-1, -2) @ r) > 0  # (..., d, num_hashes)
-    weights = 2 ** torch.arange(num_hashes, device=blocks.device, dtype=torch.int64)
+    d = blocks.shape[-1]
+    bits = (blocks.transpose(-1, -2) @ hashes.to(blocks.dtype)) > 0  # (..., d, padded_width(num_hashes))
+    weights = 2 ** torch.arange(hashes.shape[-1], device=blocks.device, dtype=torch.int64)
     code = (bits.to(torch.int64) * weights).sum(-1)
     return torch.argsort(code * d + torch.arange(d, device=blocks.device), dim=-1)
 
@@ -138,22 +176,6 @@ def top_eigenvector(gram: torch.Tensor, squarings: int = 8) -> torch.Tensor:
     return torch.where(v.sum(-1, keepdim=True) < 0, -v, v)
 
 
-def group_weights(grouped: torch.Tensor, reduce: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per group, the weights that make ``u`` and those that fuse the other operand: grouped
-    ``(..., rows, d/G, G)`` -> ``(u_weights, v)``, each ``(..., d/G, G)``, with ``u = Σ_i x_{g,i} u_weights_{g,i}``.
-
-    ``"sample"``: ``u`` = the group's first column (``u_weights = e_0``), ``v = 1``. ``"rank1"``: both are the top
-    eigenvector ``v`` of the group's Gram matrix (:func:`top_eigenvector`), so ``u vᵀ`` is the best rank-1 fit in
-    Frobenius norm. Constants for autograd (see the module notes).
-    """
-    grouped = grouped.detach()
-    if reduce == "sample":
-        v = torch.ones_like(grouped[..., 0, :, :])
-        return torch.zeros_like(v).index_fill_(-1, torch.tensor([0], device=v.device), 1.0), v
-    v = top_eigenvector(torch.einsum("...mjg,...mjh->...jgh", grouped, grouped))
-    return v, v
-
-
 def as_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     """``x`` ``(batch, heads, seq, d)`` as ``(batch, heads, n_blocks, block, d)`` in float32 (float64 in), the last
     block zero-padded."""
@@ -164,79 +186,106 @@ def as_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return padded.view(batch, heads, n_blocks, block, d)
 
 
-def group_blocks(x: torch.Tensor, config: DistrConfig,
-                 causal: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Grouping and rank-1 factors of every block of ``x`` ``(batch, heads, seq, d)``, in float32 (float64 in).
+def previous_blocks(blocks: torch.Tensor) -> torch.Tensor:
+    """Block ``b − 1`` at position ``b`` (zeros at 0): the causal grouping's source blocks."""
+    return torch.nn.functional.pad(blocks, (0, 0, 0, 0, 1, -1))
 
-    Returns ``perm`` int64 ``(batch, heads, n_blocks, d)`` (group ``j`` is columns ``perm[jG:(j+1)G]``),
-    ``u`` ``(batch, heads, n_blocks * block_size, d/G)`` (rows past ``seq`` are zero) and ``v``
-    ``(batch, heads, n_blocks, d/G, G)``. The last block may be short; its missing rows count as zeros.
-    ``causal``: block ``b`` takes ``perm`` and ``v`` from block ``b − 1`` (block 0 from zeros: identity order,
-    ``v = 1/√G``; :func:`approximate_operand` makes it exact).
-    """
-    group, block = config.group_size, config.block_size
-    batch, heads, seq, d = x.shape
-    blocks = as_blocks(x, block)
-    n_blocks = blocks.shape[2]
-    source = torch.nn.functional.pad(blocks, (0, 0, 0, 0, 1, -1)) if causal else blocks
+
+def block_grouping(source: torch.Tensor, config: DistrConfig,
+                   hashes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The grouping of each block of ``source`` ``(..., n_blocks, block, d)``: ``(perm, w, v)`` with ``perm`` int64
+    ``(..., n_blocks, d)`` (group ``j`` is columns ``perm[jG:(j+1)G]``) and the factors ``w``, ``v``
+    ``(..., n_blocks, d/G, G)`` (``u_j = X[:, group j] · w_j``; the fused operand's group summed with weights
+    ``v_j``). ``hashes``: :func:`hash_directions` (made here when ``None``). Constants for autograd."""
+    source = source.detach()
+    d, group = source.shape[-1], config.group_size
     if config.grouping == "random":
-        noise = torch.rand(blocks.shape[:-2] + (d,), generator=torch.Generator().manual_seed(config.seed))
-        perm = torch.argsort(noise, dim=-1).to(x.device)
+        noise = counter_hash(source[..., 0, :].numel(), config.seed, 1, source.device).view(source.shape[:-2] + (d,))
+        perm = torch.argsort(noise * d + torch.arange(d, device=source.device), dim=-1)
     elif config.grouping == "match":
         perm = match_permutation(source, group)
     else:
-        perm = lsh_permutation(source, config.num_hashes, config.seed)
+        if hashes is None:
+            hashes = hash_directions(config.block_size, config.num_hashes, config.seed, source.device)
+        perm = lsh_permutation(source, hashes)
+    grouped = source.gather(-1, perm.unsqueeze(-2).expand_as(source)).view(*source.shape[:-1], d // group, group)
+    if config.reduce == "sample":
+        v = torch.ones_like(grouped[..., 0, :, :])
+        w = torch.zeros_like(v)
+        w[..., 0] = 1.0
+        return perm, w, v
+    v = top_eigenvector(torch.einsum("...mjg,...mjh->...jgh", grouped, grouped))
+    return perm, v, v
 
-    def by_group(t):
-        return t.gather(-1, perm.unsqueeze(-2).expand_as(t)).view(*t.shape[:-1], d // group, group)
 
-    grouped = by_group(blocks)
-    u_weights, v = group_weights(by_group(source) if causal else grouped, config.reduce)
-    u = torch.einsum("...mjg,...jg->...mj", grouped, u_weights)
-    return perm, u.reshape(batch, heads, n_blocks * block, d // group), v
+def group_blocks(x: torch.Tensor, config: DistrConfig, causal: bool = False,
+                 hashes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Grouping and reduced form of every block of ``x`` ``(batch, heads, seq, d)``, in float32 (float64 in).
 
-
-def pca_bases(x: torch.Tensor, config: DistrConfig, causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``"pca"`` projection of every block of ``x`` ``(batch, heads, seq, d)`` (module notes).
-
-    Returns the zero-padded blocks ``(batch, heads, n_blocks, block_size, d)`` and the orthonormal bases ``P``
-    ``(batch, heads, n_blocks, d, d/G)``, both in float32 (float64 for float64 input). ``causal``: ``P`` of block
-    ``b`` from blocks ``< b`` only (block 0's is arbitrary; :func:`approximate_operand` keeps block 0 exact).
+    Returns ``perm`` int64 ``(batch, heads, n_blocks, d)``, ``u`` ``(batch, heads, n_blocks * block_size, d/G)``
+    (rows past ``seq`` are zero) and the fuse weights ``v`` ``(batch, heads, n_blocks, d/G, G)``. ``causal``: block
+    ``b`` grouped by block ``b − 1`` (block 0 by zeros).
     """
     blocks = as_blocks(x, config.block_size)
+    perm, w, v = block_grouping(previous_blocks(blocks) if causal else blocks, config, hashes)
+    group = config.group_size
+    grouped = blocks.gather(-1, perm.unsqueeze(-2).expand_as(blocks)).unflatten(-1, (-1, group))
+    u = torch.einsum("...mjg,...jg->...mj", grouped, w)
+    return perm, u.flatten(2, 3), v
+
+
+def compact_fuse(perm: torch.Tensor, v: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fuse matrix ``Wt`` (``d/G × d``, ``Wt[j, perm[jG+i]] = v[j, i]``) in compact form: each column's group
+    int32 and weight float32, ``(..., d)`` each."""
+    position = torch.argsort(perm, dim=-1)  # column c sits at position[c] in bucket order
+    return (position // group_size).to(torch.int32), v.flatten(-2).gather(-1, position).to(torch.float32)
+
+
+def _pca_bases(blocks: torch.Tensor, config: DistrConfig, causal: bool) -> torch.Tensor:
+    """Orthonormal ``P`` ``(..., n_blocks, d, d/G)`` of ``"pca"`` (module notes), computed on the CPU in float64."""
     n_blocks = blocks.shape[2]
     cov = (blocks.transpose(-1, -2) @ blocks).detach().to("cpu", torch.float64)
     if causal:  # C_b = Σ_{j<b} λ^(b-1-j) C_j, as one (n_blocks × n_blocks) weighting of the blocks
         lag = torch.arange(n_blocks)[:, None] - 1 - torch.arange(n_blocks)
         weights = torch.where(lag >= 0, PCA_DECAY ** lag.clamp_min(0).double(), 0.0)
         cov = torch.einsum("bj,...jxy->...bxy", weights, cov)
-    basis = torch.linalg.eigh(cov).eigenvectors[..., -(x.shape[-1] // config.group_size):]  # ascending: top d/G
-    return blocks, basis.to(x.device, blocks.dtype)
+    basis = torch.linalg.eigh(cov).eigenvectors[..., -(blocks.shape[-1] // config.group_size):]  # ascending: top
+    return basis.to(blocks.device, blocks.dtype)
 
 
-def approximate_operand(x: torch.Tensor, config: DistrConfig, causal: bool = False) -> torch.Tensor:
-    """``X̃``: every block-group of ``x``'s columns replaced by its rank-1 factor product ``u_g v_gᵀ`` (``"pca"``:
-    every block projected on its basis, ``X_b P Pᵀ``).
-
-    x: ``(batch, heads, seq, d)``; returns the same shape in float32 (float64 for float64 input).
-    ``causal``: the causal grouping of the module notes (first block exact).
-    """
-    x_c = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    if config.group_size == 1:
-        return x_c
-    batch, heads, seq, d = x.shape
+def projections(x: torch.Tensor, config: DistrConfig, causal: bool = False,
+                hashes: torch.Tensor | None = None) -> torch.Tensor:
+    """``M_b`` of every block of ``x`` ``(batch, heads, seq, d)``: ``(batch, heads, n_blocks, d, d)`` in float32
+    (float64 in) with ``X̃_b = X_b M_b`` (module notes); ``causal``: grouped by the previous block, ``M_0 = I``.
+    A constant of autograd."""
+    blocks = as_blocks(x.detach(), config.block_size)
+    d, group = x.shape[-1], config.group_size
+    eye = torch.eye(d, device=x.device, dtype=blocks.dtype)
+    if group == 1:
+        return eye.expand(*blocks.shape[:3], d, d)
     if config.grouping == "truncate":
-        out = torch.cat([x_c[..., : d // config.group_size], torch.zeros_like(x_c[..., d // config.group_size :])], -1)
+        m = torch.diag((torch.arange(d, device=x.device) < d // group).to(blocks.dtype))
+        m = m.expand(*blocks.shape[:3], d, d)
     elif config.grouping == "pca":
-        blocks, basis = pca_bases(x, config, causal)
-        out = (blocks @ basis @ basis.transpose(-1, -2)).view(batch, heads, -1, d)[:, :, :seq]
+        basis = _pca_bases(blocks, config, causal)
+        m = basis @ basis.transpose(-1, -2)
     else:
-        perm, u, v = group_blocks(x, config, causal)
-        n_blocks = perm.shape[2]
-        u = u.view(batch, heads, n_blocks, config.block_size, d // config.group_size)
-        rebuilt = (u.unsqueeze(-1) * v.unsqueeze(-3)).flatten(-2)
-        index = perm.unsqueeze(-2).expand_as(rebuilt)
-        out = torch.empty_like(rebuilt).scatter_(-1, index, rebuilt).view(batch, heads, -1, d)[:, :, :seq]
-    if causal:  # the first block exact
-        out = torch.cat([x_c[:, :, : config.block_size], out[:, :, config.block_size :]], dim=2)
-    return out
+        perm, w, v = block_grouping(previous_blocks(blocks) if causal else blocks, config, hashes)
+        groups = torch.eye(d // group, device=x.device, dtype=blocks.dtype)
+        dense = torch.einsum("...ja,...jb,jk->...jakb", w, v, groups).reshape(*perm.shape, d)  # bucket order
+        one_hot = torch.nn.functional.one_hot(perm, d).to(blocks.dtype)  # one_hot[k, c] = [perm_k = c]
+        m = one_hot.transpose(-1, -2) @ dense @ one_hot
+    if causal:
+        m = torch.cat([eye.expand(*m.shape[:2], 1, d, d), m[:, :, 1:]], dim=2)
+    return m
+
+
+def approximate_operand(x: torch.Tensor, config: DistrConfig, causal: bool = False,
+                        hashes: torch.Tensor | None = None) -> torch.Tensor:
+    """``X̃``: every block of ``x`` ``(batch, heads, seq, d)`` times its :func:`projections` ``M_b``, in float32
+    (float64 for float64 input). Differentiable in ``x`` with the grouping held constant: ``dX = dX̃ Mᵀ``."""
+    blocks = as_blocks(x, config.block_size)
+    if config.group_size == 1:
+        return blocks.flatten(2, 3)[:, :, : x.shape[2]]
+    out = blocks @ projections(x, config, causal, hashes)
+    return out.flatten(2, 3)[:, :, : x.shape[2]]

@@ -2,10 +2,13 @@
 
 Transformers hands a custom attention function no mask unless a mask function is registered under the same
 name, so ``"distr"`` registers Transformers' own SDPA mask builder: a boolean ``(B, 1, Nq, Nk)`` mask
-(True = keep), or ``None`` when the causal pattern alone describes the batch (then the module's
-``is_causal`` applies). A causal module always gets the causal grouping, mask or not; with ``sampled="k"`` it
-also keeps its keys in reduced form across decoding calls (:mod:`hf_distrattn.kvcache`), forgotten whenever a
-call has no past (a new sequence).
+(True = keep), or ``None`` where SDPA's ``is_causal`` (top-left aligned) describes the call: no padding and
+either as many queries as keys, one query, or a prefill into an empty static cache (whose unfilled slots are
+then dropped here, as SDPA does). A causal module always gets the causal grouping, mask or not.
+
+With ``sampled="k"`` the keys are also kept in reduced form in the model's cache (:mod:`hf_distrattn.cache`):
+:func:`configure` installs a forward pre-hook on each attention module that passes the module's cache to the
+attention function as ``distr_cache`` (Transformers passes it to the module, not to attention functions).
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .api import DEFAULT_CONFIG, distr_attention
+from .cache import reduced_layer
 from .config import DistrConfig
-from .kvcache import ReducedKeys
 
 NAME = "distr"
 UNSUPPORTED_KWARGS = ("softcap", "sliding_window", "s_aux")
+CACHE_KWARG = "distr_cache"
 
 
 def distr_attention_forward(module: torch.nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -35,20 +39,14 @@ def distr_attention_forward(module: torch.nn.Module, query, key, value, attentio
     causal = False
     if attention_mask is None:
         causal = bool(is_causal if is_causal is not None else module_causal) and query.shape[2] > 1
-        if causal and key.shape[2] > query.shape[2]:
-            # Transformers skips the mask only where SDPA's top-left causal alignment is right: a prefill into an
-            # empty static cache, whose slots past the prompt are unfilled. Those keys must not be attended.
+        if causal and key.shape[2] > query.shape[2]:  # a prefill into an empty static cache: top-left causal
             key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]
-    reduced_keys = None
-    if module_causal and config.sampled == "k" and not config.exact:
-        reduced_keys = getattr(module, "distr_reduced_keys", None)
-        if reduced_keys is None or reduced_keys.config != config:
-            reduced_keys = module.distr_reduced_keys = ReducedKeys(config)
-        if query.shape[2] == key.shape[2]:
-            reduced_keys.reset()
+    layer = None
+    if module_causal:
+        layer = reduced_layer(kwargs.get(CACHE_KWARG), getattr(module, "layer_idx", None), config)
     out = distr_attention(query, key, value, causal=causal, attn_mask=attention_mask, scale=scaling,
                           config=config, dropout_p=dropout, causal_grouping=module_causal or causal,
-                          reduced_keys=reduced_keys)
+                          reduced_keys=None if layer is None else layer.reduced)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -65,6 +63,14 @@ def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
         raise ValueError(f"{type(model).__name__} has no attention module that uses the Transformers "
                          "attention interface (see hf_distrattn.patches for models that need a patch)")
     return found
+
+
+def _pass_cache(module, args, kwargs):
+    """Forward pre-hook of an attention module: its cache, also as the attention function's ``distr_cache``."""
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    if cache is None:
+        return None
+    return args, {**kwargs, CACHE_KWARG: cache}
 
 
 def configure(model: torch.nn.Module, config: DistrConfig, layers: Iterable[int] | None = None) -> torch.nn.Module:
@@ -84,9 +90,43 @@ def configure(model: torch.nn.Module, config: DistrConfig, layers: Iterable[int]
     exact = config.replace(group_size=1)
     for index in chosen:
         modules[index].distr_config = exact if index % len(modules) in config.exact_layers else config
+    for module in modules:
+        if hasattr(module, "layer_idx") and _pass_cache not in module._forward_pre_hooks.values():
+            module.register_forward_pre_hook(_pass_cache, with_kwargs=True)
     return model
 
 
 def layer_configs(model: torch.nn.Module) -> list[DistrConfig]:
     """The settings each attention layer will use."""
     return [getattr(m, "distr_config", None) or DEFAULT_CONFIG for m in attention_modules(model)]
+
+
+def layer_plans(model: torch.nn.Module, seq_len: int, *, device=None, dtype=None, needs_grad: bool = False,
+                decode: bool = True) -> list[dict]:
+    """Which path (:func:`hf_distrattn.plan.plan`) each attention layer takes for a prefill of ``seq_len``
+    tokens (batch 1) and, for causal layers with ``decode``, a one-token step after it; with the reasons. Shapes
+    come from the model's config; the device and dtype default to the model's."""
+    from .plan import plan
+
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    parameter = next(model.parameters())
+    device, dtype = device or parameter.device, dtype or parameter.dtype
+    rows = []
+    for index, (module, layer_config) in enumerate(zip(attention_modules(model), layer_configs(model), strict=True)):
+        causal = bool(getattr(module, "is_causal", False))
+        keys = torch.empty(1, kv_heads, seq_len, head_dim, device=device, dtype=dtype)
+        cases = {"prefill": torch.empty(1, heads, seq_len, head_dim, device=device, dtype=dtype)}
+        if causal and decode:
+            cases["decode"] = cases["prefill"][:, :, :1]
+        row = {"layer": index, "config": layer_config}
+        for name, q in cases.items():
+            reduced = name == "decode" and layer_config.sampled == "k"
+            chosen = plan(q, keys, layer_config, causal_grouping=causal, needs_grad=needs_grad and name == "prefill",
+                          reduced_keys=reduced)
+            row[name] = chosen.path
+            row[f"{name}_reason"] = chosen.reason
+        rows.append(row)
+    return rows

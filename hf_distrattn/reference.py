@@ -1,17 +1,25 @@
-"""Plain-PyTorch attention: the oracle of every kernel test and the path used off CUDA.
+r"""Plain-PyTorch attention: the oracle of every kernel test and the CPU implementation of the ops.
 
-``out = softmax(scale · Q̃ Kᵀ + bias) V`` with ``Q̃``/``K̃`` from :mod:`hf_distrattn.grouping` (exact when
-``group_size == 1``), computed in float32 (float64 for float64 input). GQA splits the query heads as
-``(Hkv, Hq/Hkv)`` so K and V are never repeated in memory. A row whose every key is masked gives ``out = 0``
-and ``lse = -inf`` instead of NaN.
+Forward, in float32 (float64 for float64 input), with ``X̃ = X M`` of :mod:`hf_distrattn.grouping` for the
+sampled operand (``M = I`` when ``group_size == 1``)::
+
+    S = scale · Q̃ K̃ᵀ + bias,   P = softmax(S),   out = P V,   lse = log Σ exp S
+
+Backward (:func:`attention_backward`), FlashAttention's formulas with ``P`` recomputed and
+``Δ = rowsum(dO ∘ O)``::
+
+    dV = Pᵀ dO,   dS = P ∘ (dO Vᵀ − Δ),   dQ̃ = scale · dS K̃,   dK̃ = scale · dSᵀ Q̃,   dX = dX̃ Mᵀ
+
+GQA splits the query heads as ``(Hkv, Hq/Hkv)`` so K and V are never repeated in memory (their gradients sum
+over the split). A row whose every key is masked gives ``out = 0``, ``lse = -inf`` and zero gradients.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .config import EXACT
-from .grouping import approximate_operand
+from .config import DistrConfig
+from .grouping import approximate_operand, as_blocks, projections
 
 
 def causal_bias(n_q: int, n_k: int, device, dtype) -> torch.Tensor:
@@ -29,38 +37,103 @@ def mask_bias(attn_mask: torch.Tensor, dtype) -> torch.Tensor:
     return attn_mask.to(dtype)
 
 
-def attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config=None, dropout_p=0.0,
-              causal_grouping=False):
-    """Reference DistrAttention. Shapes as :func:`hf_distrattn.distr_attention`, arguments already validated.
+def _compute_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
-    ``attn_mask`` must be 4-D ``(1|B, 1|Hq, Nq, Nk)``; ``causal_grouping`` as in
-    :func:`hf_distrattn.grouping.approximate_operand`. Returns ``out`` in the compute dtype and the float32
-    log-sum-exp ``(B, Hq, Nq)`` of the scaled, masked scores (``-inf`` on fully masked rows).
-    """
-    config = config or EXACT
+
+def _operands(q, k, config, causal_grouping, hashes):
+    """``(Q̃, K̃)`` in the compute dtype: the sampled operand approximated, the other as it is."""
+    compute = _compute_dtype(q)
+    if config.sampled == "q":
+        return approximate_operand(q, config, causal_grouping, hashes), k.to(compute)
+    return q.to(compute), approximate_operand(k, config, causal_grouping, hashes)
+
+
+def _scores(q, k, attn_mask, causal, scale):
+    """Scaled, masked scores ``(B, Hkv, rep, Nq, Nk)`` of the compute-dtype ``q`` ``(B, Hq, Nq, d)`` and ``k``."""
     batch, h_q, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scale = d**-0.5 if scale is None else scale
-    if config.sampled == "q":
-        q, k = approximate_operand(q, config, causal_grouping), k.to(compute)
-    else:
-        q, k = q.to(compute), approximate_operand(k, config, causal_grouping)
     rep = h_q // h_kv
-    qg = q.view(batch, h_kv, rep, n_q, d)
-    scores = torch.einsum("bgrqd,bgkd->bgrqk", qg, k) * scale
+    s = torch.einsum("bgrqd,bgkd->bgrqk", q.view(batch, h_kv, rep, n_q, d), k) * scale
     if attn_mask is not None:
-        bias = mask_bias(attn_mask, compute)
-        scores = scores + bias.view(bias.shape[0], -1, rep if bias.shape[1] > 1 else 1, n_q, n_k)
+        bias = mask_bias(attn_mask, q.dtype)
+        s = s + bias.view(bias.shape[0], -1, rep if bias.shape[1] > 1 else 1, n_q, n_k)
     if causal:
-        scores = scores + causal_bias(n_q, n_k, q.device, compute)
-    row_max = scores.amax(-1, keepdim=True)
+        s = s + causal_bias(n_q, n_k, q.device, q.dtype)
+    return s
+
+
+def _softmax(s):
+    """``(P, lse)`` of scores ``s``; rows with no finite score give ``P = 0`` and ``lse = -inf``."""
+    row_max = s.amax(-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    p = torch.exp(scores - row_max)
+    p = torch.exp(s - row_max)
     denom = p.sum(-1, keepdim=True)
     lse = (row_max + torch.log(denom)).squeeze(-1)
-    p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
+    return p / torch.where(denom > 0, denom, torch.ones_like(denom)), lse
+
+
+def attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config: DistrConfig | None = None,
+              dropout_p=0.0, causal_grouping=False, hashes=None):
+    """Reference DistrAttention. Shapes as :func:`hf_distrattn.distr_attention`, arguments already validated.
+
+    ``attn_mask`` must be 4-D ``(1|B, 1|Hq, Nq, Nk)``; ``causal_grouping`` and ``hashes`` as in
+    :func:`hf_distrattn.grouping.approximate_operand`. Returns ``out`` in the compute dtype and the float32
+    log-sum-exp ``(B, Hq, Nq)`` of the scaled, masked scores (``-inf`` on fully masked rows). Differentiable
+    (autograd, the grouping held constant), dropout included.
+    """
+    config = config or DistrConfig(group_size=1)
+    batch, h_q, n_q, d = q.shape
+    scale = d**-0.5 if scale is None else scale
+    q, k = _operands(q, k, config, causal_grouping, hashes)
+    p, lse = _softmax(_scores(q, k, attn_mask, causal, scale))
     if dropout_p > 0:
         p = torch.nn.functional.dropout(p, dropout_p)
-    out = torch.einsum("bgrqk,bgkd->bgrqd", p, v.to(compute))
+    out = torch.einsum("bgrqk,bgkd->bgrqd", p, v.to(q.dtype))
     return out.reshape(batch, h_q, n_q, v.shape[-1]), lse.reshape(batch, h_q, n_q).float()
+
+
+def attention_backward(q, k, v, out, dout, *, causal=False, attn_mask=None, scale=None,
+                       config: DistrConfig | None = None, causal_grouping=False, hashes=None):
+    """``(dq, dk, dv)`` of :func:`attention` (no dropout) in the compute dtype, by the module's formulas (``P``
+    recomputed in the compute dtype, not from the float32 ``lse``)."""
+    config = config or DistrConfig(group_size=1)
+    batch, h_q, n_q, d = q.shape
+    h_kv = k.shape[1]
+    rep = h_q // h_kv
+    scale = d**-0.5 if scale is None else scale
+    q_t, k_t = _operands(q, k, config, causal_grouping, hashes)
+    compute = q_t.dtype
+    p, _ = _softmax(_scores(q_t, k_t, attn_mask, causal, scale))
+    do = dout.to(compute).reshape(batch, h_kv, rep, n_q, -1)
+    delta = (do * out.to(compute).reshape(do.shape)).sum(-1, keepdim=True)
+    ds = p * (torch.einsum("bgrqd,bgkd->bgrqk", do, v.to(compute)) - delta)
+    dv = torch.einsum("bgrqk,bgrqd->bgkd", p, do)
+    dq = torch.einsum("bgrqk,bgkd->bgrqd", ds, k_t).reshape(batch, h_q, n_q, d) * scale
+    dk = torch.einsum("bgrqk,bgrqd->bgkd", ds, q_t.view(batch, h_kv, rep, n_q, d)) * scale
+    if not config.exact:  # dX = dX̃ Mᵀ, block by block
+        x, dx = (q, dq) if config.sampled == "q" else (k, dk)
+        m = projections(x, config, causal_grouping, hashes)
+        dx = (as_blocks(dx, config.block_size) @ m.transpose(-1, -2)).flatten(2, 3)[:, :, : x.shape[2]]
+        dq, dk = (dx, dk) if config.sampled == "q" else (dq, dx)
+    return dq, dk, dv
+
+
+def reduced_keys_attention(q, k, v, reduced_keys, fuse_group, fuse_weight, *, block_size, causal=False,
+                           attn_mask=None, scale=None):
+    """Attention over keys held in reduced form (:mod:`hf_distrattn.cache`), the oracle of the decode kernel.
+
+    Key ``s`` of block ``j ≥ 1`` is ``k̃_s = Wt_jᵀ u_s`` with ``u_s = reduced_keys[..., s, :]`` (its first ``d/G``
+    columns) and ``Wt_j[g, c] = fuse_weight[j, c]·[fuse_group[j, c] = g]``; block 0 is read exactly from ``k``.
+    Returns ``(out, lse)`` as :func:`attention`.
+    """
+    n_k = k.shape[2]
+    compute = _compute_dtype(q)
+    n_blocks = -(-n_k // block_size)
+    dg = reduced_keys.shape[-1]
+    wt = torch.nn.functional.one_hot(fuse_group[:, :, :n_blocks].long(), dg).to(compute)  # (B, H, nb, d, DG)
+    wt = wt * fuse_weight[:, :, :n_blocks, :, None].to(compute)
+    u = as_blocks(reduced_keys[:, :, :n_k].to(compute), block_size)  # (B, H, nb, block, DG)
+    keys = (u @ wt.transpose(-1, -2)).flatten(2, 3)[:, :, :n_k]
+    keys = torch.cat([k[:, :, :block_size].to(compute), keys[:, :, block_size:]], dim=2)
+    return attention(q, keys, v, causal=causal, attn_mask=attn_mask, scale=scale)

@@ -11,10 +11,26 @@ import math
 import torch
 
 
+def _mix32(x: int) -> int:
+    """lowbias32 on a Python int in [0, 2^32)."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def hash_sign(index: int, seed: int) -> float:
+    """The hash direction entry ``index`` (row-major over rows × num_hashes): bit 31 of the counter hash."""
+    key = _mix32((seed * 2654435761) & 0xFFFFFFFF)
+    return -1.0 if _mix32(_mix32((index + key) & 0xFFFFFFFF) ^ key) >> 31 else 1.0
+
+
 def bucket_order(block: torch.Tensor, num_hashes: int, seed: int) -> list[int]:
-    """Columns of ``block`` (rows × d) sorted by SimHash code, ties by index."""
+    """Columns of ``block`` (rows × d) sorted by sign-random-projection code (±1 directions), ties by index."""
     rows, d = block.shape
-    r = torch.randn(rows, num_hashes, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    r = torch.tensor([[hash_sign(i * num_hashes + j, seed) for j in range(num_hashes)] for i in range(rows)],
+                     dtype=torch.float64)
     codes = []
     for c in range(d):
         proj = block[:, c] @ r

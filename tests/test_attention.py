@@ -258,9 +258,9 @@ def test_match_grouping_finds_signed_groups(group):
     config = DistrConfig(group_size=group, block_size=16, grouping="match")
     assert (approximate_operand(x, config) - x).norm() < 1e-6 * x.norm()
     assert (approximate_operand(x, config.replace(grouping="lsh")) - x).norm() > 0.1 * x.norm()
-    from hf_distrattn.kernels import prefill
+    from hf_distrattn.plan import kernel_grouping
 
-    assert "reference only" in prefill.supports(x, config)  # an ablation: the kernels refuse it
+    assert "reference only" in kernel_grouping(32, config, group)[0]  # an ablation: the kernels refuse it
 
 
 def test_pca_projection_is_the_decayed_prefix_subspace():
@@ -268,7 +268,7 @@ def test_pca_projection_is_the_decayed_prefix_subspace():
     exactly, causal or not; with causal grouping block ``b`` is projected on the top eigenvectors of
     ``Σ_{j<b} λ^(b-1-j) X_jᵀ X_j`` (built here block by block); the gradient is ``dX̃ P Pᵀ`` (P held constant)."""
     from hf_distrattn.grouping import PCA_DECAY
-    from hf_distrattn.kernels import prefill
+    from hf_distrattn.plan import kernel_grouping
 
     config = DistrConfig(group_size=2, block_size=8, grouping="pca")
     basis = torch.linalg.qr(rand(16, 8, dtype=torch.float64, seed=7)).Q
@@ -276,7 +276,7 @@ def test_pca_projection_is_the_decayed_prefix_subspace():
     for causal in (False, True):
         assert (approximate_operand(low_rank, config, causal) - low_rank).norm() < 1e-9 * low_rank.norm()
     assert (approximate_operand(low_rank, config.replace(grouping="lsh")) - low_rank).norm() > 0.1 * low_rank.norm()
-    assert "reference only" in prefill.supports(low_rank.float(), config)
+    assert "reference only" in kernel_grouping(16, config, 2)[0]
 
     x = rand(1, 1, 40, 16, dtype=torch.float64, seed=9)
     blocks = x.view(5, 8, 16)

@@ -1,5 +1,5 @@
-"""The Triton training path (``hf_distrattn.autograd`` + ``kernels/backward.py``) against autograd through the
-float64 reference: same approximation, so the gradients must agree to rounding; at G=1 against SDPA's.
+"""The Triton training path (the ``hf_distrattn::attention`` op on its ``"projected"`` path + ``kernels/backward.py``)
+against the float64 reference: same approximation, so the gradients must agree to rounding; at G=1 against SDPA's.
 
 On CPU under TRITON_INTERPRET=1 (as CI runs them), compiled on a GPU.
 """
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from kernel_inputs import DEVICE, MASK_KINDS, make_mask, rand
 
 from hf_distrattn import DistrConfig, distr_attention
-from hf_distrattn.api import selected_backend
+from hf_distrattn.plan import plan
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
@@ -36,7 +36,8 @@ def assert_matches_float64_reference(q, k, v, tol, **kw):
     the grouping) and in norm with float64."""
     config = kw.pop("config")
     dout = rand(*q.shape, seed=99)
-    assert selected_backend(q, config, needs_grad=True, attn_mask=kw.get("attn_mask")) == "triton"
+    causal_grouping = kw.get("causal_grouping", kw.get("causal", False))
+    assert plan(q, k, config, needs_grad=True, causal_grouping=causal_grouping).path == "projected"
     mine = grads(q, k, v, dout, config=config, **kw)
     ref32 = grads(q, k, v, dout, config=config.replace(backend="reference"), **kw)
     mask = kw.pop("attn_mask", None)
@@ -109,11 +110,15 @@ def test_backward_half_precision(dtype):
         assert ((a.double() - b).norm() / b.norm()).item() < 2e-2
 
 
-def test_dropout_falls_back_to_reference_with_one_warning():
+def test_dropout_runs_the_differentiable_reference_with_one_warning():
     q = rand(1, 2, 8, 32).requires_grad_()
     config = DistrConfig(group_size=2, block_size=16)
     with pytest.raises(ValueError, match="dropout"):
         distr_attention(q, q, q, dropout_p=0.1, config=config.replace(backend="triton"))
+    assert plan(q, q, config, needs_grad=True, dropout_p=0.1).path == "reference-autograd"
+    out = distr_attention(q, q, q, dropout_p=0.5, config=config)
+    out.sum().backward()
+    assert not torch.allclose(out, distr_attention(q, q, q, config=config)) and torch.isfinite(q.grad).all()
     if DEVICE == "cuda":
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

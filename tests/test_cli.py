@@ -29,9 +29,9 @@ def test_demo_default_model(tmp_path, capsys):
     assert rows["distr:group_size=1"]["token_agreement"] == 1.0
     assert rows["distr:group_size=1"]["max_logit_diff"] < 1e-4
     assert rows["distr:group_size=2"]["max_logit_diff"] > 1e-4
-    assert rows["distr:group_size=1"]["path"] == "reference"
+    assert rows["distr:group_size=1"]["path"] == "prefill reference ×4, decode reference ×4"  # CPU: the reference
     printed = capsys.readouterr().out
-    assert "| distr:group_size=2 | reference |" in printed
+    assert "| distr:group_size=2 | prefill reference ×4, decode reference ×4 |" in printed
 
 
 def test_demo_bad_attention_setting_is_one_line_error():

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from kernel_inputs import DEVICE, MASK_KINDS, make_mask, rand
 
 from hf_distrattn import DistrConfig, distr_attention, reference
-from hf_distrattn.api import selected_backend
+from hf_distrattn.grouping import group_blocks, hash_directions
+from hf_distrattn.plan import plan
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
@@ -46,7 +47,7 @@ CASES = [  # group, block, head_dim, causal, n_q, n_k, heads (q, kv)
 def test_kernel_matches_reference_fp32(group, block, d, causal, n_q, n_k, heads):
     q, k, v = rand(2, heads[0], n_q, d, seed=1), rand(2, heads[1], n_k, d, seed=2), rand(2, heads[1], n_k, d, seed=3)
     config = triton_config(group_size=group, block_size=block)
-    assert selected_backend(q, config) == "triton"
+    assert plan(q, k, config, causal_grouping=causal).path == "fused"
     out, lse = distr_attention(q, k, v, causal=causal, config=config, return_lse=True)
     ref, ref_lse = reference.attention(q, k, v, causal=causal, config=config, causal_grouping=causal)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
@@ -90,29 +91,38 @@ def test_kernel_half_precision(dtype, group):
     assert rel < 1e-2
 
 
-def test_triton_backend_refuses_unsupported_calls():
-    q = rand(1, 2, 8, 64)
-    with pytest.raises(ValueError, match="block_size 24"):
-        distr_attention(q, q, q, config=triton_config(block_size=24))
-    with pytest.raises(ValueError, match="< 16"):
-        distr_attention(q, q, q, config=triton_config(group_size=8))
-    q96 = rand(1, 2, 8, 96)
-    with pytest.raises(ValueError, match="power of two"):
-        distr_attention(q96, q96, q96, config=triton_config(group_size=2))
+def test_plan_names_why_the_fused_kernel_cannot_take_a_call():
+    """Settings the grouping kernel does not take run with X̃ from the PyTorch grouping, the reason given;
+    ``backend="triton"`` raises where no kernel runs at all."""
+    q = rand(1, 2, 40, 64)
+    for config, why in ((triton_config(block_size=24), "block_size 24"),
+                        (triton_config(num_hashes=20), "num_hashes 20"),
+                        (triton_config(grouping="random"), "reference only")):
+        chosen = plan(q, q, config)
+        assert chosen.path == "approximated" and why in chosen.reason, chosen
+    q96 = rand(1, 2, 40, 96)
+    assert "power of two" in plan(q96, q96, triton_config(group_size=2)).reason
+    with pytest.raises(ValueError, match="dtype torch.float64"):
+        distr_attention(q.double(), q.double(), q.double(), config=triton_config())
+    with pytest.raises(ValueError, match="dropout"):
+        distr_attention(q, q, q, dropout_p=0.1, config=triton_config())
+    out = distr_attention(q, q, q, config=triton_config(block_size=24), causal=True)
+    ref = distr_attention(q, q, q, config=DistrConfig(block_size=24, backend="reference"), causal=True)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("reduce", ["rank1", "sample"])
 @pytest.mark.parametrize("group,block,d,n", [(2, 16, 64, 40), (4, 32, 64, 32), (8, 16, 128, 20), (4, 16, 16, 20)])
 def test_grouping_kernel_matches_reference(reduce, group, block, d, n, causal):
-    from hf_distrattn.grouping import group_blocks
     from hf_distrattn.kernels.grouping import group_queries
 
     q = rand(2, 3, n, d, seed=12)
     config = DistrConfig(group_size=group, block_size=block, reduce=reduce, seed=5)
-    perm, u_ref, v_ref = group_blocks(q, config, causal)
+    hashes = hash_directions(block, config.num_hashes, config.seed, DEVICE)
+    perm, u_ref, v_ref = group_blocks(q, config, causal, hashes)
     dg = d // group
-    u, wt = group_queries(q, config, dg_pad=max(16, dg), causal=causal)
+    u, wt = group_queries(q, hashes, config, dg_pad=max(16, dg), causal=causal)
     # float32 repeated squaring in another summation order amplifies rounding (~4e-5 seen on an H100), most in
     # near-degenerate groups (G=8, 16 rows); "sample" involves no arithmetic on the factors
     tol = dict(atol=1e-5, rtol=1e-5)
@@ -128,16 +138,17 @@ def test_grouping_kernel_matches_reference(reduce, group, block, d, n, causal):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("group,block,causal", [(2, 16, True), (4, 32, False), (2, 64, False)])
 def test_grouping_kernel_half_precision_groups_as_float32(dtype, group, block, causal):
-    """16-bit inputs take the tensor-core path (R in three 16-bit parts, one-hot products): the same groups as the
-    float32 path on the same values; a single 16-bit part of R flips hash bits and regroups whole blocks."""
+    """16-bit inputs take the tensor-core path (±1 hash directions and one-hot products, exact in 16 bits): the same
+    groups as the float32 path on the same values."""
     if dtype == torch.bfloat16 and DEVICE == "cpu":
         pytest.skip("the Triton CPU interpreter computes bf16 tl.dot wrongly (numpy has no bf16); runs on GPU")
     from hf_distrattn.kernels.grouping import group_queries
 
     q = rand(2, 4, 200, 64, seed=13).to(dtype)
     config = DistrConfig(group_size=group, block_size=block, seed=5)
-    u, wt = group_queries(q, config, dg_pad=64 // group, causal=causal)
-    u32, wt32 = group_queries(q.float(), config, dg_pad=64 // group, causal=causal)
+    hashes = hash_directions(block, config.num_hashes, config.seed, DEVICE)
+    u, wt = group_queries(q, hashes, config, dg_pad=64 // group, causal=causal)
+    u32, wt32 = group_queries(q.float(), hashes, config, dg_pad=64 // group, causal=causal)
     assert torch.equal(wt != 0, wt32 != 0)
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(wt.float(), wt32, atol=eps, rtol=0)
@@ -182,7 +193,7 @@ def test_models_through_the_kernel_match_sdpa(arch):
     (16, 77, (2, 2), True, "bool", 2), (3, 130, (6, 3), False, "additive", 4), (1, 10, (4, 4), False, None, 1),
 ])
 def test_decode_kernel(n_q, n_k, heads, causal, mask_kind, splits):
-    from hf_distrattn.kernels.decode import decode_attention, supports
+    from hf_distrattn.kernels.decode import decode_attention
 
     q = rand(2, heads[0], n_q, 64, seed=20)
     k, v = rand(2, heads[1], n_k, 64, seed=21), rand(2, heads[1], n_k, 64, seed=22)
@@ -192,7 +203,7 @@ def test_decode_kernel(n_q, n_k, heads, causal, mask_kind, splits):
         mask[0, 0, 1] = False  # a fully masked row
     elif mask_kind == "additive":
         mask = rand(1, heads[0], n_q, n_k, seed=24)
-    assert supports(q, k, EXACT_TRITON) is None
+    assert plan(q, k, EXACT_TRITON).path == "decode"
     out, lse = decode_attention(q, k, v, causal=causal, attn_mask=mask, splits=splits, block_n=32)
     ref, ref_lse = reference.attention(q, k, v, causal=causal, attn_mask=mask)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
@@ -204,16 +215,54 @@ def test_decode_kernel(n_q, n_k, heads, causal, mask_kind, splits):
 EXACT_TRITON = DistrConfig(group_size=1, backend="triton")
 
 
+def reduced_cache(k, v, config, steps=(1,), static=False):
+    """A reduced-key cache layer filled with ``k``, ``v`` in chunks of the sizes ``steps`` (cycled), as a prefill
+    and decode steps would fill it."""
+    from hf_distrattn.cache import ReducedDynamicLayer, ReducedStaticLayer
+
+    layer = ReducedStaticLayer(k.shape[2] + 5, config) if static else ReducedDynamicLayer(config)
+    start, i = 0, 0
+    while start < k.shape[2]:
+        n = min(steps[i % len(steps)], k.shape[2] - start)
+        layer.update(k[:, :, start:start + n], v[:, :, start:start + n])
+        start, i = start + n, i + 1
+    return layer
+
+
+@pytest.mark.parametrize("group,block,n_k,reduce,steps,static", [
+    (2, 16, 75, "rank1", (30, 1), False), (4, 32, 70, "rank1", (30, 1, 1), True), (2, 16, 50, "sample", (7,), False),
+    (2, 16, 12, "rank1", (12,), True),
+])
+def test_reduce_keys_kernel_matches_reference(group, block, n_k, reduce, steps, static):
+    """The cache layer's reduced keys, by the kernel and by the reference op, filled in steps that cross block
+    boundaries: the same groups, weights and reduced keys (unfilled static slots stay zero)."""
+    k, v = rand(2, 3, n_k, 64, seed=70), rand(2, 3, n_k, 64, seed=71)
+    config = DistrConfig(group_size=group, block_size=block, reduce=reduce)
+    mine = reduced_cache(k, v, triton_config(group_size=group, block_size=block, reduce=reduce, sampled="k"),
+                         steps, static)
+    ref = reduced_cache(k, v, config.replace(sampled="k", backend="reference"), steps, static)
+    n_blocks = -(-n_k // block)
+    assert torch.equal(mine.fuse_group[:, :, 1:n_blocks], ref.fuse_group[:, :, 1:n_blocks])
+    torch.testing.assert_close(mine.fuse_weight[:, :, 1:n_blocks], ref.fuse_weight[:, :, 1:n_blocks], atol=1e-5,
+                               rtol=1e-5)
+    torch.testing.assert_close(mine.reduced_keys[:, :, block:n_k], ref.reduced_keys[:, :, block:n_k], atol=1e-5,
+                               rtol=1e-5)
+    if static:
+        assert (mine.reduced_keys[:, :, n_k:] == 0).all()
+    _, u, _ = group_blocks(k, config, causal=True, hashes=hash_directions(block, 8, 0, DEVICE))
+    torch.testing.assert_close(ref.reduced_keys[:, :, block:n_k, :64 // group], u[:, :, block:n_k], atol=1e-5,
+                               rtol=1e-5)
+
+
 @pytest.mark.parametrize("group,block,n_q,n_k,heads,dtype,mask_kind", [
     (2, 16, 1, 75, (8, 2), torch.float32, None), (4, 16, 3, 64, (4, 2), torch.float32, "bool"),
     (2, 32, 2, 100, (2, 2), torch.float32, "additive"), (2, 16, 1, 50, (8, 2), torch.float16, None),
     (2, 16, 1, 12, (4, 2), torch.float32, None),  # all keys in the exact first block
 ])
 def test_reduced_key_decode_matches_reference(group, block, n_q, n_k, heads, dtype, mask_kind):
-    """sampled="k" decoding reads keys in reduced form; it must equal the reference approximation of the same
-    call (causal grouping of the key blocks), and a cache built step by step must equal one built at once."""
-    from hf_distrattn.kvcache import ReducedKeys
-
+    """sampled="k" decoding reads keys in reduced form from a cache layer filled step by step; it must equal the
+    reference approximation of the same call (causal grouping of the key blocks), and the reduced-key
+    reference."""
     config = triton_config(group_size=group, block_size=block, sampled="k")
     q, k, v = (rand(2, h, n, 32, seed=30 + i).to(dtype) for i, (h, n) in enumerate(
         [(heads[0], n_q), (heads[1], n_k), (heads[1], n_k)]))
@@ -222,17 +271,17 @@ def test_reduced_key_decode_matches_reference(group, block, n_q, n_k, heads, dty
         mask = rand(2, 1, n_q, n_k, seed=33) > -0.5
     elif mask_kind == "additive":
         mask = rand(1, heads[0], n_q, n_k, seed=34)
-    keys = ReducedKeys(config)
-    for n in range(1, n_k, 7):  # grow the cache as generation does
-        distr_attention(q[:, :, :1], k[:, :, :n], v[:, :, :n], config=config, causal_grouping=True, reduced_keys=keys)
-    out = distr_attention(q, k, v, causal=True, attn_mask=mask, config=config, reduced_keys=keys)
-    assert keys.length == n_k // block * block  # complete blocks reduced, the last one fused in the kernel
+    layer = reduced_cache(k, v, config, steps=(n_k // 2, 1))
+    if n_k > block:
+        assert plan(q, k, config, causal_grouping=True, reduced_keys=True).path == "reduced-decode"
+    out = distr_attention(q, k, v, causal=True, attn_mask=mask, config=config, reduced_keys=layer.reduced)
     ref, _ = reference.attention(q.double(), k.double(), v.double(), causal=True, attn_mask=mask, config=config,
                                  causal_grouping=True)
     tol = 2e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
-    fresh = distr_attention(q, k, v, causal=True, attn_mask=mask, config=config)
-    torch.testing.assert_close(out, fresh, atol=tol, rtol=tol)
+    reduced_ref = distr_attention(q, k, v, causal=True, attn_mask=mask, config=config.replace(backend="reference"),
+                                  reduced_keys=layer.reduced)
+    torch.testing.assert_close(out, reduced_ref, atol=tol, rtol=tol)
     if n_k > block:
         exact, _ = reference.attention(q.double(), k.double(), v.double(), causal=True, attn_mask=mask)
         assert (exact - ref).abs().max() > 1e-2  # the keys really are approximated
@@ -240,15 +289,14 @@ def test_reduced_key_decode_matches_reference(group, block, n_q, n_k, heads, dty
 
 @pytest.mark.parametrize("splits", [1, 3, 5])
 def test_reduced_key_decode_is_the_same_for_any_split(splits):
-    """The split-KV kernel's three key loops (exact block 0, reduced blocks, the block being filled) must cover
-    each key once whichever split a block boundary falls in."""
+    """The split-KV kernel's two key loops (exact block 0, reduced blocks) must cover each key once whichever
+    split a block boundary falls in."""
     from hf_distrattn.kernels.decode import decode_attention
-    from hf_distrattn.kvcache import ReducedKeys
 
     config = triton_config(group_size=2, block_size=16, sampled="k")
     q, k, v = rand(1, 4, 2, 32, seed=60), rand(1, 2, 90, 32, seed=61), rand(1, 2, 90, 32, seed=62)
-    reduced = ReducedKeys(config).update(k)
-    out, lse = decode_attention(q, k, v, causal=True, reduced=reduced, splits=splits)
+    layer = reduced_cache(k, v, config, steps=(90,))
+    out, lse = decode_attention(q, k, v, causal=True, reduced=(*layer.reduced, 16), splits=splits)
     ref, ref_lse = reference.attention(q.double(), k.double(), v.double(), causal=True, config=config,
                                        causal_grouping=True)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
@@ -260,7 +308,7 @@ def test_sampled_k_prefill_matches_reference(causal):
     """sampled="k" prefill on the kernel path: keys projected per block (K̃ = K M), then the exact kernel."""
     config = triton_config(group_size=2, block_size=16, sampled="k")
     q, k, v = rand(2, 4, 40, 32, seed=50), rand(2, 2, 40, 32, seed=51), rand(2, 2, 40, 32, seed=52)
-    assert selected_backend(q, config) == "triton"
+    assert plan(q, k, config, causal_grouping=causal).path == "projected"
     out = distr_attention(q, k, v, causal=causal, config=config)
     ref, _ = reference.attention(q.double(), k.double(), v.double(), causal=causal, config=config,
                                  causal_grouping=causal)
@@ -268,20 +316,16 @@ def test_sampled_k_prefill_matches_reference(causal):
 
 
 def test_reduced_key_decode_reads_no_full_key_after_the_first_block():
-    """Once reduced, keys after block 0 are read only in reduced form: poisoning them in the full cache changes
-    nothing (a kernel that read them would return NaN)."""
-    from hf_distrattn.kvcache import ReducedKeys
-
+    """Keys after block 0 are read only in reduced form: poisoning them in the full cache changes nothing (a
+    kernel that read them would return NaN)."""
     config = triton_config(group_size=2, block_size=16, sampled="k")
     q, k, v = rand(1, 4, 1, 32, seed=40), rand(1, 2, 70, 32, seed=41), rand(1, 2, 70, 32, seed=42)
-    keys = ReducedKeys(config)
-    out = distr_attention(q, k, v, config=config, causal_grouping=True, reduced_keys=keys)
+    layer = reduced_cache(k, v, config, steps=(64, 1))
+    out = distr_attention(q, k, v, config=config, causal_grouping=True, reduced_keys=layer.reduced)
     poisoned = k.clone()
-    poisoned[:, :, 16:64] = float("nan")  # blocks 1-3 are complete; block 4 (keys 64-69) is read whole
-    again = distr_attention(q, poisoned, v, config=config, causal_grouping=True, reduced_keys=keys)
+    poisoned[:, :, 16:] = float("nan")
+    again = distr_attention(q, poisoned, v, config=config, causal_grouping=True, reduced_keys=layer.reduced)
     assert torch.equal(out, again)
-    with pytest.raises(ValueError, match="reduced_keys"):
-        distr_attention(q, k, v, config=config.replace(group_size=4), causal_grouping=True, reduced_keys=keys)
 
 
 @triton.jit

@@ -184,12 +184,15 @@ def test_causal_lm_logits_do_not_see_later_tokens(group):
 
 
 @torch.no_grad()
-def test_decoding_with_reduced_keys_equals_the_prefill_approximation():
-    """sampled="k": generation reads the keys in reduced form (kernel path, kept across calls on each layer) and
-    must compute exactly the approximation a forward over the whole sequence computes, across block boundaries."""
+@pytest.mark.parametrize("backend,cache", [("reference", "dynamic"), ("reference", "static"), ("triton", "static")])
+def test_decoding_with_reduced_keys_equals_the_prefill_approximation(backend, cache):
+    """sampled="k": generation keeps the keys in reduced form in the cache's layers (reduced on arrival, across
+    block boundaries) and must compute exactly the approximation a forward over the whole sequence computes."""
     import os
 
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    from hf_distrattn.cache import ReducedDynamicLayer, ReducedStaticLayer
+
+    if backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, _ = tiny_llama()
@@ -197,18 +200,22 @@ def test_decoding_with_reduced_keys_equals_the_prefill_approximation():
     ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(4)).to(device)
     exact = model(torch.cat([ids, ids, ids], 1)).logits
     model.set_attn_implementation("distr")
-    configure(model, DistrConfig(group_size=2, block_size=16, sampled="k", backend="triton"))
-    out = model.generate(ids, max_new_tokens=22, min_new_tokens=22, do_sample=False, output_logits=True,
-                         return_dict_in_generate=True, pad_token_id=0)
-    assert all(m.distr_reduced_keys.length == 32 for m in hf_distrattn.integration.attention_modules(model))
+    configure(model, DistrConfig(group_size=2, block_size=16, sampled="k", backend=backend))
+    new = 22 if backend == "reference" else 10  # two block boundaries; one under the slow interpreter
+    out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, pad_token_id=0,
+                         cache_implementation="static" if cache == "static" else None)
+    layers = (getattr(out, "cache", None) or out.past_key_values).layers
+    assert all(type(layer) is {"static": ReducedStaticLayer, "dynamic": ReducedDynamicLayer}[cache]
+               for layer in layers)
     whole = model(out.sequences).logits[0, 11:-1]
     torch.testing.assert_close(torch.stack(out.logits)[:, 0], whole, atol=1e-4, rtol=1e-4)
     assert (model(torch.cat([ids, ids, ids], 1)).logits - exact).abs().max() > 1e-3  # approximated
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("group", [1, 2])
-def test_static_cache_generates_the_dynamic_cache_tokens(group):
+@pytest.mark.parametrize("group,sampled", [(1, "q"), (2, "q"), (2, "k")])
+def test_static_cache_generates_the_dynamic_cache_tokens(group, sampled):
     """A static cache hands the attention function every slot, the unfilled ones too, and no mask for a prefill
     into an empty cache (SDPA's top-left causal alignment covers it): the tokens must not change. Left-padded
     batch of two; G=1 must also give sdpa's tokens."""
@@ -221,7 +228,7 @@ def test_static_cache_generates_the_dynamic_cache_tokens(group):
     batch = dict(kwargs, input_ids=ids, attention_mask=mask)
     sdpa = model.generate(**single)
     model.set_attn_implementation("distr")
-    configure(model, DistrConfig(group_size=group, block_size=16))
+    configure(model, DistrConfig(group_size=group, block_size=16, sampled=sampled))
     for call in (single, batch):
         dynamic = model.generate(**call)
         assert torch.equal(model.generate(**call, cache_implementation="static"), dynamic)

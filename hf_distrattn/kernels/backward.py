@@ -1,7 +1,8 @@
 r"""Attention backward in Triton (FlashAttention-2 style), for ``out = softmax(scale · A Bᵀ + mask) V``.
 
-The training path (:mod:`hf_distrattn.autograd`) calls it with ``A = Q̃`` (or ``B = K̃``): the approximation is a
-differentiable map of one operand, attention on the result is exact, so its backward is the exact one. With the
+The training path (the ``"projected"`` path of :func:`hf_distrattn.ops.attention`) calls it with ``A = Q̃`` (or
+``B = K̃``): the approximation is a differentiable map of one operand, attention on the result is exact, so its
+backward is the exact one. With the
 forward's float32 log-sum-exp ``L`` and ``Δ = rowsum(dO ∘ O)``, each tile recomputes its probabilities instead of
 storing ``P``:
 
@@ -33,9 +34,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..grouping import padded_width
 from .grouping import project_block
 from .launch import cached
-from .softmax import HEAD_GROUP, key_range, mask_arguments, masked_scores, padded_width, scores, tile_order
+from .softmax import HEAD_GROUP, key_range, mask_arguments, masked_scores, scores, tile_order
 
 
 @triton.jit

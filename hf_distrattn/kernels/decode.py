@@ -8,7 +8,7 @@ once per KV head) over its split, and writes a partial ``o_s`` with its log-sum-
     m = max_s ℓ_s,  o = Σ_s e^{ℓ_s − m} o_s / Σ_s e^{ℓ_s − m},  ℓ = m + log Σ_s e^{ℓ_s − m},
 
 is the same associative combine that tree attention does across GPUs. With ``sampled="k"`` DistrAttention the
-keys after the first block come reduced (:mod:`hf_distrattn.kvcache`): a tile of key block ``j`` scores
+keys after the first block come reduced (:mod:`hf_distrattn.cache`): a tile of key block ``j`` scores
 ``(Wt_j q) · u_s``, so ``d/G`` of each key is read instead of ``d`` (values whole).
 """
 
@@ -23,7 +23,6 @@ import triton.language as tl
 
 from .softmax import finish, mask_arguments, masked_scores, online_softmax, scores
 
-MAX_QUERIES = 16
 PROGRAMS_PER_SM = 2
 LAUNCH = {"num_warps": 4, "num_stages": 3}
 
@@ -41,15 +40,15 @@ def _fold(acc, l_i, m_i, s, vt, offs_n, hi, row_ok, i, mask_ptrs, n_q, n_k, CAUS
 
 @triton.jit
 def _fuse_query(q, Grp, W, g_base, offs_d, offs_g, IEEE: tl.constexpr):
-    """``(Wt_j, Wt_j q)`` for key block ``j``: its fuse matrix ``(DG, D)`` from each column's group and weight,
-    ``Wt_j[g, c] = W[c]·[Grp[c] = g]``, and the queries in the block's reduced form ``(BLOCK_M, DG)``."""
+    """The queries in key block ``j``'s reduced form, ``q Wt_jᵀ`` ``(BLOCK_M, DG)``, with its fuse matrix
+    ``Wt_j[g, c] = W[c]·[Grp[c] = g]`` ``(DG, D)`` built from each column's group and weight."""
     wt = tl.where(tl.load(Grp + g_base + offs_d)[None, :] == offs_g[:, None], tl.load(W + g_base + offs_d)[None, :],
                   0.0).to(q.dtype)
-    return wt, scores(q, tl.trans(wt), 1.0, IEEE).to(q.dtype)
+    return scores(q, tl.trans(wt), 1.0, IEEE).to(q.dtype)
 
 
 @triton.jit
-def _decode_split(Q, K, V, UK, Grp, W, Mask, Out, Lse, scale, n_q, n_k, n_reduced, heads_kv, rep, chunk,
+def _decode_split(Q, K, V, UK, Grp, W, Mask, Out, Lse, scale, n_q, n_k, heads_kv, rep, chunk,
                   sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, su_b, su_h, su_n, sg_b, sg_h, sg_blk,
                   sm_b, sm_h, sm_m, so_b, so_h, so_m, so_s, sl_b, sl_h, sl_m,
                   CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr,
@@ -79,13 +78,11 @@ def _decode_split(Q, K, V, UK, Grp, W, Mask, Out, Lse, scale, n_q, n_k, n_reduce
     mask_ptrs = Mask + b * sm_b + h[:, None] * sm_h + i[:, None] * sm_m
     lo = split * chunk
     hi = tl.minimum(lo + chunk, n_k)
-    # three loops without branches inside, so that their loads pipeline: exact keys (all of them at G = 1,
-    # else block 0), keys stored reduced, and the block being filled (full keys fused here)
+    # two loops without branches inside, so that their loads pipeline: exact keys (all of them at G = 1, else
+    # block 0), then the keys stored reduced
     exact_hi = hi
-    fused_lo = hi
     if G > 1:
         exact_hi = tl.minimum(hi, BLOCK_N)
-        fused_lo = tl.maximum(tl.maximum(lo, BLOCK_N), n_reduced)
     for start_n in range(lo, exact_hi, BLOCK_N):
         offs_n = start_n + offs_t
         kt = tl.load(k_base + offs_n[None, :] * sk_n + offs_d[:, None], mask=offs_n[None, :] < hi, other=0.0)
@@ -93,19 +90,11 @@ def _decode_split(Q, K, V, UK, Grp, W, Mask, Out, Lse, scale, n_q, n_k, n_reduce
         acc, l_i, m_i = _fold(acc, l_i, m_i, scores(q, kt, qk_scale, IEEE), vt, offs_n, hi, row_ok, i, mask_ptrs,
                               n_q, n_k, CAUSAL, MASK_KIND, IEEE)
     if G > 1:  # key block j scores (Wt_j q) · u_s
-        for start_n in range(tl.maximum(lo, BLOCK_N), tl.minimum(hi, n_reduced), BLOCK_N):
+        for start_n in range(tl.maximum(lo, BLOCK_N), hi, BLOCK_N):
             offs_n = start_n + offs_t
-            wt, uq = _fuse_query(q, Grp, W, g_base + (start_n // BLOCK_N) * sg_blk, offs_d, offs_g, IEEE)
+            uq = _fuse_query(q, Grp, W, g_base + (start_n // BLOCK_N) * sg_blk, offs_d, offs_g, IEEE)
             ukt = tl.load(UK + b * su_b + hk * su_h + offs_n[None, :] * su_n + offs_g[:, None],
                           mask=offs_n[None, :] < hi, other=0.0)
-            vt = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :], mask=offs_n[:, None] < hi, other=0.0)
-            acc, l_i, m_i = _fold(acc, l_i, m_i, scores(uq, ukt, qk_scale, IEEE), vt, offs_n, hi, row_ok, i,
-                                  mask_ptrs, n_q, n_k, CAUSAL, MASK_KIND, IEEE)
-        for start_n in range(fused_lo, hi, BLOCK_N):
-            offs_n = start_n + offs_t
-            wt, uq = _fuse_query(q, Grp, W, g_base + (start_n // BLOCK_N) * sg_blk, offs_d, offs_g, IEEE)
-            kt = tl.load(k_base + offs_n[None, :] * sk_n + offs_d[:, None], mask=offs_n[None, :] < hi, other=0.0)
-            ukt = scores(wt, kt, 1.0, IEEE).to(q.dtype)
             vt = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :], mask=offs_n[:, None] < hi, other=0.0)
             acc, l_i, m_i = _fold(acc, l_i, m_i, scores(uq, ukt, qk_scale, IEEE), vt, offs_n, hi, row_ok, i,
                                   mask_ptrs, n_q, n_k, CAUSAL, MASK_KIND, IEEE)
@@ -116,9 +105,13 @@ def _decode_split(Q, K, V, UK, Grp, W, Mask, Out, Lse, scale, n_q, n_k, n_reduce
 
 
 @triton.jit
-def _merge_splits(Part, PartLse, Out, Lse, splits, so_row, sl_row, S_PAD: tl.constexpr, D: tl.constexpr):
+def _merge_splits(Part, PartLse, Out, Lse, splits, n_q, heads, so_b, so_h, so_m, S_PAD: tl.constexpr,
+                  D: tl.constexpr):
     """One program per (batch, head, query) row: the exact combine of its ``splits`` partials."""
     row = tl.program_id(0)
+    m_row = row % n_q
+    b = row // n_q // heads
+    h = row // n_q % heads
     offs_s = tl.arange(0, S_PAD)
     offs_d = tl.arange(0, D)
     lse = tl.load(PartLse + row * splits + offs_s, mask=offs_s < splits, other=float("-inf"))
@@ -129,22 +122,8 @@ def _merge_splits(Part, PartLse, Out, Lse, splits, so_row, sl_row, S_PAD: tl.con
     part = tl.load(Part + row * splits * D + offs_s[:, None] * D + offs_d[None, :], mask=offs_s[:, None] < splits,
                    other=0.0)
     out = tl.sum(part * w[:, None], 0) / tl.where(den > 0, den, 1.0)
-    tl.store(Out + row * so_row + offs_d, out.to(Out.dtype.element_ty))
-    tl.store(Lse + row * sl_row, m + tl.log(den))
-
-
-def supports(q: torch.Tensor, k: torch.Tensor, config) -> str | None:
-    """``None`` if the decode kernel takes this call (few queries; exact, or keys in reduced form), else why not."""
-    d = q.shape[-1]
-    if config.group_size != 1 and config.sampled != "k":
-        return "group_size > 1 with sampled='q'"
-    if q.shape[2] > MAX_QUERIES:
-        return f"{q.shape[2]} queries > {MAX_QUERIES}"
-    if (q.shape[1] // k.shape[1]) * q.shape[2] > 128:
-        return "too many query rows per KV head"
-    if d & (d - 1) or not 16 <= d <= 256 or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"head_dim {d} / dtype {q.dtype}"
-    return None
+    tl.store(Out + b * so_b + h * so_h + m_row * so_m + offs_d, out.to(Out.dtype.element_ty))
+    tl.store(Lse + row, m + tl.log(den))
 
 
 @functools.lru_cache
@@ -161,13 +140,14 @@ def num_splits(batch_heads_kv: int, n_k: int, block_n: int, device) -> int:
 
 def decode_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, reduced=None, block_n: int = 64,
                      splits=None):
-    """Attention for ``Nq ≤ 16`` queries; semantics of :func:`hf_distrattn.reference.attention`.
+    """Attention for a few queries (``Hq/Hkv · Nq ≤ 128`` rows per KV head); semantics of
+    :func:`hf_distrattn.reference.attention`. Head dim a power of two, unit-stride head dims.
 
-    ``reduced``: ``None`` (exact), or the keys in the reduced form of :class:`hf_distrattn.kvcache.ReducedKeys`
-    (``sampled="k"``, causal grouping): ``(uk, grp, w, block_size, n_reduced)`` with ``uk`` ``(B, Hkv, ≥Nk, DG)``
-    valid for keys below ``n_reduced``, ``grp`` int32 and ``w`` float32 ``(B, Hkv, ≥n_blocks, d)``. Then the key
-    tiles are the grouping blocks: block 0 is read from ``k`` (it is exact), the keys below ``n_reduced`` from
-    ``uk`` only (``d/G`` of each key instead of ``d``), the block being filled from ``k``, fused in the kernel.
+    ``reduced``: ``None`` (exact), or keys in reduced form (``sampled="k"``, causal grouping; the reference is
+    :func:`hf_distrattn.reference.reduced_keys_attention`): ``(uk, grp, w, block_size)`` with ``uk``
+    ``(B, Hkv, ≥Nk, DG)``, ``grp`` int32 and ``w`` float32 ``(B, Hkv, ≥n_blocks, d)``. Then the key tiles are the
+    grouping blocks: block 0 is read from ``k`` (it is exact), every later key from ``uk`` only (``d/G`` of each
+    key instead of ``d``). The output has ``q``'s layout.
     """
     batch, heads, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
@@ -175,9 +155,9 @@ def decode_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, reduc
     scale = 1 / math.sqrt(d) if scale is None else scale
     if reduced is None:
         uk = grp = w = k
-        group, dg, n_reduced = 1, d, 0
+        group, dg = 1, d
     else:
-        uk, grp, w, block_n, n_reduced = reduced
+        uk, grp, w, block_n = reduced
         group, dg = 2, uk.shape[-1]  # any G > 1: the kernel only needs to know the keys are reduced
     splits = splits or num_splits(batch * h_kv, n_k, block_n, q.device)
     chunk = triton.cdiv(triton.cdiv(n_k, splits), block_n) * block_n
@@ -186,7 +166,7 @@ def decode_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, reduc
     lse = torch.empty(batch, heads, n_q, splits, device=q.device, dtype=torch.float32)
     mask, mask_kind, mask_strides = mask_arguments(attn_mask, lse)
     _decode_split[(splits, batch * h_kv)](
-        q, k, v, uk, grp, w, mask, out, lse, scale, n_q, n_k, n_reduced, h_kv, rep, chunk,
+        q, k, v, uk, grp, w, mask, out, lse, scale, n_q, n_k, h_kv, rep, chunk,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), uk.stride(0), uk.stride(1), uk.stride(2),
         grp.stride(0), grp.stride(1), grp.stride(2), *mask_strides,
@@ -195,8 +175,8 @@ def decode_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, reduc
         BLOCK_M=max(16, triton.next_power_of_2(rep * n_q)), BLOCK_N=block_n, D=d, G=group, DG=dg,
         **LAUNCH,
     )
-    merged = torch.empty(batch, heads, n_q, d, device=q.device, dtype=q.dtype)
+    merged = torch.empty_like(q)
     merged_lse = torch.empty(batch, heads, n_q, device=q.device, dtype=torch.float32)
-    _merge_splits[(batch * heads * n_q,)](out, lse, merged, merged_lse, splits, d, 1,
+    _merge_splits[(batch * heads * n_q,)](out, lse, merged, merged_lse, splits, n_q, heads, *merged.stride()[:3],
                                           S_PAD=max(2, triton.next_power_of_2(splits)), D=d, num_warps=4)
     return merged, merged_lse

@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from ..config import DistrConfig
-from .grouping import BLOCK_SIZES, group_queries
+from ..grouping import padded_width
+from .grouping import group_queries
 from .launch import cached
 from .softmax import (
     HEAD_GROUP,
@@ -36,7 +37,6 @@ from .softmax import (
     mask_arguments,
     masked_scores,
     online_softmax,
-    padded_width,
     scores,
     tile_order,
 )
@@ -120,31 +120,6 @@ def _distr_fwd(U, K, V, Wt, Mask, Out, Lse, scale, first_block, n_tiles, n_q, n_
     tl.store(Lse + b * sl_b + h * sl_h + offs_m, lse, mask=row_ok)
 
 
-def supports(q: torch.Tensor, config: DistrConfig, dropout_p: float = 0.0) -> str | None:
-    """``None`` if the kernel takes this call, else why not."""
-    d = q.shape[-1]
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"dtype {q.dtype}"
-    if config.sampled != "q":
-        return "sampled='k'"
-    if config.grouping != "lsh" and config.group_size > 1:
-        return f"grouping {config.grouping!r} (an ablation: reference only)"
-    if config.block_size not in BLOCK_SIZES:
-        return f"block_size {config.block_size} (the kernel takes {BLOCK_SIZES})"
-    if not 16 <= d <= 256 or d % config.group_size:
-        return f"head_dim {d}"
-    if config.group_size > 1:
-        if d & (d - 1):
-            return f"head_dim {d} with group_size > 1 (the grouping kernel needs a power of two)"
-        if d // config.group_size < 16:
-            return f"head_dim / group_size = {d // config.group_size} < 16"
-        if config.num_hashes > 16:
-            return f"num_hashes {config.num_hashes} > 16"
-    if dropout_p:
-        return "dropout"
-    return None
-
-
 def launch_params(block_m: int, d: int, group: int) -> dict:
     """Key-tile size, warps, pipeline depth and where the score scale goes (from the H100 launch sweeps
     recorded in NOTES.md: variants 6 and 8)."""
@@ -156,22 +131,25 @@ def launch_params(block_m: int, d: int, group: int) -> dict:
     return dict(block_n=64, num_warps=4, num_stages=3 if block_m == 64 else 2) | fold
 
 
-def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: DistrConfig, causal_grouping: bool = False):
+def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: DistrConfig, causal_grouping: bool = False,
+            hashes: torch.Tensor | None = None):
     """The pre-pass: ``(U, K, V, Wt)``. ``G = 1``: Q, K, V as they are (head dim zero-padded to a power of two
-    where needed), ``Wt = None``. ``G > 1``: the fused grouping kernel's ``U`` and ``Wt``."""
+    where needed), ``Wt = None``. ``G > 1``: the fused grouping kernel's ``U`` and ``Wt`` (``hashes``:
+    :func:`hf_distrattn.grouping.hash_directions`)."""
     d = q.shape[-1]
     if config.group_size == 1:
         d_pad = padded_width(d)
         if d_pad != d:
             q, k, v = (torch.nn.functional.pad(t, (0, d_pad - d)) for t in (q, k, v))
         return q, k, v, None
-    u, wt = group_queries(q, config, padded_width(d // config.group_size), causal_grouping)
+    u, wt = group_queries(q, hashes, config, padded_width(d // config.group_size), causal_grouping)
     return u, k, v, wt
 
 
 def distr_attention_triton(q, k, v, *, causal=False, attn_mask=None, scale=None, config: DistrConfig,
-                           causal_grouping=False, prepared=None, **launch):
-    """Shapes and semantics of :func:`hf_distrattn.reference.attention`; ``attn_mask`` already 4-D.
+                           causal_grouping=False, hashes=None, prepared=None, **launch):
+    """Shapes and semantics of :func:`hf_distrattn.reference.attention`; ``attn_mask`` already 4-D; unit-stride
+    head dims; the output has ``q``'s layout.
 
     ``causal_grouping`` (``G > 1``): query block ``b`` is grouped by block ``b − 1``'s rows and the first block
     is exact, computed by a second, ``G = 1`` launch of the kernel into the same output. ``prepared``: the
@@ -181,7 +159,7 @@ def distr_attention_triton(q, k, v, *, causal=False, attn_mask=None, scale=None,
     batch, heads, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     scale = 1 / math.sqrt(d) if scale is None else scale
-    u, kk, vv, wt = prepared or prepare(q, k, v, config, causal_grouping)
+    u, kk, vv, wt = prepared or prepare(q, k, v, config, causal_grouping, hashes)
     d_pad = vv.shape[-1]
     # q's layout: Transformers passes a (B, N, H, d) buffer viewed as (B, H, N, d), and transposes the output back
     out = torch.empty_like(q) if d_pad == d else torch.empty(batch, heads, n_q, d_pad, device=q.device, dtype=q.dtype)

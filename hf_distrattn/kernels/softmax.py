@@ -19,11 +19,6 @@ def mask_arguments(attn_mask: torch.Tensor | None, placeholder: torch.Tensor):
     return mask, 1 if mask.dtype == torch.bool else 2, strides
 
 
-def padded_width(n: int) -> int:
-    """The tile width for ``n`` columns: the smallest power of two ``≥ n`` and ``≥ 16`` (``tl.dot``'s minimum)."""
-    return max(16, 1 << (n - 1).bit_length())
-
-
 @triton.jit
 def tile_order(n_tiles, GROUP: tl.constexpr):
     """``(rank, head)`` of this program in a 1-D grid of ``n_tiles`` tiles per head: heads in groups of

@@ -1,0 +1,251 @@
+r"""The registered PyTorch ops, namespace ``hf_distrattn``: every kernel entry point, as FlashAttention's
+``flash_attn_interface`` does (function → op → kernel).
+
+    attention(q, k, v, attn_mask?, hashes?, path, causal, scale, <config>, causal_grouping) -> (out, lse, x̃, wt)
+    attention_backward(dout, q, k, v, out, lse, wt, attn_mask?, hashes?, path, ...) -> (dq, dk, dv)
+    reduced_decode(q, k, v, attn_mask?, reduced_keys, fuse_group, fuse_weight, path, causal, scale, block_size)
+        -> (out, lse)
+    reduce_keys(keys, start, hashes, n_new, path, <config>, width) -> (u, fuse_group, fuse_weight, block_index)
+
+``<config>`` is a :class:`~hf_distrattn.config.DistrConfig` spelled as its fields (``group_size, block_size,
+num_hashes, seed, sampled, reduce, grouping``). Each op is functional (new tensors out, inputs untouched), has a
+fake implementation (shapes only, for ``torch.compile``), and runs the ``path`` that
+:func:`hf_distrattn.plan.plan` chose: a Triton kernel, or the PyTorch reference of :mod:`hf_distrattn.reference`,
+which is what every CPU tensor runs. ``attention`` is differentiable (``register_autograd``) on the
+``"reference"`` and ``"projected"`` paths: with ``G > 1`` on ``"projected"`` its third and fourth outputs are the
+projected operand ``X̃ = X Wtᵀ Wt`` and the fuse matrices ``Wt`` (placeholders otherwise), which the backward takes in
+place of the sampled operand (``dX = dX̃ Wtᵀ Wt``, in the kernel's epilogue). Outputs and gradients take the
+layout of the inputs they belong to (``empty_like``; contiguous when an input's head dim is strided), so
+Transformers' transpose of the output back to ``(B, N, H, d)`` costs nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .config import DistrConfig
+from .grouping import block_grouping, compact_fuse, padded_width
+
+
+@functools.lru_cache(maxsize=256)
+def as_config(group_size: int, block_size: int, num_hashes: int, seed: int, sampled: str, reduce: str,
+              grouping: str) -> DistrConfig:
+    return DistrConfig(group_size=group_size, block_size=block_size, num_hashes=num_hashes, seed=seed,
+                       sampled=sampled, reduce=reduce, grouping=grouping)
+
+
+def config_args(config: DistrConfig, group_size: int | None = None) -> tuple:
+    """``config`` as the ops' ``<config>`` arguments (``group_size`` overridden where the plan made it 1)."""
+    return (config.group_size if group_size is None else group_size, config.block_size, config.num_hashes,
+            config.seed, config.sampled, config.reduce, config.grouping)
+
+
+def _like(t: Tensor, dtype=None) -> Tensor:
+    """A new tensor with ``t``'s shape and layout (contiguous when ``t``'s last dim is strided)."""
+    if t.stride(-1) == 1:
+        return torch.empty_like(t, dtype=dtype)
+    return torch.empty(t.shape, dtype=dtype or t.dtype, device=t.device)
+
+
+def _into(like: Tensor, t: Tensor) -> Tensor:
+    """``t`` in ``like``'s dtype and layout (:func:`_like`), copied only where it is not already."""
+    out = _like(like)
+    if t.dtype == out.dtype and t.stride() == out.stride():
+        return t
+    return out.copy_(t)
+
+
+def _unit_stride(t: Tensor) -> Tensor:
+    """The kernels address the head dim with unit stride."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _absent(t: Tensor) -> Tensor:
+    """A placeholder output: one zero (empty tensors would count as aliases of each other)."""
+    return t.new_zeros(1)
+
+
+def _exact_kernel_config(dtype: torch.dtype) -> DistrConfig:
+    """Tiles of the exact forward on the ``"projected"`` path: 128 query rows, 32 in float32 (twice the bytes)."""
+    return DistrConfig(group_size=1, block_size=32 if dtype == torch.float32 else 128)
+
+
+def _grouped_shapes(x: Tensor, group_size: int, block_size: int) -> tuple[tuple, tuple]:
+    """Shapes of ``X̃`` and ``Wt`` of the ``"projected"`` path for the sampled operand ``x``."""
+    batch, heads, n, d = x.shape
+    return x.shape, (batch, heads, -(-n // block_size), padded_width(d // group_size), d)
+
+
+# --- attention ------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("hf_distrattn::attention", mutates_args=())
+def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, hashes: Tensor | None, path: str,
+              causal: bool, scale: float, group_size: int, block_size: int, num_hashes: int, seed: int,
+              sampled: str, reduce: str, grouping: str, causal_grouping: bool
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(out, lse, x̃, wt)`` of :func:`hf_distrattn.distr_attention` on ``path`` (module notes); ``attn_mask`` 4-D."""
+    config = as_config(group_size, block_size, num_hashes, seed, sampled, reduce, grouping)
+    operand, wt = _absent(q), _absent(q)
+    if path == "reference":
+        out, lse = reference.attention(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale, config=config,
+                                       causal_grouping=causal_grouping, hashes=hashes)
+        return _into(q, out), lse, operand, wt
+    from .kernels import decode, prefill
+
+    like = q
+    q, k, v = (_unit_stride(t) for t in (q, k, v))
+    if path == "decode":
+        out, lse = decode.decode_attention(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale)
+    elif path == "fused":
+        out, lse = prefill.distr_attention_triton(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale,
+                                                  config=config, causal_grouping=causal_grouping, hashes=hashes)
+    elif path == "projected":
+        if group_size > 1:
+            from .kernels.grouping import group_queries
+
+            x = q if sampled == "q" else k
+            operand, wt = group_queries(x, hashes, config, padded_width(x.shape[-1] // group_size),
+                                        causal_grouping, project=True)
+            q, k = (operand, k) if sampled == "q" else (q, operand)
+        out, lse = prefill.distr_attention_triton(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale,
+                                                  config=_exact_kernel_config(q.dtype))
+    else:
+        raise ValueError(f"hf_distrattn::attention: unknown path {path!r}")
+    return _into(like, out), lse, operand, wt
+
+
+@attention.register_fake
+def _(q, k, v, attn_mask, hashes, path, causal, scale, group_size, block_size, num_hashes, seed, sampled, reduce,
+      grouping, causal_grouping):
+    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    if path == "projected" and group_size > 1:
+        x = q if sampled == "q" else k
+        _, wt_shape = _grouped_shapes(x, group_size, block_size)
+        return _like(q), lse, _like(x), x.new_empty(wt_shape)
+    return _like(q), lse, _absent(q), _absent(q)
+
+
+@torch.library.custom_op("hf_distrattn::attention_backward", mutates_args=())
+def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, wt: Tensor,
+                       attn_mask: Tensor | None, hashes: Tensor | None, path: str, causal: bool, scale: float,
+                       group_size: int, block_size: int, num_hashes: int, seed: int, sampled: str, reduce: str,
+                       grouping: str, causal_grouping: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv)`` of :func:`attention`. On ``"projected"`` with ``G > 1`` the sampled one of ``q``/``k`` is the
+    forward's ``x̃`` and ``wt`` its fuse matrices."""
+    config = as_config(group_size, block_size, num_hashes, seed, sampled, reduce, grouping)
+    if path == "reference":
+        grads = reference.attention_backward(q, k, v, out, dout, causal=causal, attn_mask=attn_mask,
+                                             scale=scale, config=config, causal_grouping=causal_grouping,
+                                             hashes=hashes)
+    elif path == "projected":
+        from .kernels.backward import attention_backward as kernel_backward
+
+        project = None
+        if group_size > 1:
+            project = ("a" if sampled == "q" else "b", wt, block_size, causal_grouping)
+        grads = kernel_backward(*(_unit_stride(t) for t in (q, k, v)), out, lse, dout, causal=causal,
+                                attn_mask=attn_mask, scale=scale, project=project)
+    else:
+        raise ValueError(f"hf_distrattn::attention_backward: path {path!r} is not differentiable")
+    return tuple(_into(t, g) for t, g in zip((q, k, v), grads, strict=True))
+
+
+@attention_backward.register_fake
+def _(dout, q, k, v, *args):
+    return _like(q), _like(k), _like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, hashes, path, *rest = inputs
+    group_size, sampled = rest[2], rest[6]
+    out, lse, operand, wt = output
+    if path == "projected" and group_size > 1:  # the backward kernels work on X̃
+        q, k = (operand, k) if sampled == "q" else (q, operand)
+    ctx.save_for_backward(q, k, v, out, lse, wt, attn_mask, hashes)
+    ctx.arguments = (path, *rest)
+
+
+def _backward(ctx, dout, _dlse, _doperand, _dwt):
+    q, k, v, out, lse, wt, attn_mask, hashes = ctx.saved_tensors
+    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, wt, attn_mask, hashes, *ctx.arguments)
+    return (dq, dk, dv) + (None,) * (2 + len(ctx.arguments))
+
+
+attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- decoding over keys held in reduced form ------------------------------------------------------------------
+
+
+@torch.library.custom_op("hf_distrattn::reduced_decode", mutates_args=())
+def reduced_decode(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, reduced_keys: Tensor,
+                   fuse_group: Tensor, fuse_weight: Tensor, path: str, causal: bool, scale: float,
+                   block_size: int) -> tuple[Tensor, Tensor]:
+    """``(out, lse)`` of a few queries over keys whose blocks after the first are held reduced; ``path``
+    ``"reduced-reference"`` (:func:`hf_distrattn.reference.reduced_keys_attention`) or ``"reduced-decode"`` (the
+    kernel, which reads ``d/G`` of each such key)."""
+    if path == "reduced-reference":
+        out, lse = reference.reduced_keys_attention(q, k, v, reduced_keys, fuse_group, fuse_weight,
+                                                    block_size=block_size, causal=causal, attn_mask=attn_mask,
+                                                    scale=scale)
+        return _into(q, out), lse
+    if path != "reduced-decode":
+        raise ValueError(f"hf_distrattn::reduced_decode: unknown path {path!r}")
+    from .kernels import decode
+
+    out, lse = decode.decode_attention(*(_unit_stride(t) for t in (q, k, v)), causal=causal, attn_mask=attn_mask,
+                                       scale=scale, reduced=(reduced_keys, fuse_group, fuse_weight, block_size))
+    return _into(q, out), lse
+
+
+@reduced_decode.register_fake
+def _(q, *args):
+    return _like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("hf_distrattn::reduce_keys", mutates_args=())
+def reduce_keys(keys: Tensor, start: Tensor, hashes: Tensor, n_new: int, path: str, group_size: int,
+                block_size: int, num_hashes: int, seed: int, sampled: str, reduce: str, grouping: str,
+                width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The reduced form of the keys ``start .. start + n_new − 1`` (``start`` a 0-d int64 tensor) of the cache
+    ``keys`` ``(B, H, N, d)``, block ``j`` grouped by block ``j − 1``: ``u`` ``(B, H, n_new, width)`` (columns past
+    ``d/G`` zero), and for the ``nb = (n_new − 1) // block_size + 2`` blocks from ``start // block_size`` on (the
+    last block repeated where fewer are spanned) each column's group int32 and fuse weight float32
+    ``(B, H, nb, d)`` with the blocks' indices int64 ``(nb,)``: what a cache layer writes at those positions."""
+    config = as_config(group_size, block_size, num_hashes, seed, sampled, reduce, grouping)
+    if path == "kernel":
+        from .kernels.grouping import reduce_keys as kernel
+
+        return kernel(_unit_stride(keys), start, hashes, n_new, config, width)
+    d = keys.shape[-1]
+    n_blocks = (n_new - 1) // block_size + 2
+    first = start // block_size
+    index = torch.minimum(first + torch.arange(n_blocks, device=keys.device), (start + n_new - 1) // block_size)
+    compute = torch.float64 if keys.dtype == torch.float64 else torch.float32
+    source_rows = (index[:, None] - 1) * block_size + torch.arange(block_size, device=keys.device)  # block j - 1
+    source = keys.index_select(2, source_rows.clamp_min(0).flatten()).to(compute)
+    source = (source * (source_rows >= 0).flatten()[:, None]).unflatten(2, (n_blocks, block_size))  # block 0: zeros
+    perm, w, v = block_grouping(source, config, hashes)
+    fuse_group, fuse_weight = compact_fuse(perm, v, group_size)
+    rows = start + torch.arange(n_new, device=keys.device)
+    block_of_row = rows // block_size - first
+    perm_rows, w_rows = perm.index_select(2, block_of_row), w.index_select(2, block_of_row)
+    x = keys.index_select(2, rows).to(compute)
+    u = (x.gather(-1, perm_rows).unflatten(-1, (-1, group_size)) * w_rows).sum(-1)
+    u = torch.nn.functional.pad(u, (0, width - d // group_size)).to(keys.dtype)
+    return u, fuse_group, fuse_weight.to(keys.dtype).float(), index
+
+
+@reduce_keys.register_fake
+def _(keys, start, hashes, n_new, path, group_size, block_size, *args):
+    width = args[-1]
+    batch, heads, _, d = keys.shape
+    n_blocks = (n_new - 1) // block_size + 2
+    return (keys.new_empty(batch, heads, n_new, width), keys.new_empty(batch, heads, n_blocks, d, dtype=torch.int32),
+            keys.new_empty(batch, heads, n_blocks, d, dtype=torch.float32),
+            keys.new_empty(n_blocks, dtype=torch.int64))

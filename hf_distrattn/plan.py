@@ -1,0 +1,154 @@
+"""Which implementation runs a call: the one place that decides, used by the function, the tests and the CLI.
+
+:func:`plan` looks only at shapes, dtypes, devices and settings (never at tensor values), so under
+``torch.compile`` it is decided once per compiled graph. The paths (:data:`PATHS`):
+
+- ``"reference"``: the PyTorch reference (:mod:`hf_distrattn.reference`) inside the ``hf_distrattn`` ops: any
+  device, any setting; the path of every CPU tensor (unless ``backend="triton"`` under ``TRITON_INTERPRET=1``,
+  which is how CI runs the kernels).
+- ``"reference-autograd"``: the reference called directly, differentiated by autograd: the one path with
+  attention dropout or a mask that needs a gradient.
+- ``"fused"``: the fused ``d/G`` prefill kernel (:mod:`.kernels.prefill`), ``sampled="q"``, no gradients.
+- ``"projected"``: the sampled operand replaced by ``X̃ = X M`` by the grouping kernel (LSH, rank-1 groups), then
+  the exact kernels forward and backward: training, and ``sampled="k"`` prefill.
+- ``"approximated"``: the same with ``X̃`` from the PyTorch grouping (differentiable by autograd), for settings the
+  grouping kernel does not take (ablations, ``reduce="sample"`` in training, block sizes, head dims).
+- ``"decode"``: the split-KV kernel for a few queries (:mod:`.kernels.decode`), exact calls.
+- ``"reduced-decode"``: the split-KV kernel over keys that a cache layer keeps in reduced form
+  (:mod:`hf_distrattn.cache`), ``sampled="k"``; ``"reduced-reference"``: its PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import NamedTuple
+
+import torch
+
+from .config import DistrConfig
+
+PATHS = ("reference", "reference-autograd", "fused", "projected", "approximated", "decode", "reduced-decode",
+         "reduced-reference")
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+BLOCK_SIZES = (16, 32, 64, 128)
+"""Grouping block sizes the kernels take (one program's rows)."""
+MAX_DECODE_QUERIES = 16
+MAX_DECODE_ROWS = 128
+"""The decode kernel packs a KV head's ``Hq/Hkv · Nq`` query rows in one tile of at most this many rows."""
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+Note = tuple
+"""A reason, ``(template, *values)``: formatted only when read (:attr:`Plan.reason`), so that ``torch.compile``
+never builds a string from a symbolic size."""
+
+
+class Plan(NamedTuple):
+    path: str
+    """One of :data:`PATHS`."""
+    group_size: int
+    """The ``G`` the call computes with: ``1`` where the call is exact (see :func:`effective_group_size`)."""
+    notes: tuple[Note, ...]
+
+    @property
+    def reason(self) -> str:
+        """Why this path (and why not a faster one), for people."""
+        return ", ".join(template.format(*values) for template, *values in self.notes)
+
+
+def _power_of_two(n: int) -> bool:
+    return n & (n - 1) == 0
+
+
+def effective_group_size(q: torch.Tensor, k: torch.Tensor, config: DistrConfig,
+                         causal_grouping: bool) -> tuple[int, Note]:
+    """``(G, why)``: ``config.group_size``, or 1 where the approximation is the identity or cannot apply."""
+    d = q.shape[-1]
+    group = config.group_size
+    if group == 1:
+        return 1, ("group_size=1",)
+    if d % group:
+        return 1, ("head_dim {} is not a multiple of group_size={}: exact", d, group)
+    rows = q.shape[2] if config.sampled == "q" else k.shape[2]
+    if causal_grouping and rows <= config.block_size:
+        return 1, ("causal grouping over {} ≤ block_size rows of the sampled operand: exact", rows)
+    return group, ("G={}", group)
+
+
+def kernel_grouping(d: int, config: DistrConfig, group: int) -> Note | None:
+    """``None`` if the Triton grouping kernel computes this grouping, else why not."""
+    if config.grouping != "lsh":
+        return ("grouping={!r} (reference only)", config.grouping)
+    if config.block_size not in BLOCK_SIZES:
+        return ("block_size {} (the kernels take {})", config.block_size, BLOCK_SIZES)
+    if not _power_of_two(d):
+        return ("head_dim {} is not a power of two", d)
+    if config.num_hashes > 16:
+        return ("num_hashes {} > 16", config.num_hashes)
+    return None
+
+
+def triton_refusal(q: torch.Tensor, backend: str) -> Note | None:
+    """``None`` if Triton kernels can run on ``q`` at all, else why not."""
+    if not HAS_TRITON:
+        return ("triton is not installed",)
+    if q.device.type != "cuda" and not (INTERPRET and backend == "triton"):
+        return ("device {} (the kernels need CUDA, or TRITON_INTERPRET=1 with backend='triton')", q.device.type)
+    if q.dtype not in KERNEL_DTYPES:
+        return ("dtype {}", q.dtype)
+    if not 16 <= q.shape[-1] <= 256:
+        return ("head_dim {} (the kernels take 16-256)", q.shape[-1])
+    return None
+
+
+def _refuse(config: DistrConfig, note: Note) -> None:
+    if config.backend == "triton":
+        raise ValueError("DistrConfig.backend='triton' cannot take this call: " + note[0].format(*note[1:]))
+
+
+def plan(q: torch.Tensor, k: torch.Tensor, config: DistrConfig, *, causal_grouping: bool = False,
+         needs_grad: bool = False, dropout_p: float = 0.0, mask_needs_grad: bool = False,
+         reduced_keys: bool = False) -> Plan:
+    """The path of :func:`hf_distrattn.distr_attention` for these inputs (module notes).
+
+    ``reduced_keys``: the call has keys in reduced form from a cache layer. ``backend="triton"`` raises a
+    ValueError naming the reason when no kernel can take the call; ``"reference"`` always takes the reference.
+    """
+    group, why = effective_group_size(q, k, config, causal_grouping)
+    if dropout_p > 0 or (needs_grad and mask_needs_grad):
+        note = ("attention dropout (reference only)",) if dropout_p > 0 else ("a mask that needs a gradient",)
+        _refuse(config, note)
+        return Plan("reference-autograd", group, (why, note))
+    reduced = reduced_keys and group > 1 and config.sampled == "k" and causal_grouping and not needs_grad
+    refusal = ("backend='reference'",) if config.backend == "reference" else triton_refusal(q, config.backend)
+    if refusal is not None:
+        _refuse(config, refusal)
+        return Plan("reduced-reference" if reduced else "reference", group, (why, refusal))
+    d, n_q = q.shape[-1], q.shape[2]
+    rows = q.shape[1] // k.shape[1] * n_q
+    decodes = n_q <= MAX_DECODE_QUERIES and rows <= MAX_DECODE_ROWS and _power_of_two(d)
+    grouping = None if group == 1 else kernel_grouping(d, config, group)
+    if needs_grad:
+        if grouping is None and (group == 1 or config.reduce == "rank1"):
+            return Plan("projected", group, (why, ("gradients: grouping kernel, exact kernels forward and backward",)))
+        return Plan("approximated", group, (why, ("gradients",), grouping or ("reduce={!r}", config.reduce)))
+    if reduced and decodes and grouping is None:
+        return Plan("reduced-decode", group, (why, ("{} queries over keys held reduced", n_q)))
+    if group == 1 and decodes:
+        return Plan("decode", group, (why, ("{} queries: split-KV", n_q)))
+    if config.sampled == "q" and grouping is None and config.block_size in BLOCK_SIZES:
+        return Plan("fused", group, (why, ("fused d/G kernel",) if group > 1 else ("exact kernel",)))
+    if group > 1 and grouping is None and config.reduce == "rank1":
+        return Plan("projected", group, (why, ("sampled='k': K̃ = K·M by the grouping kernel, exact kernel",)))
+    note = grouping or (("block_size {} (the kernels take {})", config.block_size, BLOCK_SIZES) if group == 1
+                        else ("reduce={!r}", config.reduce))
+    return Plan("approximated", group, (why, note, ("X̃ by the PyTorch grouping, exact kernel",)))
+
+
+def plan_reduce_keys(keys: torch.Tensor, config: DistrConfig) -> str:
+    """``"kernel"`` or ``"reference"``: how a cache layer reduces new keys (:func:`hf_distrattn.ops.reduce_keys`)."""
+    if config.backend == "reference" or triton_refusal(keys, config.backend) is not None:
+        return "reference"
+    return "reference" if kernel_grouping(keys.shape[-1], config, config.group_size) else "kernel"

@@ -1,0 +1,185 @@
+"""The registered ops (``torch.ops.hf_distrattn``) and ``torch.compile``: ``opcheck`` of every op, whole models
+compiled with ``fullgraph=True`` (no graph break, eager's outputs), generation with a static cache compiled once
+(no recompilation per decode step), a compiled training step.
+
+On CPU the ops run the PyTorch reference and the compiler backend is ``aot_eager`` (fake implementations,
+functionalization and the autograd registration, without a C++ toolchain); on a GPU the kernel paths and Inductor
+(with CUDA graphs for generation).
+"""
+
+import pytest
+import torch
+from kernel_inputs import DEVICE, rand
+from transformers import LlamaConfig, LlamaForCausalLM, ViTConfig, ViTForImageClassification
+
+import hf_distrattn  # noqa: F401 - registers the ops and "distr"
+from hf_distrattn import DistrConfig, configure, distr_attention, ops
+from hf_distrattn.cache import ReducedDynamicLayer
+from hf_distrattn.grouping import hash_directions
+
+BACKEND = "inductor" if DEVICE == "cuda" else "aot_eager"
+CUDA = DEVICE == "cuda"
+CONFIG_ARGS = ops.config_args(DistrConfig(group_size=2, block_size=16))
+
+
+def _attention_args(path, sampled="q", mask=False, grad=True, causal=True):
+    q, k, v = rand(1, 4, 40, 32, seed=1), rand(1, 2, 40, 32, seed=2), rand(1, 2, 40, 32, seed=3)
+    if path == "decode":
+        q = q[:, :, -2:]
+    q, k, v = (t.requires_grad_(grad) for t in (q, k, v))
+    attn_mask = (rand(1, 1, q.shape[2], 40, seed=4) > -1.0) if mask else None
+    config = DistrConfig(group_size=1 if path == "decode" else 2, block_size=16, sampled=sampled)
+    return (q, k, v, attn_mask, hash_directions(16, 8, 0, DEVICE), path, causal and not mask, 32**-0.5,
+            *ops.config_args(config), True)
+
+
+OPCHECK_ATTENTION = [("reference", "q", False), ("reference", "k", True)]
+if CUDA:
+    OPCHECK_ATTENTION += [("projected", "q", False), ("projected", "k", True), ("fused", "q", True),
+                          ("decode", "q", False)]
+
+
+@pytest.mark.parametrize("path,sampled,mask", OPCHECK_ATTENTION)
+def test_opcheck_attention(path, sampled, mask):
+    grad = path in ("reference", "projected")
+    torch.library.opcheck(ops.attention, _attention_args(path, sampled, mask, grad))
+
+
+@pytest.mark.parametrize("path", ["reference", "projected"] if CUDA else ["reference"])
+def test_opcheck_attention_backward(path):
+    args = _attention_args(path, grad=False)
+    out, lse, operand, wt = ops.attention(*args)
+    q, k, v = (operand if path == "projected" else args[0]), args[1], args[2]
+    torch.library.opcheck(ops.attention_backward, (rand(*out.shape, seed=9), q, k, v, out, lse, wt, *args[3:]))
+
+
+def _reduced_layer(config, n=40):
+    layer = ReducedDynamicLayer(config)
+    k, v = rand(1, 2, n, 32, seed=2), rand(1, 2, n, 32, seed=3)
+    layer.update(k[:, :, :30], v[:, :, :30])
+    layer.update(k[:, :, 30:], v[:, :, 30:])
+    return layer
+
+
+@pytest.mark.parametrize("path", ["reduced-reference", "reduced-decode"] if CUDA else ["reduced-reference"])
+def test_opcheck_reduced_decode(path):
+    layer = _reduced_layer(DistrConfig(group_size=2, block_size=16, sampled="k"))
+    q = rand(1, 4, 1, 32, seed=1)
+    torch.library.opcheck(ops.reduced_decode, (q, layer.keys, layer.values, None, *layer.reduced, path, True,
+                                               32**-0.5, 16))
+
+
+@pytest.mark.parametrize("path", ["reference", "kernel"] if CUDA else ["reference"])
+def test_opcheck_reduce_keys(path):
+    keys = rand(1, 2, 40, 32, seed=2)
+    start = torch.tensor(21, device=DEVICE)
+    config = DistrConfig(group_size=2, block_size=16, sampled="k")
+    torch.library.opcheck(ops.reduce_keys, (keys, start, hash_directions(16, 8, 0, DEVICE), 12, path,
+                                            *ops.config_args(config), 16))
+
+
+def tiny_llama(dtype=torch.float32):
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(DEVICE, dtype).eval()
+
+
+SETTINGS = [DistrConfig(group_size=1), DistrConfig(group_size=2, block_size=16),
+            DistrConfig(group_size=2, block_size=16, sampled="k"), DistrConfig(group_size=4, block_size=16)]
+TOL = dict(atol=3e-2, rtol=3e-2) if CUDA else dict(atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("config", SETTINGS, ids=lambda c: f"G{c.group_size}{c.sampled}")
+def test_llama_compiles_whole_and_matches_eager(config):
+    model = tiny_llama(torch.bfloat16 if CUDA else torch.float32)
+    model.set_attn_implementation("distr")
+    configure(model, config)
+    ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(ids, attention_mask=mask)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    eager = model(ids, attention_mask=mask).logits
+    compiled = torch.compile(model, fullgraph=True, backend=BACKEND)(ids, attention_mask=mask).logits
+    torch.testing.assert_close(compiled[:, 5:].float(), eager[:, 5:].float(), **TOL)
+
+
+@torch.no_grad()
+def test_vit_compiles_whole_and_matches_eager():
+    model = ViTForImageClassification(ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                                intermediate_size=128, image_size=64, patch_size=16))
+    model = model.to(DEVICE).eval()
+    model.set_attn_implementation("distr")
+    configure(model, DistrConfig(group_size=2, block_size=16))
+    pixels = rand(2, 3, 64, 64, seed=3)
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(model)(pixel_values=pixels).graph_break_count == 0
+    compiled = torch.compile(model, fullgraph=True, backend=BACKEND)(pixel_values=pixels).logits
+    torch.testing.assert_close(compiled, model(pixel_values=pixels).logits, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("config", SETTINGS[1:3], ids=lambda c: f"G{c.group_size}{c.sampled}")
+def test_compiled_static_cache_generation_is_one_graph_with_eager_tokens(config):
+    """Transformers compiles the decode step of a static-cache generation (CUDA graphs on a GPU): one graph for
+    all 12 steps (no recompilation per step), the eager tokens; a left-padded batch."""
+    from torch._dynamo.utils import counters
+    from transformers.generation.configuration_utils import CompileConfig
+
+    model = tiny_llama()
+    model.set_attn_implementation("distr")
+    configure(model, config)
+    ids = torch.randint(1, 97, (2, 40), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                  pad_token_id=0, cache_implementation="static")
+    eager = model.generate(**kwargs, disable_compile=True)
+    compile_config = CompileConfig(fullgraph=True, backend=BACKEND, dynamic=False)
+    compile_config._compile_all_devices = True
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = model.generate(**kwargs, compile_config=compile_config)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert torch.equal(compiled, eager)
+
+
+def test_compiled_training_step_matches_eager():
+    """Forward and backward through the op's autograd registration, compiled whole."""
+    model = tiny_llama()
+    model.set_attn_implementation("distr")
+    configure(model, DistrConfig(group_size=2, block_size=16))
+    ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+
+    def step(run):
+        model.zero_grad()
+        loss = run(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    loss, grads = step(model)
+    torch._dynamo.reset()
+    compiled_loss, compiled_grads = step(torch.compile(model, fullgraph=True, backend=BACKEND))
+    torch.testing.assert_close(compiled_loss, loss, atol=1e-4, rtol=1e-4)
+    for a, b in zip(compiled_grads, grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+def test_compiled_function_recompiles_for_other_settings_and_dtypes():
+    """A config or dtype change between calls of one compiled function recompiles: never a graph built for
+    other settings."""
+    compiled = torch.compile(distr_attention, fullgraph=True, backend=BACKEND)
+    q, k, v = rand(1, 4, 40, 32, seed=1), rand(1, 2, 40, 32, seed=2), rand(1, 2, 40, 32, seed=3)
+    for config in (DistrConfig(group_size=2, block_size=16), DistrConfig(group_size=4, block_size=16),
+                   DistrConfig(group_size=2, block_size=32)):
+        torch.testing.assert_close(compiled(q, k, v, causal=True, config=config),
+                                   distr_attention(q, k, v, causal=True, config=config), atol=1e-5, rtol=1e-5)
+    half = (t.double() for t in (q, k, v)) if not CUDA else (t.half() for t in (q, k, v))
+    q16, k16, v16 = half
+    out = compiled(q16, k16, v16, causal=True, config=DistrConfig(group_size=2, block_size=16))
+    assert out.dtype == q16.dtype
+    torch.testing.assert_close(out, distr_attention(q16, k16, v16, causal=True,
+                                                    config=DistrConfig(group_size=2, block_size=16)))
