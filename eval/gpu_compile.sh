@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Device calls for the native ops and torch.compile, one stage per call (each fits a 10-minute call):
+#   tests   opcheck of every op on the kernel paths, models compiled with Inductor (CUDA graphs for a static-cache
+#           generation), the kernel tests of the paths the ops run, then the decode benchmark (device and host time)
+#   decode  bench_e2e --compile: decode tokens/s after 4k and 32k prompts, static cache, compiled decode step
+#   rest    bench_e2e --compile: prefill at 4k and 16k, the training step at 4k, ViT-B/16 at batch 256
+# Usage (from the repository root on the GPU machine): bash eval/gpu_compile.sh STAGE [extra bench_e2e arguments]
+set -uo pipefail
+source eval/gpu_setup.sh
+stage=${1:-tests}
+shift || true
+case "$stage" in
+  tests)
+    python3 -m pytest -q -p no:cacheprovider tests/test_ops.py 2>&1 | tee "$OUT/gpu_ops.log" | tail -n 15
+    python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_backward.py \
+      -k "reduce or decode or grouping_kernel or plan or sampled_k or models_through or fp32 or backward_matches" \
+      2>&1 | tee "$OUT/gpu_kernels.log" | tail -n 15
+    python3 -m hf_distrattn.eval.bench_decode --json "$OUT/decode.json" --markdown "$OUT/decode.md" "$@"
+    ;;
+  decode)
+    python3 -m hf_distrattn.eval.bench_e2e --compile --prefill --train-seq-len 0 --vit-batch 0 \
+      --attn sdpa distr:group_size=1,block_size=128 distr:group_size=2,sampled=k distr:group_size=4,sampled=k \
+      --json "$OUT/e2e_decode.json" --markdown "$OUT/e2e_decode.md" "$@"
+    ;;
+  rest)
+    python3 -m hf_distrattn.eval.bench_e2e --compile --decode-prompt \
+      --attn sdpa distr:group_size=1,block_size=128 distr:group_size=2,block_size=128 \
+      --json "$OUT/e2e_rest.json" --markdown "$OUT/e2e_rest.md" "$@"
+    ;;
+  *)
+    echo "unknown stage $stage (tests, decode, rest)" >&2
+    exit 2
+    ;;
+esac
