@@ -11,9 +11,10 @@ the score the prefill computes with ``K̃ = K M`` (:mod:`hf_distrattn.grouping`)
 the full cache. ``Wt_j`` is kept as each column's group and weight (``d`` int32 + ``d`` float32 per block), so a
 key costs ``2·d/G + 8·d/block_size`` bytes (bf16) instead of ``2·d``; values are read whole.
 
-``u_s`` depends only on key ``s`` and the block before it, which is complete when ``s`` arrives: each
-:meth:`update` reduces exactly the keys it writes (and regroups the blocks they fall in), at the positions it
-writes them, with no branch on the cache's length, so a static cache's update replays in a CUDA graph.
+``u_s`` depends only on key ``s`` and the block before it, which is complete when ``s`` arrives: each update
+reduces exactly the keys it writes, at the positions it writes them, grouping a block when its first key arrives
+and reading the stored grouping otherwise; no branch on the cache's length runs on the host, so a static cache's
+update replays in a CUDA graph.
 :class:`ReducedStaticLayer` preallocates everything to ``max_cache_len``; :class:`ReducedDynamicLayer` grows by
 doubling. Unfilled slots of a static cache hold zeros and are masked by the attention mask.
 
@@ -65,7 +66,7 @@ class ReducedKeys:
         """Reduce the keys ``start .. start + n_new − 1`` just written (``start`` a 0-d int64 device tensor)."""
         config = self.config
         hashes = hash_directions(config.block_size, config.num_hashes, config.seed, self.keys.device)
-        u, group, weight, index = ops.reduce_keys(self.keys, start, hashes, n_new,
+        u, group, weight, index = ops.reduce_keys(self.keys, start, hashes, self.fuse_group, self.fuse_weight, n_new,
                                                   plan_reduce_keys(self.keys, config), *ops.config_args(config),
                                                   self.reduced_keys.shape[-1])
         self.reduced_keys.index_copy_(2, start + torch.arange(n_new, device=start.device), u)

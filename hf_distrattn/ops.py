@@ -5,7 +5,8 @@ r"""The registered PyTorch ops, namespace ``hf_distrattn``: every kernel entry p
     attention_backward(dout, q, k, v, out, lse, wt, attn_mask?, hashes?, path, ...) -> (dq, dk, dv)
     reduced_decode(q, k, v, attn_mask?, reduced_keys, fuse_group, fuse_weight, path, causal, scale, block_size)
         -> (out, lse)
-    reduce_keys(keys, start, hashes, n_new, path, <config>, width) -> (u, fuse_group, fuse_weight, block_index)
+    reduce_keys(keys, start, hashes, fuse_group, fuse_weight, n_new, path, <config>, width)
+        -> (u, fuse_group, fuse_weight, block_index)
 
 ``<config>`` is a :class:`~hf_distrattn.config.DistrConfig` spelled as its fields (``group_size, block_size,
 num_hashes, seed, sampled, reduce, grouping``). Each op is functional (new tensors out, inputs untouched), has a
@@ -209,19 +210,21 @@ def _(q, *args):
 
 
 @torch.library.custom_op("hf_distrattn::reduce_keys", mutates_args=())
-def reduce_keys(keys: Tensor, start: Tensor, hashes: Tensor, n_new: int, path: str, group_size: int,
-                block_size: int, num_hashes: int, seed: int, sampled: str, reduce: str, grouping: str,
-                width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def reduce_keys(keys: Tensor, start: Tensor, hashes: Tensor, fuse_group: Tensor, fuse_weight: Tensor, n_new: int,
+                path: str, group_size: int, block_size: int, num_hashes: int, seed: int, sampled: str, reduce: str,
+                grouping: str, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The reduced form of the keys ``start .. start + n_new − 1`` (``start`` a 0-d int64 tensor) of the cache
     ``keys`` ``(B, H, N, d)``, block ``j`` grouped by block ``j − 1``: ``u`` ``(B, H, n_new, width)`` (columns past
     ``d/G`` zero), and for the ``nb = (n_new − 1) // block_size + 2`` blocks from ``start // block_size`` on (the
     last block repeated where fewer are spanned) each column's group int32 and fuse weight float32
-    ``(B, H, nb, d)`` with the blocks' indices int64 ``(nb,)``: what a cache layer writes at those positions."""
+    ``(B, H, nb, d)`` with the blocks' indices int64 ``(nb,)``: what a cache layer writes at those positions.
+    ``fuse_group``/``fuse_weight``: the cache's compact fuse matrices so far, which the kernel reads for a block
+    that began before ``start`` instead of grouping it again (the reference groups every block: same values)."""
     config = as_config(group_size, block_size, num_hashes, seed, sampled, reduce, grouping)
     if path == "kernel":
         from .kernels.grouping import reduce_keys as kernel
 
-        return kernel(_unit_stride(keys), start, hashes, n_new, config, width)
+        return kernel(_unit_stride(keys), start, hashes, n_new, config, fuse_group, fuse_weight, width)
     d = keys.shape[-1]
     n_blocks = (n_new - 1) // block_size + 2
     first = start // block_size
@@ -242,7 +245,7 @@ def reduce_keys(keys: Tensor, start: Tensor, hashes: Tensor, n_new: int, path: s
 
 
 @reduce_keys.register_fake
-def _(keys, start, hashes, n_new, path, group_size, block_size, *args):
+def _(keys, start, hashes, fuse_group, fuse_weight, n_new, path, group_size, block_size, *args):
     width = args[-1]
     batch, heads, _, d = keys.shape
     n_blocks = (n_new - 1) // block_size + 2

@@ -243,10 +243,9 @@ def test_reduce_keys_kernel_matches_reference(group, block, n_k, reduce, steps, 
     ref = reduced_cache(k, v, config.replace(sampled="k", backend="reference"), steps, static)
     n_blocks = -(-n_k // block)
     assert torch.equal(mine.fuse_group[:, :, 1:n_blocks], ref.fuse_group[:, :, 1:n_blocks])
-    torch.testing.assert_close(mine.fuse_weight[:, :, 1:n_blocks], ref.fuse_weight[:, :, 1:n_blocks], atol=1e-5,
-                               rtol=1e-5)
-    torch.testing.assert_close(mine.reduced_keys[:, :, block:n_k], ref.reduced_keys[:, :, block:n_k], atol=1e-5,
-                               rtol=1e-5)
+    tol = dict(atol=1e-4, rtol=1e-4) if reduce == "rank1" else dict(atol=1e-5, rtol=1e-5)  # power iteration
+    torch.testing.assert_close(mine.fuse_weight[:, :, 1:n_blocks], ref.fuse_weight[:, :, 1:n_blocks], **tol)
+    torch.testing.assert_close(mine.reduced_keys[:, :, block:n_k], ref.reduced_keys[:, :, block:n_k], **tol)
     if static:
         assert (mine.reduced_keys[:, :, n_k:] == 0).all()
     _, u, _ = group_blocks(k, config, causal=True, hashes=hash_directions(block, 8, 0, DEVICE))

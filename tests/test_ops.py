@@ -71,11 +71,11 @@ def test_opcheck_reduced_decode(path):
 
 @pytest.mark.parametrize("path", ["reference", "kernel"] if CUDA else ["reference"])
 def test_opcheck_reduce_keys(path):
-    keys = rand(1, 2, 40, 32, seed=2)
-    start = torch.tensor(21, device=DEVICE)
     config = DistrConfig(group_size=2, block_size=16, sampled="k")
-    torch.library.opcheck(ops.reduce_keys, (keys, start, hash_directions(16, 8, 0, DEVICE), 12, path,
-                                            *ops.config_args(config), 16))
+    layer = _reduced_layer(config)  # keys 0-39 reduced; redo 21-32 (a block begun before, a block begun in them)
+    start = torch.tensor(21, device=DEVICE)
+    torch.library.opcheck(ops.reduce_keys, (layer.keys, start, hash_directions(16, 8, 0, DEVICE), layer.fuse_group,
+                                            layer.fuse_weight, 12, path, *ops.config_args(config), 16))
 
 
 def tiny_llama(dtype=torch.float32):
@@ -118,7 +118,8 @@ def test_vit_compiles_whole_and_matches_eager():
     torch._dynamo.reset()
     assert torch._dynamo.explain(model)(pixel_values=pixels).graph_break_count == 0
     compiled = torch.compile(model, fullgraph=True, backend=BACKEND)(pixel_values=pixels).logits
-    torch.testing.assert_close(compiled, model(pixel_values=pixels).logits, atol=1e-4, rtol=1e-4)
+    tol = 1e-3 if CUDA else 1e-4  # Inductor's fused kernels round differently from eager's
+    torch.testing.assert_close(compiled, model(pixel_values=pixels).logits, atol=tol, rtol=tol)
 
 
 @torch.no_grad()

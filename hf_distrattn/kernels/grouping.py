@@ -153,11 +153,22 @@ def group_queries(x: torch.Tensor, hashes: torch.Tensor, config: DistrConfig, dg
     return u, wt
 
 
+@triton.jit
+def _store_reduced(x, wu, group, weight, U, Grp, W, u_rows, new, g_base, su_m, DG_PAD: tl.constexpr,
+                   D: tl.constexpr, PRECISION: tl.constexpr):
+    """Store a block's compact fuse matrix and the reduced form ``x Wuᵀ`` of its new rows."""
+    offs_d = tl.arange(0, D)
+    tl.store(Grp + g_base + offs_d, group)
+    tl.store(W + g_base + offs_d, weight)
+    u = tl.dot(x, tl.trans(wu), input_precision=PRECISION)  # (BLOCK_M, DG_PAD)
+    tl.store(U + u_rows[:, None] * su_m + tl.arange(0, DG_PAD)[None, :], u.to(U.dtype.element_ty), mask=new[:, None])
+
+
 @cached
 @triton.jit
-def _reduce_keys(K, R, Start, U, Grp, W, Index, n_new, heads, last, sk_b, sk_h, sk_m, su_b, su_h, su_m,
-                 sg_b, sg_h, sg_blk, RANK1: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr,
-                 G: tl.constexpr, DG: tl.constexpr, DG_PAD: tl.constexpr, NH: tl.constexpr,
+def _reduce_keys(K, R, Start, GrpIn, WIn, U, Grp, W, Index, n_new, heads, last, sk_b, sk_h, sk_m, sgi_b, sgi_h,
+                 sgi_blk, su_b, su_h, su_m, sg_b, sg_h, sg_blk, RANK1: tl.constexpr, BLOCK_M: tl.constexpr,
+                 D: tl.constexpr, G: tl.constexpr, DG: tl.constexpr, DG_PAD: tl.constexpr, NH: tl.constexpr,
                  PRECISION: tl.constexpr):
     p = tl.program_id(0)
     bh = tl.program_id(1)
@@ -167,35 +178,43 @@ def _reduce_keys(K, R, Start, U, Grp, W, Index, n_new, heads, last, sk_b, sk_h, 
     j = tl.minimum(start // BLOCK_M + p, (start + last) // BLOCK_M)  # programs past the last block redo it
     k_base = K + b * sk_b + h * sk_h
     n_end = start + n_new
-    xs = _load_rows(k_base, (j - 1) * BLOCK_M, n_end, sk_m, BLOCK_M, D)  # block j - 1: complete, or zeros
-    wt, wu, one_hot, fuse = _fuse_matrix(xs, R, RANK1, BLOCK_M, D, G, DG, DG_PAD, NH, PRECISION)
-    # compact Wt: column c's group (its bucket position // G) and weight
     offs_d = tl.arange(0, D)
-    position_group = (offs_d // G).to(tl.float32)
-    group = tl.sum(one_hot.to(tl.float32) * position_group[None, :], axis=1).to(tl.int32)
-    weight = tl.sum(one_hot.to(tl.float32) * fuse[None, :], axis=1)
-    g_base = b * sg_b + h * sg_h + p * sg_blk
-    tl.store(Grp + g_base + offs_d, group)
-    tl.store(W + g_base + offs_d, weight.to(xs.dtype).to(tl.float32))  # the value Wt holds
     rows = j * BLOCK_M + tl.arange(0, BLOCK_M)
     new = (rows >= start) & (rows < n_end)
     x = tl.load(k_base + rows[:, None] * sk_m + offs_d[None, :], mask=new[:, None], other=0.0)
-    u = tl.dot(x, tl.trans(wu), input_precision=PRECISION)  # (BLOCK_M, DG_PAD)
-    tl.store(U + b * su_b + h * su_h + (rows - start)[:, None] * su_m + tl.arange(0, DG_PAD)[None, :],
-             u.to(U.dtype.element_ty), mask=new[:, None])
+    u_base = U + b * su_b + h * su_h
+    g_base = b * sg_b + h * sg_h + p * sg_blk
+    fresh = j * BLOCK_M >= start  # the block starts among the new keys: group it (once per block)
+    if not RANK1:
+        fresh = j >= 0  # "sample" keeps no compact form of its first columns: always regroup
+    if fresh:
+        xs = _load_rows(k_base, (j - 1) * BLOCK_M, n_end, sk_m, BLOCK_M, D)  # block j - 1: complete, or zeros
+        wt, wu, one_hot, fuse = _fuse_matrix(xs, R, RANK1, BLOCK_M, D, G, DG, DG_PAD, NH, PRECISION)
+        # compact Wt: column c's group (its bucket position // G) and weight (the value Wt holds)
+        group = tl.sum(one_hot.to(tl.float32) * (offs_d // G).to(tl.float32)[None, :], axis=1).to(tl.int32)
+        weight = tl.sum(one_hot.to(tl.float32) * fuse[None, :], axis=1).to(xs.dtype).to(tl.float32)
+        _store_reduced(x, wu, group, weight, u_base, Grp, W, rows - start, new, g_base, su_m, DG_PAD, D, PRECISION)
+    else:  # grouped by an earlier update: its stored compact form (rank-1 groups: Wu = Wt)
+        gi_base = b * sgi_b + h * sgi_h + j * sgi_blk
+        group = tl.load(GrpIn + gi_base + offs_d)
+        weight = tl.load(WIn + gi_base + offs_d)
+        wt = tl.where(group[None, :] == tl.arange(0, DG_PAD)[:, None], weight[None, :], 0.0).to(x.dtype)
+        _store_reduced(x, wt, group, weight, u_base, Grp, W, rows - start, new, g_base, su_m, DG_PAD, D, PRECISION)
     if bh == 0:
         tl.store(Index + p, j.to(tl.int64))
 
 
 def reduce_keys(keys: torch.Tensor, start: torch.Tensor, hashes: torch.Tensor, n_new: int, config: DistrConfig,
-                dg_pad: int):
+                fuse_group: torch.Tensor, fuse_weight: torch.Tensor, dg_pad: int):
     """The reduced form of keys ``start .. start + n_new − 1`` of ``keys`` ``(B, H, N, d)`` (the cache after the
     update; ``start`` a 0-d int64 tensor on the device), each block grouped by the one before it.
 
     Returns ``u`` ``(B, H, n_new, dg_pad)``, and for the ``nb = (n_new − 1) // block + 2`` blocks from
     ``start // block`` on (the last one repeated where fewer are spanned): each column's group int32 and weight
-    float32 ``(B, H, nb, d)``, and the blocks' indices int64 ``(nb,)``. Semantics of the reference in
-    :func:`hf_distrattn.ops.reduce_keys`.
+    float32 ``(B, H, nb, d)``, and the blocks' indices int64 ``(nb,)``. A block that starts before ``start`` was
+    grouped by an earlier call: its compact form is read from ``fuse_group``/``fuse_weight`` (the cache's, read
+    only) instead of grouped again, so a decode step costs one key's ``d/G`` products, not a block's grouping.
+    Semantics of the reference in :func:`hf_distrattn.ops.reduce_keys`.
     """
     batch, heads, _, d = keys.shape
     block = config.block_size
@@ -205,9 +224,10 @@ def reduce_keys(keys: torch.Tensor, start: torch.Tensor, hashes: torch.Tensor, n
     weight = torch.empty(batch, heads, n_blocks, d, device=keys.device, dtype=torch.float32)
     index = torch.empty(n_blocks, device=keys.device, dtype=torch.int64)
     _reduce_keys[(n_blocks, batch * heads)](
-        keys, hashes, start, u, group, weight, index, n_new, heads, n_new - 1,
-        keys.stride(0), keys.stride(1), keys.stride(2), u.stride(0), u.stride(1), u.stride(2),
-        group.stride(0), group.stride(1), group.stride(2),
+        keys, hashes, start, fuse_group, fuse_weight, u, group, weight, index, n_new, heads, n_new - 1,
+        keys.stride(0), keys.stride(1), keys.stride(2), fuse_group.stride(0), fuse_group.stride(1),
+        fuse_group.stride(2), u.stride(0), u.stride(1), u.stride(2), group.stride(0), group.stride(1),
+        group.stride(2),
         RANK1=config.reduce == "rank1", BLOCK_M=block, D=d, G=config.group_size, DG=d // config.group_size,
         DG_PAD=dg_pad, NH=hashes.shape[-1], PRECISION=_precision(keys.dtype), num_warps=4,
     )
