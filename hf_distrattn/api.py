@@ -130,13 +130,13 @@ def _run(chosen, q, k, v, causal, mask, scale, config, dropout_p, causal_groupin
         return reference.attention(q, k, v, causal=causal, attn_mask=mask, scale=scale, config=exact,
                                    dropout_p=dropout_p, causal_grouping=causal_grouping, hashes=hashes)
     if path in ("reduced-decode", "reduced-reference"):
-        return ops.reduced_decode(q, k, v, mask, *reduced_keys, path, causal, scale, config.block_size)
+        return ops.call(ops.reduced_decode, q, k, v, mask, *reduced_keys, path, causal, scale, config.block_size)
     if path == "approximated":  # X̃ in PyTorch (autograd through it), then the exact kernels
         if group > 1 and config.sampled == "q":
             q = approximate_operand(q, config, causal_grouping, hashes).to(q.dtype)
         elif group > 1:
             k = approximate_operand(k, config, causal_grouping, hashes).to(k.dtype)
         path, group = "projected", 1
-    out, lse, _, _ = ops.attention(q, k, v, mask, hashes, path, causal, scale, *ops.config_args(config, group),
-                                   causal_grouping)
+    out, lse, _, _ = ops.call(ops.attention, q, k, v, mask, hashes, path, causal, scale,
+                              *ops.config_args(config, group), causal_grouping)
     return out, lse

@@ -18,6 +18,25 @@ def _demo(args) -> None:
             json.dump(result, f, indent=2)
 
 
+def _paths(args) -> None:
+    from .demo import load_config, load_model
+    from .eval.common import apply_setting, parse_settings, pick_device, pick_dtype
+    from .integration import layer_plans
+
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    model, _ = load_model(args.model, load_config(), device, dtype)
+    (spec, name, config), = parse_settings([args.attn or "distr"])
+    apply_setting(model, name, config)
+    rows = layer_plans(model, args.seq_len, needs_grad=args.training)
+    print(f"{spec} on {device} ({dtype}), a {'training ' if args.training else ''}prefill of {args.seq_len} "
+          "tokens and a one-token decode step after it")
+    print("| layer | G | prefill | why | decode | why |\n|---:|---:|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['layer']} | {row['config'].group_size} | {row['prefill']} | {row['prefill_reason']} | "
+              f"{row.get('decode', '—')} | {row.get('decode_reason', '')} |")
+
+
 def _ppl(args) -> None:
     from .eval.common import write_json
     from .eval.perplexity import format_perplexity, run_perplexity
@@ -122,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--new-tokens", type=int)
     _common(demo)
     demo.set_defaults(run=_demo)
+
+    paths = commands.add_parser("paths", help="which implementation each attention layer runs, and why")
+    paths.add_argument("--model", help="hub id or local path (default: the demo's bundled random Llama)")
+    paths.add_argument("--attn", help="one attention setting, e.g. distr:group_size=2,sampled=k (default: distr)")
+    paths.add_argument("--seq-len", type=int, default=4096)
+    paths.add_argument("--training", action="store_true", help="with gradients (the training path)")
+    paths.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    paths.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    paths.set_defaults(run=_paths)
 
     ppl = commands.add_parser("ppl", help="perplexity and bits per byte of a causal LM")
     ppl.add_argument("--model", required=True, help="hub id or local path")
