@@ -44,6 +44,6 @@ def test_demo_bad_attention_setting_is_one_line_error():
 def test_paths_prints_each_layers_path_and_why(capsys):
     assert main(["paths", "--attn", "distr:group_size=2,sampled=k,exact_layers=0", "--seq-len", "100"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    assert lines[2].startswith("| 0 | 1 | reference | group_size=1, device cpu")  # layer 0 kept exact
-    assert lines[3].startswith("| 1 | 2 | reference | G=2, device cpu") and "| reduced-reference |" in lines[3]
-    assert len(lines) == 2 + 4  # header, rule, the demo model's 4 layers
+    assert lines[1].startswith("| 0 | 1 | reference | group_size=1, device cpu")  # layer 0 kept exact
+    assert lines[2].startswith("| 1 | 2 | reference | G=2, device cpu") and "| reduced-reference |" in lines[2]
+    assert len(lines) == 1 + 4  # the header, the demo model's 4 layers
