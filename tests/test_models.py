@@ -234,3 +234,21 @@ def test_static_cache_generates_the_dynamic_cache_tokens(group, sampled):
         assert torch.equal(model.generate(**call, cache_implementation="static"), dynamic)
     if group == 1:
         assert torch.equal(model.generate(**single), sdpa)
+
+
+def test_calibrate_keeps_the_budget_with_the_least_sensitive_layers(kjv_llama):
+    """ref-llama-bytes, one window: the chosen layers are the least sensitive ones, the measured loss stays within
+    the budget, one more layer would not (the search is tight), layer 0 (the most sensitive) stays exact."""
+    model, ids = kjv_llama
+    model.set_attn_implementation("distr")
+    cal = hf_distrattn.calibrate(model, ids[:1024], budget=0.02, seq_len=1024, max_windows=1)
+    chosen = [i for i, c in enumerate(cal.configs) if not c.exact]
+    assert 0 < len(chosen) < 8 and cal.configs[0].exact
+    order = sorted(range(8), key=lambda i: cal.sensitivity[i])
+    assert set(chosen) == set(order[: len(chosen)])
+    assert cal.loss_increase <= 0.02
+    assert cal.attention_flops_saved == pytest.approx(len(chosen) / 8 * 0.25)
+    assert layer_configs(model) == cal.configs  # applied
+    configure(model, DistrConfig(group_size=1))
+    configure(model, DistrConfig(), layers=order[: len(chosen) + 1])
+    assert evaluate_perplexity(model, ids[:1024], 1024).nats_per_token > 1.02 * cal.exact_loss

@@ -25,7 +25,7 @@ Cost: seven ``d``-deep GEMMs per score (``_dkdv``: recompute, dP, dV, dB; ``_dq`
 FlashAttention-2's five with a float32 ``dA`` accumulated by atomics (slower in Triton by public reports).
 Recomputing the scores in the reduced ``d/G`` form would need the per-query-block key fuse inside ``_dkdv`` for
 every (key, query) tile pair, ``d²/G`` MACs per key row per query tile, which at ``BLOCK = 64`` costs what it
-saves at ``G = 2`` (see NOTES.md), so the backward works on ``Ã`` directly.
+saves at ``G = 2`` (see docs/design.md), so the backward works on ``Ã`` directly.
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ def _dq(A, B, V, DO, Lse, Delta, Lse2, Mask, DA, Wt, Out, scale, n_q, n_k, heads
 
 def launch_params(d: int, dtype: torch.dtype) -> dict:
     """``{"dkdv": ..., "dq": ...}``: tile sizes (``block_m`` query rows, ``block_n`` keys), warps and stages of
-    each kernel. Square tiles of 64 (the H100 sweep in NOTES.md: 3 stages at d ≤ 64, 2 at 128); 32 for
+    each kernel. Square tiles of 64 (the H100 sweep in docs/design.md: 3 stages at d ≤ 64, 2 at 128); 32 for
     float32."""
     if dtype == torch.float32:
         tile = dict(block_m=32, block_n=32, num_warps=4, num_stages=2)

@@ -2,7 +2,7 @@
 
 ``kernel[grid](*args, **meta)`` spends 25-40 µs of Python per launch on an H100 host (binding and specializing
 ~45 arguments, the cache key, launch metadata). A Llama-1B-shape training step at 4k tokens is partly bound by
-the host: 250 µs of host time added to each layer's attention lengthened it by 2.4 ms (NOTES.md, B14), so those
+the host: 250 µs of host time added to each layer's attention lengthened it by 2.4 ms (docs/design.md, B14), so those
 microseconds show in the step. :func:`cached` wraps a ``@triton.jit`` function so that ``kernel[grid](*args,
 **meta)`` goes through Triton the first time it sees a *signature*, keeps the compiled kernel Triton returns, and
 afterwards launches it through the compiled kernel's own ``kernel[grid](*args)``.

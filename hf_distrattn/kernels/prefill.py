@@ -122,7 +122,7 @@ def _distr_fwd(U, K, V, Wt, Mask, Out, Lse, scale, first_block, n_tiles, n_q, n_
 
 def launch_params(block_m: int, d: int, group: int) -> dict:
     """Key-tile size, warps, pipeline depth and where the score scale goes (from the H100 launch sweeps
-    recorded in NOTES.md: variants 6 and 8)."""
+    recorded in docs/design.md: variants 6 and 8)."""
     fold = dict(fold_scale=group > 1 or d < 128)
     if block_m >= 128:
         if group == 1:
