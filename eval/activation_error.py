@@ -19,7 +19,8 @@ import torch
 
 from ..api import distr_attention
 from ..config import EXACT, DistrConfig
-from .common import EvalError, parse_settings, pick_device, write_results
+from ..settings import parse_settings, pick_device
+from .common import EvalError, write_results
 
 CAPTURE = "hf_distrattn_capture"
 DEFAULT_SPECS = ["distr:group_size=2", "distr:group_size=4", "distr:group_size=2,block_size=16",

@@ -22,7 +22,8 @@ import json
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, ViTConfig, ViTForImageClassification
 
-from .common import apply_setting, cuda_ms, parse_settings, write_results
+from ..settings import apply_setting, parse_settings
+from .common import cuda_ms, write_results
 
 LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,

@@ -85,7 +85,10 @@ def load_text(text_file: str | None, dataset: str | None, split: str = "test", c
     if text_file is not None:
         if not Path(text_file).is_file():
             raise EvalError(f"text file not found: {text_file}")
-        return Path(text_file).read_text(encoding="utf-8", errors="replace")
+        text = Path(text_file).read_text(encoding="utf-8", errors="replace")
+        if not text.strip():
+            raise EvalError(f"text file is empty: {text_file}")
+        return text
     import datasets
 
     name, _, config = dataset.partition(":")
@@ -111,17 +114,24 @@ def run_perplexity(model: str, specs: list[str], text_file: str | None = None, d
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .common import EvalError, apply_setting, environment, parse_settings, pick_device, pick_dtype
+    from ..settings import apply_setting, check_model, parse_settings, pick_device, pick_dtype
+    from .common import EvalError, environment
 
     settings = parse_settings(specs)
     text = load_text(text_file, dataset, split)
     device = pick_device(device)
+    check_model(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model)
         lm = AutoModelForCausalLM.from_pretrained(model, dtype=pick_dtype(dtype, device)).to(device).eval()
     except OSError as error:
         raise EvalError(f"cannot load model {model!r}: {str(error).splitlines()[0]}") from None
+    positions = getattr(lm.config, "max_position_embeddings", None)
+    if positions and seq_len > positions:
+        raise EvalError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings ({positions})")
     ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids)
+    if ids.numel() < 2:
+        raise EvalError(f"the text has {ids.numel()} token(s): nothing to score")
     stride = stride or seq_len
     spans = windows(ids.numel(), seq_len, stride, max_windows)
     n_bytes = scored_bytes(tokenizer, ids, spans)

@@ -16,7 +16,8 @@ import torch
 import yaml
 
 from ..config import parse_attn_spec
-from .common import EvalError, apply_setting, environment, pick_device, pick_dtype
+from ..settings import apply_setting, pick_device, pick_dtype
+from .common import EvalError, environment
 from .perplexity import format_perplexity, run_perplexity
 from .vit import format_vit, run_vit
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .common import EvalError, apply_setting, environment, parse_settings, pick_device, pick_dtype
+from ..settings import apply_setting, check_model, parse_settings, pick_device, pick_dtype
+from .common import EvalError, environment
 
 
 def load_images(spec: str, limit: int | None, image_column: str, label_column: str):
@@ -59,6 +60,7 @@ class Classifier:
         else:
             from transformers import AutoImageProcessor, AutoModelForImageClassification
 
+            check_model(model)
             try:
                 self.model = AutoModelForImageClassification.from_pretrained(model)
                 self.processor = AutoImageProcessor.from_pretrained(model)

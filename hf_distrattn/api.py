@@ -113,6 +113,9 @@ def distr_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config
     if d % config.group_size:
         warn_once(f"head_dim {d} is not a multiple of DistrConfig.group_size={config.group_size}: "
                   "computing exact attention instead")
+    elif config.group_size == d > 1:
+        warn_once(f"DistrConfig.group_size={d} equals the head dim: every head scores with one column "
+                  "(d/G = 1); the scores carry little of Q·Kᵀ")
     scale = d**-0.5 if scale is None else float(scale)
     with torch.autocast(q.device.type, enabled=False) if autocast else contextlib.nullcontext():
         out, lse = _run(chosen, q, k, v, causal, mask, scale, config, dropout_p, causal_grouping, reduced_keys)

@@ -1,10 +1,43 @@
-"""The ``hf-distrattn`` command line (``python -m hf_distrattn`` is the same)."""
+"""The ``hf-distrattn`` command line (``python -m hf_distrattn`` is the same).
+
+Only the chosen command's arguments and modules are loaded, so ``hf-distrattn --help`` imports neither torch nor
+Transformers. Every error is one line on stderr, ``hf-distrattn COMMAND: error: ...``, with exit code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+
+DTYPES = ["auto", "float32", "bfloat16", "float16"]
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _device_and_dtype(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--attn", action="append",
+                        help="attention setting, repeatable (the first is the reference): sdpa, distr:group_size=2")
+    _device_and_dtype(parser)
+    parser.add_argument("--json", help="write the results (with the environment) here")
 
 
 def _demo(args) -> None:
@@ -18,10 +51,17 @@ def _demo(args) -> None:
             json.dump(result, f, indent=2)
 
 
+def _demo_parser(parser) -> None:
+    parser.add_argument("--model", help="hub id or local path of a causal LM (default: bundled random Llama)")
+    parser.add_argument("--prompt")
+    parser.add_argument("--new-tokens", type=positive)
+    _common(parser)
+
+
 def _paths(args) -> None:
     from .demo import load_config, load_model
-    from .eval.common import apply_setting, parse_settings, pick_device, pick_dtype
     from .integration import layer_plans
+    from .settings import apply_setting, parse_settings, pick_device, pick_dtype
 
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
@@ -37,6 +77,14 @@ def _paths(args) -> None:
               f"{row.get('decode', '—')} | {row.get('decode_reason', '')} |")
 
 
+def _paths_parser(parser) -> None:
+    parser.add_argument("--model", help="hub id or local path (default: the demo's bundled random Llama)")
+    parser.add_argument("--attn", help="one attention setting, e.g. distr:group_size=2,sampled=k (default: distr)")
+    parser.add_argument("--seq-len", type=positive, default=4096)
+    parser.add_argument("--training", action="store_true", help="with gradients (the training path)")
+    _device_and_dtype(parser)
+
+
 def _ppl(args) -> None:
     from .eval.common import write_json
     from .eval.perplexity import format_perplexity, run_perplexity
@@ -46,6 +94,17 @@ def _ppl(args) -> None:
                              max_windows=args.max_windows, device=args.device, dtype=args.dtype)
     print(format_perplexity(payload))
     write_json(args.json, payload)
+
+
+def _ppl_parser(parser) -> None:
+    parser.add_argument("--model", required=True, help="hub id or local path")
+    parser.add_argument("--text-file", help="a local text file")
+    parser.add_argument("--dataset", help="a datasets name, NAME[:CONFIG], e.g. wikitext:wikitext-2-raw-v1")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--seq-len", type=positive, default=2048)
+    parser.add_argument("--stride", type=positive, help="window stride (default: seq-len, no overlap)")
+    parser.add_argument("--max-windows", type=positive)
+    _common(parser)
 
 
 def _vit(args) -> None:
@@ -59,12 +118,28 @@ def _vit(args) -> None:
     write_json(args.json, payload)
 
 
+def _vit_parser(parser) -> None:
+    parser.add_argument("--model", required=True, help="hub id, local path, or timm:NAME")
+    parser.add_argument("--dataset", required=True, help="parquet file, image folder, or hub NAME[:SPLIT]")
+    parser.add_argument("--limit", type=positive, help="first K images")
+    parser.add_argument("--batch-size", type=positive, default=64)
+    parser.add_argument("--image-column", default="image")
+    parser.add_argument("--label-column", default="label")
+    _common(parser)
+
+
 def _tables(args) -> None:
     from .eval.tables import run_tables
 
     run_tables(args.config, args.out, device=args.device, dtype=args.dtype)
     print(open(f"{args.out}/tables.md").read())
     print(f"wrote {args.out}/tables.md, results.json and PNG plots")
+
+
+def _tables_parser(parser) -> None:
+    parser.add_argument("config", help="a YAML file, e.g. configs/shared-models.yaml")
+    parser.add_argument("--out", default="results/tables")
+    _device_and_dtype(parser)
 
 
 def _bench(args) -> None:
@@ -76,7 +151,7 @@ def _bench(args) -> None:
 
     bench_kernels.main(["--json", f"{args.out}/kernels.json", "--markdown", f"{args.out}/kernels.md"])
     bench_decode.main(["--json", f"{args.out}/decode.json", "--markdown", f"{args.out}/decode.md"])
-    bench_e2e.main(["--json", f"{args.out}/e2e.json", "--markdown", f"{args.out}/e2e.md"])
+    bench_e2e.main(["--compile", "--json", f"{args.out}/e2e.json", "--markdown", f"{args.out}/e2e.md"])
     captured = [(flag, value) for flag, value in (("--lm", args.lm), ("--text-file", args.text_file),
                                                   ("--vit", args.vit), ("--dataset", args.dataset)) if value]
     if captured:
@@ -84,12 +159,20 @@ def _bench(args) -> None:
             "--json", f"{args.out}/activation_error.json", "--markdown", f"{args.out}/activation_error.md"])
 
 
+def _bench_parser(parser) -> None:
+    parser.add_argument("--out", default="results")
+    parser.add_argument("--lm", help="also: attention error on q/k/v captured from this causal LM ...")
+    parser.add_argument("--text-file", help="... on the first window of this text")
+    parser.add_argument("--vit", help="also: attention error on q/k/v captured from this image classifier ...")
+    parser.add_argument("--dataset", help="... on the first images of this dataset")
+
+
 def _finetune(args) -> None:
     import dataclasses
 
     import yaml
 
-    from .finetune import FinetuneArgs, finetune, format_history
+    from .eval.finetune import FinetuneArgs, finetune, format_history
 
     values = {}
     if args.config:
@@ -108,11 +191,11 @@ def _finetune(args) -> None:
     print(format_history(finetune(FinetuneArgs(**values))))
 
 
-def _finetune_parser(parser: argparse.ArgumentParser) -> None:
+def _finetune_parser(parser) -> None:
     """One flag per :class:`FinetuneArgs` field; unset flags (``None``) leave the YAML or default value."""
     import dataclasses
 
-    from .finetune import FinetuneArgs
+    from .eval.finetune import FinetuneArgs
 
     parser.add_argument("--config", help="YAML of these settings (flags override it), e.g. configs/finetune-*.yaml")
     for f in dataclasses.fields(FinetuneArgs):
@@ -124,80 +207,37 @@ def _finetune_parser(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, type=kind, default=None)
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--attn", action="append",
-                        help="attention setting, repeatable (the first is the reference): sdpa, distr:group_size=2")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--json", help="write the results (with the environment) here")
+COMMANDS = {  # name: (help, arguments, run)
+    "demo": ("generate with sdpa and distr side by side", _demo_parser, _demo),
+    "paths": ("which implementation each attention layer runs, and why", _paths_parser, _paths),
+    "ppl": ("perplexity and bits per byte of a causal LM", _ppl_parser, _ppl),
+    "vit": ("top-1/top-5 accuracy and images/s of an image classifier", _vit_parser, _vit),
+    "tables": ("a YAML grid of models × settings: Markdown tables and PNG plots", _tables_parser, _tables),
+    "finetune": ("fine-tune a causal LM or image classifier through distr", _finetune_parser, _finetune),
+    "bench": ("kernel and end-to-end latency against SDPA and sageattention (GPU)", _bench_parser, _bench),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-distrattn", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="generate with sdpa and distr side by side")
-    demo.add_argument("--model", help="hub id or local path of a causal LM (default: bundled random Llama)")
-    demo.add_argument("--prompt")
-    demo.add_argument("--new-tokens", type=int)
-    _common(demo)
-    demo.set_defaults(run=_demo)
-
-    paths = commands.add_parser("paths", help="which implementation each attention layer runs, and why")
-    paths.add_argument("--model", help="hub id or local path (default: the demo's bundled random Llama)")
-    paths.add_argument("--attn", help="one attention setting, e.g. distr:group_size=2,sampled=k (default: distr)")
-    paths.add_argument("--seq-len", type=int, default=4096)
-    paths.add_argument("--training", action="store_true", help="with gradients (the training path)")
-    paths.add_argument("--device", help="cpu or cuda (default: cuda if available)")
-    paths.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    paths.set_defaults(run=_paths)
-
-    ppl = commands.add_parser("ppl", help="perplexity and bits per byte of a causal LM")
-    ppl.add_argument("--model", required=True, help="hub id or local path")
-    ppl.add_argument("--text-file", help="a local text file")
-    ppl.add_argument("--dataset", help="a datasets name, NAME[:CONFIG], e.g. wikitext:wikitext-2-raw-v1")
-    ppl.add_argument("--split", default="test")
-    ppl.add_argument("--seq-len", type=int, default=2048)
-    ppl.add_argument("--stride", type=int, help="window stride (default: seq-len, no overlap)")
-    ppl.add_argument("--max-windows", type=int)
-    _common(ppl)
-    ppl.set_defaults(run=_ppl)
-
-    vit = commands.add_parser("vit", help="top-1/top-5 accuracy and images/s of an image classifier")
-    vit.add_argument("--model", required=True, help="hub id, local path, or timm:NAME")
-    vit.add_argument("--dataset", required=True, help="parquet file, image folder, or hub NAME[:SPLIT]")
-    vit.add_argument("--limit", type=int, help="first K images")
-    vit.add_argument("--batch-size", type=int, default=64)
-    vit.add_argument("--image-column", default="image")
-    vit.add_argument("--label-column", default="label")
-    _common(vit)
-    vit.set_defaults(run=_vit)
-
-    tables = commands.add_parser("tables", help="a YAML grid of models × settings: Markdown tables and PNG plots")
-    tables.add_argument("config", help="a YAML file, e.g. configs/shared-models.yaml")
-    tables.add_argument("--out", default="results/tables")
-    tables.add_argument("--device")
-    tables.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    tables.set_defaults(run=_tables)
-
-    finetune = commands.add_parser("finetune", help="fine-tune a causal LM or image classifier through distr")
-    _finetune_parser(finetune)
-    finetune.set_defaults(run=_finetune)
-
-    bench = commands.add_parser("bench", help="kernel and end-to-end latency against SDPA and sageattention (GPU)")
-    bench.add_argument("--out", default="results")
-    bench.add_argument("--lm", help="also: attention error on q/k/v captured from this causal LM ...")
-    bench.add_argument("--text-file", help="... on the first window of this text")
-    bench.add_argument("--vit", help="also: attention error on q/k/v captured from this image classifier ...")
-    bench.add_argument("--dataset", help="... on the first images of this dataset")
-    bench.set_defaults(run=_bench)
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser, with the arguments of ``command`` only (the others listed by name and help)."""
+    parser = Parser(prog="hf-distrattn", description="DistrAttention and Tree Attention for Hugging Face "
+                    "Transformers: demo, evals and benchmarks.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for name, (help_text, arguments, run) in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            arguments(sub)
+        sub.set_defaults(run=run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError, OSError) as error:
-        print(f"hf-distrattn {args.command}: error: {error}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, OSError, ImportError) as error:
+        message = str(error).splitlines()[0] if str(error) else repr(error)
+        print(f"hf-distrattn {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0

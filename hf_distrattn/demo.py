@@ -1,7 +1,8 @@
 """``hf-distrattn demo``: greedy generation with ``sdpa`` and with ``distr``, side by side.
 
-For each attention setting: prefill logits against the first setting's (max abs difference), the generated
-tokens' agreement with the first setting's, and the time per generated token.
+For each attention setting: the generated text, which implementation the layers run, the generated tokens'
+agreement with the first setting's, the largest difference of the prompt's logits from the first setting's, and
+the time per generated token.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import yaml
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from .eval.common import apply_setting, parse_settings, pick_device, pick_dtype
 from .integration import layer_plans
+from .settings import apply_setting, check_model, parse_settings, pick_device, pick_dtype
 
 
 def load_config(name: str = "demo-llama.yaml") -> dict:
@@ -30,8 +31,12 @@ def load_model(model: str | None, settings: dict, device: str, dtype: torch.dtyp
         torch.manual_seed(settings.get("seed", 0))
         lm = AutoModelForCausalLM.from_config(config, dtype=dtype)
         return lm.to(device).eval(), None
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    return AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device).eval(), tokenizer
+    check_model(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        return AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device).eval(), tokenizer
+    except OSError as error:
+        raise ValueError(f"cannot load model {model!r}: {str(error).splitlines()[0]}") from None
 
 
 def prompt_ids(prompt: str, tokenizer, vocab_size: int) -> torch.Tensor:
@@ -83,18 +88,30 @@ def run_demo(model: str | None = None, attn: list[str] | None = None, prompt: st
             "max_logit_diff": (logits - first["logits"]).abs().max().item(),
             "ms_per_token": 1000 * seconds / new_tokens,
             "text": tokenizer.decode(tokens) if tokenizer is not None else None,
+            "tokens": tokens.tolist(),
         })
     return {"model": model or "configs/demo-llama.yaml (random weights)", "device": device,
-            "dtype": str(torch_dtype), "prompt_tokens": ids.shape[1], "new_tokens": new_tokens, "rows": rows}
+            "dtype": str(torch_dtype), "prompt": prompt or settings["prompt"], "prompt_tokens": ids.shape[1],
+            "new_tokens": new_tokens, "rows": rows}
 
 
 def format_table(result: dict) -> str:
     head = f"model: {result['model']}  device: {result['device']}  dtype: {result['dtype']}  " \
-           f"prompt: {result['prompt_tokens']} tokens  generated: {result['new_tokens']} tokens"
-    lines = [head, "",
-             "| attention | path | token agreement | max logit diff | ms/token |",
-             "|---|---|---:|---:|---:|"]
+           f"prompt: {result['prompt_tokens']} tokens  generated: {result['new_tokens']} tokens (greedy)"
+    lines = [head, f"prompt: {result['prompt']!r}", ""]
+    for r in result["rows"]:
+        shown = repr(r["text"]) if r["text"] is not None else "token ids " + " ".join(map(str, r["tokens"][:16]))
+        lines.append(f"{r['attn']}: {shown}")
+    lines += ["", "| attention | path | token agreement | max logit diff | ms/token |", "|---|---|---:|---:|---:|"]
     for r in result["rows"]:
         lines.append(f"| {r['attn']} | {r['path']} | {r['token_agreement']:.0%} | {r['max_logit_diff']:.2e} "
                      f"| {r['ms_per_token']:.1f} |")
+    first = result["rows"][0]["attn"]
+    lines += ["",
+              "path: the implementation the layers run for the prompt (prefill) and each new token (decode).",
+              f"token agreement: share of generated tokens equal to {first}'s, position by position.",
+              f"max logit diff: the largest |logit − {first}'s logit| over the prompt's positions and the vocabulary "
+              "(float rounding for exact settings; an approximation moves it by whole logits while the top token, "
+              "what greedy decoding keeps, often stays).",
+              "ms/token: wall time of generate() over the new tokens (the prefill included)."]
     return "\n".join(lines)

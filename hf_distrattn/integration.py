@@ -130,3 +130,6 @@ def layer_plans(model: torch.nn.Module, seq_len: int, *, device=None, dtype=None
             row[f"{name}_reason"] = chosen.reason
         rows.append(row)
     return rows
+
+
+register()

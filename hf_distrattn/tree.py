@@ -179,4 +179,4 @@ def attach(model: torch.nn.Module, cache: ShardedCache) -> ShardedCache:
     return cache
 
 
-AttentionInterface.register(NAME, tree_attention_forward)
+AttentionInterface.register(NAME, tree_attention_forward)  # on import (hf_distrattn imports this module)

@@ -378,3 +378,12 @@ def test_exact_gradients_match_sdpa():
     F.scaled_dot_product_attention(q, k, v, is_causal=True).square().sum().backward()
     for a, t in zip(mine, (q, k, v), strict=True):
         torch.testing.assert_close(a, t.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_group_size_equal_to_the_head_dim_warns_once():
+    q, k, v = rand(1, 2, 20, 16), rand(1, 2, 20, 16, seed=1), rand(1, 2, 20, 16, seed=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            distr_attention(q, k, v, config=DistrConfig(group_size=16, block_size=16))
+    assert len([w for w in caught if "equals the head dim" in str(w.message)]) == 1

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .eval.common import EvalError, apply_setting, environment, parse_settings
+from ..settings import apply_setting, check_model, parse_settings
+from .common import EvalError, environment
 
 
 @dataclass
@@ -91,6 +92,7 @@ class EpochSampler(torch.utils.data.Sampler):
 def detect_task(model: str) -> str:
     from transformers import AutoConfig
 
+    check_model(model)
     try:
         architectures = AutoConfig.from_pretrained(model).architectures or []
     except OSError as error:
@@ -108,7 +110,7 @@ class LMTask:
     def __init__(self, args: FinetuneArgs):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .eval.perplexity import load_text, scored_bytes, windows
+        from .perplexity import load_text, scored_bytes, windows
 
         self.args = args
         text = load_text(args.text_file, args.dataset, args.split, args.text_column, args.text_template)
@@ -127,7 +129,7 @@ class LMTask:
 
     @torch.no_grad()
     def evaluate(self, model) -> dict:
-        from .eval.perplexity import evaluate_perplexity
+        from .perplexity import evaluate_perplexity
 
         seq_len = self.args.seq_len
         r = evaluate_perplexity(model, self.eval_ids, seq_len, seq_len, self.args.eval_limit, n_bytes=self.eval_bytes)
@@ -144,7 +146,7 @@ class ImageTask:
     def __init__(self, args: FinetuneArgs):
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-        from .eval.vit import load_images
+        from .vit import load_images
 
         self.args = args
         if args.dataset is None:
