@@ -106,10 +106,10 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, hashes
                                                   config=config, causal_grouping=causal_grouping, hashes=hashes)
     elif path == "projected":
         if group_size > 1:
-            from .kernels.grouping import group_queries
+            from .kernels.grouping import reduce_operand
 
             x = q if sampled == "q" else k
-            operand, wt = group_queries(x, hashes, config, padded_width(x.shape[-1] // group_size),
+            operand, wt = reduce_operand(x, hashes, config, padded_width(x.shape[-1] // group_size),
                                         causal_grouping, project=True)
             q, k = (operand, k) if sampled == "q" else (q, operand)
         out, lse = prefill.distr_attention_triton(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale,
@@ -149,7 +149,7 @@ def _attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
 
         project = None
         if group_size > 1:
-            project = ("a" if sampled == "q" else "b", wt, block_size, causal_grouping)
+            project = (sampled, wt, block_size, causal_grouping)
         grads = kernel_backward(*(_unit_stride(t) for t in (q, k, v)), out, lse, dout, causal=causal,
                                 attn_mask=attn_mask, scale=scale, project=project)
     else:

@@ -115,14 +115,14 @@ def test_plan_names_why_the_fused_kernel_cannot_take_a_call():
 @pytest.mark.parametrize("reduce", ["rank1", "sample"])
 @pytest.mark.parametrize("group,block,d,n", [(2, 16, 64, 40), (4, 32, 64, 32), (8, 16, 128, 20), (4, 16, 16, 20)])
 def test_grouping_kernel_matches_reference(reduce, group, block, d, n, causal):
-    from hf_distrattn.kernels.grouping import group_queries
+    from hf_distrattn.kernels.grouping import reduce_operand
 
     q = rand(2, 3, n, d, seed=12)
     config = DistrConfig(group_size=group, block_size=block, reduce=reduce, seed=5)
     hashes = hash_directions(block, config.num_hashes, config.seed, DEVICE)
     perm, u_ref, v_ref = group_blocks(q, config, causal, hashes)
     dg = d // group
-    u, wt = group_queries(q, hashes, config, dg_pad=max(16, dg), causal=causal)
+    u, wt = reduce_operand(q, hashes, config, dg_pad=max(16, dg), causal=causal)
     # float32 repeated squaring in another summation order amplifies rounding (~4e-5 seen on an H100), most in
     # near-degenerate groups (G=8, 16 rows); "sample" involves no arithmetic on the factors
     tol = dict(atol=1e-5, rtol=1e-5)
@@ -142,13 +142,13 @@ def test_grouping_kernel_half_precision_groups_as_float32(dtype, group, block, c
     groups as the float32 path on the same values."""
     if dtype == torch.bfloat16 and DEVICE == "cpu":
         pytest.skip("the Triton CPU interpreter computes bf16 tl.dot wrongly (numpy has no bf16); runs on GPU")
-    from hf_distrattn.kernels.grouping import group_queries
+    from hf_distrattn.kernels.grouping import reduce_operand
 
     q = rand(2, 4, 200, 64, seed=13).to(dtype)
     config = DistrConfig(group_size=group, block_size=block, seed=5)
     hashes = hash_directions(block, config.num_hashes, config.seed, DEVICE)
-    u, wt = group_queries(q, hashes, config, dg_pad=64 // group, causal=causal)
-    u32, wt32 = group_queries(q.float(), hashes, config, dg_pad=64 // group, causal=causal)
+    u, wt = reduce_operand(q, hashes, config, dg_pad=64 // group, causal=causal)
+    u32, wt32 = reduce_operand(q.float(), hashes, config, dg_pad=64 // group, causal=causal)
     assert torch.equal(wt != 0, wt32 != 0)
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(wt.float(), wt32, atol=eps, rtol=0)

@@ -1,31 +1,29 @@
-r"""Attention backward in Triton (FlashAttention-2 style), for ``out = softmax(scale · A Bᵀ + mask) V``.
+r"""Attention backward in Triton (FlashAttention-2 style), for ``out = softmax(scale · Q Kᵀ + mask) V``.
 
-The training path (the ``"projected"`` path of :func:`hf_distrattn.ops.attention`) calls it with ``A = Q̃`` (or
-``B = K̃``): the approximation is a differentiable map of one operand, attention on the result is exact, so its
-backward is the exact one. With the
-forward's float32 log-sum-exp ``L`` and ``Δ = rowsum(dO ∘ O)``, each tile recomputes its probabilities instead of
-storing ``P``:
+The training path (the ``"projected"`` path of :func:`hf_distrattn.ops.attention`) calls it with ``Q̃`` in place of
+``Q`` (or ``K̃`` of ``K``): the approximation is a differentiable map of one operand, attention on the result is
+exact, so its backward is the exact one. With the forward's float32 log-sum-exp ``L`` and ``Δ = rowsum(dO ∘ O)``,
+each tile recomputes its probabilities instead of storing ``P``:
 
-    P = exp(scale · A Bᵀ + mask − L)          dV = Pᵀ dO
+    P = exp(scale · Q Kᵀ + mask − L)          dV = Pᵀ dO
     dP = dO Vᵀ                               dS = P ∘ (dP − Δ)
-    dA = scale · dS B                        dB = scale · dSᵀ A
+    dQ = scale · dS K                        dK = scale · dSᵀ Q
 
 Two kernels, so that every output is written by exactly one program (no atomics): ``_dq`` runs one program per
 (query tile, batch·query head) over the key tiles and also writes its rows' ``Δ`` and base-2 log-sum-exp (it
 holds their ``dO`` tile already); ``_dkdv``, launched after it, runs one program per (key tile, batch·KV head)
 over every query tile of the KV head's ``Hq/Hkv`` query heads (GQA sums there). Both launch their programs
-longest first (:func:`~.softmax.tile_order`). Rows beyond the sequence read
-zeros and contribute nothing; fully masked rows (``L = −∞``) give ``P = 0``; only causal tiles on the diagonal
-and user masks are masked (the forward's split). Head dims that are not a power of two are zero-padded.
-When ``A = X M`` per grouping block (the training path's ``Q̃``, ``M = Wtᵀ Wt``), ``_dq`` writes ``dX = dA M``
-instead of ``dA`` (:func:`_project_tile` in its epilogue, one ``Wt`` per grouping block the tile covers); the
-same for ``B`` in ``_dkdv``.
+longest first (:func:`~.softmax.tile_order`). Rows beyond the sequence read zeros and contribute nothing; fully
+masked rows (``L = −∞``) give ``P = 0``; only causal tiles on the diagonal and user masks are masked (the
+forward's split). Head dims that are not a power of two are zero-padded. When ``Q̃ = X M`` per grouping block
+(``M = Wtᵀ Wt``), ``_dq`` writes ``dX = dQ̃ M`` instead of ``dQ̃`` (:func:`_project_tile` in its epilogue, one
+``Wt`` per grouping block the tile covers); the same for ``K̃`` in ``_dkdv``.
 
-Cost: seven ``d``-deep GEMMs per score (``_dkdv``: recompute, dP, dV, dB; ``_dq``: recompute, dP, dA), against
-FlashAttention-2's five with a float32 ``dA`` accumulated by atomics (slower in Triton by public reports).
+Cost: seven ``d``-deep GEMMs per score (``_dkdv``: recompute, dP, dV, dK; ``_dq``: recompute, dP, dQ), against
+FlashAttention-2's five with a float32 ``dQ`` accumulated by atomics (slower in Triton by public reports).
 Recomputing the scores in the reduced ``d/G`` form would need the per-query-block key fuse inside ``_dkdv`` for
 every (key, query) tile pair, ``d²/G`` MACs per key row per query tile, which at ``BLOCK = 64`` costs what it
-saves at ``G = 2`` (see docs/design.md), so the backward works on ``Ã`` directly.
+saves at ``G = 2`` (see docs/design.md), so the backward works on ``Q̃`` directly.
 """
 
 from __future__ import annotations
@@ -41,11 +39,11 @@ from .softmax import HEAD_GROUP, key_range, mask_arguments, masked_scores, score
 
 
 @triton.jit
-def _probs_t(a, bt_or_b, lse2, mask_base, offs_m, offs_n, n_q, n_k, qk_scale, TRANSPOSED: tl.constexpr,
+def _probs_t(x, yt_or_y, lse2, mask_base, offs_m, offs_n, n_q, n_k, qk_scale, TRANSPOSED: tl.constexpr,
              MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr):
-    """Recomputed probabilities: ``Pᵀ`` ``(BLOCK_N, BLOCK_M)`` if ``TRANSPOSED`` (``a`` = key tile, second
+    """Recomputed probabilities: ``Pᵀ`` ``(BLOCK_N, BLOCK_M)`` if ``TRANSPOSED`` (``x`` = key tile, second
     argument the query tile transposed), else ``P`` ``(BLOCK_M, BLOCK_N)``."""
-    s = scores(a, bt_or_b, qk_scale, IEEE)
+    s = scores(x, yt_or_y, qk_scale, IEEE)
     if TRANSPOSED:
         if MASKED:
             keep = (offs_n[:, None] < n_k) & (offs_m[None, :] < n_q)
@@ -84,36 +82,36 @@ def _project_tile(x, wt_base, first, n, IEEE: tl.constexpr, BLOCK: tl.constexpr,
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, a_base, do_base, lse_base, delta_base, mask_base, start_m, offs_n, n_q, n_k,
-               sa_m, sdo_m, sm_m, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, start_m, offs_n, n_q, n_k,
+               sq_m, sdo_m, sm_m, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
                IEEE: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     rows = offs_m < n_q
-    at = tl.load(a_base + offs_m[None, :] * sa_m + offs_d[:, None], mask=rows[None, :], other=0.0)
+    qt = tl.load(q_base + offs_m[None, :] * sq_m + offs_d[:, None], mask=rows[None, :], other=0.0)
     do = tl.load(do_base + offs_m[:, None] * sdo_m + offs_d[None, :], mask=rows[:, None], other=0.0)
     lse2 = tl.load(lse_base + offs_m, mask=rows, other=0.0)
     delta = tl.load(delta_base + offs_m, mask=rows, other=0.0)
-    pt = _probs_t(k, at, lse2, mask_base + offs_m[None, :] * sm_m, offs_m, offs_n, n_q, n_k, qk_scale, True,
+    pt = _probs_t(k, qt, lse2, mask_base + offs_m[None, :] * sm_m, offs_m, offs_n, n_q, n_k, qk_scale, True,
                   MASKED, CAUSAL, MASK_KIND, IEEE)
     if IEEE:
         dv += tl.dot(pt, do, input_precision="ieee")
         dpt = tl.dot(v, tl.trans(do), input_precision="ieee")
         dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst, tl.trans(at), input_precision="ieee")
+        dk += tl.dot(dst, tl.trans(qt), input_precision="ieee")
     else:
         dv += tl.dot(pt.to(do.dtype), do)
         dpt = tl.dot(v, tl.trans(do))
         dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(at.dtype), tl.trans(at))
+        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt))
     return dk, dv
 
 
 @cached
 @triton.jit
-def _dkdv(A, B, V, DO, Lse, Delta, Mask, DB, DV, Wt, scale, n_q, n_k, heads, kv_group,
-          sa_b, sa_h, sa_m, sb_b, sb_h, sb_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_m, sl_b, sl_h,
-          sm_b, sm_h, sm_m, sdb_b, sdb_h, sdb_n, sdv_b, sdv_h, sdv_n,
+def _dkdv(Q, K, V, DO, Lse, Delta, Mask, DK, DV, Wt, scale, n_q, n_k, heads, kv_group,
+          sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_m, sl_b, sl_h,
+          sm_b, sm_h, sm_m, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n,
           CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
           PROJECT_BLOCK: tl.constexpr, PROJECT_CAUSAL: tl.constexpr, DG_PAD: tl.constexpr):
@@ -125,7 +123,7 @@ def _dkdv(A, B, V, DO, Lse, Delta, Mask, DB, DV, Wt, scale, n_q, n_k, heads, kv_
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     cols = offs_n < n_k
-    k = tl.load(B + b * sb_b + hk * sb_h + offs_n[:, None] * sb_n + offs_d[None, :], mask=cols[:, None], other=0.0)
+    k = tl.load(K + b * sk_b + hk * sk_h + offs_n[:, None] * sk_n + offs_d[None, :], mask=cols[:, None], other=0.0)
     v = tl.load(V + b * sv_b + hk * sv_h + offs_n[:, None] * sv_n + offs_d[None, :], mask=cols[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
@@ -140,37 +138,37 @@ def _dkdv(A, B, V, DO, Lse, Delta, Mask, DB, DV, Wt, scale, n_q, n_k, heads, kv_
         full = n_q
     for r in range(0, kv_group):
         h = hk * kv_group + r
-        a_base = A + b * sa_b + h * sa_h
+        q_base = Q + b * sq_b + h * sq_h
         do_base = DO + b * sdo_b + h * sdo_h
         lse_base = Lse + b * sl_b + h * sl_h
         delta_base = Delta + b * sl_b + h * sl_h
         mask_base = Mask + b * sm_b + h * sm_h
         for start_m in range(lo, tl.minimum(full, n_q), BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, a_base, do_base, lse_base, delta_base, mask_base, start_m, offs_n,
-                                n_q, n_k, sa_m, sdo_m, sm_m, qk_scale, True, CAUSAL, MASK_KIND, IEEE, BLOCK_M, D)
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, start_m, offs_n,
+                                n_q, n_k, sq_m, sdo_m, sm_m, qk_scale, True, CAUSAL, MASK_KIND, IEEE, BLOCK_M, D)
         for start_m in range(tl.maximum(full, lo), n_q, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, a_base, do_base, lse_base, delta_base, mask_base, start_m, offs_n,
-                                n_q, n_k, sa_m, sdo_m, sm_m, qk_scale, False, CAUSAL, MASK_KIND, IEEE, BLOCK_M, D)
-    dk = (dk * scale).to(DB.dtype.element_ty)
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, start_m, offs_n,
+                                n_q, n_k, sq_m, sdo_m, sm_m, qk_scale, False, CAUSAL, MASK_KIND, IEEE, BLOCK_M, D)
+    dk = (dk * scale).to(DK.dtype.element_ty)
     if PROJECT_BLOCK:  # dK = dK̃ M
         wt_base = Wt + bh.to(tl.int64) * tl.cdiv(n_k, PROJECT_BLOCK) * (DG_PAD * D)
         dk = _project_tile(dk, wt_base, start_n, n_k, IEEE, BLOCK_N, D, PROJECT_BLOCK, PROJECT_CAUSAL,
-                           DG_PAD).to(DB.dtype.element_ty)
-    tl.store(DB + b * sdb_b + hk * sdb_h + offs_n[:, None] * sdb_n + offs_d[None, :], dk, mask=cols[:, None])
+                           DG_PAD).to(DK.dtype.element_ty)
+    tl.store(DK + b * sdk_b + hk * sdk_h + offs_n[:, None] * sdk_n + offs_d[None, :], dk, mask=cols[:, None])
     tl.store(DV + b * sdv_b + hk * sdv_h + offs_n[:, None] * sdv_n + offs_d[None, :], dv.to(DV.dtype.element_ty),
              mask=cols[:, None])
 
 
 @triton.jit
-def _dq_tile(dq, a, do, lse2, delta, b_base, v_base, mask_base, start_n, offs_m, n_q, n_k, sb_n, sv_n, qk_scale,
+def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, n_q, n_k, sk_n, sv_n, qk_scale,
              MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr,
              BLOCK_N: tl.constexpr, D: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     cols = offs_n < n_k
-    kt = tl.load(b_base + offs_n[None, :] * sb_n + offs_d[:, None], mask=cols[None, :], other=0.0)
+    kt = tl.load(k_base + offs_n[None, :] * sk_n + offs_d[:, None], mask=cols[None, :], other=0.0)
     vt = tl.load(v_base + offs_n[None, :] * sv_n + offs_d[:, None], mask=cols[None, :], other=0.0)
-    p = _probs_t(a, kt, lse2, mask_base, offs_m, offs_n, n_q, n_k, qk_scale, False, MASKED, CAUSAL, MASK_KIND,
+    p = _probs_t(q, kt, lse2, mask_base, offs_m, offs_n, n_q, n_k, qk_scale, False, MASKED, CAUSAL, MASK_KIND,
                  IEEE)
     if IEEE:
         dp = tl.dot(do, vt, input_precision="ieee")
@@ -185,9 +183,9 @@ def _dq_tile(dq, a, do, lse2, delta, b_base, v_base, mask_base, start_n, offs_m,
 
 @cached
 @triton.jit
-def _dq(A, B, V, DO, Lse, Delta, Lse2, Mask, DA, Wt, Out, scale, n_q, n_k, heads, kv_group,
-        sa_b, sa_h, sa_m, sb_b, sb_h, sb_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_m, sl_b, sl_h,
-        sm_b, sm_h, sm_m, sda_b, sda_h, sda_m, so_b, so_h, so_m,
+def _dq(Q, K, V, DO, Lse, Delta, Lse2, Mask, DQ, Wt, Out, scale, n_q, n_k, heads, kv_group,
+        sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_m, sl_b, sl_h,
+        sm_b, sm_h, sm_m, sdq_b, sdq_h, sdq_m, so_b, so_h, so_m,
         CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
         PROJECT_BLOCK: tl.constexpr, PROJECT_CAUSAL: tl.constexpr, DG_PAD: tl.constexpr):
@@ -200,7 +198,7 @@ def _dq(A, B, V, DO, Lse, Delta, Lse2, Mask, DA, Wt, Out, scale, n_q, n_k, heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     rows = offs_m < n_q
-    a = tl.load(A + b * sa_b + h * sa_h + offs_m[:, None] * sa_m + offs_d[None, :], mask=rows[:, None], other=0.0)
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :], mask=rows[:, None], other=0.0)
     do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_m + offs_d[None, :], mask=rows[:, None],
                  other=0.0)
     o = tl.load(Out + b * so_b + h * so_h + offs_m[:, None] * so_m + offs_d[None, :], mask=rows[:, None], other=0.0)
@@ -209,29 +207,29 @@ def _dq(A, B, V, DO, Lse, Delta, Lse2, Mask, DA, Wt, Out, scale, n_q, n_k, heads
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # no visible key: P = 0
     tl.store(Delta + b * sl_b + h * sl_h + offs_m, delta, mask=rows)  # both for _dkdv
     tl.store(Lse2 + b * sl_b + h * sl_h + offs_m, lse2, mask=rows)
-    b_base = B + b * sb_b + hk * sb_h
+    k_base = K + b * sk_b + hk * sk_h
     v_base = V + b * sv_b + hk * sv_h
     mask_base = Mask + b * sm_b + h * sm_h + offs_m[:, None] * sm_m
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     full, hi = key_range(pid_m, n_q, n_k, CAUSAL, MASK_KIND, BLOCK_M, BLOCK_N)
     for start_n in range(0, full, BLOCK_N):
-        dq = _dq_tile(dq, a, do, lse2, delta, b_base, v_base, mask_base, start_n, offs_m, n_q, n_k, sb_n, sv_n,
+        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, n_q, n_k, sk_n, sv_n,
                       qk_scale, False, CAUSAL, MASK_KIND, IEEE, BLOCK_N, D)
     for start_n in range(full, hi, BLOCK_N):
-        dq = _dq_tile(dq, a, do, lse2, delta, b_base, v_base, mask_base, start_n, offs_m, n_q, n_k, sb_n, sv_n,
+        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, n_q, n_k, sk_n, sv_n,
                       qk_scale, True, CAUSAL, MASK_KIND, IEEE, BLOCK_N, D)
-    dq = (dq * scale).to(DA.dtype.element_ty)
+    dq = (dq * scale).to(DQ.dtype.element_ty)
     if PROJECT_BLOCK:  # dQ = dQ̃ M
         wt_base = Wt + bh.to(tl.int64) * tl.cdiv(n_q, PROJECT_BLOCK) * (DG_PAD * D)
         dq = _project_tile(dq, wt_base, pid_m * BLOCK_M, n_q, IEEE, BLOCK_M, D, PROJECT_BLOCK, PROJECT_CAUSAL,
-                           DG_PAD).to(DA.dtype.element_ty)
-    tl.store(DA + b * sda_b + h * sda_h + offs_m[:, None] * sda_m + offs_d[None, :], dq, mask=rows[:, None])
+                           DG_PAD).to(DQ.dtype.element_ty)
+    tl.store(DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_m + offs_d[None, :], dq, mask=rows[:, None])
 
 
 def launch_params(d: int, dtype: torch.dtype) -> dict:
     """``{"dkdv": ..., "dq": ...}``: tile sizes (``block_m`` query rows, ``block_n`` keys), warps and stages of
-    each kernel. Square tiles of 64 (the H100 sweep in docs/design.md: 3 stages at d ≤ 64, 2 at 128); 32 for
+    each kernel. Square tiles of 64 (the H100 sweep in docs/design.md: 3 stages qt d ≤ 64, 2 qt 128); 32 for
     float32."""
     if dtype == torch.float32:
         tile = dict(block_m=32, block_n=32, num_warps=4, num_stages=2)
@@ -240,51 +238,50 @@ def launch_params(d: int, dtype: torch.dtype) -> dict:
     return {"dkdv": tile, "dq": tile}
 
 
-def attention_backward(a, b, v, out, lse, dout, *, causal: bool, attn_mask, scale: float, project=None,
+def attention_backward(q, k, v, out, lse, dout, *, causal: bool, attn_mask, scale: float, project=None,
                        dkdv=None, dq=None):
-    """Gradients ``(dA, dB, dV)`` of ``softmax(scale · A Bᵀ + mask) V`` (GQA: ``B``, ``V`` have fewer heads), in
+    """Gradients ``(dQ, dK, dV)`` of ``softmax(scale · Q Kᵀ + mask) V`` (GQA: ``K``, ``V`` have fewer heads), in
     the inputs' dtype (accumulated in float32).
 
-    a, out, dout: ``(batch, Hq, Nq, d)``; b, v: ``(batch, Hkv, Nk, d)``; any strides, a unit-stride last dim for
-    ``a``, ``b``, ``v`` (as :func:`hf_distrattn.distr_attention` passes them; ``out``, ``dout`` are copied
-    otherwise); the gradients keep the inputs' layouts. lse: float32 ``(batch, Hq, Nq)`` from the forward (natural
-    log); attn_mask 4-D or ``None``; ``dkdv`` / ``dq``: dicts that override entries of :func:`launch_params` for
-    that kernel.
-    ``project = (operand, wt, block, causal)``: ``A`` (operand ``"a"``) or ``B`` (``"b"``) is ``X M`` per block of
-    ``block`` rows, ``M = Wtᵀ Wt`` from :func:`.grouping.group_queries` (``wt`` contiguous; ``causal``: block 0
+    q, out, dout: ``(batch, Hq, Nq, d)``; k, v: ``(batch, Hkv, Nk, d)``; any strides, a unit-stride last dim for
+    ``q``, ``k``, ``v`` (``out``, ``dout`` are copied otherwise); the gradients keep the inputs' layouts. lse:
+    float32 ``(batch, Hq, Nq)`` from the forward (natural log); attn_mask 4-D or ``None``; ``dkdv`` / ``dq``: dicts
+    that override entries of :func:`launch_params` for that kernel.
+    ``project = (operand, wt, block, causal)``: ``q`` (operand ``"q"``) or ``k`` (``"k"``) is ``X̃ = X M`` per block
+    of ``block`` rows, ``M = Wtᵀ Wt`` from :func:`.grouping.reduce_operand` (``wt`` contiguous; ``causal``: block 0
     has ``M = I``); that gradient is returned as ``dX = dX̃ M`` (``M`` symmetric), in the kernel's epilogue.
     """
-    batch, heads, n_q, d = a.shape
-    h_kv, n_k = b.shape[1], b.shape[2]
+    batch, heads, n_q, d = q.shape
+    h_kv, n_k = k.shape[1], k.shape[2]
     d_pad = padded_width(d)
     out, dout = (t if t.stride(-1) == 1 else t.contiguous() for t in (out, dout))
     lse = lse.contiguous()
     delta, lse2 = torch.empty_like(lse), torch.empty_like(lse)  # Δ and the base-2 lse: written by _dq for _dkdv
-    defaults = launch_params(d_pad, a.dtype)
+    defaults = launch_params(d_pad, q.dtype)
     p_kv, p_q = defaults["dkdv"] | (dkdv or {}), defaults["dq"] | (dq or {})
     if d_pad != d:
-        a, b, v, out, dout = (torch.nn.functional.pad(t, (0, d_pad - d)) for t in (a, b, v, out, dout))
-    da, db, dv = (torch.empty_like(t) for t in (a, b, v))  # the inputs' layouts (Transformers' (B, N, H, d) views)
-    mask, mask_kind, mask_strides = mask_arguments(attn_mask, da)
-    common = dict(CAUSAL=causal, MASK_KIND=mask_kind, IEEE=a.dtype == torch.float32, D=d_pad)
+        q, k, v, out, dout = (torch.nn.functional.pad(t, (0, d_pad - d)) for t in (q, k, v, out, dout))
+    dq_, dk, dv = (torch.empty_like(t) for t in (q, k, v))  # the inputs' layouts (Transformers' (B, N, H, d) views)
+    mask, mask_kind, mask_strides = mask_arguments(attn_mask, dq_)
+    common = dict(CAUSAL=causal, MASK_KIND=mask_kind, IEEE=q.dtype == torch.float32, D=d_pad)
     if project is not None and d_pad != d:
         raise ValueError(f"project needs a power-of-two head dim, got {d}")
-    wt = da if project is None else project[1]  # da: a placeholder pointer, never read
-    strides = (*a.stride()[:3], *b.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *lse.stride()[:2],
+    wt = dq_ if project is None else project[1]  # dq_: a placeholder pointer, never read
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *lse.stride()[:2],
                *mask_strides)
 
-    def launch(params, operand):  # operand: "a" for _dq, "b" for _dkdv
+    def launch(params, operand):  # operand: "q" for _dq, "k" for _dkdv
         projected = project is not None and project[0] == operand
         return dict(BLOCK_M=params["block_m"], BLOCK_N=params["block_n"], num_warps=params["num_warps"],
                     num_stages=params["num_stages"], PROJECT_BLOCK=project[2] if projected else 0,
                     PROJECT_CAUSAL=projected and project[3], DG_PAD=wt.shape[-2] if projected else 16) | common
 
     _dq[(triton.cdiv(n_q, p_q["block_m"]) * batch * heads,)](
-        a, b, v, dout, lse, delta, lse2, mask, da, wt, out, scale, n_q, n_k, heads, heads // h_kv, *strides,
-        *da.stride()[:3], *out.stride()[:3], **launch(p_q, "a"))
+        q, k, v, dout, lse, delta, lse2, mask, dq_, wt, out, scale, n_q, n_k, heads, heads // h_kv, *strides,
+        *dq_.stride()[:3], *out.stride()[:3], **launch(p_q, "q"))
     _dkdv[(triton.cdiv(n_k, p_kv["block_n"]) * batch * h_kv,)](
-        a, b, v, dout, lse2, delta, mask, db, dv, wt, scale, n_q, n_k, heads, heads // h_kv, *strides,
-        *db.stride()[:3], *dv.stride()[:3], **launch(p_kv, "b"))
+        q, k, v, dout, lse2, delta, mask, dk, dv, wt, scale, n_q, n_k, heads, heads // h_kv, *strides,
+        *dk.stride()[:3], *dv.stride()[:3], **launch(p_kv, "k"))
     if d_pad == d:
-        return da, db, dv
-    return da[..., :d], db[..., :d], dv[..., :d]
+        return dq_, dk, dv
+    return dq_[..., :d], dk[..., :d], dv[..., :d]

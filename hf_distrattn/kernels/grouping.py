@@ -19,7 +19,7 @@ block 0), loaded once, :func:`_fuse_matrix` computes
 exact in the float32 accumulator); ``v`` is rounded to the input dtype once, in ``Wt``. float32 inputs use IEEE
 float32 products.
 
-Two kernels use it. :func:`group_queries` (a program per block): ``U`` and ``Wt``, or with ``PROJECT`` the
+Two kernels use it. :func:`reduce_operand` (a program per block): ``U`` and ``Wt``, or with ``PROJECT`` the
 projection ``X̃ = (X Wtᵀ) Wt`` of the block (the training path's ``Q̃``; its backward applies the same map to
 ``dQ̃`` with :func:`project_block`). :func:`reduce_keys` (a program per block that new keys fall in, the first
 block read from a tensor so that a CUDA graph can replay it): the compact ``Wt`` of each block and ``U`` of the
@@ -127,7 +127,7 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def group_queries(x: torch.Tensor, hashes: torch.Tensor, config: DistrConfig, dg_pad: int, causal: bool = False,
+def reduce_operand(x: torch.Tensor, hashes: torch.Tensor, config: DistrConfig, dg_pad: int, causal: bool = False,
                   project: bool = False):
     """``U`` ``(B, H, n_blocks·BLOCK_M, dg_pad)`` (zero padding columns) and ``Wt`` ``(B, H, n_blocks, dg_pad, d)``
     of every block of ``x`` ``(B, H, n, d)`` (queries or keys; ``d`` a power of two; unit-stride head dim).

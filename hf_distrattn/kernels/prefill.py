@@ -28,7 +28,7 @@ import triton.language as tl
 
 from ..config import DistrConfig
 from ..grouping import padded_width
-from .grouping import group_queries
+from .grouping import reduce_operand
 from .launch import cached
 from .softmax import (
     HEAD_GROUP,
@@ -142,7 +142,7 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: DistrConf
         if d_pad != d:
             q, k, v = (torch.nn.functional.pad(t, (0, d_pad - d)) for t in (q, k, v))
         return q, k, v, None
-    u, wt = group_queries(q, hashes, config, padded_width(d // config.group_size), causal_grouping)
+    u, wt = reduce_operand(q, hashes, config, padded_width(d // config.group_size), causal_grouping)
     return u, k, v, wt
 
 
