@@ -38,6 +38,16 @@ class Calibration:
         return self.loss / self.exact_loss - 1
 
     @property
+    def spec(self) -> str:
+        """The chosen settings as one attention setting (``distr:...,exact_layers=0+3``) for the CLI and configs."""
+        approximated = next((c for c in self.configs if not c.exact), self.configs[0])
+        exact = [str(i) for i, c in enumerate(self.configs) if c.exact]
+        fields = {f: getattr(approximated, f) for f in ("group_size", "block_size", "sampled", "reduce", "grouping")}
+        default = DistrConfig()
+        text = ",".join(f"{k}={v}" for k, v in fields.items() if v != getattr(default, k) or k == "group_size")
+        return f"distr:{text}" + (f",exact_layers={'+'.join(exact)}" if exact else "")
+
+    @property
     def attention_flops_saved(self) -> float:
         """Share of the model's attention FLOPs the chosen settings save."""
         return sum((1 - 1 / c.group_size) / 2 for c in self.configs) / len(self.configs)

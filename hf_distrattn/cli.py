@@ -142,6 +142,50 @@ def _tables_parser(parser) -> None:
     _device_and_dtype(parser)
 
 
+def _calibrate(args) -> None:
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .calibrate import calibrate
+    from .settings import check_model, parse_settings, pick_device, pick_dtype
+
+    (_, name, config), = parse_settings([args.attn])
+    if name != "distr":
+        raise ValueError(f"--attn must be a distr setting, got {args.attn!r}")
+    text = open(args.text_file, encoding="utf-8", errors="replace").read() if args.text_file else None
+    if not text or not text.strip():
+        raise ValueError(f"--text-file: no text in {args.text_file!r}")
+    device = pick_device(args.device)
+    check_model(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=pick_dtype(args.dtype, device),
+                                                 attn_implementation="distr").to(device).eval()
+    ids = torch.tensor(AutoTokenizer.from_pretrained(args.model)(text, add_special_tokens=False).input_ids)
+    cal = calibrate(model, ids, budget=args.budget, config=config, seq_len=args.seq_len,
+                    max_windows=args.max_windows, progress=lambda layers: tqdm(layers, desc="layers", unit="layer"))
+    print("| layer | sensitivity | G |\n|---:|---:|---:|")
+    for layer, (sensitivity, chosen) in enumerate(zip(cal.sensitivity, cal.configs, strict=True)):
+        print(f"| {layer} | {sensitivity:+.2%} | {chosen.group_size} |")
+    print(f"\nloss {cal.loss_increase:+.2%} against exact (budget {args.budget:.0%}), attention FLOPs saved "
+          f"{cal.attention_flops_saved:.1%}\nsetting: {cal.spec}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"spec": cal.spec, "exact_loss": cal.exact_loss, "loss": cal.loss,
+                       "loss_increase": cal.loss_increase, "attention_flops_saved": cal.attention_flops_saved,
+                       "sensitivity": cal.sensitivity}, f, indent=2)
+
+
+def _calibrate_parser(parser) -> None:
+    parser.add_argument("--model", required=True, help="hub id or local path of a causal LM")
+    parser.add_argument("--text-file", required=True, help="calibration text (keep it apart from the eval text)")
+    parser.add_argument("--budget", type=float, default=0.02, help="relative loss increase allowed (0.02 = 2%%)")
+    parser.add_argument("--attn", default="distr:group_size=2", help="the setting of an approximated layer")
+    parser.add_argument("--seq-len", type=positive, default=1024)
+    parser.add_argument("--max-windows", type=positive, default=2)
+    _device_and_dtype(parser)
+    parser.add_argument("--json", help="write the result here")
+
+
 def _bench(args) -> None:
     import torch
 
@@ -213,6 +257,7 @@ COMMANDS = {  # name: (help, arguments, run)
     "ppl": ("perplexity and bits per byte of a causal LM", _ppl_parser, _ppl),
     "vit": ("top-1/top-5 accuracy and images/s of an image classifier", _vit_parser, _vit),
     "tables": ("a YAML grid of models × settings: Markdown tables and PNG plots", _tables_parser, _tables),
+    "calibrate": ("per-layer settings within a loss budget (hf_distrattn.calibrate)", _calibrate_parser, _calibrate),
     "finetune": ("fine-tune a causal LM or image classifier through distr", _finetune_parser, _finetune),
     "bench": ("kernel and end-to-end latency against SDPA and sageattention (GPU)", _bench_parser, _bench),
 }

@@ -74,6 +74,8 @@ BAD_INPUTS = [
      "attention implementation 'flash_attention_2' is not available"),
     (["ppl", "--model", "{lm}", "--text-file", "{text}", "--attn", "flash"],
      "attention implementation 'flash' is not available"),
+    (["calibrate", "--model", "{lm}", "--text-file", "{text}", "--attn", "sdpa"], "--attn must be a distr setting"),
+    (["calibrate", "--model", "{lm}", "--text-file", "{empty}"], "--text-file: no text"),
     (["ppl", "--model", "{lm}", "--text-file", "{text}", "--seq-len", "100000"],
      "--seq-len 100000 exceeds the model's max_position_embeddings (8192)"),
 ]

@@ -249,6 +249,9 @@ def test_calibrate_keeps_the_budget_with_the_least_sensitive_layers(kjv_llama):
     assert cal.loss_increase <= 0.02
     assert cal.attention_flops_saved == pytest.approx(len(chosen) / 8 * 0.25)
     assert layer_configs(model) == cal.configs  # applied
+    name, spec_config = hf_distrattn.parse_attn_spec(cal.spec)  # the CLI's one-line form of the same settings
+    configure(model, spec_config)
+    assert name == "distr" and [c.replace(exact_layers=()) for c in layer_configs(model)] == cal.configs
     configure(model, DistrConfig(group_size=1))
     configure(model, DistrConfig(), layers=order[: len(chosen) + 1])
     assert evaluate_perplexity(model, ids[:1024], 1024).nats_per_token > 1.02 * cal.exact_loss
