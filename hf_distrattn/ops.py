@@ -75,10 +75,10 @@ def _exact_kernel_config(dtype: torch.dtype) -> DistrConfig:
     return DistrConfig(group_size=1, block_size=32 if dtype == torch.float32 else 128)
 
 
-def _grouped_shapes(x: Tensor, group_size: int, block_size: int) -> tuple[tuple, tuple]:
-    """Shapes of ``X̃`` and ``Wt`` of the ``"projected"`` path for the sampled operand ``x``."""
+def _wt_shape(x: Tensor, group_size: int, block_size: int) -> tuple:
+    """The shape of ``Wt`` on the ``"projected"`` path for the sampled operand ``x``."""
     batch, heads, n, d = x.shape
-    return x.shape, (batch, heads, -(-n // block_size), padded_width(d // group_size), d)
+    return batch, heads, -(-n // block_size), padded_width(d // group_size), d
 
 
 # --- attention ------------------------------------------------------------------------------------------------
@@ -128,8 +128,7 @@ def _(q, k, v, attn_mask, hashes, path, causal, scale, group_size, block_size, n
     lse = q.new_empty(q.shape[:3], dtype=torch.float32)
     if path == "projected" and group_size > 1:
         x = q if sampled == "q" else k
-        _, wt_shape = _grouped_shapes(x, group_size, block_size)
-        return _like(q), lse, _like(x), x.new_empty(wt_shape)
+        return _like(q), lse, _like(x), x.new_empty(_wt_shape(x, group_size, block_size))
     return _like(q), lse, _absent(q), _absent(q)
 
 
