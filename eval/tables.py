@@ -62,9 +62,19 @@ def series_key(spec: str) -> tuple[str, int]:
         return name, 1
     label = f"{config.grouping}, {config.reduce}, block {config.block_size}" if config.grouping != "truncate" \
         else "truncate"
+    if config.sampled == "k":
+        label += ", keys sampled"
     if config.exact_layers:
         label += f", exact layers {'+'.join(map(str, config.exact_layers))}"
     return ("exact" if config.group_size == 1 else label), config.group_size
+
+
+def panel_title(payload: dict) -> str:
+    """The model's folder name (its parent's where it is a generic ``model``) and the data it was scored on."""
+    model = Path(payload["model"])
+    name = model.parent.name if model.name == "model" else model.name
+    data = payload.get("text_file") or payload.get("dataset")
+    return f"{name} · {Path(data).name}" if data else name
 
 
 def plot_accuracy(results: list[dict], path: Path) -> None:
@@ -89,7 +99,7 @@ def plot_accuracy(results: list[dict], path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("group size G")
         ax.set_ylabel("held-out bits/byte (lower is better)" if metric == "bits_per_byte" else "top-1")
-        ax.set_title(Path(payload["model"]).name, fontsize=10)
+        ax.set_title(panel_title(payload), fontsize=10)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -114,6 +124,17 @@ def plot_latency(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def replot(out_dir: str) -> None:
+    """Draw the plots of ``out_dir/results.json`` again (no evaluation)."""
+    path = Path(out_dir) / "results.json"
+    if not path.is_file():
+        raise EvalError(f"no results to plot: {path} not found (run the grid first)")
+    summary = json.loads(path.read_text())
+    plot_accuracy(summary["results"], Path(out_dir) / "accuracy_vs_G.png")
+    if summary.get("latency"):
+        plot_latency(summary["latency"], Path(out_dir) / "latency_vs_seq_len.png")
 
 
 def run_tables(config_path: str, out_dir: str, device: str | None = None, dtype: str = "auto") -> dict:

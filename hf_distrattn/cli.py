@@ -129,8 +129,12 @@ def _vit_parser(parser) -> None:
 
 
 def _tables(args) -> None:
-    from .eval.tables import run_tables
+    from .eval.tables import replot, run_tables
 
+    if args.replot:
+        replot(args.out)
+        print(f"redrew the plots of {args.out}/results.json")
+        return
     run_tables(args.config, args.out, device=args.device, dtype=args.dtype)
     print(open(f"{args.out}/tables.md").read())
     print(f"wrote {args.out}/tables.md, results.json and PNG plots")
@@ -139,6 +143,7 @@ def _tables(args) -> None:
 def _tables_parser(parser) -> None:
     parser.add_argument("config", help="a YAML file, e.g. configs/shared-models.yaml")
     parser.add_argument("--out", default="results/tables")
+    parser.add_argument("--replot", action="store_true", help="only redraw the plots of OUT/results.json")
     _device_and_dtype(parser)
 
 

@@ -79,6 +79,10 @@ image:
     assert table.count("| distr:group_size=2,grouping=truncate |") == 4  # ppl, vit and two latency rows
     for png in ("accuracy_vs_G.png", "latency_vs_seq_len.png"):
         assert (tmp_path / "out" / png).read_bytes()[:4] == b"\x89PNG"
+        (tmp_path / "out" / png).unlink()
+    assert main(["tables", str(grid), "--out", str(tmp_path / "out"), "--replot"]) == 0  # from results.json alone
+    for png in ("accuracy_vs_G.png", "latency_vs_seq_len.png"):
+        assert (tmp_path / "out" / png).read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("args,message", [
