@@ -13,9 +13,9 @@ import importlib.util
 import sys
 
 __version__ = "0.1.0"
-_EXPORTS = {"DEFAULT_CONFIG": "api", "distr_attention": "api", "Calibration": "calibrate", "calibrate": "calibrate",
-            "DistrConfig": "config", "parse_attn_spec": "config", "configure": "integration",
-            "layer_configs": "integration", "tree": None}
+_EXPORTS = {"DEFAULT_CONFIG": "api", "distr_attention": "api", "Calibration": "calibration",
+            "calibrate": "calibration", "DistrConfig": "config", "parse_attn_spec": "config",
+            "configure": "integration", "layer_configs": "integration", "tree": None}
 __all__ = sorted(_EXPORTS)
 
 

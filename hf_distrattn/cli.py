@@ -152,7 +152,7 @@ def _calibrate(args) -> None:
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .calibrate import calibrate
+    from .calibration import calibrate
     from .settings import check_model, parse_settings, pick_device, pick_dtype
 
     (_, name, config), = parse_settings([args.attn])

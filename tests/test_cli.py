@@ -107,8 +107,9 @@ def test_help_loads_neither_torch_nor_transformers():
 
 def test_the_library_does_not_import_the_evals():
     code = ("import sys, torch, hf_distrattn\nfrom transformers import AttentionInterface\n"
-            "from hf_distrattn import calibrate, cache, cli, demo, integration, ops, plan, settings, tree\n"
+            "from hf_distrattn import cache, calibration, cli, demo, integration, ops, plan, settings, tree\n"
             "assert 'distr' in AttentionInterface._global_mapping and 'tree' in AttentionInterface._global_mapping\n"
+            "assert all(callable(getattr(hf_distrattn, f)) for f in ('calibrate', 'configure', 'distr_attention'))\n"
             "print(sorted(m for m in sys.modules if m.startswith('hf_distrattn.eval')))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.stdout.strip().splitlines()[-1] == "[]", run.stderr[-2000:]
