@@ -29,7 +29,7 @@ from torch import Tensor
 
 from . import reference
 from .config import DistrConfig
-from .grouping import block_grouping, compact_fuse, padded_width
+from .grouping import block_grouping, compact_fuse, padded_width, pca_reduced
 
 
 @functools.lru_cache(maxsize=256)
@@ -102,8 +102,13 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, hashes
     if path == "decode":
         out, lse = decode.decode_attention(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale)
     elif path == "fused":
+        prepared = None  # LSH: the grouping kernel, inside the call
+        if group_size > 1 and grouping == "pca":
+            u, wt = pca_reduced(q, config, causal_grouping, padded_width(q.shape[-1] // group_size))
+            prepared = (u, k, v, wt)
         out, lse = prefill.distr_attention_triton(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale,
-                                                  config=config, causal_grouping=causal_grouping, hashes=hashes)
+                                                  config=config, causal_grouping=causal_grouping, hashes=hashes,
+                                                  prepared=prepared)
     elif path == "projected":
         if group_size > 1:
             from .kernels.grouping import reduce_operand

@@ -8,7 +8,8 @@
   which is how CI runs the kernels).
 - ``"reference-autograd"``: the reference called directly, differentiated by autograd: the one path with
   attention dropout or a mask that needs a gradient.
-- ``"fused"``: the fused ``d/G`` prefill kernel (:mod:`.kernels.prefill`), ``sampled="q"``, no gradients.
+- ``"fused"``: the fused ``d/G`` prefill kernel (:mod:`.kernels.prefill`), ``sampled="q"``, no gradients; LSH
+  groups from the grouping kernel, or ``"pca"`` bases from PyTorch (:func:`hf_distrattn.grouping.pca_reduced`).
 - ``"projected"``: the sampled operand replaced by ``X̃ = X M`` by the grouping kernel (LSH, rank-1 groups), then
   the exact kernels forward and backward: training, and ``sampled="k"`` prefill.
 - ``"approximated"``: the same with ``X̃`` from the PyTorch grouping (differentiable by autograd), for settings the
@@ -140,6 +141,9 @@ def plan(q: torch.Tensor, k: torch.Tensor, config: DistrConfig, *, causal_groupi
         return Plan("decode", group, (why, ("{} queries: split-KV", n_q)))
     if config.sampled == "q" and grouping is None and config.block_size in BLOCK_SIZES:
         return Plan("fused", group, (why, ("fused d/G kernel",) if group > 1 else ("exact kernel",)))
+    if (config.sampled == "q" and config.grouping == "pca" and config.block_size in BLOCK_SIZES
+            and _power_of_two(d)):
+        return Plan("fused", group, (why, ("pca bases by PyTorch subspace iteration, fused d/G kernel",)))
     if group > 1 and grouping is None and config.reduce == "rank1":
         return Plan("projected", group, (why, ("sampled='k': K̃ = K·M by the grouping kernel, exact kernel",)))
     note = grouping or (("block_size {} (the kernels take {})", config.block_size, BLOCK_SIZES) if group == 1

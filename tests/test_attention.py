@@ -263,11 +263,27 @@ def test_match_grouping_finds_signed_groups(group):
     assert "reference only" in kernel_grouping(32, config, group)[0]  # an ablation: the kernels refuse it
 
 
+def test_top_subspace_is_the_leading_eigenspace():
+    """Subspace iteration with CholeskyQR2: the eigenspace of the largest eigenvalues where there is a gap (float64
+    even for float32 input), an orthonormal basis, zero columns for a zero matrix."""
+    from hf_distrattn.grouping import top_subspace
+
+    q = torch.linalg.qr(rand(6, 32, 32, dtype=torch.float64, seed=14)).Q
+    spectrum = torch.cat([torch.logspace(4, 2, 8), torch.logspace(-1, -3, 24)]).double()
+    cov = (q * spectrum) @ q.transpose(-1, -2)
+    p = top_subspace(cov.float(), 8)
+    assert p.dtype == torch.float64
+    torch.testing.assert_close(p.transpose(-1, -2) @ p, torch.eye(8, dtype=torch.float64).expand(6, 8, 8))
+    exact = q[..., :8]
+    torch.testing.assert_close(p @ p.transpose(-1, -2), exact @ exact.transpose(-1, -2), atol=1e-6, rtol=0)
+    assert (top_subspace(torch.zeros(2, 16, 16), 4) == 0).all()
+
+
 def test_pca_projection_is_the_decayed_prefix_subspace():
     """``grouping="pca"``: rows in a rotated ``d/G``-dim subspace (no column grouping fits them) are reproduced
-    exactly, causal or not; with causal grouping block ``b`` is projected on the top eigenvectors of
+    exactly, causal or not; with causal grouping block ``b`` is projected on the leading subspace of
     ``Σ_{j<b} λ^(b-1-j) X_jᵀ X_j`` (built here block by block); the gradient is ``dX̃ P Pᵀ`` (P held constant)."""
-    from hf_distrattn.grouping import PCA_DECAY
+    from hf_distrattn.grouping import PCA_DECAY, top_subspace
     from hf_distrattn.plan import kernel_grouping
 
     config = DistrConfig(group_size=2, block_size=8, grouping="pca")
@@ -281,7 +297,7 @@ def test_pca_projection_is_the_decayed_prefix_subspace():
     x = rand(1, 1, 40, 16, dtype=torch.float64, seed=9)
     blocks = x.view(5, 8, 16)
     cov = sum(PCA_DECAY ** (2 - j) * blocks[j].T @ blocks[j] for j in range(3))
-    top = torch.linalg.eigh(cov).eigenvectors[:, -8:]
+    top = top_subspace(cov, 8)  # its own accuracy: test_top_subspace_is_the_leading_eigenspace
     torch.testing.assert_close(approximate_operand(x, config, causal=True)[0, 0, 24:32], blocks[3] @ top @ top.T)
 
     q = x.clone().requires_grad_()

@@ -61,6 +61,20 @@ def test_kernel_matches_reference_fp32(group, block, d, causal, n_q, n_k, heads)
         torch.testing.assert_close(out[rows], sdpa[rows], atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_pca_runs_on_the_fused_kernel(causal):
+    """``grouping="pca"``: bases from the PyTorch subspace iteration, scores on the fused d/G kernel; the reference's
+    approximation (``X̃ = X P Pᵀ``) to float32 rounding."""
+    config = triton_config(group_size=2, block_size=64, grouping="pca")  # 64 rows: more than d/G = 32 directions
+    q, k, v = rand(2, 4, 150, 64, seed=80), rand(2, 2, 150, 64, seed=81), rand(2, 2, 150, 64, seed=82)
+    assert plan(q, k, config, causal_grouping=causal).path == "fused"
+    out = distr_attention(q, k, v, causal=causal, config=config)
+    ref, _ = reference.attention(q, k, v, causal=causal, config=config, causal_grouping=causal)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    exact, _ = reference.attention(q, k, v, causal=causal)
+    assert (out - exact).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("kind", MASK_KINDS)
 def test_kernel_masks(kind):
     b, h, n, d = 2, 2, 33, 64
