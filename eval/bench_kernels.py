@@ -132,6 +132,31 @@ def markdown(rows) -> str:
     return "TFLOP/s (speed-up over sdpa-flash)\n\n" + "\n".join(lines)
 
 
+def plot(rows, path) -> None:
+    """Effective TFLOP/s against sequence length, one line per method, one panel per (head dim, causal)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["d"], r["causal"]) for r in rows if "tflops" in r})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (d, causal) in zip(axes[0], panels, strict=True):
+        for name in dict.fromkeys(r["method"] for r in rows):
+            points = sorted((r["n"], r["tflops"]) for r in rows
+                            if r["method"] == name and (r["d"], r["causal"]) == (d, causal) and "tflops" in r)
+            if points:
+                ax.plot([n for n, _ in points], [t for _, t in points], marker="o", label=name,
+                        linestyle="--" if not name.startswith("distr") else "-")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("effective TFLOP/s (4·B·H·N²·d, halved when causal)")
+        ax.set_title(f"d={d}, {'causal' if causal else 'not causal'}", fontsize=10)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
@@ -142,10 +167,17 @@ def main(argv=None):
     parser.add_argument("--tune", type=int, nargs="*", default=[], help="sequence lengths to sweep launches at")
     parser.add_argument("--json")
     parser.add_argument("--markdown")
+    parser.add_argument("--plot", help="speed against sequence length, PNG")
+    parser.add_argument("--replot", help="only draw --plot from this earlier --json (no GPU)")
     args = parser.parse_args(argv)
+    if args.replot:
+        plot(json.load(open(args.replot))["rows"], args.plot or "speed_vs_seq_len.png")
+        return
     causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
     rows = bench(args.seq_lens, args.head_dims, causals, args.groups, args.block_sizes, tune=args.tune)
     write_results(args.json, args.markdown, "bf16", rows, markdown(rows))
+    if args.plot:
+        plot(rows, args.plot)
 
 
 if __name__ == "__main__":

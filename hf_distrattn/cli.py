@@ -198,7 +198,8 @@ def _bench(args) -> None:
         raise ValueError("the benchmark needs a CUDA GPU")
     from .eval import activation_error, bench_decode, bench_e2e, bench_kernels
 
-    bench_kernels.main(["--json", f"{args.out}/kernels.json", "--markdown", f"{args.out}/kernels.md"])
+    bench_kernels.main(["--json", f"{args.out}/kernels.json", "--markdown", f"{args.out}/kernels.md",
+                        "--plot", f"{args.out}/speed_vs_seq_len.png"])
     bench_decode.main(["--json", f"{args.out}/decode.json", "--markdown", f"{args.out}/decode.md"])
     bench_e2e.main(["--compile", "--json", f"{args.out}/e2e.json", "--markdown", f"{args.out}/e2e.md"])
     captured = [(flag, value) for flag, value in (("--lm", args.lm), ("--text-file", args.text_file),

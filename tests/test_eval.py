@@ -135,3 +135,15 @@ def test_captured_calls_carry_the_layer_causality(shared):
     assert all(c["causal"] and c["causal_grouping"] and c["q"].shape[2] == 40 for c in calls)
     assert calls[0]["k"].shape[1] == 2 and calls[0]["q"].shape[1] == 8  # GQA kept, not repeated
     assert model.config._attn_implementation != activation_error.CAPTURE
+
+
+def test_speed_plot_from_benchmark_rows(tmp_path):
+    """bench_kernels --replot draws the speed plot from an earlier run's JSON (no GPU needed)."""
+    from hf_distrattn.eval import bench_kernels
+
+    rows = [{"method": m, "d": 64, "n": n, "causal": c, "tflops": t * n / 1024}
+            for m, t in (("sdpa-flash", 300), ("distr-G2-b128", 350)) for n in (1024, 4096) for c in (False, True)]
+    rows.append({"method": "sageattn-1", "d": 64, "n": 1024, "causal": True, "error": "unavailable"})
+    (tmp_path / "k.json").write_text(json.dumps({"environment": {}, "rows": rows}))
+    bench_kernels.main(["--replot", str(tmp_path / "k.json"), "--plot", str(tmp_path / "s.png")])
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
