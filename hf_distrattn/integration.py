@@ -73,6 +73,24 @@ def _pass_cache(module, args, kwargs):
     return args, {**kwargs, CACHE_KWARG: cache}
 
 
+def unsupported_features(model: torch.nn.Module) -> list[str]:
+    """The attention features of ``model`` that ``"distr"`` cannot serve yet: sliding windows, logit
+    softcapping, attention sinks (as Transformers' configs and modules declare them)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    found = []
+    layer_types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    sliding = (any("sliding" in t for t in layer_types) if layer_types
+               else window is not None and getattr(config, "use_sliding_window", True))
+    if sliding and window is not None:
+        found.append(f"sliding_window={window}")
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        found.append(f"attn_logit_softcapping={config.attn_logit_softcapping}")
+    if any(name.endswith("sinks") for name, _ in model.named_parameters()):
+        found.append("attention sinks")
+    return found
+
+
 def configure(model: torch.nn.Module, config: DistrConfig, layers: Iterable[int] | None = None) -> torch.nn.Module:
     """Use ``config`` in every attention layer of ``model``, or only in the layer indices ``layers``.
 
@@ -82,6 +100,10 @@ def configure(model: torch.nn.Module, config: DistrConfig, layers: Iterable[int]
     """
     if not isinstance(config, DistrConfig):
         raise TypeError(f"config must be a DistrConfig, got {type(config).__name__}")
+    unsupported = unsupported_features(model)
+    if unsupported:
+        raise ValueError(f"attn_implementation='distr' does not support {', '.join(unsupported)} of this "
+                         f"{getattr(model.config, 'model_type', type(model).__name__)} model yet: use 'sdpa' for it")
     modules = attention_modules(model)
     chosen = range(len(modules)) if layers is None else list(layers)
     for index in (*chosen, *config.exact_layers):
