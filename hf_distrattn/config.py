@@ -87,6 +87,10 @@ class DistrConfig:
     def replace(self, **changes: Any) -> DistrConfig:
         return dataclasses.replace(self, **changes)
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (:meth:`from_dict` reads them back): what ``config.json`` keeps per layer."""
+        return dataclasses.asdict(self) | {"exact_layers": list(self.exact_layers)}
+
 
 EXACT = DistrConfig(group_size=1)
 """Exact attention (``G = 1``)."""

@@ -9,6 +9,10 @@ then dropped here, as SDPA does). A causal module always gets the causal groupin
 With ``sampled="k"`` the keys are also kept in reduced form in the model's cache (:mod:`hf_distrattn.cache`):
 :func:`configure` installs a forward pre-hook on each attention module that passes the module's cache to the
 attention function as ``distr_cache`` (Transformers passes it to the module, not to attention functions).
+
+Per-layer settings live on the attention modules and, for ``save_pretrained``, in the model config as
+``distr_layers`` (one :meth:`DistrConfig.to_dict` per attention module): a model loaded with
+``attn_implementation="distr"`` takes them back on its first call (or at once with ``configure(model)``).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ def distr_attention_forward(module: torch.nn.Module, query, key, value, attentio
     for name in UNSUPPORTED_KWARGS:
         if kwargs.get(name) is not None:
             raise ValueError(f"attn_implementation='distr' does not support {name}={kwargs[name]!r}")
-    config = getattr(module, "distr_config", None) or DEFAULT_CONFIG
+    config = layer_config(module)
     module_causal = bool(getattr(module, "is_causal", False))
     causal = False
     if attention_mask is None:
@@ -48,6 +52,25 @@ def distr_attention_forward(module: torch.nn.Module, query, key, value, attentio
                           config=config, dropout_p=dropout, causal_grouping=module_causal or causal,
                           reduced_keys=None if layer is None else layer.reduced)
     return out.transpose(1, 2).contiguous(), None
+
+
+def layer_config(module: torch.nn.Module) -> DistrConfig:
+    """The module's settings: set by :func:`configure`, else saved in its model config (``distr_layers``; kept on
+    the module from the first eager call), else :data:`hf_distrattn.DEFAULT_CONFIG`."""
+    config = getattr(module, "distr_config", None)
+    if config is not None:
+        return config
+    saved = getattr(getattr(module, "config", None), "distr_layers", None)
+    if not saved:
+        return DEFAULT_CONFIG
+    index = getattr(module, "layer_idx", None)
+    if index is None and any(entry != saved[0] for entry in saved):
+        raise ValueError("this model's saved distr settings differ per layer and its attention modules have no "
+                         "layer_idx: call hf_distrattn.configure(model) after loading it")
+    config = DistrConfig.from_dict(saved[0 if index is None else index])
+    if not torch.compiler.is_compiling():
+        module.distr_config = config
+    return config
 
 
 def register() -> None:
@@ -91,13 +114,23 @@ def unsupported_features(model: torch.nn.Module) -> list[str]:
     return found
 
 
-def configure(model: torch.nn.Module, config: DistrConfig, layers: Iterable[int] | None = None) -> torch.nn.Module:
-    """Use ``config`` in every attention layer of ``model``, or only in the layer indices ``layers``.
+def configure(model: torch.nn.Module, config: DistrConfig | None = None,
+              layers: Iterable[int] | None = None) -> torch.nn.Module:
+    """Use ``config`` in every attention layer of ``model``, or only in the layer indices ``layers``; without a
+    config, the per-layer settings saved in ``model.config.distr_layers``.
 
     Layers not named keep their settings (by default :data:`hf_distrattn.DEFAULT_CONFIG`). Example: keep the
     first two layers exact with ``configure(model, DistrConfig(group_size=1), layers=[0, 1])``, or in one call
-    ``configure(model, DistrConfig(group_size=2, exact_layers=(0, 1)))``.
+    ``configure(model, DistrConfig(group_size=2, exact_layers=(0, 1)))``. The resulting settings are written to
+    ``model.config.distr_layers``, so ``save_pretrained`` keeps them.
     """
+    if config is None:
+        saved = getattr(model.config, "distr_layers", None)
+        if not saved:
+            raise ValueError("configure(model) without a config needs settings saved in model.config.distr_layers")
+        for index, entry in enumerate(saved):
+            configure(model, DistrConfig.from_dict(entry), layers=[index])
+        return model
     if not isinstance(config, DistrConfig):
         raise TypeError(f"config must be a DistrConfig, got {type(config).__name__}")
     unsupported = unsupported_features(model)
@@ -115,12 +148,13 @@ def configure(model: torch.nn.Module, config: DistrConfig, layers: Iterable[int]
     for module in modules:
         if hasattr(module, "layer_idx") and _pass_cache not in module._forward_pre_hooks.values():
             module.register_forward_pre_hook(_pass_cache, with_kwargs=True)
+    model.config.distr_layers = [c.to_dict() for c in layer_configs(model)]
     return model
 
 
 def layer_configs(model: torch.nn.Module) -> list[DistrConfig]:
     """The settings each attention layer will use."""
-    return [getattr(m, "distr_config", None) or DEFAULT_CONFIG for m in attention_modules(model)]
+    return [layer_config(m) for m in attention_modules(model)]
 
 
 def layer_plans(model: torch.nn.Module, seq_len: int, *, device=None, dtype=None, needs_grad: bool = False,

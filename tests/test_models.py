@@ -273,3 +273,22 @@ def test_calibrate_keeps_the_budget_with_the_least_sensitive_layers(kjv_llama):
     configure(model, DistrConfig(group_size=1))
     configure(model, DistrConfig(), layers=order[: len(chosen) + 1])
     assert evaluate_perplexity(model, ids[:1024], 1024).nats_per_token > 1.02 * cal.exact_loss
+
+
+@torch.no_grad()
+def test_distr_settings_save_and_reload_with_from_pretrained(tmp_path):
+    """configure() writes the per-layer settings to config.json; a model loaded from it with
+    attn_implementation="distr" computes what the saved one did, with no configure() call."""
+    model, _ = tiny_llama()
+    model.set_attn_implementation("distr")
+    configure(model, DistrConfig(group_size=2, block_size=16, exact_layers=(0,)))
+    configure(model, DistrConfig(group_size=4, block_size=16), layers=[2])
+    ids = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(6))
+    expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="distr").eval()
+    torch.testing.assert_close(loaded(ids).logits, expected, atol=1e-5, rtol=1e-5)
+    assert [c.group_size for c in layer_configs(loaded)] == [1, 2, 4]
+    fresh = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="distr").eval()
+    configure(fresh)  # the same, applied at once
+    assert layer_configs(fresh) == layer_configs(loaded)
