@@ -6,6 +6,11 @@ classifier on a dataset ``SPEC`` as :mod:`hf_distrattn.eval.vit` reads it (cross
 differentiable ``hf_distrattn::attention`` op, Triton kernels on CUDA). Training stops at ``steps`` or
 ``max_minutes``, whichever comes first.
 
+Distillation (``--distill W``): the loss is ``(1 − W)·CE + W·KL(exact ‖ approximated)``, the KL between the
+next-token (or class) distributions of a frozen copy of the model with exact attention (the teacher) and of the
+model through the approximation, so recovery needs no labels in domain: any text will do. ``--train qk`` updates
+only the query and key projections (what the approximated scores depend on); everything else stays the original's.
+
 Output folder: ``checkpoint-STEP/`` (accelerate state + ``trainer_state.json``, for ``--resume``), ``final/``
 (``save_pretrained`` of the model and its tokenizer or image processor) and ``finetune.json`` (arguments,
 environment, the eval history: exact and drop-in numbers at step 0, then the fine-tuned ones).
@@ -13,6 +18,7 @@ environment, the eval history: exact and drop-in numbers at step 0, then the fin
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -55,6 +61,8 @@ class FinetuneArgs:
     seed: int = 0
     num_workers: int = 0
     resume: bool = False
+    distill: float = 0.0  # weight of the KL to the exact model's predictions (0: labels only, 1: distillation only)
+    train: str = "all"  # "all" parameters, or "qk": only the query and key projections
 
 
 class TokenWindows(torch.utils.data.Dataset):
@@ -192,6 +200,12 @@ def _evaluate(task, model, accelerator, label: str, step: int, history: list) ->
     accelerator.print(json.dumps(entry))
 
 
+def distillation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of ``KL(softmax(target) ‖ softmax(logits))`` along the last dim, in float32."""
+    log_p = torch.log_softmax(target.float(), -1)
+    return (log_p.exp() * (log_p - torch.log_softmax(logits.float(), -1))).sum(-1).mean()
+
+
 def finetune(args: FinetuneArgs) -> dict:
     """Fine-tune ``args.model`` with attention ``args.attn``; returns the ``finetune.json`` payload."""
     from accelerate import Accelerator
@@ -208,6 +222,10 @@ def finetune(args: FinetuneArgs) -> dict:
         precision = "bf16" if torch.cuda.is_available() else "no"
     if precision not in ("no", "bf16"):
         raise EvalError(f"--mixed-precision must be auto, no or bf16, got {precision!r}")
+    if not 0 <= args.distill <= 1:
+        raise EvalError(f"--distill must be a weight in [0, 1], got {args.distill}")
+    if args.train not in ("all", "qk"):
+        raise EvalError(f"--train must be all or qk, got {args.train!r}")
     accelerator = Accelerator()  # autocast is ours (train steps only), so evals stay in float32
     set_seed(args.seed)
     task = (LMTask if task_kind == "lm" else ImageTask)(args)
@@ -221,12 +239,19 @@ def finetune(args: FinetuneArgs) -> dict:
     model.to(accelerator.device)
     if not checkpoints:  # step-0 numbers: the exact model and the drop-in swap
         _evaluate(task, model, accelerator, "exact (before fine-tuning)", 0, history)
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if args.distill else None  # exact attention
     apply_setting(model, name, config)
     if not checkpoints:
         _evaluate(task, model, accelerator, f"{spec} drop-in", 0, history)
+    if args.train == "qk":
+        for parameter_name, parameter in model.named_parameters():
+            parameter.requires_grad_(parameter_name.rsplit(".", 2)[-2] in ("q_proj", "k_proj", "query", "key"))
+        if not any(p.requires_grad for p in model.parameters()):
+            raise EvalError("--train qk: the model has no q_proj/k_proj (or query/key) projections")
 
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trained if p.ndim >= 2]
+    no_decay = [p for n, p in trained if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.steps)
@@ -260,7 +285,12 @@ def finetune(args: FinetuneArgs) -> dict:
         started = time.perf_counter()
         for batch in batches:
             with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                loss = model(**batch).loss
+                output = model(**batch)
+                loss = output.loss
+                if teacher is not None:
+                    with torch.no_grad():
+                        target = teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits
+                    loss = (1 - args.distill) * loss + args.distill * distillation_loss(output.logits, target)
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()

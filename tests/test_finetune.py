@@ -54,6 +54,24 @@ def test_lm_learns_through_distr_and_reproduces_its_eval(tiny_lm, tmp_path):
     assert again.bits_per_byte == pytest.approx(tuned["bits_per_byte"], rel=1e-5)
 
 
+def test_distillation_of_the_query_and_key_projections(shared, tmp_path):
+    """ref-llama-bytes, --distill 1 --train qk: only q_proj/k_proj move, and the approximated model moves toward
+    the exact one (its bits/byte, learnt from the exact model's predictions, not from the labels)."""
+    from safetensors.torch import load_file as load
+
+    model, text = shared / "models/ref-llama-bytes", shared / "data/heldout_kjv.txt"
+    assert main(["finetune", "--model", str(model), "--text-file", str(text), "--eval-text-file", str(text),
+                 "--eval-limit", "2", "--seq-len", "128", "--batch-size", "4", "--lr", "1e-3", "--warmup-steps", "0",
+                 "--attn", "distr:group_size=2,block_size=16", "--output-dir", str(tmp_path), "--steps", "12",
+                 "--distill", "1", "--train", "qk"]) == 0
+    history = json.loads((tmp_path / "finetune.json").read_text())["history"]
+    exact, drop_in, tuned = (entry["bits_per_byte"] for entry in history)
+    assert drop_in > exact + 0.05 and abs(tuned - exact) < 0.7 * (drop_in - exact), (exact, drop_in, tuned)
+    before, after = load(model / "model.safetensors"), load(tmp_path / "final/model.safetensors")
+    moved = {k for k in after if not torch.equal(after[k], before[k].to(after[k].dtype))}
+    assert moved and all(k.endswith(("q_proj.weight", "k_proj.weight")) for k in moved), moved
+
+
 def test_resume_gives_the_same_weights(tiny_lm, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert run(tiny_lm, straight, "--steps", "4", "--save-every", "2") == 0
