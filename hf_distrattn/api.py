@@ -129,8 +129,8 @@ def _run(chosen, q, k, v, causal, mask, scale, config, dropout_p, causal_groupin
     if group > 1 and config.grouping == "lsh":
         hashes = hash_directions(config.block_size, config.num_hashes, config.seed, q.device)
     if path == "reference-autograd":
-        exact = config if group == config.group_size else config.replace(group_size=group)
-        return reference.attention(q, k, v, causal=causal, attn_mask=mask, scale=scale, config=exact,
+        effective = config if group == config.group_size else config.replace(group_size=group)
+        return reference.attention(q, k, v, causal=causal, attn_mask=mask, scale=scale, config=effective,
                                    dropout_p=dropout_p, causal_grouping=causal_grouping, hashes=hashes)
     if path in ("reduced-decode", "reduced-reference"):
         return ops.call(ops.reduced_decode, q, k, v, mask, *reduced_keys, path, causal, scale, config.block_size)
