@@ -1,11 +1,10 @@
 """Kernel launches with less host time.
 
-``kernel[grid](*args, **meta)`` spends 25-40 µs of Python per launch on an H100 host (binding and specializing
-~45 arguments, the cache key, launch metadata). A Llama-1B-shape training step at 4k tokens is partly bound by
-the host: 250 µs of host time added to each layer's attention lengthened it by 2.4 ms (docs/design.md, B14), so those
-microseconds show in the step. :func:`cached` wraps a ``@triton.jit`` function so that ``kernel[grid](*args,
-**meta)`` goes through Triton the first time it sees a *signature*, keeps the compiled kernel Triton returns, and
-afterwards launches it through the compiled kernel's own ``kernel[grid](*args)``.
+``kernel[grid](*args, **meta)`` spends tens of µs of Python per launch (binding and specializing ~45 arguments,
+the cache key, launch metadata), which shows where eager calls are bound by the host (docs/design.md, B13-B17;
+inside a CUDA graph it does not matter). :func:`cached` wraps a ``@triton.jit`` function so that
+``kernel[grid](*args, **meta)`` goes through Triton the first time it sees a *signature*, keeps the compiled
+kernel Triton returns, and afterwards launches it through the compiled kernel's own ``kernel[grid](*args)``.
 
 The signature holds everything Triton specializes on, and more: the exact value of every non-tensor argument
 (Triton looks at integers equal to 1 or divisible by 16), each tensor's dtype and address modulo 16, the keyword
