@@ -3,6 +3,7 @@
 #   tests   opcheck of every op on the kernel paths, models compiled with Inductor (CUDA graphs for a static-cache
 #           generation), the reduced-key and decode kernel tests, then the decode benchmark (device and host time);
 #           `bash eval/gpu_compile.sh kernels` runs the rest of the kernel and backward tests compiled (~6 minutes)
+#   models  the model-family matrix (Llama ... gpt-oss, ViT ... SigLIP: windows, softcap, sinks) on the kernels
 #   decode  bench_e2e --compile: decode tokens/s after 4k and 32k prompts, static cache, compiled decode step
 #   rest    bench_e2e --compile: prefill at 4k and 16k, the training step at 4k, ViT-B/16 at batch 256
 # Usage (from the repository root on the GPU machine): bash eval/gpu_compile.sh STAGE [extra bench_e2e arguments]
@@ -21,6 +22,10 @@ case "$stage" in
     python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_backward.py -k "not reduce and not decode" \
       2>&1 | tee "$OUT/gpu_kernels.log" | tail -n 15
     ;;
+  models)
+    python3 -m pytest -q -p no:cacheprovider tests/test_model_matrix.py tests/test_kernels.py -k "matrix or windows or windowed or decoder or encoder" \
+      2>&1 | tee "$OUT/gpu_models.log" | tail -n 15
+    ;;
   decode)
     python3 -m hf_distrattn.eval.bench_e2e --compile --prefill --train-seq-len 0 --vit-batch 0 \
       --attn sdpa distr:group_size=1,block_size=128 distr:group_size=2,sampled=k distr:group_size=4,sampled=k \
@@ -32,7 +37,7 @@ case "$stage" in
       --json "$OUT/e2e_rest.json" --markdown "$OUT/e2e_rest.md" "$@"
     ;;
   *)
-    echo "unknown stage $stage (tests, kernels, decode, rest)" >&2
+    echo "unknown stage $stage (tests, kernels, models, decode, rest)" >&2
     exit 2
     ;;
 esac

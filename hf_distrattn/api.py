@@ -65,8 +65,31 @@ def normalize_mask(attn_mask, batch: int, heads: int, n_q: int, n_k: int) -> tor
     return mask.expand(mask.shape[0], mask.shape[1], n_q, n_k)
 
 
+def _check_features(window, softcap, sinks, q) -> None:
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be a positive number of keys or None, got {window!r}")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or
+                                not 0 < softcap < float("inf")):
+        raise ValueError(f"softcap must be a positive finite number or None, got {softcap!r}")
+    if sinks is not None:
+        if not isinstance(sinks, torch.Tensor) or sinks.shape != (q.shape[1],) or not sinks.is_floating_point():
+            raise ValueError(f"sinks must be a float tensor of shape ({q.shape[1]},) (one logit per query head), "
+                             f"got {getattr(sinks, 'shape', type(sinks).__name__)}")
+        if sinks.device != q.device:
+            raise ValueError(f"sinks is on {sinks.device} but q is on {q.device}")
+
+
+def with_sinks(out, lse, sinks):
+    """Attention sinks: a per-head logit ``σ_h`` that joins each row's softmax as one more key with value 0, so
+    ``out' = out · e^{lse} / (e^{lse} + e^{σ}) = out · sigmoid(lse − σ)`` and ``lse' = log(e^{lse} + e^{σ})``: exact,
+    from the ``(out, lse)`` of any path, and differentiable in ``out``, ``lse`` and ``σ``."""
+    sink = sinks.float()[None, :, None]
+    return (out.float() * torch.sigmoid(lse - sink)[..., None]).to(out.dtype), torch.logaddexp(lse, sink)
+
+
 def distr_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config=None, return_lse=False,
-                    dropout_p=0.0, causal_grouping=None, reduced_keys=None):
+                    dropout_p=0.0, causal_grouping=None, reduced_keys=None, window=None, softcap=None,
+                    sinks=None):
     """DistrAttention: exact softmax and ``P·V``, ``Q·Kᵀ`` at cost ``d/G`` (see :mod:`hf_distrattn.grouping`).
 
     Args:
@@ -86,14 +109,23 @@ def distr_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config
         reduced_keys: ``(reduced_keys, fuse_group, fuse_weight)`` of a reduced-key cache layer
             (:mod:`hf_distrattn.cache`; ``sampled="k"``, causal grouping): ``k``'s blocks after the first in
             reduced form, which the decode kernel reads instead of ``k`` (``d/G`` of each key instead of ``d``).
+        window: sliding window: query ``i`` (at position ``i + Nk − Nq``) sees keys ``j`` with
+            ``i + Nk − Nq − j < window`` only (Transformers' ``sliding_window``); the kernels skip the tiles outside
+            it. ``G > 1`` holds only where no key outside a query's window enters its scores
+            (:func:`hf_distrattn.plan.effective_group_size`); elsewhere the call is exact.
+        softcap: logit softcapping, scores ``softcap · tanh(scale · q·k / softcap)`` (Gemma 2).
+        sinks: ``(Hq,)`` attention-sink logits (gpt-oss's ``s_aux``): each joins its head's softmax as a key with
+            value 0 (:func:`with_sinks`).
 
-    Returns ``out`` ``(B, Hq, Nq, d)`` in q's dtype and layout (and ``lse``). Rows with every key masked give zeros.
+    Returns ``out`` ``(B, Hq, Nq, d)`` in q's dtype and layout (and ``lse``, sinks included). Rows with every key
+    masked give zeros.
     Under autocast, float32 inputs are cast to the autocast dtype first, as SDPA does (so that mixed-precision
     training of a float32 model runs the half-precision kernels). Which implementation runs is
     :func:`hf_distrattn.plan.plan`'s choice. Fallback: if ``d`` is not a multiple of ``config.group_size`` the call
     is exact, with one warning.
     """
     _check_tensors(q, k, v)
+    _check_features(window, softcap, sinks, q)
     autocast = torch.is_autocast_enabled(q.device.type)
     if q.dtype == torch.float32 and autocast:
         q, k, v = (t.to(torch.get_autocast_dtype(q.device.type)) for t in (q, k, v))
@@ -107,7 +139,10 @@ def distr_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config
     causal_grouping = causal if causal_grouping is None else bool(causal_grouping)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     chosen = plan(q, k, config, causal_grouping=causal_grouping, needs_grad=needs_grad, dropout_p=dropout_p,
-                  mask_needs_grad=mask is not None and mask.requires_grad, reduced_keys=reduced_keys is not None)
+                  mask_needs_grad=mask is not None and mask.requires_grad, reduced_keys=reduced_keys is not None,
+                  window=window)
+    if window is not None and chosen.group_size < config.group_size and chosen.notes[0][0].startswith("sliding"):
+        warn_once(f"distr_attention: {chosen.notes[0][0].format(*chosen.notes[0][1:])}")
     if chosen.path == "reference-autograd" and q.is_cuda:
         warn_once(f"distr_attention: {chosen.reason} runs the (slower) PyTorch reference")
     if d % config.group_size:
@@ -117,13 +152,17 @@ def distr_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config
         warn_once(f"DistrConfig.group_size={d} equals the head dim: every head scores with one column "
                   "(d/G = 1); the scores carry little of Q·Kᵀ")
     scale = d**-0.5 if scale is None else float(scale)
+    features = (window, None if softcap is None else float(softcap))
     with torch.autocast(q.device.type, enabled=False) if autocast else contextlib.nullcontext():
-        out, lse = _run(chosen, q, k, v, causal, mask, scale, config, dropout_p, causal_grouping, reduced_keys)
+        out, lse = _run(chosen, q, k, v, causal, mask, scale, config, dropout_p, causal_grouping, reduced_keys,
+                        features)
+        if sinks is not None:
+            out, lse = with_sinks(out, lse, sinks)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
 
 
-def _run(chosen, q, k, v, causal, mask, scale, config, dropout_p, causal_grouping, reduced_keys):
+def _run(chosen, q, k, v, causal, mask, scale, config, dropout_p, causal_grouping, reduced_keys, features):
     group, path = chosen.group_size, chosen.path
     hashes = None
     if group > 1 and config.grouping == "lsh":
@@ -131,9 +170,11 @@ def _run(chosen, q, k, v, causal, mask, scale, config, dropout_p, causal_groupin
     if path == "reference-autograd":
         effective = config if group == config.group_size else config.replace(group_size=group)
         return reference.attention(q, k, v, causal=causal, attn_mask=mask, scale=scale, config=effective,
-                                   dropout_p=dropout_p, causal_grouping=causal_grouping, hashes=hashes)
+                                   dropout_p=dropout_p, causal_grouping=causal_grouping, hashes=hashes,
+                                   window=features[0], softcap=features[1])
     if path in ("reduced-decode", "reduced-reference"):
-        return ops.call(ops.reduced_decode, q, k, v, mask, *reduced_keys, path, causal, scale, config.block_size)
+        return ops.call(ops.reduced_decode, q, k, v, mask, *reduced_keys, path, causal, scale, config.block_size,
+                        *features)
     if path == "approximated":  # X̃ in PyTorch (autograd through it), then the exact kernels
         if group > 1 and config.sampled == "q":
             q = approximate_operand(q, config, causal_grouping, hashes).to(q.dtype)
@@ -141,5 +182,5 @@ def _run(chosen, q, k, v, causal, mask, scale, config, dropout_p, causal_groupin
             k = approximate_operand(k, config, causal_grouping, hashes).to(k.dtype)
         path, group = "projected", 1
     out, lse, _, _ = ops.call(ops.attention, q, k, v, mask, hashes, path, causal, scale,
-                              *ops.config_args(config, group), causal_grouping)
+                              *ops.config_args(config, group), causal_grouping, *features)
     return out, lse

@@ -1,10 +1,16 @@
 """Transformers glue: the ``"distr"`` attention function, its mask function, and per-layer settings.
 
 Transformers hands a custom attention function no mask unless a mask function is registered under the same
-name, so ``"distr"`` registers Transformers' own SDPA mask builder: a boolean ``(B, 1, Nq, Nk)`` mask
-(True = keep), or ``None`` where SDPA's ``is_causal`` (top-left aligned) describes the call: no padding and
+name, so ``"distr"`` registers Transformers' own SDPA mask builder (:func:`distr_mask`): a boolean
+``(B, 1, Nq, Nk)`` mask (True = keep), or ``None`` where causality alone describes the call: no padding and
 either as many queries as keys, one query, or a prefill into an empty static cache (whose unfilled slots are
 then dropped here, as SDPA does). A causal module always gets the causal grouping, mask or not.
+
+Sliding windows, logit softcapping and attention sinks arrive as the keyword arguments ``sliding_window``,
+``softcap`` and ``s_aux`` that models pass to every attention function (FlashAttention's contract). A
+sliding-window layer without padding gets no mask, so the kernels skip the tiles outside its window instead of
+reading a dense mask; with a mask (padding, a static cache) the window is in the mask. Chunked attention
+(Llama 4) is refused.
 
 With ``sampled="k"`` the keys are also kept in reduced form in the model's cache (:mod:`hf_distrattn.cache`):
 :func:`configure` installs a forward pre-hook on each attention module that passes the module's cache to the
@@ -28,16 +34,23 @@ from .cache import reduced_layer
 from .config import DistrConfig
 
 NAME = "distr"
-UNSUPPORTED_KWARGS = ("softcap", "sliding_window", "s_aux")
 CACHE_KWARG = "distr_cache"
 
 
+def distr_mask(*args, config=None, local_size=None, **kwargs):
+    """Transformers' ``sdpa_mask`` without its ``local_size`` (a sliding window): then a sliding-window call with
+    no padding needs no mask either, as the window reaches the attention function as ``sliding_window``."""
+    if getattr(config, "attention_chunk_size", None) is not None:
+        raise ValueError(f"attn_implementation='distr' does not support chunked attention "
+                         f"(attention_chunk_size={config.attention_chunk_size}) of this "
+                         f"{getattr(config, 'model_type', 'model')} model: use 'sdpa' for it")
+    return sdpa_mask(*args, config=config, **kwargs)
+
+
 def distr_attention_forward(module: torch.nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
-                            scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+                            scaling: float | None = None, is_causal: bool | None = None,
+                            sliding_window: int | None = None, softcap: float | None = None, s_aux=None, **kwargs):
     """Transformers attention-interface entry: ``(B, H, N, d)`` in, ``((B, N, H, d), None)`` out."""
-    for name in UNSUPPORTED_KWARGS:
-        if kwargs.get(name) is not None:
-            raise ValueError(f"attn_implementation='distr' does not support {name}={kwargs[name]!r}")
     config = layer_config(module)
     module_causal = bool(getattr(module, "is_causal", False))
     causal = False
@@ -45,12 +58,14 @@ def distr_attention_forward(module: torch.nn.Module, query, key, value, attentio
         causal = bool(is_causal if is_causal is not None else module_causal) and query.shape[2] > 1
         if causal and key.shape[2] > query.shape[2]:  # a prefill into an empty static cache: top-left causal
             key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]
+    window = sliding_window if attention_mask is None else None  # with a mask, the mask holds the window
     layer = None
-    if module_causal:
+    if module_causal and sliding_window is None:
         layer = reduced_layer(kwargs.get(CACHE_KWARG), getattr(module, "layer_idx", None), config)
     out = distr_attention(query, key, value, causal=causal, attn_mask=attention_mask, scale=scaling,
                           config=config, dropout_p=dropout, causal_grouping=module_causal or causal,
-                          reduced_keys=None if layer is None else layer.reduced)
+                          reduced_keys=None if layer is None else layer.reduced, window=window, softcap=softcap,
+                          sinks=s_aux)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -76,12 +91,13 @@ def layer_config(module: torch.nn.Module) -> DistrConfig:
 def register() -> None:
     """Register ``"distr"`` with Transformers (done on ``import hf_distrattn``)."""
     AttentionInterface.register(NAME, distr_attention_forward)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionMaskInterface.register(NAME, distr_mask)
 
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The model's attention modules that dispatch through the attention interface, in layer order."""
-    found = [m for m in model.modules() if hasattr(m, "scaling") and hasattr(m, "is_causal")]
+    found = [m for m in model.modules()
+             if (hasattr(m, "scaling") or hasattr(m, "scale")) and hasattr(m, "is_causal")]
     if not found:
         raise ValueError(f"{type(model).__name__} has no attention module that uses the Transformers "
                          "attention interface (see hf_distrattn.patches for models that need a patch)")
@@ -97,21 +113,10 @@ def _pass_cache(module, args, kwargs):
 
 
 def unsupported_features(model: torch.nn.Module) -> list[str]:
-    """The attention features of ``model`` that ``"distr"`` cannot serve yet: sliding windows, logit
-    softcapping, attention sinks (as Transformers' configs and modules declare them)."""
+    """The attention features of ``model`` that ``"distr"`` cannot serve: chunked attention (Llama 4)."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    found = []
-    layer_types = getattr(config, "layer_types", None)
-    window = getattr(config, "sliding_window", None)
-    sliding = (any("sliding" in t for t in layer_types) if layer_types
-               else window is not None and getattr(config, "use_sliding_window", True))
-    if sliding and window is not None:
-        found.append(f"sliding_window={window}")
-    if getattr(config, "attn_logit_softcapping", None) is not None:
-        found.append(f"attn_logit_softcapping={config.attn_logit_softcapping}")
-    if any(name.endswith("sinks") for name, _ in model.named_parameters()):
-        found.append("attention sinks")
-    return found
+    chunk = getattr(config, "attention_chunk_size", None)
+    return [] if chunk is None else [f"chunked attention (attention_chunk_size={chunk})"]
 
 
 def configure(model: torch.nn.Module, config: DistrConfig | None = None,
@@ -136,7 +141,7 @@ def configure(model: torch.nn.Module, config: DistrConfig | None = None,
     unsupported = unsupported_features(model)
     if unsupported:
         raise ValueError(f"attn_implementation='distr' does not support {', '.join(unsupported)} of this "
-                         f"{getattr(model.config, 'model_type', type(model).__name__)} model yet: use 'sdpa' for it")
+                         f"{getattr(model.config, 'model_type', type(model).__name__)} model: use 'sdpa' for it")
     modules = attention_modules(model)
     chosen = range(len(modules)) if layers is None else list(layers)
     for index in (*chosen, *config.exact_layers):

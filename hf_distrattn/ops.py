@@ -1,10 +1,11 @@
 r"""The registered PyTorch ops, namespace ``hf_distrattn``: every kernel entry point, as FlashAttention's
 ``flash_attn_interface`` does (function → op → kernel).
 
-    attention(q, k, v, attn_mask?, hashes?, path, causal, scale, <config>, causal_grouping) -> (out, lse, x̃, wt)
-    attention_backward(dout, q, k, v, out, lse, wt, attn_mask?, hashes?, path, ...) -> (dq, dk, dv)
-    reduced_decode(q, k, v, attn_mask?, reduced_keys, fuse_group, fuse_weight, path, causal, scale, block_size)
-        -> (out, lse)
+    attention(q, k, v, attn_mask?, hashes?, path, causal, scale, <config>, causal_grouping, window?, softcap?)
+        -> (out, lse, x̃, wt)
+    attention_backward(dout, dlse?, q, k, v, out, lse, wt, attn_mask?, hashes?, path, ...) -> (dq, dk, dv)
+    reduced_decode(q, k, v, attn_mask?, reduced_keys, fuse_group, fuse_weight, path, causal, scale, block_size,
+        window?, softcap?) -> (out, lse)
     reduce_keys(keys, start, hashes, fuse_group, fuse_weight, n_new, path, <config>, width)
         -> (u, fuse_group, fuse_weight, block_index)
 
@@ -13,7 +14,8 @@ num_hashes, seed, sampled, reduce, grouping``). Each op is functional (new tenso
 fake implementation (shapes only, for ``torch.compile``), and runs the ``path`` that
 :func:`hf_distrattn.plan.plan` chose: a Triton kernel, or the PyTorch reference of :mod:`hf_distrattn.reference`,
 which is what every CPU tensor runs. ``attention`` is differentiable (``register_autograd``) on the
-``"reference"`` and ``"projected"`` paths: with ``G > 1`` on ``"projected"`` its third and fourth outputs are the
+``"reference"`` and ``"projected"`` paths, the log-sum-exp included (attention sinks differentiate through it):
+with ``G > 1`` on ``"projected"`` its third and fourth outputs are the
 projected operand ``X̃ = X Wtᵀ Wt`` and the fuse matrices ``Wt`` (placeholders otherwise), which the backward takes in
 place of the sampled operand (``dX = dX̃ Wtᵀ Wt``, in the kernel's epilogue). Outputs and gradients take the
 layout of the inputs they belong to (``empty_like``; contiguous when an input's head dim is strided), so
@@ -70,9 +72,10 @@ def _absent(t: Tensor) -> Tensor:
     return t.new_zeros(1)
 
 
-def _exact_kernel_config(dtype: torch.dtype) -> DistrConfig:
-    """Tiles of the exact forward on the ``"projected"`` path: 128 query rows, 32 in float32 (twice the bytes)."""
-    return DistrConfig(group_size=1, block_size=32 if dtype == torch.float32 else 128)
+def _exact_kernel_config(dtype: torch.dtype, d: int) -> DistrConfig:
+    """Tiles of the exact forward on the ``"projected"`` path: 128 query rows, 64 for head dims above 128, 32 in
+    float32 (twice the bytes)."""
+    return DistrConfig(group_size=1, block_size=32 if dtype == torch.float32 else 64 if d > 128 else 128)
 
 
 def _wt_shape(x: Tensor, group_size: int, block_size: int) -> tuple:
@@ -86,21 +89,22 @@ def _wt_shape(x: Tensor, group_size: int, block_size: int) -> tuple:
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, hashes: Tensor | None, path: str,
               causal: bool, scale: float, group_size: int, block_size: int, num_hashes: int, seed: int,
-              sampled: str, reduce: str, grouping: str, causal_grouping: bool
-              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+              sampled: str, reduce: str, grouping: str, causal_grouping: bool, window: int | None,
+              softcap: float | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(out, lse, x̃, wt)`` of :func:`hf_distrattn.distr_attention` on ``path`` (module notes); ``attn_mask`` 4-D."""
     config = as_config(group_size, block_size, num_hashes, seed, sampled, reduce, grouping)
     operand, wt = _absent(q), _absent(q)
+    features = dict(window=window, softcap=softcap)
     if path == "reference":
         out, lse = reference.attention(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale, config=config,
-                                       causal_grouping=causal_grouping, hashes=hashes)
+                                       causal_grouping=causal_grouping, hashes=hashes, **features)
         return _into(q, out), lse, operand, wt
     from .kernels import decode, prefill
 
     like = q
     q, k, v = (_unit_stride(t) for t in (q, k, v))
     if path == "decode":
-        out, lse = decode.decode_attention(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale)
+        out, lse = decode.decode_attention(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale, **features)
     elif path == "fused":
         prepared = None  # LSH: the grouping kernel, inside the call
         if group_size > 1 and grouping == "pca":
@@ -108,7 +112,7 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, hashes
             prepared = (u, k, v, wt)
         out, lse = prefill.distr_attention_triton(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale,
                                                   config=config, causal_grouping=causal_grouping, hashes=hashes,
-                                                  prepared=prepared)
+                                                  prepared=prepared, **features)
     elif path == "projected":
         if group_size > 1:
             from .kernels.grouping import reduce_operand
@@ -118,7 +122,7 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, hashes
                                         causal_grouping, project=True)
             q, k = (operand, k) if sampled == "q" else (q, operand)
         out, lse = prefill.distr_attention_triton(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale,
-                                                  config=_exact_kernel_config(q.dtype))
+                                                  config=_exact_kernel_config(q.dtype, q.shape[-1]), **features)
     else:
         raise ValueError(f"hf_distrattn::attention: unknown path {path!r}")
     return (out if out.shape == like.shape else _into(like, out)), lse, operand, wt  # a padded head dim: copy
@@ -129,7 +133,7 @@ attention = torch.library.custom_op("hf_distrattn::attention", _attention, mutat
 
 @attention.register_fake
 def _(q, k, v, attn_mask, hashes, path, causal, scale, group_size, block_size, num_hashes, seed, sampled, reduce,
-      grouping, causal_grouping):
+      grouping, causal_grouping, window, softcap):
     lse = q.new_empty(q.shape[:3], dtype=torch.float32)
     if path == "projected" and group_size > 1:
         x = q if sampled == "q" else k
@@ -137,17 +141,20 @@ def _(q, k, v, attn_mask, hashes, path, causal, scale, group_size, block_size, n
     return _like(q), lse, _absent(q), _absent(q)
 
 
-def _attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, wt: Tensor,
-                       attn_mask: Tensor | None, hashes: Tensor | None, path: str, causal: bool, scale: float,
-                       group_size: int, block_size: int, num_hashes: int, seed: int, sampled: str, reduce: str,
-                       grouping: str, causal_grouping: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv)`` of :func:`attention`. On ``"projected"`` with ``G > 1`` the sampled one of ``q``/``k`` is the
-    forward's ``x̃`` and ``wt`` its fuse matrices."""
+def _attention_backward(dout: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                       lse: Tensor, wt: Tensor, attn_mask: Tensor | None, hashes: Tensor | None, path: str,
+                       causal: bool, scale: float, group_size: int, block_size: int, num_hashes: int, seed: int,
+                       sampled: str, reduce: str, grouping: str, causal_grouping: bool, window: int | None,
+                       softcap: float | None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv)`` of :func:`attention` given the gradients of its ``out`` and ``lse`` (``None``: zero). On
+    ``"projected"`` with ``G > 1`` the sampled one of ``q``/``k`` is the forward's ``x̃`` and ``wt`` its fuse
+    matrices."""
     config = as_config(group_size, block_size, num_hashes, seed, sampled, reduce, grouping)
+    features = dict(window=window, softcap=softcap, dlse=dlse)
     if path == "reference":
         grads = reference.attention_backward(q, k, v, out, dout, causal=causal, attn_mask=attn_mask,
                                              scale=scale, config=config, causal_grouping=causal_grouping,
-                                             hashes=hashes)
+                                             hashes=hashes, **features)
     elif path == "projected":
         from .kernels.backward import attention_backward as kernel_backward
 
@@ -155,7 +162,7 @@ def _attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
         if group_size > 1:
             project = (sampled, wt, block_size, causal_grouping)
         grads = kernel_backward(*(_unit_stride(t) for t in (q, k, v)), out, lse, dout, causal=causal,
-                                attn_mask=attn_mask, scale=scale, project=project)
+                                attn_mask=attn_mask, scale=scale, project=project, **features)
     else:
         raise ValueError(f"hf_distrattn::attention_backward: path {path!r} is not differentiable")
     return tuple(_into(t, g) for t, g in zip((q, k, v), grads, strict=True))
@@ -165,7 +172,7 @@ attention_backward = torch.library.custom_op("hf_distrattn::attention_backward",
 
 
 @attention_backward.register_fake
-def _(dout, q, k, v, *args):
+def _(dout, dlse, q, k, v, *args):
     return _like(q), _like(k), _like(v)
 
 
@@ -179,9 +186,9 @@ def _setup_context(ctx, inputs, output):
     ctx.arguments = (path, *rest)
 
 
-def _backward(ctx, dout, _dlse, _doperand, _dwt):
+def _backward(ctx, dout, dlse, _doperand, _dwt):
     q, k, v, out, lse, wt, attn_mask, hashes = ctx.saved_tensors
-    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, wt, attn_mask, hashes, *ctx.arguments)
+    dq, dk, dv = attention_backward(dout, dlse, q, k, v, out, lse, wt, attn_mask, hashes, *ctx.arguments)
     return (dq, dk, dv) + (None,) * (2 + len(ctx.arguments))
 
 
@@ -193,21 +200,22 @@ attention.register_autograd(_backward, setup_context=_setup_context)
 
 def _reduced_decode(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, reduced_keys: Tensor,
                    fuse_group: Tensor, fuse_weight: Tensor, path: str, causal: bool, scale: float,
-                   block_size: int) -> tuple[Tensor, Tensor]:
+                   block_size: int, window: int | None, softcap: float | None) -> tuple[Tensor, Tensor]:
     """``(out, lse)`` of a few queries over keys whose blocks after the first are held reduced; ``path``
     ``"reduced-reference"`` (:func:`hf_distrattn.reference.reduced_keys_attention`) or ``"reduced-decode"`` (the
     kernel, which reads ``d/G`` of each such key)."""
     if path == "reduced-reference":
         out, lse = reference.reduced_keys_attention(q, k, v, reduced_keys, fuse_group, fuse_weight,
                                                     block_size=block_size, causal=causal, attn_mask=attn_mask,
-                                                    scale=scale)
+                                                    scale=scale, window=window, softcap=softcap)
         return _into(q, out), lse
     if path != "reduced-decode":
         raise ValueError(f"hf_distrattn::reduced_decode: unknown path {path!r}")
     from .kernels import decode
 
     return decode.decode_attention(*(_unit_stride(t) for t in (q, k, v)), causal=causal, attn_mask=attn_mask,
-                                   scale=scale, reduced=(reduced_keys, fuse_group, fuse_weight, block_size))
+                                   scale=scale, reduced=(reduced_keys, fuse_group, fuse_weight, block_size),
+                                   window=window, softcap=softcap)
 
 
 reduced_decode = torch.library.custom_op("hf_distrattn::reduced_decode", _reduced_decode, mutates_args=())

@@ -63,15 +63,23 @@ def _power_of_two(n: int) -> bool:
     return n & (n - 1) == 0
 
 
-def effective_group_size(q: torch.Tensor, k: torch.Tensor, config: DistrConfig,
-                         causal_grouping: bool) -> tuple[int, Note]:
-    """``(G, why)``: ``config.group_size``, or 1 where the approximation is the identity or cannot apply."""
+def effective_group_size(q: torch.Tensor, k: torch.Tensor, config: DistrConfig, causal_grouping: bool,
+                         window: int | None = None) -> tuple[int, Note]:
+    """``(G, why)``: ``config.group_size``, or 1 where the approximation is the identity or cannot apply.
+
+    A sliding window keeps ``G`` only with ``sampled="q"`` and causal grouping and ``window ≥ 2·block_size``:
+    then query block ``b`` is grouped by block ``b − 1``, whose rows all lie inside the window of each of ``b``'s
+    queries, and keys are fused one by one, so no position outside a query's window enters its scores. (Key
+    blocks straddle the window's edge, so ``sampled="k"`` would group the keys a query sees by keys it does not.)
+    """
     d = q.shape[-1]
     group = config.group_size
     if group == 1:
         return 1, ("group_size=1",)
     if d % group:
         return 1, ("head_dim {} is not a multiple of group_size={}: exact", d, group)
+    if window is not None and (config.sampled == "k" or not causal_grouping or window < 2 * config.block_size):
+        return 1, ("sliding window {} needs sampled='q', causal grouping and window ≥ 2·block_size: exact", window)
     rows = q.shape[2] if config.sampled == "q" else k.shape[2]
     if causal_grouping and rows <= config.block_size:
         return 1, ("causal grouping over {} ≤ block_size rows of the sampled operand: exact", rows)
@@ -111,13 +119,14 @@ def _refuse(config: DistrConfig, note: Note) -> None:
 
 def plan(q: torch.Tensor, k: torch.Tensor, config: DistrConfig, *, causal_grouping: bool = False,
          needs_grad: bool = False, dropout_p: float = 0.0, mask_needs_grad: bool = False,
-         reduced_keys: bool = False) -> Plan:
+         reduced_keys: bool = False, window: int | None = None) -> Plan:
     """The path of :func:`hf_distrattn.distr_attention` for these inputs (module notes).
 
-    ``reduced_keys``: the call has keys in reduced form from a cache layer. ``backend="triton"`` raises a
-    ValueError naming the reason when no kernel can take the call; ``"reference"`` always takes the reference.
+    ``reduced_keys``: the call has keys in reduced form from a cache layer; ``window``: a sliding window
+    (:func:`effective_group_size`). Softcapping and attention sinks run on every path. ``backend="triton"`` raises
+    a ValueError naming the reason when no kernel can take the call; ``"reference"`` always takes the reference.
     """
-    group, why = effective_group_size(q, k, config, causal_grouping)
+    group, why = effective_group_size(q, k, config, causal_grouping, window)
     if dropout_p > 0 or (needs_grad and mask_needs_grad):
         note = ("attention dropout (reference only)",) if dropout_p > 0 else ("a mask that needs a gradient",)
         _refuse(config, note)

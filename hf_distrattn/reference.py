@@ -3,12 +3,16 @@ r"""Plain-PyTorch attention: the oracle of every kernel test and the CPU impleme
 Forward, in float32 (float64 for float64 input), with ``X̃ = X M`` of :mod:`hf_distrattn.grouping` for the
 sampled operand (``M = I`` when ``group_size == 1``)::
 
-    S = scale · Q̃ K̃ᵀ + bias,   P = softmax(S),   out = P V,   lse = log Σ exp S
+    A = scale · Q̃ K̃ᵀ,   S = c · tanh(A / c) + bias,   P = softmax(S),   out = P V,   lse = log Σ exp S
 
-Backward (:func:`attention_backward`), FlashAttention's formulas with ``P`` recomputed and
-``Δ = rowsum(dO ∘ O)``::
+with logit softcapping ``c`` (``S = A + bias`` without it); ``bias`` holds the mask, causality (key ``j`` after
+query position ``i``) and a sliding window of ``W`` keys (``i − j ≥ W``), query ``i`` of ``Nq`` at position
+``i + Nk − Nq`` (bottom-right). Backward (:func:`attention_backward`), FlashAttention's formulas with ``P``
+recomputed, ``Δ = rowsum(dO ∘ O) − dlse`` (``dlse``: the gradient reaching the log-sum-exp, zero unless a caller
+uses it, as attention sinks do) and ``T = tanh(A / c)``::
 
-    dV = Pᵀ dO,   dS = P ∘ (dO Vᵀ − Δ),   dQ̃ = scale · dS K̃,   dK̃ = scale · dSᵀ Q̃,   dX = dX̃ Mᵀ
+    dV = Pᵀ dO,   dS = P ∘ (dO Vᵀ − Δ),   dA = dS ∘ (1 − T²),   dQ̃ = scale · dA K̃,   dK̃ = scale · dAᵀ Q̃,
+    dX = dX̃ Mᵀ
 
 GQA splits the query heads as ``(Hkv, Hq/Hkv)`` so K and V are never repeated in memory (their gradients sum
 over the split). A row whose every key is masked gives ``out = 0``, ``lse = -inf`` and zero gradients.
@@ -22,10 +26,14 @@ from .config import DistrConfig
 from .grouping import approximate_operand, as_blocks, projections
 
 
-def causal_bias(n_q: int, n_k: int, device, dtype) -> torch.Tensor:
-    """``(n_q, n_k)`` additive mask, queries aligned to the *last* ``n_q`` key positions (KV-cache decoding)."""
+def causal_bias(n_q: int, n_k: int, device, dtype, causal: bool = True, window: int | None = None) -> torch.Tensor:
+    """``(n_q, n_k)`` additive mask, queries aligned to the *last* ``n_q`` key positions (KV-cache decoding):
+    keys after the query (``causal``) and keys ``window`` or more positions before it are masked."""
     rows = torch.arange(n_q, device=device).unsqueeze(1) + (n_k - n_q)
-    keep = torch.arange(n_k, device=device) <= rows
+    cols = torch.arange(n_k, device=device)
+    keep = cols <= rows if causal else torch.ones(n_q, n_k, dtype=torch.bool, device=device)
+    if window is not None:
+        keep = keep & (cols > rows - window)
     return torch.zeros(n_q, n_k, device=device, dtype=dtype).masked_fill(~keep, float("-inf"))
 
 
@@ -49,18 +57,23 @@ def _operands(q, k, config, causal_grouping, hashes):
     return q.to(compute), approximate_operand(k, config, causal_grouping, hashes)
 
 
-def _scores(q, k, attn_mask, causal, scale):
-    """Scaled, masked scores ``(B, Hkv, rep, Nq, Nk)`` of the compute-dtype ``q`` ``(B, Hq, Nq, d)`` and ``k``."""
+def _scores(q, k, attn_mask, causal, scale, window=None, softcap=None):
+    """``(S, T)``: scaled, capped, masked scores ``(B, Hkv, rep, Nq, Nk)`` of the compute-dtype ``q``
+    ``(B, Hq, Nq, d)`` and ``k``, and ``T = tanh(A / c)`` (``None`` without softcapping)."""
     batch, h_q, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     rep = h_q // h_kv
     s = torch.einsum("bgrqd,bgkd->bgrqk", q.view(batch, h_kv, rep, n_q, d), k) * scale
+    tanh = None
+    if softcap is not None:
+        tanh = torch.tanh(s / softcap)
+        s = tanh * softcap
     if attn_mask is not None:
         bias = mask_bias(attn_mask, q.dtype)
         s = s + bias.view(bias.shape[0], -1, rep if bias.shape[1] > 1 else 1, n_q, n_k)
-    if causal:
-        s = s + causal_bias(n_q, n_k, q.device, q.dtype)
-    return s
+    if causal or window is not None:
+        s = s + causal_bias(n_q, n_k, q.device, q.dtype, causal, window)
+    return s, tanh
 
 
 def _softmax(s):
@@ -74,7 +87,7 @@ def _softmax(s):
 
 
 def attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config: DistrConfig | None = None,
-              dropout_p=0.0, causal_grouping=False, hashes=None):
+              dropout_p=0.0, causal_grouping=False, hashes=None, window=None, softcap=None):
     """Reference DistrAttention. Shapes as :func:`hf_distrattn.distr_attention`, arguments already validated.
 
     ``attn_mask`` must be 4-D ``(1|B, 1|Hq, Nq, Nk)``; ``causal_grouping`` and ``hashes`` as in
@@ -86,7 +99,7 @@ def attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config: Dist
     batch, h_q, n_q, d = q.shape
     scale = d**-0.5 if scale is None else scale
     q, k = _operands(q, k, config, causal_grouping, hashes)
-    p, lse = _softmax(_scores(q, k, attn_mask, causal, scale))
+    p, lse = _softmax(_scores(q, k, attn_mask, causal, scale, window, softcap)[0])
     if dropout_p > 0:
         p = torch.nn.functional.dropout(p, dropout_p)
     out = torch.einsum("bgrqk,bgkd->bgrqd", p, v.to(q.dtype))
@@ -94,9 +107,10 @@ def attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config: Dist
 
 
 def attention_backward(q, k, v, out, dout, *, causal=False, attn_mask=None, scale=None,
-                       config: DistrConfig | None = None, causal_grouping=False, hashes=None):
+                       config: DistrConfig | None = None, causal_grouping=False, hashes=None, window=None,
+                       softcap=None, dlse=None):
     """``(dq, dk, dv)`` of :func:`attention` (no dropout) in the compute dtype, by the module's formulas (``P``
-    recomputed in the compute dtype, not from the float32 ``lse``)."""
+    recomputed in the compute dtype, not from the float32 ``lse``); ``dlse`` ``(B, Hq, Nq)`` or ``None``."""
     config = config or DistrConfig(group_size=1)
     batch, h_q, n_q, d = q.shape
     h_kv = k.shape[1]
@@ -104,10 +118,15 @@ def attention_backward(q, k, v, out, dout, *, causal=False, attn_mask=None, scal
     scale = d**-0.5 if scale is None else scale
     q_t, k_t = _operands(q, k, config, causal_grouping, hashes)
     compute = q_t.dtype
-    p, _ = _softmax(_scores(q_t, k_t, attn_mask, causal, scale))
+    s, tanh = _scores(q_t, k_t, attn_mask, causal, scale, window, softcap)
+    p, _ = _softmax(s)
     do = dout.to(compute).reshape(batch, h_kv, rep, n_q, -1)
     delta = (do * out.to(compute).reshape(do.shape)).sum(-1, keepdim=True)
+    if dlse is not None:
+        delta = delta - dlse.to(compute).reshape(delta.shape)
     ds = p * (torch.einsum("bgrqd,bgkd->bgrqk", do, v.to(compute)) - delta)
+    if tanh is not None:
+        ds = ds * (1 - tanh * tanh)
     dv = torch.einsum("bgrqk,bgrqd->bgkd", p, do)
     dq = torch.einsum("bgrqk,bgkd->bgrqd", ds, k_t).reshape(batch, h_q, n_q, d) * scale
     dk = torch.einsum("bgrqk,bgrqd->bgkd", ds, q_t.view(batch, h_kv, rep, n_q, d)) * scale
@@ -120,7 +139,7 @@ def attention_backward(q, k, v, out, dout, *, causal=False, attn_mask=None, scal
 
 
 def reduced_keys_attention(q, k, v, reduced_keys, fuse_group, fuse_weight, *, block_size, causal=False,
-                           attn_mask=None, scale=None):
+                           attn_mask=None, scale=None, window=None, softcap=None):
     """Attention over keys held in reduced form (:mod:`hf_distrattn.cache`), the oracle of the decode kernel.
 
     Key ``s`` of block ``j ≥ 1`` is ``k̃_s = Wt_jᵀ u_s`` with ``u_s = reduced_keys[..., s, :]`` (its first ``d/G``
@@ -136,4 +155,4 @@ def reduced_keys_attention(q, k, v, reduced_keys, fuse_group, fuse_weight, *, bl
     u = as_blocks(reduced_keys[:, :, :n_k].to(compute), block_size)  # (B, H, nb, block, DG)
     keys = (u @ wt.transpose(-1, -2)).flatten(2, 3)[:, :, :n_k]
     keys = torch.cat([k[:, :, :block_size].to(compute), keys[:, :, block_size:]], dim=2)
-    return attention(q, keys, v, causal=causal, attn_mask=attn_mask, scale=scale)
+    return attention(q, keys, v, causal=causal, attn_mask=attn_mask, scale=scale, window=window, softcap=softcap)

@@ -159,6 +159,9 @@ def tree_attention_forward(module, query, key, value, attention_mask, dropout: f
         raise ValueError("attn_implementation='tree' needs hf_distrattn.tree.attach(model, cache) first")
     if dropout:
         raise ValueError("attn_implementation='tree' is for inference: dropout must be 0")
+    for name in ("sliding_window", "softcap", "s_aux"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"attn_implementation='tree' does not support {name} (this model's attention uses it)")
     layer = module.layer_idx
     out = tree_attention(query, key, value, q_positions=cache.query_positions[layer],
                          k_positions=cache.key_positions[layer], scale=scaling,

@@ -82,9 +82,11 @@ def reduced_scores(x: torch.Tensor, y: torch.Tensor, group: int, block: int, num
 
 
 def naive_attention(q, k, v, *, causal=False, mask=None, scale=None, group=1, block=64, num_hashes=8, seed=0,
-                    reduce="rank1", sampled="q", causal_grouping=None):
+                    reduce="rank1", sampled="q", causal_grouping=None, window=None, softcap=None, sinks=None):
     """Per (batch, head) loops in float64; ``mask`` is additive, already ``(B, Hq, Nq, Nk)``;
-    ``causal_grouping`` defaults to ``causal``."""
+    ``causal_grouping`` defaults to ``causal``. ``window``: query ``i`` sees keys ``j > i + Nk − Nq − window``;
+    ``softcap``: scores ``softcap·tanh(s/softcap)``; ``sinks``: ``(Hq,)`` logits in each row's softmax
+    denominator (as gpt-oss concatenates them)."""
     causal_grouping = causal if causal_grouping is None else causal_grouping
     q, k, v = q.double(), k.double(), v.double()
     batch, h_q, n_q, d = q.shape
@@ -102,16 +104,22 @@ def naive_attention(q, k, v, *, causal=False, mask=None, scale=None, group=1, bl
             else:
                 s = reduced_scores(ki, qi, group, block, num_hashes, seed, reduce, causal_grouping).T
             s = s * scale
+            if softcap is not None:
+                s = softcap * torch.tanh(s / softcap)
             if mask is not None:
                 s = s + mask[b, h].double()
             if causal:
                 for i in range(n_q):
                     s[i, i + n_k - n_q + 1 :] = float("-inf")
+            if window is not None:
+                for i in range(n_q):
+                    s[i, : max(i + n_k - n_q - window + 1, 0)] = float("-inf")
             for i in range(n_q):
-                if torch.isinf(s[i]).all():
+                row = s[i] if sinks is None else torch.cat([s[i], sinks[h].double().reshape(1)])
+                if torch.isinf(row).all():
                     continue
-                m = s[i].max()
-                p = torch.exp(s[i] - m)
+                m = row.max()
+                p = torch.exp(row - m)
                 lse[b, h, i] = m + torch.log(p.sum())
-                out[b, h, i] = (p / p.sum()) @ vi
+                out[b, h, i] = (p[:n_k] / p.sum()) @ vi
     return out, lse

@@ -1,16 +1,11 @@
 """The eval commands on tiny subsets of the shared data: exact at G=1, stable JSON, one-line errors."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from hf_distrattn.cli import main
 from hf_distrattn.eval.perplexity import windows
-
-OFFLINE = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
 
 
 @pytest.mark.parametrize("n,seq_len,stride", [(100, 32, 32), (100, 32, 8), (33, 32, 16), (1000, 64, 48)])
@@ -95,14 +90,14 @@ image:
     (["vit", "--model", "m", "--dataset", "/no/such.parquet"], "dataset file not found"),
     (["tables", "/no/such/grid.yaml"], "grid config not found"),
 ])
-def test_bad_arguments_give_one_line(shared, args, message):
-    args = [a.format(shared=shared) for a in args]
-    run = subprocess.run([sys.executable, "-m", "hf_distrattn", *args], capture_output=True, text=True, env=OFFLINE,
-                         timeout=300)
-    assert run.returncode == 2
-    lines = [line for line in run.stderr.splitlines() if line.startswith("hf-distrattn")]
-    assert len(lines) == 1 and message in lines[0], run.stderr[-2000:]
-    assert "Traceback" not in run.stderr
+def test_bad_arguments_give_one_line(shared, args, message, capsys, monkeypatch):
+    """In process (the entry point itself: tests/test_cli.py): exit code 2, one line naming the problem."""
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+    assert main([a.format(shared=shared) for a in args]) == 2
+    stderr = capsys.readouterr().err
+    lines = [line for line in stderr.splitlines() if line.startswith("hf-distrattn")]
+    assert len(lines) == 1 and message in lines[0], stderr[-2000:]
 
 
 def test_activation_errors_on_captured_layers(shared, tmp_path):

@@ -158,7 +158,7 @@ def test_grouping_kernel_half_precision_groups_as_float32(dtype, group, block, c
         pytest.skip("the Triton CPU interpreter computes bf16 tl.dot wrongly (numpy has no bf16); runs on GPU")
     from hf_distrattn.kernels.grouping import reduce_operand
 
-    q = rand(2, 4, 200, 64, seed=13).to(dtype)
+    q = rand(1, 2, 130, 64, seed=13).to(dtype)
     config = DistrConfig(group_size=group, block_size=block, seed=5)
     hashes = hash_directions(block, config.num_hashes, config.seed, DEVICE)
     u, wt = reduce_operand(q, hashes, config, dg_pad=64 // group, causal=causal)
@@ -363,3 +363,88 @@ def test_tile_order_is_longest_first_and_visits_each_tile_once(n_tiles, n_heads)
         assert ranks == sorted(ranks)
         assert {h for _, h in pairs[first * n_tiles:(first + min(group, n_heads - first)) * n_tiles]} == set(
             range(first, min(first + group, n_heads)))
+
+
+FEATURE_CASES = [  # n_q, n_k, causal, window, softcap, sinks, block (grouping rows), group, head_dim
+    (150, 150, True, 40, None, False, 32, 1, 32),  # windows within and across key tiles
+    (150, 150, True, 100, 4.0, True, 32, 1, 64),
+    (70, 200, True, 33, None, True, 16, 1, 32),  # a chunk after a cache
+    (140, 140, True, 48, 3.0, False, 16, 2, 32),  # G=2 in a window of 3 grouping blocks
+    (130, 130, False, 129, 2.0, False, 64, 1, 32),  # window without causality: a lower bound only
+    (3, 300, True, 50, 3.0, True, 16, 1, 64),  # decode kernel: splits over the window only
+    (1, 300, False, 1, None, True, 16, 1, 64),  # a window of one key
+]
+
+
+@pytest.mark.parametrize("n_q,n_k,causal,window,softcap,sinks,block,group,d", FEATURE_CASES)
+def test_windows_softcap_and_sinks_forward_and_backward(n_q, n_k, causal, window, softcap, sinks, block, group, d):
+    """Sliding windows, logit softcapping and attention sinks in the kernels (prefill, decode, backward) against
+    the float64 loop oracle (at G=2, the float64 reference of the same approximation); gradients of q, k, v and
+    the sink logits against autograd through the float64 reference."""
+    from naive import naive_attention
+
+    q, k, v = rand(1, 4, n_q, d, seed=30), rand(1, 2, n_k, d, seed=31), rand(1, 2, n_k, d, seed=32)
+    sink = rand(4, seed=33) if sinks else None
+    config = triton_config(group_size=group, block_size=block)
+    features = dict(window=window, softcap=softcap)
+    assert plan(q, k, config, causal_grouping=causal, window=window).path == ("decode" if n_q <= 16 else "fused")
+    out, lse = distr_attention(q, k, v, causal=causal, config=config, sinks=sink, return_lse=True, **features)
+    if group == 1:
+        ref, ref_lse = naive_attention(q, k, v, causal=causal, sinks=sink, **features)
+    else:
+        ref, ref_lse = reference.attention(*(t.double() for t in (q, k, v)), causal=causal, config=config,
+                                           causal_grouping=causal, **features)
+    torch.testing.assert_close(out.double(), ref, atol=3e-5, rtol=3e-5)
+    if group == 1:
+        torch.testing.assert_close(lse.double(), ref_lse, atol=3e-5, rtol=3e-5)
+    if n_q <= 16:
+        return
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)] + ([sink.clone().requires_grad_()] if sinks else [])
+    args = dict(causal=causal, config=config, **features)
+    if group > 1:  # the training path: X̃ by the grouping kernel, the exact kernels forward and backward
+        assert plan(q, k, config, causal_grouping=causal, window=window, needs_grad=True).path == "projected"
+    out = distr_attention(*leaves[:3], sinks=leaves[3] if sinks else None, **args)
+    dout = rand(*out.shape, seed=34)
+    grads = torch.autograd.grad(out, leaves, dout)
+    exact = [t.detach().double().requires_grad_() for t in leaves]
+    ref_config = config.replace(backend="reference")
+    ref = distr_attention(*exact[:3], sinks=exact[3] if sinks else None, **(args | {"config": ref_config}))
+    ref_grads = torch.autograd.grad(ref, exact, dout.double())
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("window", [12, 64])
+def test_windowed_prefill_visits_only_the_tiles_in_the_window(window):
+    """Tiles outside a sliding window are skipped, not masked: NaN keys there cannot reach the output."""
+    q, k, v = rand(1, 2, 256, 32, seed=40), rand(1, 2, 256, 32, seed=41), rand(1, 2, 256, 32, seed=42)
+    poisoned_k, poisoned_v = k.clone(), v.clone()
+    poisoned_k[:, :, :64], poisoned_v[:, :, :64] = float("nan"), float("nan")  # key tile 0 (64 keys)
+    config = triton_config(group_size=1, block_size=32)
+    assert plan(q, k, config, causal_grouping=True, window=window).path == "fused"
+    out = distr_attention(q, poisoned_k, poisoned_v, causal=True, window=window, config=config)
+    seen = -(-(63 + window) // 32) * 32  # the first query tile of 32 rows whose window starts past key 63
+    assert torch.isfinite(out[:, :, seen:]).all()
+    assert out[:, :, :64].isnan().any()  # earlier tiles do read the poisoned keys
+    ref, _ = reference.attention(q[:, :, seen:], k, v, causal=True, window=window)
+    torch.testing.assert_close(out[:, :, seen:], ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("d,group", [(256, 1), (256, 2), (112, 1)])
+def test_head_dim_256_and_padded_head_dims_forward_and_backward(d, group):
+    """Gemma 3's head dim 256 at G=1 and G=2 (fused forward, training path), 112 at G=1 (zero-padded to 128):
+    the float64 reference's outputs and gradients."""
+    q, k, v = rand(1, 2, 70, d, seed=50), rand(1, 1, 70, d, seed=51), rand(1, 1, 70, d, seed=52)
+    config = triton_config(group_size=group, block_size=32)
+    assert plan(q, k, config, causal_grouping=True).path == "fused"
+    assert plan(q, k, config, causal_grouping=True, needs_grad=True).path == "projected"
+    ref, _ = reference.attention(*(t.double() for t in (q, k, v)), causal=True, config=config, causal_grouping=True)
+    torch.testing.assert_close(distr_attention(q, k, v, causal=True, config=config).double(), ref, atol=2e-5,
+                               rtol=2e-5)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    dout = rand(1, 2, 70, d, seed=53)
+    grads = torch.autograd.grad(distr_attention(*leaves, causal=True, config=config), leaves, dout)
+    ref_out = distr_attention(*exact, causal=True, config=config.replace(backend="reference"))
+    for got, want in zip(grads, torch.autograd.grad(ref_out, exact, dout.double()), strict=True):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)

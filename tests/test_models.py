@@ -87,30 +87,18 @@ def test_configure_chosen_layers():
     assert layer_configs(plain) == [hf_distrattn.DEFAULT_CONFIG] * 3
 
 
-@pytest.mark.parametrize("family,expected", [("mistral", "sliding_window=8"), ("gemma2", "attn_logit_softcapping=50.0"),
-                                             ("gpt_oss", "attention sinks"), ("qwen2", None)])
-def test_configure_names_features_distr_cannot_serve(family, expected):
-    """A model whose attention needs a feature distr lacks is refused when it is configured (not in the middle of
-    generate), with the feature and the model named; Qwen2 without its (off by default) sliding window is fine."""
-    from transformers import AutoConfig
-
-    extra = {"mistral": dict(sliding_window=8), "gpt_oss": dict(num_local_experts=2, num_experts_per_tok=1)}
-    config = AutoConfig.for_model(family, vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
-                                  num_attention_heads=2, num_key_value_heads=1, head_dim=16, **extra.get(family, {}))
+def test_chunked_attention_is_refused_when_configured_and_on_the_first_call():
+    """Llama 4's chunked attention is the one feature distr cannot serve: configure() names it and the model, and so
+    does the mask function on the first forward call (before any token is generated)."""
+    config = AutoConfig.for_model("llama4_text", vocab_size=64, hidden_size=32, intermediate_size=32,
+                                  intermediate_size_mlp=32, num_hidden_layers=2, num_attention_heads=2,
+                                  num_key_value_heads=1, head_dim=16, attention_chunk_size=8, num_local_experts=2)
     model = AutoModelForCausalLM.from_config(config)
-    if expected is None:
+    with pytest.raises(ValueError, match="does not support chunked attention .* llama4_text model"):
         configure(model, DistrConfig())
-        return
-    with pytest.raises(ValueError, match=f"does not support .*{expected}.* {family} model"):
-        configure(model, DistrConfig())
-
-
-def test_unsupported_attention_kwargs_raise():
-    from hf_distrattn.integration import distr_attention_forward
-
-    q = torch.randn(1, 2, 4, 8)
-    with pytest.raises(ValueError, match="sliding_window"):
-        distr_attention_forward(torch.nn.Module(), q, q, q, None, sliding_window=2)
+    model.set_attn_implementation("distr")
+    with pytest.raises(ValueError, match="chunked attention"):
+        model(torch.randint(0, 64, (1, 20)))
 
 
 @pytest.fixture(scope="module")

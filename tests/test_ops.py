@@ -22,7 +22,7 @@ CUDA = DEVICE == "cuda"
 CONFIG_ARGS = ops.config_args(DistrConfig(group_size=2, block_size=16))
 
 
-def _attention_args(path, sampled="q", mask=False, grad=True, causal=True):
+def _attention_args(path, sampled="q", mask=False, grad=True, causal=True, window=None, softcap=None):
     q, k, v = rand(1, 4, 40, 32, seed=1), rand(1, 2, 40, 32, seed=2), rand(1, 2, 40, 32, seed=3)
     if path == "decode":
         q = q[:, :, -2:]
@@ -30,27 +30,33 @@ def _attention_args(path, sampled="q", mask=False, grad=True, causal=True):
     attn_mask = (rand(1, 1, q.shape[2], 40, seed=4) > -1.0) if mask else None
     config = DistrConfig(group_size=1 if path == "decode" else 2, block_size=16, sampled=sampled)
     return (q, k, v, attn_mask, hash_directions(16, 8, 0, DEVICE), path, causal and not mask, 32**-0.5,
-            *ops.config_args(config), True)
+            *ops.config_args(config), True, window, softcap)
 
 
-OPCHECK_ATTENTION = [("reference", "q", False), ("reference", "k", True)]
+OPCHECK_ATTENTION = [("reference", "q", False, None), ("reference", "k", True, None), ("reference", "q", False, 20)]
 if CUDA:
-    OPCHECK_ATTENTION += [("projected", "q", False), ("projected", "k", True), ("fused", "q", True),
-                          ("decode", "q", False)]
+    OPCHECK_ATTENTION += [("projected", "q", False, None), ("projected", "k", True, None), ("fused", "q", True, None),
+                          ("decode", "q", False, None), ("fused", "q", False, 33), ("decode", "q", False, 20)]
 
 
-@pytest.mark.parametrize("path,sampled,mask", OPCHECK_ATTENTION)
-def test_opcheck_attention(path, sampled, mask):
+@pytest.mark.parametrize("path,sampled,mask,window", OPCHECK_ATTENTION)
+def test_opcheck_attention(path, sampled, mask, window):
+    """``window`` cases also cap the logits (softcap 3)."""
     grad = path in ("reference", "projected")
-    torch.library.opcheck(ops.attention, _attention_args(path, sampled, mask, grad))
+    softcap = None if window is None else 3.0
+    torch.library.opcheck(ops.attention, _attention_args(path, sampled, mask, grad, window=window, softcap=softcap))
 
 
 @pytest.mark.parametrize("path", ["reference", "projected"] if CUDA else ["reference"])
-def test_opcheck_attention_backward(path):
-    args = _attention_args(path, grad=False)
+@pytest.mark.parametrize("features", [False, True])
+def test_opcheck_attention_backward(path, features):
+    """``features``: a window, a softcap and a gradient reaching the log-sum-exp (attention sinks)."""
+    extra = dict(window=20, softcap=3.0) if features else {}
+    args = _attention_args(path, grad=False, **extra)
     out, lse, operand, wt = ops.attention(*args)
     q, k, v = (operand if path == "projected" else args[0]), args[1], args[2]
-    torch.library.opcheck(ops.attention_backward, (rand(*out.shape, seed=9), q, k, v, out, lse, wt, *args[3:]))
+    dlse = rand(*lse.shape, seed=10) if features else None
+    torch.library.opcheck(ops.attention_backward, (rand(*out.shape, seed=9), dlse, q, k, v, out, lse, wt, *args[3:]))
 
 
 def _reduced_layer(config, n=40):
@@ -66,7 +72,7 @@ def test_opcheck_reduced_decode(path):
     layer = _reduced_layer(DistrConfig(group_size=2, block_size=16, sampled="k"))
     q = rand(1, 4, 1, 32, seed=1)
     torch.library.opcheck(ops.reduced_decode, (q, layer.keys, layer.values, None, *layer.reduced, path, True,
-                                               32**-0.5, 16))
+                                               32**-0.5, 16, None, 3.0))
 
 
 @pytest.mark.parametrize("path", ["reference", "kernel"] if CUDA else ["reference"])
@@ -105,6 +111,24 @@ def test_llama_compiles_whole_and_matches_eager(config):
     eager = model(ids, attention_mask=mask).logits
     compiled = torch.compile(model, fullgraph=True, backend=BACKEND)(ids, attention_mask=mask).logits
     torch.testing.assert_close(compiled[:, 5:].float(), eager[:, 5:].float(), **TOL)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["gemma2", "gpt_oss"])
+def test_windows_softcap_and_sinks_compile_whole(family):
+    """Gemma 2 (sliding windows, softcapping) and gpt-oss (sliding windows, sinks) at G=2: no graph break, eager's
+    logits."""
+    from test_model_matrix import decoder
+
+    model = decoder(family, "distr", sliding_window=36).to(DEVICE)
+    configure(model, DistrConfig(group_size=2, block_size=16))
+    ids = torch.randint(3, 97, (2, 64), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(ids)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    compiled = torch.compile(model, fullgraph=True, backend=BACKEND)(ids).logits
+    tol = 1e-3 if CUDA else 1e-5
+    torch.testing.assert_close(compiled, model(ids).logits, atol=tol, rtol=tol)
 
 
 @torch.no_grad()

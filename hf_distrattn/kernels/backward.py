@@ -1,23 +1,28 @@
-r"""Attention backward in Triton (FlashAttention-2 style), for ``out = softmax(scale · Q Kᵀ + mask) V``.
+r"""Attention backward in Triton (FlashAttention-2 style), for ``out = softmax(S) V``, ``S = scale · Q Kᵀ + mask``
+(or ``c · tanh(scale · Q Kᵀ / c) + mask`` with logit softcapping; causality and a sliding window as masks).
 
 The training path (the ``"projected"`` path of :func:`hf_distrattn.ops.attention`) calls it with ``Q̃`` in place of
 ``Q`` (or ``K̃`` of ``K``): the approximation is a differentiable map of one operand, attention on the result is
 exact, so its backward is the exact one. With the forward's float32 log-sum-exp ``L`` and ``Δ = rowsum(dO ∘ O)``,
 each tile recomputes its probabilities instead of storing ``P``:
 
-    P = exp(scale · Q Kᵀ + mask − L)          dV = Pᵀ dO
-    dP = dO Vᵀ                               dS = P ∘ (dP − Δ)
+    P = exp(S − L)                           dV = Pᵀ dO
+    dP = dO Vᵀ                               dS = P ∘ (dP − Δ)  (∘ (1 − T²), T = tanh(scale · Q Kᵀ / c))
     dQ = scale · dS K                        dK = scale · dSᵀ Q
+
+where a gradient ``dL`` that reaches the log-sum-exp (attention sinks use it) enters as ``Δ = rowsum(dO ∘ O) − dL``
+(``∂L/∂S = P``).
 
 Two kernels, so that every output is written by exactly one program (no atomics): ``_dq`` runs one program per
 (query tile, batch·query head) over the key tiles and also writes its rows' ``Δ`` and base-2 log-sum-exp (it
 holds their ``dO`` tile already); ``_dkdv``, launched after it, runs one program per (key tile, batch·KV head)
 over every query tile of the KV head's ``Hq/Hkv`` query heads (GQA sums there). Both launch their programs
 longest first (:func:`~.softmax.tile_order`). Rows beyond the sequence read zeros and contribute nothing; fully
-masked rows (``L = −∞``) give ``P = 0``; only causal tiles on the diagonal and user masks are masked (the
-forward's split). Head dims that are not a power of two are zero-padded. When ``Q̃ = X M`` per grouping block
-(``M = Wtᵀ Wt``), ``_dq`` writes ``dX = dQ̃ M`` instead of ``dQ̃`` (:func:`_project_tile` in its epilogue, one
-``Wt`` per grouping block the tile covers); the same for ``K̃`` in ``_dkdv``.
+masked rows (``L = −∞``) give ``P = 0``; only tiles on the causal diagonal or a window's edge and user masks are
+masked (the forward's split), and tiles outside the window are not visited. Head dims that are not a power of two
+are zero-padded. When ``Q̃ = X M`` per grouping block (``M = Wtᵀ Wt``), ``_dq`` writes ``dX = dQ̃ M`` instead of
+``dQ̃`` (:func:`_project_tile` in its epilogue, one ``Wt`` per grouping block the tile covers); the same for ``K̃``
+in ``_dkdv``.
 
 Cost: seven ``d``-deep GEMMs per score (``_dkdv``: recompute, dP, dV, dK; ``_dq``: recompute, dP, dQ), against
 FlashAttention-2's five with a float32 ``dQ`` accumulated by atomics (slower in Triton by public reports).
@@ -35,30 +40,37 @@ import triton.language as tl
 from ..grouping import padded_width
 from .grouping import project_block
 from .launch import cached
-from .softmax import HEAD_GROUP, key_range, mask_arguments, masked_scores, scores, tile_order
+from .softmax import (
+    HEAD_GROUP,
+    key_range,
+    mask_arguments,
+    masked_scores,
+    scores,
+    softcapped,
+    tile_order,
+    visible,
+)
 
 
 @triton.jit
-def _probs_t(x, yt_or_y, lse2, mask_base, offs_m, offs_n, n_q, n_k, qk_scale, TRANSPOSED: tl.constexpr,
-             MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr):
-    """Recomputed probabilities: ``Pᵀ`` ``(BLOCK_N, BLOCK_M)`` if ``TRANSPOSED`` (``x`` = key tile, second
-    argument the query tile transposed), else ``P`` ``(BLOCK_M, BLOCK_N)``."""
-    s = scores(x, yt_or_y, qk_scale, IEEE)
+def _probs_t(x, yt_or_y, lse2, mask_base, offs_m, offs_n, n_q, n_k, qk_scale, window, softcap,
+             TRANSPOSED: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+             SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr):
+    """Recomputed probabilities and the softcap's ``T`` (:func:`~.softmax.softcapped`): ``Pᵀ`` ``(BLOCK_N,
+    BLOCK_M)`` if ``TRANSPOSED`` (``x`` = key tile, second argument the query tile transposed), else ``P``
+    ``(BLOCK_M, BLOCK_N)``."""
+    s, t = softcapped(scores(x, yt_or_y, qk_scale, IEEE), softcap, SOFTCAP)
     if TRANSPOSED:
         if MASKED:
-            keep = (offs_n[:, None] < n_k) & (offs_m[None, :] < n_q)
-            if CAUSAL:
-                keep = keep & (offs_n[:, None] <= offs_m[None, :] + (n_k - n_q))
+            keep = tl.trans(visible(offs_m, offs_n, n_q, n_k, window, CAUSAL, WINDOWED))
             s = masked_scores(s, keep, mask_base + offs_n[:, None], MASK_KIND)
         p = tl.math.exp2(s - lse2[None, :])
     else:  # an explicit branch: code after a return under a constexpr `if` is still built (non-square tiles)
         if MASKED:
-            keep = (offs_n[None, :] < n_k) & (offs_m[:, None] < n_q)
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None] + (n_k - n_q))
+            keep = visible(offs_m, offs_n, n_q, n_k, window, CAUSAL, WINDOWED)
             s = masked_scores(s, keep, mask_base + offs_n[None, :], MASK_KIND)
         p = tl.math.exp2(s - lse2[:, None])
-    return p
+    return p, t
 
 
 @triton.jit
@@ -83,8 +95,9 @@ def _project_tile(x, wt_base, first, n, IEEE: tl.constexpr, BLOCK: tl.constexpr,
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, start_m, offs_n, n_q, n_k,
-               sq_m, sdo_m, sm_m, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-               IEEE: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr):
+               sq_m, sdo_m, sm_m, qk_scale, window, softcap, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+               WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr,
+               BLOCK_M: tl.constexpr, D: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     rows = offs_m < n_q
@@ -92,27 +105,31 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, s
     do = tl.load(do_base + offs_m[:, None] * sdo_m + offs_d[None, :], mask=rows[:, None], other=0.0)
     lse2 = tl.load(lse_base + offs_m, mask=rows, other=0.0)
     delta = tl.load(delta_base + offs_m, mask=rows, other=0.0)
-    pt = _probs_t(k, qt, lse2, mask_base + offs_m[None, :] * sm_m, offs_m, offs_n, n_q, n_k, qk_scale, True,
-                  MASKED, CAUSAL, MASK_KIND, IEEE)
+    pt, tt = _probs_t(k, qt, lse2, mask_base + offs_m[None, :] * sm_m, offs_m, offs_n, n_q, n_k, qk_scale,
+                      window, softcap, True, MASKED, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE)
     if IEEE:
         dv += tl.dot(pt, do, input_precision="ieee")
         dpt = tl.dot(v, tl.trans(do), input_precision="ieee")
-        dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst, tl.trans(qt), input_precision="ieee")
     else:
         dv += tl.dot(pt.to(do.dtype), do)
         dpt = tl.dot(v, tl.trans(do))
-        dst = pt * (dpt - delta[None, :])
+    dst = pt * (dpt - delta[None, :])
+    if SOFTCAP:
+        dst = dst * (1.0 - tt * tt)
+    if IEEE:
+        dk += tl.dot(dst, tl.trans(qt), input_precision="ieee")
+    else:
         dk += tl.dot(dst.to(qt.dtype), tl.trans(qt))
     return dk, dv
 
 
 @cached
 @triton.jit
-def _dkdv(Q, K, V, DO, Lse, Delta, Mask, DK, DV, Wt, scale, n_q, n_k, heads, kv_group,
+def _dkdv(Q, K, V, DO, Lse, Delta, Mask, DK, DV, Wt, scale, window, softcap, n_q, n_k, heads, kv_group,
           sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_m, sl_b, sl_h,
           sm_b, sm_h, sm_m, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n,
-          CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr,
+          CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr,
+          IEEE: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
           PROJECT_BLOCK: tl.constexpr, PROJECT_CAUSAL: tl.constexpr, DG_PAD: tl.constexpr):
     pid_n, bh = tile_order(tl.cdiv(n_k, BLOCK_N), HEAD_GROUP)  # causal: key tile 0 is seen by most queries
@@ -127,15 +144,23 @@ def _dkdv(Q, K, V, DO, Lse, Delta, Mask, DK, DV, Wt, scale, n_q, n_k, heads, kv_
     v = tl.load(V + b * sv_b + hk * sv_h + offs_n[:, None] * sv_n + offs_d[None, :], mask=cols[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
-    qk_scale = scale * 1.4426950408889634
-    # query tiles below `lo` see none of these keys; from `full` on they see all of them
+    qk_scale = scale if SOFTCAP else scale * 1.4426950408889634
+    # query tiles in [lo, hi) see some of these keys, those in [mid_lo, mid_hi) all of them
     lo = 0
-    full = 0
+    hi = n_q
+    mid_lo = 0
+    mid_hi = n_q
     if CAUSAL:
         lo = tl.maximum(start_n - (n_k - n_q), 0) // BLOCK_M * BLOCK_M
-        full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - (n_k - n_q), 0), BLOCK_M) * BLOCK_M
+        mid_lo = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - (n_k - n_q), 0), BLOCK_M) * BLOCK_M
+    if WINDOWED:  # query i sees key j when i + n_k − n_q − j < window
+        hi = tl.minimum(n_q, start_n + BLOCK_N - 1 + window - (n_k - n_q))
+        mid_hi = tl.maximum(start_n + window - (n_k - n_q), 0) // BLOCK_M * BLOCK_M
+    mid_lo = tl.minimum(tl.maximum(mid_lo, lo), hi)
+    mid_hi = tl.maximum(tl.minimum(mid_hi, hi), mid_lo)
     if MASK_KIND != 0:
-        full = n_q
+        mid_lo = hi
+        mid_hi = hi
     for r in range(0, kv_group):
         h = hk * kv_group + r
         q_base = Q + b * sq_b + h * sq_h
@@ -143,12 +168,18 @@ def _dkdv(Q, K, V, DO, Lse, Delta, Mask, DK, DV, Wt, scale, n_q, n_k, heads, kv_
         lse_base = Lse + b * sl_b + h * sl_h
         delta_base = Delta + b * sl_b + h * sl_h
         mask_base = Mask + b * sm_b + h * sm_h
-        for start_m in range(lo, tl.minimum(full, n_q), BLOCK_M):
+        for start_m in range(lo, mid_lo, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, start_m, offs_n,
-                                n_q, n_k, sq_m, sdo_m, sm_m, qk_scale, True, CAUSAL, MASK_KIND, IEEE, BLOCK_M, D)
-        for start_m in range(tl.maximum(full, lo), n_q, BLOCK_M):
+                                n_q, n_k, sq_m, sdo_m, sm_m, qk_scale, window, softcap, True, CAUSAL, WINDOWED,
+                                SOFTCAP, MASK_KIND, IEEE, BLOCK_M, D)
+        for start_m in range(mid_lo, mid_hi, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, start_m, offs_n,
-                                n_q, n_k, sq_m, sdo_m, sm_m, qk_scale, False, CAUSAL, MASK_KIND, IEEE, BLOCK_M, D)
+                                n_q, n_k, sq_m, sdo_m, sm_m, qk_scale, window, softcap, False, CAUSAL, WINDOWED,
+                                SOFTCAP, MASK_KIND, IEEE, BLOCK_M, D)
+        for start_m in range(mid_hi, hi, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, start_m, offs_n,
+                                n_q, n_k, sq_m, sdo_m, sm_m, qk_scale, window, softcap, True, CAUSAL, WINDOWED,
+                                SOFTCAP, MASK_KIND, IEEE, BLOCK_M, D)
     dk = (dk * scale).to(DK.dtype.element_ty)
     if PROJECT_BLOCK:  # dK = dK̃ M
         wt_base = Wt + bh.to(tl.int64) * tl.cdiv(n_k, PROJECT_BLOCK) * (DG_PAD * D)
@@ -161,32 +192,37 @@ def _dkdv(Q, K, V, DO, Lse, Delta, Mask, DK, DV, Wt, scale, n_q, n_k, heads, kv_
 
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, n_q, n_k, sk_n, sv_n, qk_scale,
-             MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr,
-             BLOCK_N: tl.constexpr, D: tl.constexpr):
+             window, softcap, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+             SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
+             D: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     cols = offs_n < n_k
     kt = tl.load(k_base + offs_n[None, :] * sk_n + offs_d[:, None], mask=cols[None, :], other=0.0)
     vt = tl.load(v_base + offs_n[None, :] * sv_n + offs_d[:, None], mask=cols[None, :], other=0.0)
-    p = _probs_t(q, kt, lse2, mask_base, offs_m, offs_n, n_q, n_k, qk_scale, False, MASKED, CAUSAL, MASK_KIND,
-                 IEEE)
+    p, t = _probs_t(q, kt, lse2, mask_base, offs_m, offs_n, n_q, n_k, qk_scale, window, softcap, False, MASKED,
+                    CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE)
     if IEEE:
         dp = tl.dot(do, vt, input_precision="ieee")
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds, tl.trans(kt), input_precision="ieee")
     else:
         dp = tl.dot(do, vt)
-        ds = p * (dp - delta[:, None])
+    ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    if IEEE:
+        dq += tl.dot(ds, tl.trans(kt), input_precision="ieee")
+    else:
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
     return dq
 
 
 @cached
 @triton.jit
-def _dq(Q, K, V, DO, Lse, Delta, Lse2, Mask, DQ, Wt, Out, scale, n_q, n_k, heads, kv_group,
-        sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_m, sl_b, sl_h,
+def _dq(Q, K, V, DO, Lse, Delta, Lse2, Mask, DQ, Wt, Out, DLse, scale, window, softcap, n_q, n_k, heads,
+        kv_group, sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_m, sl_b, sl_h,
         sm_b, sm_h, sm_m, sdq_b, sdq_h, sdq_m, so_b, so_h, so_m,
-        CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr,
+        CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, HAS_DLSE: tl.constexpr,
+        MASK_KIND: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
         PROJECT_BLOCK: tl.constexpr, PROJECT_CAUSAL: tl.constexpr, DG_PAD: tl.constexpr):
     n_tiles = tl.cdiv(n_q, BLOCK_M)
@@ -202,7 +238,9 @@ def _dq(Q, K, V, DO, Lse, Delta, Lse2, Mask, DQ, Wt, Out, scale, n_q, n_k, heads
     do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_m + offs_d[None, :], mask=rows[:, None],
                  other=0.0)
     o = tl.load(Out + b * so_b + h * so_h + offs_m[:, None] * so_m + offs_d[None, :], mask=rows[:, None], other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # Δ = rowsum(dO ∘ O)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # Δ = rowsum(dO ∘ O) − dL
+    if HAS_DLSE:
+        delta -= tl.load(DLse + bh * n_q + offs_m, mask=rows, other=0.0)
     lse = tl.load(Lse + b * sl_b + h * sl_h + offs_m, mask=rows, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # no visible key: P = 0
     tl.store(Delta + b * sl_b + h * sl_h + offs_m, delta, mask=rows)  # both for _dkdv
@@ -210,15 +248,18 @@ def _dq(Q, K, V, DO, Lse, Delta, Lse2, Mask, DQ, Wt, Out, scale, n_q, n_k, heads
     k_base = K + b * sk_b + hk * sk_h
     v_base = V + b * sv_b + hk * sv_h
     mask_base = Mask + b * sm_b + h * sm_h + offs_m[:, None] * sm_m
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale if SOFTCAP else scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, D], tl.float32)
-    full, hi = key_range(pid_m, n_q, n_k, CAUSAL, MASK_KIND, BLOCK_M, BLOCK_N)
-    for start_n in range(0, full, BLOCK_N):
+    lo, mid_lo, mid_hi, hi = key_range(pid_m, n_q, n_k, window, CAUSAL, WINDOWED, MASK_KIND, BLOCK_M, BLOCK_N)
+    for start_n in range(lo, mid_lo, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, n_q, n_k, sk_n, sv_n,
-                      qk_scale, False, CAUSAL, MASK_KIND, IEEE, BLOCK_N, D)
-    for start_n in range(full, hi, BLOCK_N):
+                      qk_scale, window, softcap, True, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE, BLOCK_N, D)
+    for start_n in range(mid_lo, mid_hi, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, n_q, n_k, sk_n, sv_n,
-                      qk_scale, True, CAUSAL, MASK_KIND, IEEE, BLOCK_N, D)
+                      qk_scale, window, softcap, False, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE, BLOCK_N, D)
+    for start_n in range(mid_hi, hi, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, n_q, n_k, sk_n, sv_n,
+                      qk_scale, window, softcap, True, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE, BLOCK_N, D)
     dq = (dq * scale).to(DQ.dtype.element_ty)
     if PROJECT_BLOCK:  # dQ = dQ̃ M
         wt_base = Wt + bh.to(tl.int64) * tl.cdiv(n_q, PROJECT_BLOCK) * (DG_PAD * D)
@@ -230,8 +271,8 @@ def _dq(Q, K, V, DO, Lse, Delta, Lse2, Mask, DQ, Wt, Out, scale, n_q, n_k, heads
 def launch_params(d: int, dtype: torch.dtype) -> dict:
     """``{"dkdv": ..., "dq": ...}``: tile sizes (``block_m`` query rows, ``block_n`` keys), warps and stages of
     each kernel. Square tiles of 64 (the H100 sweep in docs/design.md: 3 stages qt d ≤ 64, 2 qt 128); 32 for
-    float32."""
-    if dtype == torch.float32:
+    float32 and for head dims above 128 (unmeasured)."""
+    if dtype == torch.float32 or d > 128:
         tile = dict(block_m=32, block_n=32, num_warps=4, num_stages=2)
     else:
         tile = dict(block_m=64, block_n=64, num_warps=4, num_stages=3 if d <= 64 else 2)
@@ -239,14 +280,15 @@ def launch_params(d: int, dtype: torch.dtype) -> dict:
 
 
 def attention_backward(q, k, v, out, lse, dout, *, causal: bool, attn_mask, scale: float, project=None,
-                       dkdv=None, dq=None):
+                       window=None, softcap=None, dlse=None, dkdv=None, dq=None):
     """Gradients ``(dQ, dK, dV)`` of ``softmax(scale · Q Kᵀ + mask) V`` (GQA: ``K``, ``V`` have fewer heads), in
     the inputs' dtype (accumulated in float32).
 
     q, out, dout: ``(batch, Hq, Nq, d)``; k, v: ``(batch, Hkv, Nk, d)``; any strides, a unit-stride last dim for
     ``q``, ``k``, ``v`` (``out``, ``dout`` are copied otherwise); the gradients keep the inputs' layouts. lse:
-    float32 ``(batch, Hq, Nq)`` from the forward (natural log); attn_mask 4-D or ``None``; ``dkdv`` / ``dq``: dicts
-    that override entries of :func:`launch_params` for that kernel.
+    float32 ``(batch, Hq, Nq)`` from the forward (natural log), ``dlse`` its gradient (or ``None``); attn_mask 4-D
+    or ``None``; ``window``, ``softcap``: as the forward's; ``dkdv`` / ``dq``: dicts that override entries of
+    :func:`launch_params` for that kernel.
     ``project = (operand, wt, block, causal)``: ``q`` (operand ``"q"``) or ``k`` (``"k"``) is ``X̃ = X M`` per block
     of ``block`` rows, ``M = Wtᵀ Wt`` from :func:`.grouping.reduce_operand` (``wt`` contiguous; ``causal``: block 0
     has ``M = I``); that gradient is returned as ``dX = dX̃ M`` (``M`` symmetric), in the kernel's epilogue.
@@ -263,7 +305,9 @@ def attention_backward(q, k, v, out, lse, dout, *, causal: bool, attn_mask, scal
         q, k, v, out, dout = (torch.nn.functional.pad(t, (0, d_pad - d)) for t in (q, k, v, out, dout))
     dq_, dk, dv = (torch.empty_like(t) for t in (q, k, v))  # the inputs' layouts (Transformers' (B, N, H, d) views)
     mask, mask_kind, mask_strides = mask_arguments(attn_mask, dq_)
-    common = dict(CAUSAL=causal, MASK_KIND=mask_kind, IEEE=q.dtype == torch.float32, D=d_pad)
+    common = dict(CAUSAL=causal, WINDOWED=window is not None, SOFTCAP=softcap is not None, MASK_KIND=mask_kind,
+                  IEEE=q.dtype == torch.float32, D=d_pad)
+    dlse = lse if dlse is None else dlse.float().contiguous()  # lse: a placeholder, never read
     if project is not None and d_pad != d:
         raise ValueError(f"project needs a power-of-two head dim, got {d}")
     wt = dq_ if project is None else project[1]  # dq_: a placeholder pointer, never read
@@ -277,11 +321,12 @@ def attention_backward(q, k, v, out, lse, dout, *, causal: bool, attn_mask, scal
                     PROJECT_CAUSAL=projected and project[3], DG_PAD=wt.shape[-2] if projected else 16) | common
 
     _dq[(triton.cdiv(n_q, p_q["block_m"]) * batch * heads,)](
-        q, k, v, dout, lse, delta, lse2, mask, dq_, wt, out, scale, n_q, n_k, heads, heads // h_kv, *strides,
-        *dq_.stride()[:3], *out.stride()[:3], **launch(p_q, "q"))
+        q, k, v, dout, lse, delta, lse2, mask, dq_, wt, out, dlse, scale, window or 0, softcap or 1.0, n_q, n_k,
+        heads, heads // h_kv, *strides, *dq_.stride()[:3], *out.stride()[:3], HAS_DLSE=dlse is not lse,
+        **launch(p_q, "q"))
     _dkdv[(triton.cdiv(n_k, p_kv["block_n"]) * batch * h_kv,)](
-        q, k, v, dout, lse2, delta, mask, dk, dv, wt, scale, n_q, n_k, heads, heads // h_kv, *strides,
-        *dk.stride()[:3], *dv.stride()[:3], **launch(p_kv, "k"))
+        q, k, v, dout, lse2, delta, mask, dk, dv, wt, scale, window or 0, softcap or 1.0, n_q, n_k, heads,
+        heads // h_kv, *strides, *dk.stride()[:3], *dv.stride()[:3], **launch(p_kv, "k"))
     if d_pad == d:
         return dq_, dk, dv
     return dq_[..., :d], dk[..., :d], dv[..., :d]

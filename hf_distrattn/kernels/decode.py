@@ -9,7 +9,8 @@ once per KV head) over its split, and writes a partial ``o_s`` with its log-sum-
 
 is the same associative combine that tree attention does across GPUs. With ``sampled="k"`` DistrAttention the
 keys after the first block come reduced (:mod:`hf_distrattn.cache`): a tile of key block ``j`` scores
-``(Wt_j q) · u_s``, so ``d/G`` of each key is read instead of ``d`` (values whole).
+``(Wt_j q) · u_s``, so ``d/G`` of each key is read instead of ``d`` (values whole). A sliding window splits only
+the keys some query can see; softcapping caps each tile's scores (:func:`~.softmax.softcapped`).
 """
 
 from __future__ import annotations
@@ -21,19 +22,22 @@ import torch
 import triton
 import triton.language as tl
 
-from .softmax import finish, mask_arguments, masked_scores, online_softmax, scores
+from .softmax import finish, mask_arguments, masked_scores, online_softmax, scores, softcapped
 
 PROGRAMS_PER_SM = 2
 LAUNCH = {"num_warps": 4, "num_stages": 3}
 
 
 @triton.jit
-def _fold(acc, l_i, m_i, s, vt, offs_n, hi, row_ok, i, mask_ptrs, n_q, n_k, CAUSAL: tl.constexpr,
-          MASK_KIND: tl.constexpr, IEEE: tl.constexpr):
-    """Mask a tile of scores (keys ``offs_n`` below ``hi``) and fold it into the running softmax."""
+def _fold(acc, l_i, m_i, s, vt, offs_n, hi, row_ok, i, mask_ptrs, n_q, n_k, window, softcap, CAUSAL: tl.constexpr,
+          WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr):
+    """Softcap and mask a tile of scores (keys ``offs_n`` below ``hi``), fold it into the running softmax."""
+    s, _ = softcapped(s, softcap, SOFTCAP)
     keep = (offs_n < hi)[None, :] & row_ok[:, None]
     if CAUSAL:
         keep = keep & (offs_n[None, :] <= i[:, None] + (n_k - n_q))
+    if WINDOWED:
+        keep = keep & (offs_n[None, :] > i[:, None] + (n_k - n_q - window))
     s = masked_scores(s, keep, mask_ptrs + offs_n[None, :], MASK_KIND)
     return online_softmax(acc, l_i, m_i, s, 1.0, vt, IEEE)
 
@@ -48,12 +52,13 @@ def _fuse_query(q, Grp, W, g_base, offs_d, offs_g, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _decode_split(Q, K, V, UK, Grp, W, Mask, Out, Lse, scale, n_q, n_k, heads_kv, rep, chunk,
+def _decode_split(Q, K, V, UK, Grp, W, Mask, Out, Lse, scale, window, softcap, n_q, n_k, heads_kv, rep, start,
+                  chunk,
                   sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, su_b, su_h, su_n, sg_b, sg_h, sg_blk,
                   sm_b, sm_h, sm_m, so_b, so_h, so_m, so_s, sl_b, sl_h, sl_m,
-                  CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
-                  DG: tl.constexpr):
+                  CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr,
+                  IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                  G: tl.constexpr, DG: tl.constexpr):
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // heads_kv
@@ -68,7 +73,7 @@ def _decode_split(Q, K, V, UK, Grp, W, Mask, Out, Lse, scale, n_q, n_k, heads_kv
     offs_t = tl.arange(0, BLOCK_N)
     q = tl.load(Q + b * sq_b + h[:, None] * sq_h + i[:, None] * sq_m + offs_d[None, :], mask=row_ok[:, None],
                 other=0.0)
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale if SOFTCAP else scale * 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -76,7 +81,7 @@ def _decode_split(Q, K, V, UK, Grp, W, Mask, Out, Lse, scale, n_q, n_k, heads_kv
     v_base = V + b * sv_b + hk * sv_h
     g_base = b * sg_b + hk * sg_h
     mask_ptrs = Mask + b * sm_b + h[:, None] * sm_h + i[:, None] * sm_m
-    lo = split * chunk
+    lo = start + split * chunk
     hi = tl.minimum(lo + chunk, n_k)
     # two loops without branches inside, so that their loads pipeline: exact keys (all of them at G = 1, else
     # block 0), then the keys stored reduced
@@ -88,7 +93,7 @@ def _decode_split(Q, K, V, UK, Grp, W, Mask, Out, Lse, scale, n_q, n_k, heads_kv
         kt = tl.load(k_base + offs_n[None, :] * sk_n + offs_d[:, None], mask=offs_n[None, :] < hi, other=0.0)
         vt = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :], mask=offs_n[:, None] < hi, other=0.0)
         acc, l_i, m_i = _fold(acc, l_i, m_i, scores(q, kt, qk_scale, IEEE), vt, offs_n, hi, row_ok, i, mask_ptrs,
-                              n_q, n_k, CAUSAL, MASK_KIND, IEEE)
+                              n_q, n_k, window, softcap, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE)
     if G > 1:  # key block j scores (Wt_j q) · u_s
         for start_n in range(tl.maximum(lo, BLOCK_N), hi, BLOCK_N):
             offs_n = start_n + offs_t
@@ -97,7 +102,7 @@ def _decode_split(Q, K, V, UK, Grp, W, Mask, Out, Lse, scale, n_q, n_k, heads_kv
                           mask=offs_n[None, :] < hi, other=0.0)
             vt = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :], mask=offs_n[:, None] < hi, other=0.0)
             acc, l_i, m_i = _fold(acc, l_i, m_i, scores(uq, ukt, qk_scale, IEEE), vt, offs_n, hi, row_ok, i,
-                                  mask_ptrs, n_q, n_k, CAUSAL, MASK_KIND, IEEE)
+                                  mask_ptrs, n_q, n_k, window, softcap, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE)
     out, lse = finish(acc, l_i, m_i)
     o_ptrs = Out + b * so_b + h[:, None] * so_h + i[:, None] * so_m + split * so_s + offs_d[None, :]
     tl.store(o_ptrs, out, mask=row_ok[:, None])
@@ -138,8 +143,8 @@ def num_splits(batch_heads_kv: int, n_k: int, block_n: int, device) -> int:
     return max(1, min(triton.cdiv(PROGRAMS_PER_SM * sms, batch_heads_kv), triton.cdiv(n_k, 4 * block_n)))
 
 
-def decode_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, reduced=None, block_n: int = 64,
-                     splits=None):
+def decode_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, reduced=None, window=None,
+                     softcap=None, block_n: int = 64, splits=None):
     """Attention for a few queries (``Hq/Hkv · Nq ≤ 128`` rows per KV head); semantics of
     :func:`hf_distrattn.reference.attention`. Head dim a power of two, unit-stride head dims.
 
@@ -159,20 +164,22 @@ def decode_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, reduc
     else:
         uk, grp, w, block_n = reduced
         group, dg = 2, uk.shape[-1]  # any G > 1: the kernel only needs to know the keys are reduced
-    splits = splits or num_splits(batch * h_kv, n_k, block_n, q.device)
-    chunk = triton.cdiv(triton.cdiv(n_k, splits), block_n) * block_n
-    splits = triton.cdiv(n_k, chunk)
+    start = 0 if window is None else max(n_k - n_q - window + 1, 0) // block_n * block_n  # row 0's first key
+    splits = splits or num_splits(batch * h_kv, n_k - start, block_n, q.device)
+    chunk = triton.cdiv(triton.cdiv(n_k - start, splits), block_n) * block_n
+    splits = triton.cdiv(n_k - start, chunk)
     out = torch.empty(batch, heads, n_q, splits, d, device=q.device, dtype=torch.float32)
     lse = torch.empty(batch, heads, n_q, splits, device=q.device, dtype=torch.float32)
     mask, mask_kind, mask_strides = mask_arguments(attn_mask, lse)
     _decode_split[(splits, batch * h_kv)](
-        q, k, v, uk, grp, w, mask, out, lse, scale, n_q, n_k, h_kv, rep, chunk,
+        q, k, v, uk, grp, w, mask, out, lse, scale, window or 0, softcap or 1.0, n_q, n_k, h_kv, rep, start, chunk,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), uk.stride(0), uk.stride(1), uk.stride(2),
         grp.stride(0), grp.stride(1), grp.stride(2), *mask_strides,
         out.stride(0), out.stride(1), out.stride(2), out.stride(3), lse.stride(0), lse.stride(1), lse.stride(2),
-        CAUSAL=causal, MASK_KIND=mask_kind, IEEE=q.dtype == torch.float32,
-        BLOCK_M=max(16, triton.next_power_of_2(rep * n_q)), BLOCK_N=block_n, D=d, G=group, DG=dg,
+        CAUSAL=causal, WINDOWED=window is not None, SOFTCAP=softcap is not None, MASK_KIND=mask_kind,
+        IEEE=q.dtype == torch.float32, BLOCK_M=max(16, triton.next_power_of_2(rep * n_q)), BLOCK_N=block_n, D=d,
+        G=group, DG=dg,
         **LAUNCH,
     )
     merged = torch.empty_like(q)

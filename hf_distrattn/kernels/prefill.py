@@ -8,10 +8,12 @@ Kernel, one program per (query block, batch·head) in :func:`~.softmax.tile_orde
 
     K'ᵀ = Wt · Kᵀ                      (fuse on the tensor cores: DG·D per key)
     S = scale · U K'ᵀ  (+ mask)         (score GEMM, inner size DG = D/G)
+    S = c · tanh(S / c)                 (logit softcapping, optional)
     online softmax in base 2, acc += P V                 (exact P·V)
 
 and writes ``out = acc / l`` and ``lse = m + log l`` (natural log). Key tiles that every row of the
-block sees whole skip all masking (the FlashAttention-2 split into off-diagonal and diagonal tiles). Rows
+block sees whole skip all masking (the FlashAttention-2 split into off-diagonal and diagonal tiles); tiles
+outside a causal or sliding window are not visited (:func:`~.softmax.key_range`). Rows
 with no visible key give 0 and ``-inf``. At ``G = 1``, ``U = Q`` and there is no fuse; head dims that are
 not a power of two are zero-padded there. With causal grouping, query block 0 is exact: a ``G = 1`` launch of
 one block beside the ``G`` launch of the others. GQA maps query head ``h`` to key head ``h // (Hq / Hkv)``;
@@ -38,18 +40,21 @@ from .softmax import (
     masked_scores,
     online_softmax,
     scores,
+    softcapped,
     tile_order,
+    visible,
 )
 
 
 @triton.jit
 def _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, start_n, offs_m, n_q, n_k, sk_n, sv_n, qk_scale,
-          MASKED: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr,
-          FOLD_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, G: tl.constexpr):
-    """One key tile: fuse K's groups, scores at inner size DG, online-softmax update. MASKED tiles check bounds,
-    causality and the mask; the others are wholly visible to every row of the block, and with FOLD_SCALE their
-    scale is applied inside the exponent's multiply-add (:func:`~.softmax.online_softmax`) instead of as a
-    multiply of its own."""
+          window, softcap, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+          SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr, FOLD_SCALE: tl.constexpr,
+          BLOCK_N: tl.constexpr, D: tl.constexpr, G: tl.constexpr):
+    """One key tile: fuse K's groups, scores at inner size DG, softcap, online-softmax update. MASKED tiles check
+    bounds, causality, the window and the mask; the others are wholly visible to every row of the block, and with
+    FOLD_SCALE (never with SOFTCAP) their scale is applied inside the exponent's multiply-add
+    (:func:`~.softmax.online_softmax`) instead of as a multiply of its own."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     kt_ptrs = k_base + offs_n[None, :] * sk_n + offs_d[:, None]
@@ -69,22 +74,21 @@ def _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, start_n, offs_m, n_q,
         s = scores(u, kt, 1.0, IEEE)
         s_scale = qk_scale
     else:
-        s = scores(u, kt, qk_scale, IEEE)
+        s, _ = softcapped(scores(u, kt, qk_scale, IEEE), softcap, SOFTCAP)
         s_scale = 1.0
     if MASKED:
-        keep = (offs_n[None, :] < n_k) & (offs_m[:, None] < n_q)
-        if CAUSAL:
-            keep = keep & (offs_n[None, :] <= offs_m[:, None] + (n_k - n_q))
+        keep = visible(offs_m, offs_n, n_q, n_k, window, CAUSAL, WINDOWED)
         s = masked_scores(s, keep, mask_base + offs_n[None, :], MASK_KIND)
     return online_softmax(acc, l_i, m_i, s, s_scale, vt, IEEE)
 
 
 @cached
 @triton.jit
-def _distr_fwd(U, K, V, Wt, Mask, Out, Lse, scale, first_block, n_tiles, n_q, n_k, heads, kv_group,
-               su_b, su_h, su_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sw_b, sw_h, sw_blk, sw_j,
+def _distr_fwd(U, K, V, Wt, Mask, Out, Lse, scale, window, softcap, first_block, n_tiles, n_q, n_k, heads,
+               kv_group, su_b, su_h, su_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sw_b, sw_h, sw_blk, sw_j,
                sm_b, sm_h, sm_m, so_b, so_h, so_m, sl_b, sl_h,
-               CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr, FOLD_SCALE: tl.constexpr,
+               CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr,
+               IEEE: tl.constexpr, FOLD_SCALE: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, G: tl.constexpr, DG: tl.constexpr):
     rank, bh = tile_order(n_tiles, HEAD_GROUP)
     pid_m = first_block + (n_tiles - 1 - rank if CAUSAL else rank)  # causal: the last block has most keys
@@ -102,17 +106,23 @@ def _distr_fwd(U, K, V, Wt, Mask, Out, Lse, scale, first_block, n_tiles, n_q, n_
     k_base = K + b * sk_b + hk * sk_h
     v_base = V + b * sv_b + hk * sv_h
     mask_base = Mask + b * sm_b + h * sm_h + offs_m[:, None] * sm_m
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale if SOFTCAP else scale * 1.4426950408889634  # softcapped() takes natural-log scores
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    full, hi = key_range(pid_m, n_q, n_k, CAUSAL, MASK_KIND, BLOCK_M, BLOCK_N)
-    for start_n in range(0, full, BLOCK_N):
+    lo, mid_lo, mid_hi, hi = key_range(pid_m, n_q, n_k, window, CAUSAL, WINDOWED, MASK_KIND, BLOCK_M, BLOCK_N)
+    for start_n in range(lo, mid_lo, BLOCK_N):
         acc, l_i, m_i = _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, start_n, offs_m, n_q, n_k, sk_n,
-                              sv_n, qk_scale, False, CAUSAL, MASK_KIND, IEEE, FOLD_SCALE, BLOCK_N, D, G)
-    for start_n in range(full, hi, BLOCK_N):
+                              sv_n, qk_scale, window, softcap, True, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE,
+                              FOLD_SCALE, BLOCK_N, D, G)
+    for start_n in range(mid_lo, mid_hi, BLOCK_N):
         acc, l_i, m_i = _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, start_n, offs_m, n_q, n_k, sk_n,
-                              sv_n, qk_scale, True, CAUSAL, MASK_KIND, IEEE, FOLD_SCALE, BLOCK_N, D, G)
+                              sv_n, qk_scale, window, softcap, False, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE,
+                              FOLD_SCALE, BLOCK_N, D, G)
+    for start_n in range(mid_hi, hi, BLOCK_N):
+        acc, l_i, m_i = _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, start_n, offs_m, n_q, n_k, sk_n,
+                              sv_n, qk_scale, window, softcap, True, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE,
+                              FOLD_SCALE, BLOCK_N, D, G)
     out, lse = finish(acc, l_i, m_i)
     row_ok = offs_m < n_q
     tl.store(Out + b * so_b + h * so_h + offs_m[:, None] * so_m + offs_d[None, :], out.to(Out.dtype.element_ty),
@@ -122,8 +132,10 @@ def _distr_fwd(U, K, V, Wt, Mask, Out, Lse, scale, first_block, n_tiles, n_q, n_
 
 def launch_params(block_m: int, d: int, group: int) -> dict:
     """Key-tile size, warps, pipeline depth and where the score scale goes (from the H100 launch sweeps
-    recorded in docs/design.md: variants 6 and 8)."""
+    recorded in docs/design.md: variants 6 and 8; head dims above 128 take key tiles of 32, unmeasured)."""
     fold = dict(fold_scale=group > 1 or d < 128)
+    if d > 128:
+        return dict(block_n=32, num_warps=8 if block_m >= 128 else 4, num_stages=2) | fold
     if block_m >= 128:
         if group == 1:
             return dict(block_n=128 if d >= 128 else 64, num_warps=8, num_stages=3) | fold
@@ -147,7 +159,7 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: DistrConf
 
 
 def distr_attention_triton(q, k, v, *, causal=False, attn_mask=None, scale=None, config: DistrConfig,
-                           causal_grouping=False, hashes=None, prepared=None, **launch):
+                           causal_grouping=False, hashes=None, prepared=None, window=None, softcap=None, **launch):
     """Shapes and semantics of :func:`hf_distrattn.reference.attention`; ``attn_mask`` already 4-D; unit-stride
     head dims; the output has ``q``'s layout.
 
@@ -170,11 +182,13 @@ def distr_attention_triton(q, k, v, *, causal=False, attn_mask=None, scale=None,
 
     def run(u, kk, vv, group, first_block, count, params):
         _distr_fwd[(count * batch * heads,)](
-            u, kk, vv, wt, mask, out, lse, scale, first_block, count, n_q, n_k, heads, heads // h_kv,
+            u, kk, vv, wt, mask, out, lse, scale, window or 0, softcap or 1.0, first_block, count, n_q, n_k,
+            heads, heads // h_kv,
             u.stride(0), u.stride(1), u.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
             vv.stride(0), vv.stride(1), vv.stride(2), *wt.stride()[:4],
             *mask_strides, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-            CAUSAL=causal, MASK_KIND=mask_kind, IEEE=q.dtype == torch.float32, FOLD_SCALE=params["fold_scale"],
+            CAUSAL=causal, WINDOWED=window is not None, SOFTCAP=softcap is not None, MASK_KIND=mask_kind,
+            IEEE=q.dtype == torch.float32, FOLD_SCALE=params["fold_scale"] and softcap is None,
             BLOCK_M=config.block_size,
             BLOCK_N=params["block_n"], D=d_pad, G=group, DG=u.shape[-1],
             num_warps=params["num_warps"], num_stages=params["num_stages"],

@@ -1,5 +1,10 @@
-"""Pieces shared by the attention kernels: the mask arguments, the tile order, masking a score tile, the online
-softmax."""
+"""Pieces shared by the attention kernels: the mask arguments, the tile order, the key range of a query tile,
+softcapping and masking a score tile, the online softmax.
+
+Positions: query ``i`` of ``n_q`` sits at ``i + n_k − n_q`` (bottom-right, as after a KV cache). ``CAUSAL`` hides
+keys after it; ``WINDOWED`` hides keys ``window`` or more positions before it (a sliding window of ``window``
+keys, Transformers' ``sliding_window``). ``SOFTCAP`` caps the scaled scores ``a`` at ``c · tanh(a / c)``.
+"""
 
 import torch
 import triton
@@ -35,19 +40,48 @@ def tile_order(n_tiles, GROUP: tl.constexpr):
 
 
 @triton.jit
-def key_range(pid_m, n_q, n_k, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr):
-    """``(full, hi)`` for query tile ``pid_m``: key tiles below ``full`` are visible to every row of the tile (no
-    masking needed), keys from ``hi`` on to none (causal, queries aligned to the last ``n_q`` keys)."""
+def key_range(pid_m, n_q, n_k, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``(lo, mid_lo, mid_hi, hi)`` for query tile ``pid_m``: its rows see keys in ``[lo, hi)`` only, and every
+    row sees every key of the tiles in ``[mid_lo, mid_hi)`` (no masking needed there). ``lo`` is a multiple of
+    ``BLOCK_N``, ``mid_lo`` and ``mid_hi`` too unless equal to ``hi``. Tiles outside ``[lo, hi)`` are skipped."""
+    first = pid_m * BLOCK_M + n_k - n_q  # position of the tile's first row
+    lo = 0
     hi = n_k
-    full = n_k
+    mid_lo = 0
+    mid_hi = n_k
     if CAUSAL:
-        hi = tl.minimum(n_k, (pid_m + 1) * BLOCK_M + n_k - n_q)
-        full = tl.minimum(n_k, pid_m * BLOCK_M + n_k - n_q + 1)
-    full = tl.maximum(full, 0) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(n_k, first + BLOCK_M)
+        mid_hi = tl.minimum(n_k, first + 1)
+    if WINDOWED:
+        lo = tl.maximum(first - window + 1, 0) // BLOCK_N * BLOCK_N
+        mid_lo = tl.minimum(tl.cdiv(tl.maximum(first + BLOCK_M - window, 0), BLOCK_N) * BLOCK_N, hi)
+    mid_hi = tl.maximum(tl.maximum(mid_hi, 0) // BLOCK_N * BLOCK_N, mid_lo)
     if MASK_KIND != 0:
-        full = 0
-    return full, hi
+        mid_hi = mid_lo
+    return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def visible(offs_m, offs_n, n_q, n_k, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr):
+    """``(rows, cols)`` booleans: key ``offs_n`` is in range and visible to query ``offs_m`` (causality, window)."""
+    keep = (offs_n[None, :] < n_k) & (offs_m[:, None] < n_q)
+    if CAUSAL:
+        keep = keep & (offs_n[None, :] <= offs_m[:, None] + (n_k - n_q))
+    if WINDOWED:
+        keep = keep & (offs_n[None, :] > offs_m[:, None] + (n_k - n_q - window))
+    return keep
+
+
+@triton.jit
+def softcapped(a, softcap, SOFTCAP: tl.constexpr):
+    """``(s, t)``: base-2 logits ``log2(e) · c · tanh(a / c)`` of the natural-log scores ``a`` and ``t = tanh(a /
+    c)`` (for the backward's ``1 − t²``), when ``SOFTCAP``; else ``(a, a)``: the caller's scores are already base-2
+    (``log2 e`` folded into the scale). ``tanh x = 1 − 2 / (e^{2x} + 1)``, exact at both ends (no overflow)."""
+    if SOFTCAP:
+        t = 1.0 - 2.0 / (tl.math.exp2(a * (2.8853900817779268 / softcap)) + 1.0)
+        return t * (softcap * 1.4426950408889634), t
+    return a, a
 
 
 @triton.jit
