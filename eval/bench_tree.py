@@ -3,14 +3,15 @@
 Llama-3.1-8B attention: 32 query / 8 KV heads, head_dim 128, bf16, one query token, the KV cache of
 ``--tokens`` total positions split evenly over the ranks. Per setting, medians over ``--reps`` steps:
 
-- ``tree``: local partial (our exact decode kernel) + the two all-reduces of :func:`hf_distrattn.tree.merge`
-  (``tree+check`` adds the cross-rank consistency check that the model path runs once per step);
+- ``tree-gather`` / ``tree-reduce``: local partial (our exact decode kernel) + :func:`hf_distrattn.tree.merge`'s
+  one all-gather of the packed ``[o, ℓ]`` / two all-reduces (MAX, then SUM); ``tree+check`` adds the cross-rank
+  consistency check that the model path runs once per step;
 - ``ring``: Ring Attention's pass, the baseline: p-1 steps, each sending the KV block in hand to the next rank
   (``torch.distributed`` isend/irecv) while attending to it, online-softmax accumulation; every rank ends with
   the output, as in tree;
 - ``single``: rank 0 alone over the whole cache, where it fits.
 
-Reports time, bytes sent per rank per step and peak GPU memory per rank.
+Reports time, the payload each rank contributes per step and peak GPU memory per rank.
 
     torchrun --nproc-per-node 2 -m hf_distrattn.eval.bench_tree --tokens 131072 524288 1048576 --json tree.json
 """
@@ -75,11 +76,12 @@ def main(argv=None):
         k = torch.randn(1, KV_HEADS, local, HEAD_DIM, device=device, dtype=torch.bfloat16, generator=g)
         v = torch.randn_like(k)
         shard_bytes = 2 * k.numel() * k.element_size()
+        packed = 4 * HEADS * (HEAD_DIM + 1)  # float32 [o, ℓ] or [w·o, w] per rank
         for name, fn, sent in [
-            # collective payloads: the MAX of lse and the SUM of [w·o, w] (float32); the cross-rank check runs
-            # once per model step (layer 0), not per layer, so it is timed apart
-            ("tree", partial(tree_attention, q, k, v, check=False), 4 * HEADS + 4 * HEADS * (HEAD_DIM + 1)),
-            ("tree+check", partial(tree_attention, q, k, v), 8 * 12 * world + 4 * HEADS * (HEAD_DIM + 2)),
+            # the cross-rank check runs once per model step (layer 0), not per layer, so it is timed apart
+            ("tree-gather", partial(tree_attention, q, k, v, check=False, method="gather"), packed),
+            ("tree-reduce", partial(tree_attention, q, k, v, check=False, method="reduce"), 4 * HEADS + packed),
+            ("tree+check", partial(tree_attention, q, k, v), 8 * 12 * world + packed),
             ("ring", partial(ring_step, q, k, v), (world - 1) * shard_bytes),
         ]:
             torch.cuda.reset_peak_memory_stats()
@@ -110,7 +112,7 @@ def main(argv=None):
 
 
 def markdown(rows) -> str:
-    lines = ["| tokens | method | GPUs | ms per layer-step | bytes sent / rank | peak GiB / GPU |",
+    lines = ["| tokens | method | GPUs | ms per layer-step | payload bytes / rank | peak GiB / GPU |",
              "|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         if "ms" in r:

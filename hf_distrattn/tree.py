@@ -7,9 +7,12 @@ of the shards is associative:
 
     m = max_r ℓ_r,   w_r = exp(ℓ_r − m),   o = Σ_r w_r o_r / Σ_r w_r,   ℓ = m + log Σ_r w_r,
 
-so two all-reduces (a MAX of ``ℓ``, then one SUM of the packed ``[w_r o_r, w_r]``) give every rank the exact
-output. An all-reduce takes O(log p) steps (a tree), where Ring Attention passes KV blocks around p times.
-Communication per step is ``B·H·Nq·(d+1)`` floats, independent of the context length.
+so one collective gives every rank the exact output (:func:`merge`): an all-gather of each rank's packed
+``[o_r, ℓ_r]`` and the combine computed locally (``"gather"``, ``p·B·H·Nq·(d+1)`` floats received), or the
+paper's two all-reduces, a MAX of ``ℓ`` then a SUM of the packed ``[w_r o_r, w_r]`` (``"reduce"``). A collective
+takes O(log p) steps (a tree), where Ring Attention passes KV blocks around p times; either payload is independent
+of the context length. The collectives are PyTorch's functional ones (``torch.ops._c10d_functional``), which
+``torch.compile`` traces as graph nodes and CUDA graphs capture on NCCL.
 
 In Transformers: :class:`ShardedCache` keeps each rank's shard (the prompt split evenly, each later token on
 the rank with the shortest shard) with the global position of every cached key; :func:`attach` switches a
@@ -29,6 +32,7 @@ from .api import FLOAT_DTYPES, distr_attention
 from .config import EXACT, DistrConfig
 
 NAME = "tree"
+MERGES = ("gather", "reduce")
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = 120.0) -> None:
@@ -69,14 +73,41 @@ def _check_consistent(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor |
         raise ValueError("tree attention: " + "; ".join(problems))
 
 
-def merge(out: torch.Tensor, lse: torch.Tensor, group=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact merge of per-rank partials ``out (B, H, Nq, d)``, ``lse (B, H, Nq)``; same result on every rank."""
-    m = lse.clone()
-    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+def _collective(name: str, tensor: torch.Tensor, group, *args) -> torch.Tensor:
+    """``torch.ops._c10d_functional.<name>(tensor, *args, group)``, waited for."""
+    group_name = (group or dist.group.WORLD).group_name
+    functional = torch.ops._c10d_functional
+    return functional.wait_tensor(getattr(functional, name)(tensor, *args, group_name))
+
+
+def combine(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact merge of partials stacked on dim 0: ``outs (p, ..., d)``, float32 ``lses (p, ...)``; a partial
+    with ``ℓ = −∞`` (no visible key) weighs 0, a row with none anywhere gives 0 and ``−∞``."""
+    m = lses.amax(0)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w = torch.exp(lses - m)
+    den = w.sum(0)
+    out = (outs * w[..., None]).sum(0) / torch.where(den > 0, den, torch.ones_like(den))[..., None]
+    return out, m + torch.log(den)
+
+
+def merge(out: torch.Tensor, lse: torch.Tensor, group=None, method: str = "gather"
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact merge of per-rank partials ``out (B, H, Nq, d)``, ``lse (B, H, Nq)``; the same result on every rank.
+
+    ``method``: ``"gather"`` (one all-gather, the combine computed locally) or ``"reduce"`` (two all-reduces)."""
+    if method == "gather":
+        packed = torch.cat([out.float(), lse.float()[..., None]], dim=-1)
+        world = dist.get_world_size(group)
+        every = _collective("all_gather_into_tensor", packed, group, world).view(world, *packed.shape)
+        merged, merged_lse = combine(every[..., :-1], every[..., -1])
+        return merged.to(out.dtype), merged_lse
+    if method != "reduce":
+        raise ValueError(f"method must be one of {MERGES}, got {method!r}")
+    m = _collective("all_reduce", lse.float(), group, "max")
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     w = torch.exp(lse - m)  # 0 for a rank whose keys are all masked
-    packed = torch.cat([out.float() * w[..., None], w[..., None]], dim=-1)
-    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    packed = _collective("all_reduce", torch.cat([out.float() * w[..., None], w[..., None]], dim=-1), group, "sum")
     den = packed[..., -1:]
     merged = packed[..., :-1] / torch.where(den > 0, den, torch.ones_like(den))
     return merged.to(out.dtype), (m + torch.log(den.squeeze(-1))).float()
@@ -85,14 +116,15 @@ def merge(out: torch.Tensor, lse: torch.Tensor, group=None) -> tuple[torch.Tenso
 def tree_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, *,
                    q_positions: torch.Tensor | None = None, k_positions: torch.Tensor | None = None,
                    scale: float | None = None, config: DistrConfig | None = None, group=None,
-                   world_size: int | None = None, check: bool = True, return_lse: bool = False):
+                   world_size: int | None = None, check: bool = True, return_lse: bool = False,
+                   method: str = "gather"):
     """Attention of the replicated queries ``q (B, Hq, Nq, d)`` over the KV shards ``k, v (B, Hkv, n_r, d)``.
 
     Causal masking by global positions: ``q_positions (Nq,)`` and ``k_positions (n_r,)`` (key ``j`` visible to
     query ``i`` iff ``k_positions[j] <= q_positions[i]``); without them every key is visible. A shard may be
     empty (``n_r = 0``). ``world_size``: the number of ranks the caller expects. ``check``: first compare
     shapes, dtypes, devices, shards and world size across ranks (one small all-gather and a host sync), so that
-    a mismatch raises on every rank instead of hanging in the merge.
+    a mismatch raises on every rank instead of hanging in the merge. ``method``: :func:`merge`'s.
     """
     if check:
         _check_consistent(q, k, v, group, world_size)
@@ -106,7 +138,7 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | No
             mask = k_positions[None, :] <= q_positions[:, None]
         out, lse = distr_attention(q, k, v, attn_mask=mask, scale=scale, config=config, return_lse=True,
                                    causal_grouping=mask is not None)
-    out, lse = merge(out, lse, group)
+    out, lse = merge(out, lse, group, method)
     return (out, lse) if return_lse else out
 
 
@@ -115,11 +147,15 @@ class ShardedCache(DynamicCache):
 
     The first update of a layer (the prompt) is split into ``world_size`` contiguous, near-equal pieces; each
     later update goes whole to the rank with the fewest cached tokens (lowest rank on ties), so shards stay
-    balanced during decoding. ``get_seq_length`` reports the global length, as generation expects.
+    balanced during decoding. ``get_seq_length`` reports the global length, as generation expects. ``merge``:
+    how the attention layers merge the ranks' partials (:func:`merge`).
     """
 
-    def __init__(self, group=None):
+    def __init__(self, group=None, merge: str = "gather"):
         super().__init__()
+        if merge not in MERGES:
+            raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
+        self.merge = merge
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
@@ -166,7 +202,7 @@ def tree_attention_forward(module, query, key, value, attention_mask, dropout: f
     out = tree_attention(query, key, value, q_positions=cache.query_positions[layer],
                          k_positions=cache.key_positions[layer], scale=scaling,
                          config=getattr(module, "distr_config", None), group=cache.group,
-                         world_size=cache.world_size, check=layer == 0)  # once per forward step
+                         world_size=cache.world_size, check=layer == 0, method=cache.merge)  # check once a step
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -1,6 +1,8 @@
 """Tree attention on 2 and 4 gloo processes against single-process attention."""
 
+import datetime
 import tempfile
+import time
 
 import pytest
 import torch
@@ -8,18 +10,19 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from hf_distrattn import DistrConfig, distr_attention
-from hf_distrattn.tree import ShardedCache, attach, tree_attention
+from hf_distrattn.tree import MERGES, ShardedCache, attach, tree_attention
 
 
-def _run(world_size: int, fn, *args):
+def _run(world_size: int, fn, *args, timeout_s: float = 60):
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(world_size, f"file://{tmp}/rendezvous", fn, args), nprocs=world_size, join=True)
+        mp.spawn(_worker, args=(world_size, f"file://{tmp}/rendezvous", fn, args, timeout_s), nprocs=world_size,
+                 join=True)
 
 
-def _worker(rank, world_size, init, fn, args):
+def _worker(rank, world_size, init, fn, args, timeout_s):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world_size,
-                            timeout=__import__("datetime").timedelta(seconds=60))
+                            timeout=datetime.timedelta(seconds=timeout_s))
     try:
         fn(rank, world_size, *args)
     finally:
@@ -28,10 +31,12 @@ def _worker(rank, world_size, init, fn, args):
 
 def _shapes_cases(rank, world, cases):
     for sizes, n_q, group_size in cases:
-        _shapes_case(rank, sizes, n_q, group_size)
+        _shapes_case(rank, sizes, n_q, group_size, compiled=False)
+    if world == 2:
+        _shapes_case(rank, *cases[0], compiled=True)
 
 
-def _shapes_case(rank, sizes, n_q, group_size):
+def _shapes_case(rank, sizes, n_q, group_size, compiled):
     g = torch.Generator().manual_seed(7)
     n_k = sum(sizes)
     q = torch.randn(2, 4, n_q, 32, generator=g)
@@ -40,11 +45,13 @@ def _shapes_case(rank, sizes, n_q, group_size):
     shard = slice(lo, lo + sizes[rank])
     config = DistrConfig(group_size=group_size, block_size=16)
     q_pos = torch.arange(n_k - n_q, n_k)
-    out, lse = tree_attention(q, k[:, :, shard], v[:, :, shard], q_positions=q_pos,
-                              k_positions=torch.arange(n_k)[shard], config=config, return_lse=True)
     ref, ref_lse = distr_attention(q, k, v, causal=True, config=config, return_lse=True)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+    step = torch.compile(tree_attention, fullgraph=True, backend="aot_eager") if compiled else tree_attention
+    for method in MERGES:
+        out, lse = step(q, k[:, :, shard], v[:, :, shard], q_positions=q_pos, k_positions=torch.arange(n_k)[shard],
+                        config=config, return_lse=True, method=method, check=not compiled)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("world,cases", [
@@ -52,8 +59,9 @@ def _shapes_case(rank, sizes, n_q, group_size):
     (4, [([5, 0, 17, 9], 1, 1), ([5, 0, 17, 9], 7, 1), ([8, 8, 8, 9], 4, 2)]),
 ])
 def test_tree_equals_single_process(world, cases):
-    """Uneven and empty shards, decode (q_len 1) and chunks (q_len > 1), GQA, exact and G=2: all equal the
-    single-process result (the query grouping does not depend on the shard)."""
+    """Uneven and empty shards, decode (q_len 1) and chunks (q_len > 1), GQA, exact and G=2, both merges, and the
+    first 2-rank case compiled whole (``fullgraph=True``, the collectives traced): all equal the single-process result
+    (the query grouping does not depend on the shard)."""
     _run(world, _shapes_cases, cases)
 
 
@@ -109,6 +117,29 @@ def _bad_case(rank, kind):
 def test_bad_input_raises_on_every_rank():
     """A missing shard, a dtype mismatch or a wrong world size: a ValueError on every rank, not a hang."""
     _run(2, _bad_cases)
+
+
+STALL_TIMEOUT_S = 4
+STALL_CASES = [("gather", False), ("reduce", False), ("gather", True)]  # (merge, compiled)
+
+
+def _stalled_rank(rank, world):
+    q, k, v = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
+    if rank == 1:  # stalls past every collective timeout, then leaves without joining a merge
+        time.sleep(len(STALL_CASES) * STALL_TIMEOUT_S + 6)
+        return
+    for method, compiled in STALL_CASES:
+        step = torch.compile(tree_attention, backend="aot_eager") if compiled else tree_attention
+        start = time.monotonic()
+        with pytest.raises(RuntimeError):
+            step(q, k, v, check=False, method=method)
+        assert time.monotonic() - start < STALL_TIMEOUT_S + 5, (method, compiled)
+
+
+def test_a_stalled_rank_makes_the_others_raise_within_the_timeout():
+    """A rank that never joins the merge: the others get a RuntimeError by the collective timeout, with either
+    merge, eager or compiled, never a hang."""
+    _run(2, _stalled_rank, timeout_s=STALL_TIMEOUT_S)
 
 
 def test_attach_requires_cache_for_tree():
