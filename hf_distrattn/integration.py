@@ -157,6 +157,14 @@ def configure(model: torch.nn.Module, config: DistrConfig | None = None,
     return model
 
 
+def layer_window(module: torch.nn.Module) -> int | None:
+    """The sliding window a model passes to this attention module's function (its own ``sliding_window``, else its
+    config's, as Mistral and Phi-3 pass it), or ``None``."""
+    if hasattr(module, "sliding_window"):
+        return module.sliding_window
+    return getattr(getattr(module, "config", None), "sliding_window", None)
+
+
 def layer_configs(model: torch.nn.Module) -> list[DistrConfig]:
     """The settings each attention layer will use."""
     return [layer_config(m) for m in attention_modules(model)]
@@ -178,15 +186,17 @@ def layer_plans(model: torch.nn.Module, seq_len: int, *, device=None, dtype=None
     rows = []
     for index, (module, layer_config) in enumerate(zip(attention_modules(model), layer_configs(model), strict=True)):
         causal = bool(getattr(module, "is_causal", False))
+        window = layer_window(module)
+        window = window if window is not None and window < seq_len else None  # a window past the input: no effect
         keys = torch.empty(1, kv_heads, seq_len, head_dim, device=device, dtype=dtype)
         cases = {"prefill": torch.empty(1, heads, seq_len, head_dim, device=device, dtype=dtype)}
         if causal and decode:
             cases["decode"] = cases["prefill"][:, :, :1]
         row = {"layer": index, "config": layer_config}
         for name, q in cases.items():
-            reduced = name == "decode" and layer_config.sampled == "k"
+            reduced = name == "decode" and layer_config.sampled == "k" and window is None
             chosen = plan(q, keys, layer_config, causal_grouping=causal, needs_grad=needs_grad and name == "prefill",
-                          reduced_keys=reduced)
+                          reduced_keys=reduced, window=window)
             row[name] = chosen.path
             row[f"{name}_reason"] = chosen.reason
         rows.append(row)

@@ -133,3 +133,17 @@ def test_encoder_exact_at_g1_and_approximate_at_g2(family):
     assert torch.isfinite(approximate).all()
     assert ((approximate - reference).norm() / reference.norm()).item() < 1.0
     assert not torch.allclose(approximate, reference, atol=1e-7, rtol=0)
+
+
+def test_paths_name_the_windowed_layers_that_run_exact():
+    """``hf-distrattn paths`` (``layer_plans``): Gemma 2's sliding layers with ``sampled="k"`` run exact, saying why;
+    its full layers keep G=2 and reduced keys in the cache."""
+    from hf_distrattn.integration import layer_plans
+
+    model = decoder("gemma2", "distr", sliding_window=36)
+    configure(model, DistrConfig(group_size=2, block_size=16, sampled="k"))
+    rows = layer_plans(model, 200)
+    windowed = [m.sliding_window is not None for m in hf_distrattn.integration.attention_modules(model)]
+    assert windowed == [True, False]
+    assert "sliding window 36" in rows[0]["prefill_reason"] and "sliding window" in rows[0]["decode_reason"]
+    assert rows[1]["prefill_reason"].startswith("G=2") and rows[1]["decode"] == "reduced-reference"
