@@ -120,7 +120,7 @@ def test_bad_input_raises_on_every_rank():
     _run(2, _bad_cases)
 
 
-STALL_TIMEOUT_S = 4
+STALL_TIMEOUT_S = 3
 STALL_CASES = [("gather", False), ("reduce", False), ("gather", True)]  # (merge, compiled)
 
 
