@@ -92,8 +92,12 @@ image:
 ])
 def test_bad_arguments_give_one_line(shared, args, message, capsys, monkeypatch):
     """In process (the entry point itself: tests/test_cli.py): exit code 2, one line naming the problem."""
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        monkeypatch.setenv(name, "1")
+    import datasets.config
+    import huggingface_hub.constants
+
+    for module, name in ((datasets.config, "HF_HUB_OFFLINE"), (datasets.config, "HF_DATASETS_OFFLINE"),
+                         (huggingface_hub.constants, "HF_HUB_OFFLINE")):
+        monkeypatch.setattr(module, name, True)  # read at import: the environment variable would come too late
     assert main([a.format(shared=shared) for a in args]) == 2
     stderr = capsys.readouterr().err
     lines = [line for line in stderr.splitlines() if line.startswith("hf-distrattn")]

@@ -1,6 +1,6 @@
 """The launch cache (``kernels/launch.py``): a repeated signature skips Triton's launch path and passes the
 arguments, constexprs included, in signature order to the compiled kernel; anything Triton specializes on sends
-the launch back through Triton. On CPU against a stand-in for a compiled kernel; on a GPU, repeated training
+the launch back through Triton, new values that Triton does not specialize on launch directly. On CPU against a stand-in for a compiled kernel; on a GPU, repeated training
 calls through the real kernels."""
 
 import types
@@ -54,16 +54,18 @@ def test_repeated_signature_launches_directly_in_signature_order(fake):
     assert fn.calls[1][1:] == ((3, 2, 1), (y, 16, 0.5, 1, 2))
 
 
-@pytest.mark.parametrize("change", ["int", "float", "dtype", "alignment", "constexpr", "num_warps"])
+@pytest.mark.parametrize("change", ["divisibility", "one", "int64", "dtype", "alignment", "constexpr", "num_warps"])
 def test_what_triton_specializes_on_goes_through_triton(fake, change):
     fn, kernel = fake
     x = torch.zeros(64)
     args, meta = [x, 16, 0.5], dict(A=1, B=2, num_warps=4)
     kernel[(1,)](*args, **meta)
-    if change == "int":
+    if change == "divisibility":
         args[1] = 17
-    elif change == "float":
-        args[2] = 0.25
+    elif change == "one":
+        args[1] = 1
+    elif change == "int64":
+        args[1] = 2**32
     elif change == "dtype":
         args[0] = x.half()
     elif change == "alignment":
@@ -76,11 +78,22 @@ def test_what_triton_specializes_on_goes_through_triton(fake, change):
     assert [c[0] for c in fn.calls] == ["triton", "triton"]
 
 
+@pytest.mark.parametrize("n,scale", [(32, 0.5), (16, 0.25), (48, 0.125)])
+def test_values_triton_does_not_specialize_on_launch_directly(fake, n, scale):
+    """Another multiple of 16, another float: the compiled kernel, with the new values (a decode step's key count)."""
+    fn, kernel = fake
+    x = torch.zeros(64)
+    kernel[(1,)](x, 16, 0.5, A=1, B=2)
+    kernel[(1,)](x, n, scale, A=1, B=2)
+    assert [c[0] for c in fn.calls] == ["triton", "direct"]
+    assert fn.calls[1][2] == (x, n, scale, 1, 2)
+
+
 def test_table_is_bounded(fake, monkeypatch):
     fn, kernel = fake
     monkeypatch.setattr(launch, "MAX_SIGNATURES", 4)
     for n in range(10):
-        kernel[(1,)](torch.zeros(4), n, 0.5, A=1, B=2)
+        kernel[(1,)](torch.zeros(4), 16, 0.5, A=n, B=2)
     assert len(kernel.compiled) <= 4
     assert [c[0] for c in fn.calls] == ["triton"] * 10
 

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import cached
 from .softmax import finish, mask_arguments, masked_scores, online_softmax, scores, softcapped
 
 PROGRAMS_PER_SM = 2
@@ -51,6 +52,7 @@ def _fuse_query(q, Grp, W, g_base, offs_d, offs_g, IEEE: tl.constexpr):
     return scores(q, tl.trans(wt), 1.0, IEEE).to(q.dtype)
 
 
+@cached
 @triton.jit
 def _decode_split(Q, K, V, UK, Grp, W, Mask, Out, Lse, scale, window, softcap, n_q, n_k, heads_kv, rep, start,
                   chunk,
@@ -109,6 +111,7 @@ def _decode_split(Q, K, V, UK, Grp, W, Mask, Out, Lse, scale, window, softcap, n
     tl.store(Lse + b * sl_b + h * sl_h + i * sl_m + split, lse, mask=row_ok)
 
 
+@cached
 @triton.jit
 def _merge_splits(Part, PartLse, Out, Lse, splits, n_q, heads, so_b, so_h, so_m, S_PAD: tl.constexpr,
                   D: tl.constexpr):

@@ -6,11 +6,13 @@ inside a CUDA graph it does not matter). :func:`cached` wraps a ``@triton.jit`` 
 ``kernel[grid](*args, **meta)`` goes through Triton the first time it sees a *signature*, keeps the compiled
 kernel Triton returns, and afterwards launches it through the compiled kernel's own ``kernel[grid](*args)``.
 
-The signature holds everything Triton specializes on, and more: the exact value of every non-tensor argument
-(Triton looks at integers equal to 1 or divisible by 16), each tensor's dtype and address modulo 16, the keyword
-arguments (constexprs, ``num_warps``, ``num_stages``) and the current device; a hit therefore reuses the kernel
-Triton itself would pick. Repeated shapes (training steps, batches of images) hit; a new shape costs one Triton
-launch, and the table is emptied past :data:`MAX_SIGNATURES`. Under ``TRITON_INTERPRET=1`` kernels are not wrapped.
+The signature holds everything Triton specializes on: of an integer, whether it equals 1, whether 16 divides it
+and its integer type's range (Triton's ``i32``/``i64``/``u64``); of a float, its type only (Triton passes it as
+fp32, unspecialized); of a tensor, its dtype and whether 16 divides its address; the keyword arguments
+(constexprs, ``num_warps``, ``num_stages``) and the current device. A hit therefore reuses the kernel Triton itself
+would pick, with this call's values: a decode step whose key count grew by one launches directly (an exact-value
+key missed at every step). The table is emptied past :data:`MAX_SIGNATURES`. Under ``TRITON_INTERPRET=1`` kernels
+are not wrapped.
 """
 
 from __future__ import annotations
@@ -19,6 +21,19 @@ import torch
 from triton.runtime import JITFunction, driver
 
 MAX_SIGNATURES = 1024
+
+
+def _specialization(arg):
+    """What Triton's launch specializes on for one positional argument."""
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    if isinstance(arg, bool):
+        return bool, arg
+    if isinstance(arg, int):
+        return int, arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31, arg < 2**63
+    if isinstance(arg, float):
+        return float
+    return type(arg), arg
 
 
 class _Cached:
@@ -30,9 +45,7 @@ class _Cached:
         return lambda *args, **meta: self._launch(grid, args, meta)
 
     def _launch(self, grid, args, meta):
-        key = (driver.active.get_current_device(),
-               *[(arg.dtype, arg.data_ptr() % 16) if isinstance(arg, torch.Tensor) else arg for arg in args],
-               *meta.items())
+        key = (driver.active.get_current_device(), *map(_specialization, args), *meta.items())
         entry = self.compiled.get(key)
         if entry is None:
             kernel = self.fn[grid](*args, **meta)
