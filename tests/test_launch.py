@@ -1,7 +1,7 @@
 """The launch cache (``kernels/launch.py``): a repeated signature skips Triton's launch path and passes the
 arguments, constexprs included, in signature order to the compiled kernel; anything Triton specializes on sends
-the launch back through Triton, new values that Triton does not specialize on launch directly. On CPU against a stand-in for a compiled kernel; on a GPU, repeated training
-calls through the real kernels."""
+the launch back through Triton, new values that Triton does not specialize on launch directly. On CPU against a
+stand-in for a compiled kernel; on a GPU, repeated training calls through the real kernels."""
 
 import types
 
