@@ -158,7 +158,7 @@ def test_grouping_kernel_half_precision_groups_as_float32(dtype, group, block, c
         pytest.skip("the Triton CPU interpreter computes bf16 tl.dot wrongly (numpy has no bf16); runs on GPU")
     from hf_distrattn.kernels.grouping import reduce_operand
 
-    q = rand(1, 2, 130, 64, seed=13).to(dtype)
+    q = rand(1, 2, 80, 64, seed=13).to(dtype)
     config = DistrConfig(group_size=group, block_size=block, seed=5)
     hashes = hash_directions(block, config.num_hashes, config.seed, DEVICE)
     u, wt = reduce_operand(q, hashes, config, dg_pad=64 // group, causal=causal)
@@ -369,7 +369,7 @@ FEATURE_CASES = [  # n_q, n_k, causal, window, softcap, sinks, block (grouping r
     (150, 150, True, 40, None, False, 32, 1, 32),  # windows within and across key tiles
     (150, 150, True, 100, 4.0, True, 32, 1, 64),
     (70, 200, True, 33, None, True, 16, 1, 32),  # a chunk after a cache
-    (140, 140, True, 48, 3.0, False, 16, 2, 32),  # G=2 in a window of 3 grouping blocks
+    (100, 100, True, 40, 3.0, False, 16, 2, 32),  # G=2 in a window of 2.5 grouping blocks
     (130, 130, False, 129, 2.0, False, 64, 1, 32),  # window without causality: a lower bound only
     (3, 300, True, 50, 3.0, True, 16, 1, 64),  # decode kernel: splits over the window only
     (1, 300, False, 1, None, True, 16, 1, 64),  # a window of one key

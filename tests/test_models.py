@@ -111,15 +111,13 @@ def kjv_llama(shared):
 
 @torch.no_grad()
 def test_ref_llama_bits_per_byte(kjv_llama):
-    """Held-out bits/byte over two 2048-byte windows. Recorded: sdpa 1.7674; distr G=1 the same;
-    distr G=2 (rank1, blocks of 64, causal grouping) 2.1311, i.e. +20.6% drop-in; with layers 0 and 1 exact
-    1.7884 (+1.2%): most of the loss comes from the first layers."""
+    """Held-out bits/byte over two 2048-byte windows. Recorded: sdpa 1.7674; distr G=2 (rank1, blocks of 64,
+    causal grouping) 2.1311, i.e. +20.6% drop-in; with layers 0 and 1 exact 1.7884 (+1.2%): most of the loss comes
+    from the first layers. (G=1 equals sdpa: tests/test_model_matrix.py.)"""
     model, ids = kjv_llama
     model.set_attn_implementation("sdpa")
     exact = evaluate_perplexity(model, ids, 2048).bits_per_byte
     model.set_attn_implementation("distr")
-    configure(model, EXACT)
-    assert evaluate_perplexity(model, ids, 2048).bits_per_byte == pytest.approx(exact, abs=1e-4)
     configure(model, DistrConfig(group_size=2))
     approx = evaluate_perplexity(model, ids, 2048).bits_per_byte
     assert exact == pytest.approx(1.7674, abs=2e-3)
@@ -145,7 +143,8 @@ def fmnist_vit(shared):
 
 @torch.no_grad()
 def test_ref_vit_accuracy(fmnist_vit):
-    """Top-1 on the first 200 test images. Recorded: exact 86.5%, distr G=2 86.0%."""
+    """Top-1 on the first 200 test images. Recorded: exact 86.5%, distr G=2 86.0%. (G=1 equals eager:
+    tests/test_model_matrix.py.)"""
     model, pixels, labels = fmnist_vit
 
     def run():
@@ -154,8 +153,6 @@ def test_ref_vit_accuracy(fmnist_vit):
     model.set_attn_implementation("sdpa")
     ref = run()
     model.set_attn_implementation("distr")
-    configure(model, EXACT)
-    torch.testing.assert_close(run(), ref, atol=1e-4, rtol=1e-4)
     configure(model, DistrConfig(group_size=2))
     approx = run()
     exact_top1 = (ref.argmax(-1) == labels).float().mean().item()
@@ -207,7 +204,7 @@ def test_decoding_with_reduced_keys_equals_the_prefill_approximation(backend, ca
     exact = model(torch.cat([ids, ids, ids], 1)).logits
     model.set_attn_implementation("distr")
     configure(model, DistrConfig(group_size=2, block_size=16, sampled="k", backend=backend))
-    new = 22 if backend == "reference" else 10  # two block boundaries; one under the slow interpreter
+    new = 22 if backend == "reference" else 6  # two block boundaries; one under the slow interpreter
     out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, output_logits=True,
                          return_dict_in_generate=True, pad_token_id=0,
                          cache_implementation="static" if cache == "static" else None)

@@ -87,13 +87,14 @@ def _generate_case(rank, world, expected):
     assert all(layer.keys.shape[-2] == layer.values.shape[-2] == sizes[rank] for layer in cache.layers)
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_llama_generation_identical(world):
+def test_llama_generation_identical():
+    """Greedy generation on 2 ranks equals one process's (4 ranks: test_tree_equals_single_process, as CI has 2
+    CPU cores)."""
     model = _tiny_llama()
     ids = torch.arange(3, 40).remainder(97)[None]
     with torch.no_grad():
         expected = model.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
-    _run(world, _generate_case, expected[0].tolist())
+    _run(2, _generate_case, expected[0].tolist())
 
 
 def _bad_cases(rank, world):
@@ -120,7 +121,7 @@ def test_bad_input_raises_on_every_rank():
     _run(2, _bad_cases)
 
 
-STALL_TIMEOUT_S = 3
+STALL_TIMEOUT_S = 2
 STALL_CASES = [("gather", False), ("reduce", False), ("gather", True)]  # (merge, compiled)
 
 
