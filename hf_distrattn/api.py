@@ -158,7 +158,8 @@ def distr_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config
                         features)
         if sinks is not None:
             out, lse = with_sinks(out, lse, sinks)
-    out = out.to(q.dtype)
+    if out.dtype != q.dtype:
+        out = out.to(q.dtype)
     return (out, lse) if return_lse else out
 
 
