@@ -23,7 +23,7 @@ case "$stage" in
       2>&1 | tee "$OUT/gpu_kernels.log" | tail -n 15
     ;;
   models)
-    python3 -m pytest -q -p no:cacheprovider tests/test_model_matrix.py tests/test_kernels.py -k "matrix or windows or windowed or decoder or encoder" \
+    python3 -m pytest -q -p no:cacheprovider tests/test_model_matrix.py tests/test_kernels.py -k "matrix or windows or windowed or head_dim" \
       2>&1 | tee "$OUT/gpu_models.log" | tail -n 15
     ;;
   decode)

@@ -147,3 +147,26 @@ def test_paths_name_the_windowed_layers_that_run_exact():
     assert windowed == [True, False]
     assert "sliding window 36" in rows[0]["prefill_reason"] and "sliding window" in rows[0]["decode_reason"]
     assert rows[1]["prefill_reason"].startswith("G=2") and rows[1]["decode"] == "reduced-reference"
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gpt_oss"])
+@torch.no_grad()
+def test_windows_softcap_and_sinks_through_the_kernels(family):
+    """The same models on the Triton kernels (``backend="triton"``; the interpreter on a CPU): at G=1 eager's
+    logits (and Gemma 2's tokens: the decode kernel with a window and softcap); at G=2 (windows of 36, blocks of
+    16) the reference's logits."""
+    import os
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    eager, distr = decoder(family, "eager"), decoder(family, "distr")
+    configure(distr, DistrConfig(group_size=1, backend="triton"))
+    torch.testing.assert_close(distr(IDS).logits, eager(IDS).logits, atol=1e-4, rtol=1e-4)
+    if family == "gemma2":
+        assert torch.equal(greedy(distr, IDS[:1, :30]), greedy(eager, IDS[:1, :30]))
+    ids = torch.randint(3, 97, (1, 48), generator=torch.Generator().manual_seed(2))
+    distr = decoder(family, "distr", sliding_window=36)
+    configure(distr, DistrConfig(group_size=2, block_size=16, backend="reference"))
+    reference = distr(ids).logits
+    configure(distr, DistrConfig(group_size=2, block_size=16, backend="triton"))
+    torch.testing.assert_close(distr(ids).logits, reference, atol=1e-4, rtol=1e-4)
