@@ -11,6 +11,11 @@ next-token (or class) distributions of a frozen copy of the model with exact att
 model through the approximation, so recovery needs no labels in domain: any text will do. ``--train qk`` updates
 only the query and key projections (what the approximated scores depend on); everything else stays the original's.
 
+Evals: held-out bits/byte (LM) or top-1 (images); with ``--prompts-file`` (one instruction per line, in the chat
+template of an instruction model) also the greedy answers, and their agreement with the exact model's at step 0:
+``answer_agreement`` (share of prompts answered identically) and ``token_agreement`` (answer tokens equal position
+by position).
+
 Output folder: ``checkpoint-STEP/`` (accelerate state + ``trainer_state.json``, for ``--resume``), ``final/``
 (``save_pretrained`` of the model and its tokenizer or image processor) and ``finetune.json`` (arguments,
 environment, the eval history: exact and drop-in numbers at step 0, then the fine-tuned ones).
@@ -63,6 +68,8 @@ class FinetuneArgs:
     resume: bool = False
     distill: float = 0.0  # weight of the KL to the exact model's predictions (0: labels only, 1: distillation only)
     train: str = "all"  # "all" parameters, or "qk": only the query and key projections
+    prompts_file: str | None = None  # instruction prompts, one per line: greedy answers compared with the exact model's
+    answer_tokens: int = 32
 
 
 class TokenWindows(torch.utils.data.Dataset):
@@ -130,18 +137,45 @@ class LMTask:
             self.eval_ids = torch.tensor(self.tokenizer(eval_text, add_special_tokens=False).input_ids)
             spans = windows(self.eval_ids.numel(), args.seq_len, args.seq_len, args.eval_limit)
             self.eval_bytes = scored_bytes(self.tokenizer, self.eval_ids, spans)
+        self.prompts = self._prompts(args.prompts_file) if args.prompts_file else []
+        self.has_eval = self.has_eval or bool(self.prompts)
         self.model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+
+    def _prompts(self, path: str) -> list[torch.Tensor]:
+        """The prompts' token ids, in the tokenizer's chat template where it has one (instruction models)."""
+        if not Path(path).is_file():
+            raise EvalError(f"prompts file not found: {path}")
+        lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+        if not lines:
+            raise EvalError(f"prompts file {path} holds no prompt")
+        if getattr(self.tokenizer, "chat_template", None):
+            return [torch.tensor(self.tokenizer.apply_chat_template([{"role": "user", "content": line}],
+                                                                    add_generation_prompt=True, tokenize=True))
+                    for line in lines]
+        return [torch.tensor(self.tokenizer(line).input_ids) for line in lines]
 
     def collate(self, rows: list[dict]) -> dict:
         return {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
 
     @torch.no_grad()
     def evaluate(self, model) -> dict:
+        """Held-out bits/byte (with an eval text) and greedy ``answer_tokens``-token answers to the prompts (with a
+        prompts file; :func:`_evaluate` compares them with the exact model's)."""
         from .perplexity import evaluate_perplexity
 
-        seq_len = self.args.seq_len
-        r = evaluate_perplexity(model, self.eval_ids, seq_len, seq_len, self.args.eval_limit, n_bytes=self.eval_bytes)
-        return {"bits_per_byte": r.bits_per_byte, "perplexity": r.perplexity}
+        metrics = {}
+        if self.args.eval_text_file or self.args.eval_dataset:
+            seq_len = self.args.seq_len
+            r = evaluate_perplexity(model, self.eval_ids, seq_len, seq_len, self.args.eval_limit,
+                                    n_bytes=self.eval_bytes)
+            metrics |= {"bits_per_byte": r.bits_per_byte, "perplexity": r.perplexity}
+        if self.prompts:
+            device = next(model.parameters()).device
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            metrics["answers"] = [
+                model.generate(ids[None].to(device), max_new_tokens=self.args.answer_tokens, do_sample=False,
+                               pad_token_id=pad)[0, ids.numel():].tolist() for ids in self.prompts]
+        return metrics
 
     def save(self, model, path: str) -> None:
         model.save_pretrained(path)
@@ -195,9 +229,15 @@ def _evaluate(task, model, accelerator, label: str, step: int, history: list) ->
     model.eval()
     metrics = task.evaluate(accelerator.unwrap_model(model))
     model.train(was_training)
+    if "answers" in metrics and history:  # agreement with the exact model's answers (the first entry's)
+        reference = history[0]["answers"]
+        pairs = list(zip(metrics["answers"], reference, strict=True))
+        metrics["answer_agreement"] = sum(a == b for a, b in pairs) / len(pairs)
+        metrics["token_agreement"] = (sum(x == y for a, b in pairs for x, y in zip(a, b, strict=False))
+                                      / max(1, sum(max(len(a), len(b)) for a, b in pairs)))
     entry = {"step": step, "setting": label, **metrics}
     history.append(entry)
-    accelerator.print(json.dumps(entry))
+    accelerator.print(json.dumps({k: v for k, v in entry.items() if k != "answers"}))
 
 
 def distillation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -325,6 +365,6 @@ def format_history(payload: dict) -> str:
     lines = [f"{payload['task']}: {payload['steps']} steps in {payload['train_seconds']:.0f} s of training", "",
              "| step | setting | metric |", "|---:|---|---|"]
     for entry in payload["history"]:
-        metrics = ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if k not in ("step", "setting"))
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if k not in ("step", "setting", "answers"))
         lines.append(f"| {entry['step']} | {entry['setting']} | {metrics} |")
     return "\n".join(lines)

@@ -132,3 +132,23 @@ def test_finetune_bad_arguments(tiny_lm, tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err
     assert message in err.splitlines()[-1] and err.splitlines()[-1].startswith("hf-distrattn finetune: error:")
+
+
+@pytest.mark.parametrize("spec", ["distr:group_size=1", "distr:group_size=2,block_size=16"])
+def test_prompt_answers_are_compared_with_the_exact_models(tiny_lm, tmp_path, spec):
+    """``--prompts-file``: every eval generates greedy answers; after the first (exact) eval, the share of prompts
+    answered identically and of equal answer tokens. G=1 must agree fully with exact."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("In the beginning\n\nGod created\nthe heaven and\n")
+    out = tmp_path / "out"
+    assert run(tiny_lm, out, "--steps", "1", "--prompts-file", str(prompts), "--answer-tokens", "8",
+               "--attn", spec) == 0
+    history = json.loads((out / "finetune.json").read_text())["history"]
+    reference = history[0]["answers"]
+    assert len(reference) == 3 and all(len(a) == 8 for a in reference) and "answer_agreement" not in history[0]
+    for entry in history[1:]:
+        same = [a == b for a, b in zip(entry["answers"], reference, strict=True)]
+        tokens = [x == y for a, b in zip(entry["answers"], reference, strict=True) for x, y in zip(a, b, strict=True)]
+        assert entry["answer_agreement"] == sum(same) / 3 and entry["token_agreement"] == sum(tokens) / 24
+    if spec == "distr:group_size=1":
+        assert history[1]["answer_agreement"] == 1.0
