@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..kernels.decode import decode_attention
-from ..tree import init_distributed, tree_attention
+from ..tree import combine, init_distributed, tree_attention
 from .common import cuda_ms, write_results
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
@@ -48,10 +48,7 @@ def ring_step(q, k, v):
         if acc is None:
             acc, lse_run = out.float(), lse
         else:  # fold the arriving block's (out, lse) into the running normalised pair
-            m = torch.maximum(lse_run, lse)
-            a, b = torch.exp(lse_run - m), torch.exp(lse - m)
-            acc = (acc * a[..., None] + out.float() * b[..., None]) / (a + b)[..., None]
-            lse_run = m + torch.log(a + b)
+            acc, lse_run = combine(torch.stack([acc, out.float()]), torch.stack([lse_run, lse]))
         if step < world - 1:
             for request in requests:
                 request.wait()

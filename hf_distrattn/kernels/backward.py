@@ -45,6 +45,7 @@ from .softmax import (
     key_range,
     mask_arguments,
     masked_scores,
+    score_scale,
     scores,
     softcapped,
     tile_order,
@@ -144,7 +145,7 @@ def _dkdv(Q, K, V, DO, Lse, Delta, Mask, DK, DV, Wt, scale, window, softcap, n_q
     v = tl.load(V + b * sv_b + hk * sv_h + offs_n[:, None] * sv_n + offs_d[None, :], mask=cols[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
-    qk_scale = scale if SOFTCAP else scale * 1.4426950408889634
+    qk_scale = score_scale(scale, SOFTCAP)
     # query tiles in [lo, hi) see some of these keys, those in [mid_lo, mid_hi) all of them
     lo = 0
     hi = n_q
@@ -248,7 +249,7 @@ def _dq(Q, K, V, DO, Lse, Delta, Lse2, Mask, DQ, Wt, Out, DLse, scale, window, s
     k_base = K + b * sk_b + hk * sk_h
     v_base = V + b * sv_b + hk * sv_h
     mask_base = Mask + b * sm_b + h * sm_h + offs_m[:, None] * sm_m
-    qk_scale = scale if SOFTCAP else scale * 1.4426950408889634
+    qk_scale = score_scale(scale, SOFTCAP)
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     lo, mid_lo, mid_hi, hi = key_range(pid_m, n_q, n_k, window, CAUSAL, WINDOWED, MASK_KIND, BLOCK_M, BLOCK_N)
     for start_n in range(lo, mid_lo, BLOCK_N):
@@ -307,7 +308,8 @@ def attention_backward(q, k, v, out, lse, dout, *, causal: bool, attn_mask, scal
     mask, mask_kind, mask_strides = mask_arguments(attn_mask, dq_)
     common = dict(CAUSAL=causal, WINDOWED=window is not None, SOFTCAP=softcap is not None, MASK_KIND=mask_kind,
                   IEEE=q.dtype == torch.float32, D=d_pad)
-    dlse = lse if dlse is None else dlse.float().contiguous()  # lse: a placeholder, never read
+    has_dlse = dlse is not None
+    dlse = dlse.float().contiguous() if has_dlse else lse  # lse: a placeholder, never read
     if project is not None and d_pad != d:
         raise ValueError(f"project needs a power-of-two head dim, got {d}")
     wt = dq_ if project is None else project[1]  # dq_: a placeholder pointer, never read
@@ -322,7 +324,7 @@ def attention_backward(q, k, v, out, lse, dout, *, causal: bool, attn_mask, scal
 
     _dq[(triton.cdiv(n_q, p_q["block_m"]) * batch * heads,)](
         q, k, v, dout, lse, delta, lse2, mask, dq_, wt, out, dlse, scale, window or 0, softcap or 1.0, n_q, n_k,
-        heads, heads // h_kv, *strides, *dq_.stride()[:3], *out.stride()[:3], HAS_DLSE=dlse is not lse,
+        heads, heads // h_kv, *strides, *dq_.stride()[:3], *out.stride()[:3], HAS_DLSE=has_dlse,
         **launch(p_q, "q"))
     _dkdv[(triton.cdiv(n_k, p_kv["block_n"]) * batch * h_kv,)](
         q, k, v, dout, lse2, delta, mask, dk, dv, wt, scale, window or 0, softcap or 1.0, n_q, n_k, heads,

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .launch import cached
-from .softmax import finish, mask_arguments, masked_scores, online_softmax, scores, softcapped
+from .softmax import finish, mask_arguments, masked_scores, online_softmax, score_scale, scores, softcapped, visible
 
 PROGRAMS_PER_SM = 2
 LAUNCH = {"num_warps": 4, "num_stages": 3}
@@ -34,11 +34,7 @@ def _fold(acc, l_i, m_i, s, vt, offs_n, hi, row_ok, i, mask_ptrs, n_q, n_k, wind
           WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr):
     """Softcap and mask a tile of scores (keys ``offs_n`` below ``hi``), fold it into the running softmax."""
     s, _ = softcapped(s, softcap, SOFTCAP)
-    keep = (offs_n < hi)[None, :] & row_ok[:, None]
-    if CAUSAL:
-        keep = keep & (offs_n[None, :] <= i[:, None] + (n_k - n_q))
-    if WINDOWED:
-        keep = keep & (offs_n[None, :] > i[:, None] + (n_k - n_q - window))
+    keep = (offs_n < hi)[None, :] & row_ok[:, None] & visible(i, offs_n, n_q, n_k, window, CAUSAL, WINDOWED)
     s = masked_scores(s, keep, mask_ptrs + offs_n[None, :], MASK_KIND)
     return online_softmax(acc, l_i, m_i, s, 1.0, vt, IEEE)
 
@@ -75,7 +71,7 @@ def _decode_split(Q, K, V, UK, Grp, W, Mask, Out, Lse, scale, window, softcap, n
     offs_t = tl.arange(0, BLOCK_N)
     q = tl.load(Q + b * sq_b + h[:, None] * sq_h + i[:, None] * sq_m + offs_d[None, :], mask=row_ok[:, None],
                 other=0.0)
-    qk_scale = scale if SOFTCAP else scale * 1.4426950408889634
+    qk_scale = score_scale(scale, SOFTCAP)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)

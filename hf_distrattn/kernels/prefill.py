@@ -39,6 +39,7 @@ from .softmax import (
     mask_arguments,
     masked_scores,
     online_softmax,
+    score_scale,
     scores,
     softcapped,
     tile_order,
@@ -106,7 +107,7 @@ def _distr_fwd(U, K, V, Wt, Mask, Out, Lse, scale, window, softcap, first_block,
     k_base = K + b * sk_b + hk * sk_h
     v_base = V + b * sv_b + hk * sv_h
     mask_base = Mask + b * sm_b + h * sm_h + offs_m[:, None] * sm_m
-    qk_scale = scale if SOFTCAP else scale * 1.4426950408889634  # softcapped() takes natural-log scores
+    qk_scale = score_scale(scale, SOFTCAP)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)

@@ -74,6 +74,15 @@ def visible(offs_m, offs_n, n_q, n_k, window, CAUSAL: tl.constexpr, WINDOWED: tl
 
 
 @triton.jit
+def score_scale(scale, SOFTCAP: tl.constexpr):
+    """The factor on ``Q·Kᵀ`` that gives what :func:`softcapped` takes: natural-log scores when ``SOFTCAP`` (the cap
+    works in natural units), else base-2 logits (``log2 e`` folded into the scale)."""
+    if SOFTCAP:
+        return scale
+    return scale * 1.4426950408889634
+
+
+@triton.jit
 def softcapped(a, softcap, SOFTCAP: tl.constexpr):
     """``(s, t)``: base-2 logits ``log2(e) · c · tanh(a / c)`` of the natural-log scores ``a`` and ``t = tanh(a /
     c)`` (for the backward's ``1 − t²``), when ``SOFTCAP``; else ``(a, a)``: the caller's scores are already base-2
