@@ -148,10 +148,10 @@ class LMTask:
         lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
         if not lines:
             raise EvalError(f"prompts file {path} holds no prompt")
-        if getattr(self.tokenizer, "chat_template", None):
-            return [torch.tensor(self.tokenizer.apply_chat_template([{"role": "user", "content": line}],
-                                                                    add_generation_prompt=True, tokenize=True))
-                    for line in lines]
+        if getattr(self.tokenizer, "chat_template", None):  # the template's text carries its special tokens
+            texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": line}], tokenize=False,
+                                                        add_generation_prompt=True) for line in lines]
+            return [torch.tensor(self.tokenizer(text, add_special_tokens=False).input_ids) for text in texts]
         return [torch.tensor(self.tokenizer(line).input_ids) for line in lines]
 
     def collate(self, rows: list[dict]) -> dict:

@@ -134,14 +134,25 @@ def test_finetune_bad_arguments(tiny_lm, tmp_path, capsys, args, message):
     assert message in err.splitlines()[-1] and err.splitlines()[-1].startswith("hf-distrattn finetune: error:")
 
 
-@pytest.mark.parametrize("spec", ["distr:group_size=1", "distr:group_size=2,block_size=16"])
-def test_prompt_answers_are_compared_with_the_exact_models(tiny_lm, tmp_path, spec):
+@pytest.mark.parametrize("spec,chat", [("distr:group_size=1", False), ("distr:group_size=2,block_size=16", True)])
+def test_prompt_answers_are_compared_with_the_exact_models(tiny_lm, tmp_path, spec, chat):
     """``--prompts-file``: every eval generates greedy answers; after the first (exact) eval, the share of prompts
-    answered identically and of equal answer tokens. G=1 must agree fully with exact."""
+    answered identically and of equal answer tokens. G=1 must agree fully with exact. ``chat``: a tokenizer with a
+    chat template (an instruction model's) wraps each prompt in it."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model, text = tiny_lm
+    if chat:
+        model = shutil.copytree(model, tmp_path / "chat-lm")
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        tokenizer.chat_template = "{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}<|assistant|>"
+        tokenizer.save_pretrained(model)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("In the beginning\n\nGod created\nthe heaven and\n")
     out = tmp_path / "out"
-    assert run(tiny_lm, out, "--steps", "1", "--prompts-file", str(prompts), "--answer-tokens", "8",
+    assert run((model, text), out, "--steps", "1", "--prompts-file", str(prompts), "--answer-tokens", "8",
                "--attn", spec) == 0
     history = json.loads((out / "finetune.json").read_text())["history"]
     reference = history[0]["answers"]
