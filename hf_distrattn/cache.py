@@ -165,9 +165,10 @@ def _upgrade(layer, config: DistrConfig) -> ReducedKeys:
 
 def reduced_layer(cache, layer_idx: int | None, config: DistrConfig) -> ReducedKeys | None:
     """This layer's reduced-key cache layer, made from the plain one the first time (eager only), or ``None`` where
-    keys are not held reduced (``sampled="q"``, ``G = 1``, no cache, or a layer kind other than the plain dynamic
-    or static one: sliding windows, quantized or offloaded caches)."""
-    if cache is None or layer_idx is None or config.exact or config.sampled != "k":
+    keys are not held reduced (``sampled="q"``, ``G = 1``, ``grouping="subspace"``, whose decoding is exact, no
+    cache, or a layer kind other than the plain dynamic or static one: sliding windows, quantized or offloaded
+    caches)."""
+    if cache is None or layer_idx is None or config.exact or config.sampled != "k" or config.grouping == "subspace":
         return None
     layers = getattr(cache, "layers", None)
     if layers is None or layer_idx >= len(layers):

@@ -9,7 +9,7 @@ from typing import Any, Literal
 SAMPLED = ("q", "k")
 REDUCTIONS = ("rank1", "sample")
 BACKENDS = ("auto", "reference", "triton")
-GROUPINGS = ("lsh", "random", "truncate", "match", "pca")
+GROUPINGS = ("lsh", "random", "truncate", "match", "pca", "subspace")
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,9 @@ class DistrConfig:
             ``"match"`` (greedy matching of the columns by ``|cos|``: the yardstick for the hash; reference only);
             ``"pca"`` replaces the groups by the block's top ``d/G`` principal directions (with causal grouping,
             of a decayed covariance of the blocks before it; reference only; :mod:`hf_distrattn.grouping`).
+            ``"subspace"`` (with ``sampled="k"``) reduces each key block on its own rank-``d/G`` subspace, weighted
+            by the queries at its positions, and scores each query's own key block exactly: causal, and the
+            most accurate drop-in measured (calls with fewer queries than keys run exact).
         exact_layers: layer indices that :func:`hf_distrattn.configure` keeps exact (``G = 1``) when it applies
             this config to a whole model; written ``exact_layers=0+1`` in a spec. Ignored by single calls.
     """
@@ -46,7 +49,7 @@ class DistrConfig:
     sampled: Literal["q", "k"] = "q"
     reduce: Literal["rank1", "sample"] = "rank1"
     backend: Literal["auto", "reference", "triton"] = "auto"
-    grouping: Literal["lsh", "random", "truncate", "match", "pca"] = "lsh"
+    grouping: Literal["lsh", "random", "truncate", "match", "pca", "subspace"] = "lsh"
     exact_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
@@ -71,6 +74,9 @@ class DistrConfig:
                               ("grouping", GROUPINGS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DistrConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.grouping == "subspace" and self.sampled != "k":
+            raise ValueError("DistrConfig.grouping='subspace' reduces the keys: it needs sampled='k', "
+                             f"got sampled={self.sampled!r}")
 
     @property
     def exact(self) -> bool:

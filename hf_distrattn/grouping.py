@@ -50,6 +50,22 @@ other operand fused by ``Wt = Pᵀ``: :func:`pca_reduced`); on a RoPE LM the col
 ``b − 1`` no longer fit block ``b`` (the phases have moved), while the leading subspace of the last few hundred
 queries does. ``P`` comes from :func:`top_subspace`: matmuls and ``d/G × d/G`` Cholesky factorizations on the
 device, no eigensolver (cuSOLVER does not batch ``d × d`` eigendecompositions above ``d = 32``).
+
+Key subspaces (``grouping="subspace"``, keys sampled). Every key block ``c`` is reduced on its own rows, and the
+query factor weights it by the queries at the same positions: scores are ``(q F_c)·(k B_c)`` with ``F_c``,
+``B_c`` ``(d × d/G)``, i.e. ``k̃ = k B_c F_cᵀ``. The pair minimises the expected squared score error
+``E (q (I − F Bᵀ) kᵀ)² = tr(C_q E C_k Eᵀ)`` over the block's queries and keys (second moments ``C_q``, summed over
+the query heads that share the key head, and ``C_k``): with ``C_q = L Lᵀ`` (Cholesky of ``C_q`` over its mean eigenvalue,
+plus ``SUBSPACE_RIDGE``·I: ``F`` and ``B`` stay of order one in half precision) it is ``‖Lᵀ E C_k^{1/2}‖²``, whose best rank-``d/G`` ``Lᵀ F Bᵀ`` is
+``U Uᵀ Lᵀ`` with ``U`` the top ``d/G`` eigenvectors of ``Lᵀ C_k L`` (Eckart–Young), so ``F = L⁻ᵀ U`` and
+``B = L U`` (:func:`subspace_factors`). ``C_q = I`` gives the keys' principal directions; weighting by the queries
+keeps the directions the scores use. Causal without staleness: query ``i`` reads key block ``c`` in reduced form
+only when ``c`` lies wholly before ``i``'s own block (all its keys and queries are earlier positions), and scores
+its own block exactly (the diagonal tile), as it scores the blocks a sliding window cuts. This needs the queries
+at the keys' positions, so it applies to calls with as many queries as keys (prefill, training, encoders);
+others run exact (:func:`hf_distrattn.plan.effective_group_size`). SmolLM2-135M, G=2, one 2048-token window,
+bits/byte against exact: C headers +1.2%, prose +0.4% (``"pca"``: +31% / +11%; causal ``"pca"`` with an exact
+diagonal +9.5% / +2.1%; the keys' principal directions alone +3.6% / +2.1%).
 """
 
 from __future__ import annotations
@@ -65,6 +81,10 @@ PCA_ITERATIONS = 4
 """Subspace iterations of :func:`top_subspace` (G=2, two 2048-token windows, mean loss against exact
 eigenvectors: ref-llama-bytes 2 / 4 / 8 iterations +0.6 / +0.2 / −0.0%, SmolLM2 on C headers −0.9 / +0.1 /
 +0.5%)."""
+
+SUBSPACE_RIDGE = 1e-3
+"""Ridge added to ``C_q`` of ``"subspace"``, relative to its mean eigenvalue (SmolLM2, G=2: 1e-3 and 1e-5 within
+0.01% bits/byte); it keeps ``L`` invertible for blocks of padding."""
 
 _MASK32 = 0xFFFFFFFF
 _HASH_CACHE: dict[tuple, torch.Tensor] = {}
@@ -285,6 +305,42 @@ def pca_reduced(x: torch.Tensor, config: DistrConfig, causal: bool, width: int) 
     u = torch.nn.functional.pad(blocks @ basis, (0, pad)).flatten(2, 3).to(x.dtype)
     wt = torch.nn.functional.pad(basis.transpose(-1, -2), (0, 0, 0, pad)).to(x.dtype)
     return u.contiguous(), wt.contiguous()
+
+
+def subspace_factors(q: torch.Tensor, k: torch.Tensor, config: DistrConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(F, B)`` of ``"subspace"`` (module notes) for every key block: ``(batch, Hkv, n_blocks, d, d/G)`` each,
+    in float32 (float64 in). ``q`` ``(batch, Hq, n, d)`` and ``k`` ``(batch, Hkv, n, d)`` hold the same positions.
+    Constants of autograd."""
+    blocks_q, blocks_k = as_blocks(q.detach(), config.block_size), as_blocks(k.detach(), config.block_size)
+    batch, h_kv, n_blocks, _, d = blocks_k.shape
+    cov_q = (blocks_q.transpose(-1, -2) @ blocks_q).to(torch.float64)
+    cov_q = cov_q.view(batch, h_kv, -1, n_blocks, d, d).sum(2)
+    cov_k = (blocks_k.transpose(-1, -2) @ blocks_k).to(torch.float64)
+    mean = cov_q.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None]
+    eye = torch.eye(d, dtype=torch.float64, device=q.device)
+    chol = torch.linalg.cholesky(cov_q / torch.where(mean > 0, mean, 1.0) + SUBSPACE_RIDGE * eye)  # L = O(1)
+    basis = top_subspace(chol.transpose(-1, -2) @ cov_k @ chol, d // config.group_size)
+    query_factor = torch.linalg.solve_triangular(chol.transpose(-1, -2), basis, upper=True)
+    return query_factor.to(blocks_k.dtype), (chol @ basis).to(blocks_k.dtype)
+
+
+def subspace_reduced(q: torch.Tensor, k: torch.Tensor, config: DistrConfig,
+                     width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``"subspace"`` in the fused kernel's form: the reduced keys ``K̃`` ``(B, Hkv, n_blocks·block, width)``
+    (``K̃_c = K_c B_c``) and the query factors ``F`` ``(B, Hkv, n_blocks, d, width)``, in ``k``'s dtype, zero past
+    ``d/G``."""
+    query_factor, key_factor = subspace_factors(q, k, config)
+    pad = width - key_factor.shape[-1]
+    reduced = torch.nn.functional.pad(as_blocks(k, config.block_size) @ key_factor, (0, pad)).flatten(2, 3)
+    factors = torch.nn.functional.pad(query_factor, (0, pad))
+    return reduced.to(k.dtype).contiguous(), factors.to(k.dtype).contiguous()
+
+
+def subspace_maps(q: torch.Tensor, k: torch.Tensor, config: DistrConfig) -> torch.Tensor:
+    """``M_c = B_c F_cᵀ`` ``(batch, Hkv, n_blocks, d, d)`` of :func:`subspace_factors`: ``k̃ = k M_c`` scores as
+    ``(q F_c)·(k B_c)``. A constant of autograd."""
+    query_factor, key_factor = subspace_factors(q, k, config)
+    return key_factor @ query_factor.transpose(-1, -2)
 
 
 def projections(x: torch.Tensor, config: DistrConfig, causal: bool = False,

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from . import reference
 from .config import DistrConfig
-from .grouping import block_grouping, compact_fuse, padded_width, pca_reduced
+from .grouping import block_grouping, compact_fuse, padded_width, pca_reduced, subspace_reduced
 
 
 @functools.lru_cache(maxsize=256)
@@ -106,13 +106,16 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, hashes
     if path == "decode":
         out, lse = decode.decode_attention(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale, **features)
     elif path == "fused":
-        prepared = None  # LSH: the grouping kernel, inside the call
+        prepared = subspace = None  # LSH: the grouping kernel, inside the call
+        width = padded_width(q.shape[-1] // group_size)
         if group_size > 1 and grouping == "pca":
-            u, wt = pca_reduced(q, config, causal_grouping, padded_width(q.shape[-1] // group_size))
+            u, wt = pca_reduced(q, config, causal_grouping, width)
             prepared = (u, k, v, wt)
+        elif group_size > 1 and grouping == "subspace":
+            subspace = subspace_reduced(q, k, config, width)
         out, lse = prefill.distr_attention_triton(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale,
                                                   config=config, causal_grouping=causal_grouping, hashes=hashes,
-                                                  prepared=prepared, **features)
+                                                  prepared=prepared, subspace=subspace, **features)
     elif path == "projected":
         if group_size > 1:
             from .kernels.grouping import reduce_operand

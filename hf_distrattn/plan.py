@@ -9,7 +9,8 @@
 - ``"reference-autograd"``: the reference called directly, differentiated by autograd: the one path with
   attention dropout or a mask that needs a gradient.
 - ``"fused"``: the fused ``d/G`` prefill kernel (:mod:`.kernels.prefill`), ``sampled="q"``, no gradients; LSH
-  groups from the grouping kernel, or ``"pca"`` bases from PyTorch (:func:`hf_distrattn.grouping.pca_reduced`).
+  groups from the grouping kernel, or ``"pca"`` bases from PyTorch (:func:`hf_distrattn.grouping.pca_reduced`);
+  ``"subspace"``'s reduced keys and query factors from PyTorch (:func:`hf_distrattn.grouping.subspace_reduced`).
 - ``"projected"``: the sampled operand replaced by ``X̃ = X M`` by the grouping kernel (LSH, rank-1 groups), then
   the exact kernels forward and backward: training, and ``sampled="k"`` prefill.
 - ``"approximated"``: the same with ``X̃`` from the PyTorch grouping (differentiable by autograd), for settings the
@@ -67,7 +68,8 @@ def effective_group_size(q: torch.Tensor, k: torch.Tensor, config: DistrConfig, 
                          window: int | None = None) -> tuple[int, Note]:
     """``(G, why)``: ``config.group_size``, or 1 where the approximation is the identity or cannot apply.
 
-    A sliding window keeps ``G`` only with ``sampled="q"`` and causal grouping and ``window ≥ 2·block_size``:
+    ``grouping="subspace"`` keeps ``G`` when there are as many queries as keys, more than one block of them.
+    Otherwise a sliding window keeps ``G`` only with ``sampled="q"`` and causal grouping and ``window ≥ 2·block_size``:
     then query block ``b`` is grouped by block ``b − 1``, whose rows all lie inside the window of each of ``b``'s
     queries, and keys are fused one by one, so no position outside a query's window enters its scores. (Key
     blocks straddle the window's edge, so ``sampled="k"`` would group the keys a query sees by keys it does not.)
@@ -78,6 +80,13 @@ def effective_group_size(q: torch.Tensor, k: torch.Tensor, config: DistrConfig, 
         return 1, ("group_size=1",)
     if d % group:
         return 1, ("head_dim {} is not a multiple of group_size={}: exact", d, group)
+    if config.grouping == "subspace":  # windows: the blocks a window cuts are scored exactly
+        if q.shape[2] != k.shape[2]:
+            return 1, ("grouping='subspace' pairs key blocks with their queries, {} queries over {} keys: exact",
+                       q.shape[2], k.shape[2])
+        if k.shape[2] <= config.block_size:
+            return 1, ("grouping='subspace' over {} ≤ block_size keys: exact", k.shape[2])
+        return group, ("G={}", group)
     if window is not None and (config.sampled == "k" or not causal_grouping or window < 2 * config.block_size):
         return 1, ("sliding window {} needs sampled='q', causal grouping and window ≥ 2·block_size: exact", window)
     rows = q.shape[2] if config.sampled == "q" else k.shape[2]
@@ -131,12 +140,24 @@ def plan(q: torch.Tensor, k: torch.Tensor, config: DistrConfig, *, causal_groupi
         note = ("attention dropout (reference only)",) if dropout_p > 0 else ("a mask that needs a gradient",)
         _refuse(config, note)
         return Plan("reference-autograd", group, (why, note))
-    reduced = reduced_keys and group > 1 and config.sampled == "k" and causal_grouping and not needs_grad
+    subspace = group > 1 and config.grouping == "subspace"
+    reduced = (reduced_keys and group > 1 and config.sampled == "k" and causal_grouping and not needs_grad
+               and not subspace)
     refusal = ("backend='reference'",) if config.backend == "reference" else triton_refusal(q, config.backend)
     if refusal is not None:
         _refuse(config, refusal)
         return Plan("reduced-reference" if reduced else "reference", group, (why, refusal))
     d, n_q = q.shape[-1], q.shape[2]
+    if subspace:
+        if needs_grad:
+            note = ("grouping='subspace' gradients (reference only)",)
+        elif config.block_size not in BLOCK_SIZES or not _power_of_two(d):
+            note = ("block_size {}, head_dim {} (the kernel takes {} and powers of two)", config.block_size, d,
+                    BLOCK_SIZES)
+        else:
+            return Plan("fused", group, (why, ("subspace keys by PyTorch, fused kernel, own block exact",)))
+        _refuse(config, note)
+        return Plan("reference", group, (why, note))
     rows = q.shape[1] // k.shape[1] * n_q
     decodes = n_q <= MAX_DECODE_QUERIES and rows <= MAX_DECODE_ROWS and _power_of_two(d)
     grouping = None if group == 1 else kernel_grouping(d, config, group)

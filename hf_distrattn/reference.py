@@ -14,6 +14,8 @@ uses it, as attention sinks do) and ``T = tanh(A / c)``::
     dV = Pᵀ dO,   dS = P ∘ (dO Vᵀ − Δ),   dA = dS ∘ (1 − T²),   dQ̃ = scale · dA K̃,   dK̃ = scale · dAᵀ Q̃,
     dX = dX̃ Mᵀ
 
+With ``grouping="subspace"`` the keys stay whole and ``A`` takes ``Q K̃ᵀ`` outside the exactly scored pairs
+(:func:`exact_pairs`): there ``dQ`` reads ``K̃`` and ``dK`` is mapped back by ``Mᵀ``, block by block.
 GQA splits the query heads as ``(Hkv, Hq/Hkv)`` so K and V are never repeated in memory (their gradients sum
 over the split). A row whose every key is masked gives ``out = 0``, ``lse = -inf`` and zero gradients.
 """
@@ -23,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from .config import DistrConfig
-from .grouping import approximate_operand, as_blocks, projections
+from .grouping import approximate_operand, as_blocks, projections, subspace_maps
 
 
 def causal_bias(n_q: int, n_k: int, device, dtype, causal: bool = True, window: int | None = None) -> torch.Tensor:
@@ -49,21 +51,39 @@ def _compute_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
+def exact_pairs(n_q: int, n_k: int, block: int, device, window: int | None = None) -> torch.Tensor:
+    """``(n_q, n_k)`` bool: the pairs ``"subspace"`` scores exactly: key ``j`` in the block of query ``i``'s
+    position (``i + n_k − n_q``), or in a block that a sliding window of ``window`` keys cuts for ``i``."""
+    rows = torch.arange(n_q, device=device).unsqueeze(1) + (n_k - n_q)
+    cols = torch.arange(n_k, device=device)
+    exact = cols // block == rows // block
+    if window is not None:
+        exact = exact | (cols // block * block <= rows - window)
+    return exact
+
+
 def _operands(q, k, config, causal_grouping, hashes):
-    """``(Q̃, K̃)`` in the compute dtype: the sampled operand approximated, the other as it is."""
+    """``(Q̃, K̃)`` in the compute dtype: the sampled operand approximated, the other as it is (``"subspace"``:
+    both as they are, its reduced keys come from :func:`_subspace`)."""
     compute = _compute_dtype(q)
+    if config.exact or config.grouping == "subspace":
+        return q.to(compute), k.to(compute)
     if config.sampled == "q":
         return approximate_operand(q, config, causal_grouping, hashes), k.to(compute)
     return q.to(compute), approximate_operand(k, config, causal_grouping, hashes)
 
 
-def _scores(q, k, attn_mask, causal, scale, window=None, softcap=None):
+def _scores(q, k, attn_mask, causal, scale, window=None, softcap=None, approx_k=None, exact=None):
     """``(S, T)``: scaled, capped, masked scores ``(B, Hkv, rep, Nq, Nk)`` of the compute-dtype ``q``
-    ``(B, Hq, Nq, d)`` and ``k``, and ``T = tanh(A / c)`` (``None`` without softcapping)."""
+    ``(B, Hq, Nq, d)`` and ``k``, and ``T = tanh(A / c)`` (``None`` without softcapping). ``approx_k``: keys
+    ``"subspace"`` reduces, scoring every pair outside ``exact`` (:func:`exact_pairs`)."""
     batch, h_q, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     rep = h_q // h_kv
-    s = torch.einsum("bgrqd,bgkd->bgrqk", q.view(batch, h_kv, rep, n_q, d), k) * scale
+    q = q.view(batch, h_kv, rep, n_q, d)
+    s = torch.einsum("bgrqd,bgkd->bgrqk", q, k) * scale
+    if approx_k is not None:
+        s = torch.where(exact, s, torch.einsum("bgrqd,bgkd->bgrqk", q, approx_k) * scale)
     tanh = None
     if softcap is not None:
         tanh = torch.tanh(s / softcap)
@@ -86,6 +106,16 @@ def _softmax(s):
     return p / torch.where(denom > 0, denom, torch.ones_like(denom)), lse
 
 
+def _subspace(q, k, config, window):
+    """``(K̃, exact, M)`` of ``"subspace"`` (else ``None``s): every key block times its map ``M_c``
+    (:func:`hf_distrattn.grouping.subspace_maps`), the pairs scored exactly (:func:`exact_pairs`), the maps."""
+    if config.exact or config.grouping != "subspace":
+        return None, None, None
+    maps = subspace_maps(q, k, config).to(q.dtype)
+    approx = (as_blocks(k, config.block_size).to(q.dtype) @ maps).flatten(2, 3)[:, :, : k.shape[2]]
+    return approx, exact_pairs(q.shape[2], k.shape[2], config.block_size, q.device, window), maps
+
+
 def attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config: DistrConfig | None = None,
               dropout_p=0.0, causal_grouping=False, hashes=None, window=None, softcap=None):
     """Reference DistrAttention. Shapes as :func:`hf_distrattn.distr_attention`, arguments already validated.
@@ -99,7 +129,8 @@ def attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config: Dist
     batch, h_q, n_q, d = q.shape
     scale = d**-0.5 if scale is None else scale
     q, k = _operands(q, k, config, causal_grouping, hashes)
-    p, lse = _softmax(_scores(q, k, attn_mask, causal, scale, window, softcap)[0])
+    approx_k, exact, _ = _subspace(q, k, config, window)
+    p, lse = _softmax(_scores(q, k, attn_mask, causal, scale, window, softcap, approx_k, exact)[0])
     if dropout_p > 0:
         p = torch.nn.functional.dropout(p, dropout_p)
     out = torch.einsum("bgrqk,bgkd->bgrqd", p, v.to(q.dtype))
@@ -118,7 +149,8 @@ def attention_backward(q, k, v, out, dout, *, causal=False, attn_mask=None, scal
     scale = d**-0.5 if scale is None else scale
     q_t, k_t = _operands(q, k, config, causal_grouping, hashes)
     compute = q_t.dtype
-    s, tanh = _scores(q_t, k_t, attn_mask, causal, scale, window, softcap)
+    approx_k, exact, maps = _subspace(q_t, k_t, config, window)
+    s, tanh = _scores(q_t, k_t, attn_mask, causal, scale, window, softcap, approx_k, exact)
     p, _ = _softmax(s)
     do = dout.to(compute).reshape(batch, h_kv, rep, n_q, -1)
     delta = (do * out.to(compute).reshape(do.shape)).sum(-1, keepdim=True)
@@ -128,8 +160,17 @@ def attention_backward(q, k, v, out, dout, *, causal=False, attn_mask=None, scal
     if tanh is not None:
         ds = ds * (1 - tanh * tanh)
     dv = torch.einsum("bgrqk,bgrqd->bgkd", p, do)
+    q_t = q_t.view(batch, h_kv, rep, n_q, d)
+    if approx_k is not None:  # dQ = scale (dA_exact K + dA_rest K̃), dK = scale (dA_exactᵀ Q + dA_restᵀ Q Mᵀ)
+        rest = torch.where(exact, 0.0, ds)
+        ds = torch.where(exact, ds, 0.0)
+        dq = torch.einsum("bgrqk,bgkd->bgrqd", rest, approx_k).reshape(batch, h_q, n_q, d) * scale
+        dk_rest = as_blocks(torch.einsum("bgrqk,bgrqd->bgkd", rest, q_t), config.block_size)
+        dk = (dk_rest @ maps.transpose(-1, -2)).flatten(2, 3)[:, :, : k.shape[2]] * scale
+        dq = dq + torch.einsum("bgrqk,bgkd->bgrqd", ds, k_t).reshape(batch, h_q, n_q, d) * scale
+        return dq, dk + torch.einsum("bgrqk,bgrqd->bgkd", ds, q_t) * scale, dv
     dq = torch.einsum("bgrqk,bgkd->bgrqd", ds, k_t).reshape(batch, h_q, n_q, d) * scale
-    dk = torch.einsum("bgrqk,bgrqd->bgkd", ds, q_t.view(batch, h_kv, rep, n_q, d)) * scale
+    dk = torch.einsum("bgrqk,bgrqd->bgkd", ds, q_t) * scale
     if not config.exact:  # dX = dX̃ Mᵀ, block by block
         x, dx = (q, dq) if config.sampled == "q" else (k, dk)
         m = projections(x, config, causal_grouping, hashes)

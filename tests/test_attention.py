@@ -403,3 +403,107 @@ def test_group_size_equal_to_the_head_dim_warns_once():
         for _ in range(2):
             distr_attention(q, k, v, config=DistrConfig(group_size=16, block_size=16))
     assert len([w for w in caught if "equals the head dim" in str(w.message)]) == 1
+
+
+SUBSPACE = DistrConfig(group_size=2, block_size=16, grouping="subspace", sampled="k")
+
+
+def _subspace_oracle(q, k, v, block, rank, causal, window=None):
+    """Float64 loops: for each key block ``c`` the pair ``(F, B)`` (``C_q`` over the block's queries of every head
+    sharing the key head, ``C_k`` over its keys; the eigenvectors from the package's subspace iteration, whose
+    accuracy :func:`test_subspace_factors_reach_the_least_score_error` checks); query ``i`` scores the keys of its
+    own block (or of a block its window cuts) exactly and the others as ``(q F)·(k B)``."""
+    from hf_distrattn.grouping import top_subspace
+
+    _, h_q, n, d = q.shape
+    h_kv = k.shape[1]
+    rep = h_q // h_kv
+    out = torch.zeros(1, h_q, n, d, dtype=torch.float64)
+    for g in range(h_kv):
+        factors = []
+        for start in range(0, n, block):
+            qs = q[0, g * rep:(g + 1) * rep, start:start + block].reshape(-1, d)
+            ks = k[0, g, start:start + block]
+            cov_q = qs.T @ qs
+            chol = torch.linalg.cholesky(cov_q / cov_q.diagonal().mean() + 1e-3 * torch.eye(d, dtype=torch.float64))
+            top = top_subspace(chol.T @ ks.T @ ks @ chol, rank)
+            factors.append((torch.linalg.inv(chol.T) @ top, chol @ top))
+        for r in range(rep):
+            h = g * rep + r
+            for i in range(n):
+                scores = torch.full((n,), float("-inf"), dtype=torch.float64)
+                for j in range(n):
+                    if (causal and j > i) or (window is not None and i - j >= window):
+                        continue
+                    c = j // block
+                    cut = window is not None and c * block <= i - window
+                    if c == i // block or cut:
+                        scores[j] = q[0, h, i] @ k[0, g, j]
+                    else:
+                        f, b = factors[c]
+                        scores[j] = (q[0, h, i] @ f) @ (k[0, g, j] @ b)
+                out[0, h, i] = torch.softmax(scores * d**-0.5, 0) @ v[0, g]
+    return out
+
+
+@pytest.mark.parametrize("causal,window,n", [(True, None, 50), (False, None, 48), (True, 20, 50)])
+def test_subspace_scores_own_block_exactly_and_other_blocks_in_their_subspace(causal, window, n):
+    """``grouping="subspace"`` against the loop oracle (GQA, a partial last block, a sliding window whose cut
+    blocks are scored exactly); causal, the first block's queries are exact attention."""
+    q, k, v = (rand(1, h, n, 8, dtype=torch.float64, seed=s) for h, s in ((4, 1), (2, 2), (2, 3)))
+    config = SUBSPACE.replace(block_size=8, group_size=2)
+    out = distr_attention(q, k, v, causal=causal, config=config, window=window)
+    torch.testing.assert_close(out, _subspace_oracle(q, k, v, 8, 4, causal, window))
+    exact = distr_attention(q, k, v, causal=causal, config=EXACT, window=window)
+    if causal:
+        torch.testing.assert_close(out[:, :, :8], exact[:, :, :8])
+    assert (out - exact).abs().max() > 1e-2
+
+
+def test_subspace_factors_reach_the_least_score_error():
+    """``(F, B)`` attains the Eckart–Young bound of ``E (q (I − F Bᵀ) kᵀ)²`` over the block's queries and keys: the
+    sum of the trailing eigenvalues of ``Lᵀ C_k L``. Queries live near one half of a rotated basis and the keys
+    vary most in the other half: the keys' principal directions (``F = B``) keep the wrong half."""
+    from hf_distrattn.grouping import SUBSPACE_RIDGE, subspace_factors
+
+    d, rank = 16, 8
+    rotation = torch.linalg.qr(rand(d, d, dtype=torch.float64, seed=4)).Q
+    half = torch.arange(d) < rank
+    q = (rand(1, 2, 64, d, dtype=torch.float64, seed=5) * torch.where(half, 1.0, 0.05)) @ rotation
+    k = (rand(1, 1, 64, d, dtype=torch.float64, seed=6) * torch.where(half, 1.0, 3.0)) @ rotation
+    f, b = subspace_factors(q, k, DistrConfig(group_size=2, block_size=64, grouping="subspace", sampled="k"))
+    qs, ks = q[0].reshape(-1, d), k[0, 0]
+    cov_q = qs.T @ qs
+    cov_q = cov_q / cov_q.diagonal().mean() + SUBSPACE_RIDGE * torch.eye(d, dtype=torch.float64)
+
+    def error(f, b):
+        residual = torch.eye(d, dtype=torch.float64) - f @ b.T
+        return torch.trace(cov_q @ residual @ ks.T @ ks @ residual.T)
+
+    chol = torch.linalg.cholesky(cov_q)
+    bound = torch.linalg.eigvalsh(chol.T @ ks.T @ ks @ chol)[:-rank].sum()
+    torch.testing.assert_close(error(f[0, 0, 0], b[0, 0, 0]), bound, rtol=1e-6, atol=0)
+    keys_pca = torch.linalg.eigh(ks.T @ ks).eigenvectors[:, -rank:]
+    assert error(keys_pca, keys_pca) > 10 * bound
+
+
+def test_subspace_is_causal_and_exact_where_it_cannot_pair_blocks():
+    """Outputs before a changed q/k/v row stay bit-identical; a call with fewer queries than keys (decode, a
+    continued prefill) or with one block is exact attention, with the reason in the plan; the setting needs
+    ``sampled="k"``."""
+    from hf_distrattn.plan import plan
+
+    q, k, v = rand(1, 4, 40, 16, seed=1), rand(1, 2, 40, 16, seed=2), rand(1, 2, 40, 16, seed=3)
+    base = distr_attention(q, k, v, causal=True, config=SUBSPACE)
+    for row in (5, 17, 33):
+        changed = [t.clone() for t in (q, k, v)]
+        for t in changed:
+            t[:, :, row] += 1.0
+        after = distr_attention(*changed, causal=True, config=SUBSPACE)
+        assert torch.equal(after[:, :, :row], base[:, :, :row]), row
+    tail = distr_attention(q[:, :, 30:], k, v, causal=True, config=SUBSPACE)
+    torch.testing.assert_close(tail, sdpa(q[:, :, 30:], k, v, causal=True))
+    assert "10 queries over 40 keys" in plan(q[:, :, 30:], k, SUBSPACE).reason
+    assert plan(q[:, :, :16], k[:, :, :16], SUBSPACE).group_size == 1
+    with pytest.raises(ValueError, match="sampled='k'"):
+        DistrConfig(grouping="subspace")

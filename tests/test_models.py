@@ -172,18 +172,22 @@ def test_auto_config_roundtrip_keeps_distr(tmp_path):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("group", [1, 2, 4])
-def test_causal_lm_logits_do_not_see_later_tokens(group):
-    """Changing token 20 must leave the logits of positions 0-19 unchanged (blocks of 16: 16-19 share its block;
-    the causal grouping reads only earlier blocks)."""
+@pytest.mark.parametrize("group,grouping", [(1, "lsh"), (2, "lsh"), (4, "lsh"), (2, "subspace")])
+def test_causal_lm_logits_do_not_see_later_tokens(group, grouping):
+    """Changing token 70 must leave the logits of positions 0-69 unchanged (blocks of 16: 64-69 share its block;
+    the causal grouping reads only earlier blocks). ``"subspace"`` (blocks of 32, more rows than its d/G = 16
+    directions) scores the own block exactly and reduces the earlier ones from their own rows."""
     model, config = tiny_llama()
+    ids = torch.randint(0, 97, (1, 100), generator=torch.Generator().manual_seed(3))
+    exact = model(ids).logits[0]
     model.set_attn_implementation("distr")
-    configure(model, DistrConfig(group_size=group, block_size=16))
-    ids = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(3))
+    sampled, block = ("k", 32) if grouping == "subspace" else ("q", 16)
+    configure(model, DistrConfig(group_size=group, block_size=block, grouping=grouping, sampled=sampled))
     changed = ids.clone()
-    changed[0, 20] = (changed[0, 20] + 1) % 97
-    before, after = model(ids).logits[0, :20], model(changed).logits[0, :20]
-    torch.testing.assert_close(before, after, atol=0, rtol=0)
+    changed[0, 70] = (changed[0, 70] + 1) % 97
+    before, after = model(ids).logits[0], model(changed).logits[0, :70]
+    torch.testing.assert_close(before[:70], after, atol=0, rtol=0)
+    assert group == 1 or (before - exact).abs().max() > 1e-4
 
 
 @torch.no_grad()

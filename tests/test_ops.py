@@ -22,29 +22,34 @@ CUDA = DEVICE == "cuda"
 CONFIG_ARGS = ops.config_args(DistrConfig(group_size=2, block_size=16))
 
 
-def _attention_args(path, sampled="q", mask=False, grad=True, causal=True, window=None, softcap=None):
+def _attention_args(path, sampled="q", mask=False, grad=True, causal=True, window=None, softcap=None,
+                    grouping="lsh"):
     q, k, v = rand(1, 4, 40, 32, seed=1), rand(1, 2, 40, 32, seed=2), rand(1, 2, 40, 32, seed=3)
     if path == "decode":
         q = q[:, :, -2:]
     q, k, v = (t.requires_grad_(grad) for t in (q, k, v))
     attn_mask = (rand(1, 1, q.shape[2], 40, seed=4) > -1.0) if mask else None
-    config = DistrConfig(group_size=1 if path == "decode" else 2, block_size=16, sampled=sampled)
+    config = DistrConfig(group_size=1 if path == "decode" else 2, block_size=16, sampled=sampled, grouping=grouping)
     return (q, k, v, attn_mask, hash_directions(16, 8, 0, DEVICE), path, causal and not mask, 32**-0.5,
             *ops.config_args(config), True, window, softcap)
 
 
-OPCHECK_ATTENTION = [("reference", "q", False, None), ("reference", "k", True, None), ("reference", "q", False, 20)]
+OPCHECK_ATTENTION = [("reference", "q", False, None), ("reference", "k", True, None), ("reference", "q", False, 20),
+                     ("reference", "subspace", False, None)]
 if CUDA:
     OPCHECK_ATTENTION += [("projected", "q", False, None), ("projected", "k", True, None), ("fused", "q", True, None),
-                          ("decode", "q", False, None), ("fused", "q", False, 33), ("decode", "q", False, 20)]
+                          ("decode", "q", False, None), ("fused", "q", False, 33), ("decode", "q", False, 20),
+                          ("fused", "subspace", True, 33)]
 
 
 @pytest.mark.parametrize("path,sampled,mask,window", OPCHECK_ATTENTION)
 def test_opcheck_attention(path, sampled, mask, window):
-    """``window`` cases also cap the logits (softcap 3)."""
+    """``window`` cases also cap the logits (softcap 3); ``"subspace"``: that grouping, keys sampled."""
     grad = path in ("reference", "projected")
     softcap = None if window is None else 3.0
-    torch.library.opcheck(ops.attention, _attention_args(path, sampled, mask, grad, window=window, softcap=softcap))
+    grouping, sampled = ("subspace", "k") if sampled == "subspace" else ("lsh", sampled)
+    torch.library.opcheck(ops.attention, _attention_args(path, sampled, mask, grad, window=window, softcap=softcap,
+                                                         grouping=grouping))
 
 
 @pytest.mark.parametrize("path", ["reference", "projected"] if CUDA else ["reference"])

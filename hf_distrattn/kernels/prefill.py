@@ -48,34 +48,63 @@ from .softmax import (
 
 
 @triton.jit
-def _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, start_n, offs_m, n_q, n_k, sk_n, sv_n, qk_scale,
-          window, softcap, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
-          SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr, FOLD_SCALE: tl.constexpr,
-          BLOCK_N: tl.constexpr, D: tl.constexpr, G: tl.constexpr):
-    """One key tile: fuse K's groups, scores at inner size DG, softcap, online-softmax update. MASKED tiles check
-    bounds, causality, the window and the mask; the others are wholly visible to every row of the block, and with
-    FOLD_SCALE (never with SOFTCAP) their scale is applied inside the exponent's multiply-add
-    (:func:`~.softmax.online_softmax`) instead of as a multiply of its own."""
+def _subspace_dot(q, k_base, kr_base, f_base, own_block, start_n, offs_m, offs_n, offs_d, n_q, n_k, sk_n, skr_n,
+                  sf_blk, window, MASKED: tl.constexpr, WINDOWED: tl.constexpr, IEEE: tl.constexpr,
+                  BLOCK_SIZE: tl.constexpr, DR: tl.constexpr):
+    """``grouping="subspace"``'s ``Q·Kᵀ`` of a key tile in key block ``c``: exact when ``c`` is the queries' own
+    block, else ``(Q F_c)·K̃_cᵀ`` at inner size ``DR``, and exact on the rows whose sliding window cuts ``c``."""
+    c = start_n // BLOCK_SIZE
+    in_range = offs_n[None, :] < n_k
+    kt_ptrs = k_base + offs_n[None, :] * sk_n + offs_d[:, None]
+    if c == own_block:
+        s = scores(q, tl.load(kt_ptrs, mask=in_range, other=0.0), 1.0, IEEE)
+    else:
+        offs_r = tl.arange(0, DR)
+        f = tl.load(f_base + c * sf_blk + offs_d[:, None] * DR + offs_r[None, :])
+        krt = tl.load(kr_base + offs_n[None, :] * skr_n + offs_r[:, None], mask=in_range, other=0.0)
+        s = scores(scores(q, f, 1.0, IEEE).to(q.dtype), krt, 1.0, IEEE)
+        if WINDOWED and MASKED:
+            cut = c * BLOCK_SIZE <= offs_m + (n_k - n_q - window)
+            s = tl.where(cut[:, None], scores(q, tl.load(kt_ptrs, mask=in_range, other=0.0), 1.0, IEEE), s)
+    return s
+
+
+@triton.jit
+def _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, kr_base, f_base, own_block, start_n, offs_m, n_q, n_k,
+          sk_n, sv_n, skr_n, sf_blk, qk_scale, window, softcap, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+          WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr,
+          FOLD_SCALE: tl.constexpr, SUBSPACE: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+          D: tl.constexpr, G: tl.constexpr, DR: tl.constexpr):
+    """One key tile: fuse K's groups, scores at inner size DG (``SUBSPACE``: :func:`_subspace_dot`), softcap,
+    online-softmax update. MASKED tiles check bounds, causality, the window and the mask; the others are wholly
+    visible to every row of the block, and with FOLD_SCALE (never with SOFTCAP) their scale is applied inside the
+    exponent's multiply-add (:func:`~.softmax.online_softmax`) instead of as a multiply of its own."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
-    kt_ptrs = k_base + offs_n[None, :] * sk_n + offs_d[:, None]
     v_ptrs = v_base + offs_n[:, None] * sv_n + offs_d[None, :]
     if MASKED:
-        kt = tl.load(kt_ptrs, mask=offs_n[None, :] < n_k, other=0.0)
         vt = tl.load(v_ptrs, mask=offs_n[:, None] < n_k, other=0.0)
     else:
-        kt = tl.load(kt_ptrs)
         vt = tl.load(v_ptrs)
-    if G > 1:
-        if IEEE:
-            kt = tl.dot(wt, kt, input_precision="ieee")
+    if SUBSPACE:
+        s = _subspace_dot(u, k_base, kr_base, f_base, own_block, start_n, offs_m, offs_n, offs_d, n_q, n_k, sk_n,
+                          skr_n, sf_blk, window, MASKED, WINDOWED, IEEE, BLOCK_SIZE, DR)
+    else:
+        kt_ptrs = k_base + offs_n[None, :] * sk_n + offs_d[:, None]
+        if MASKED:
+            kt = tl.load(kt_ptrs, mask=offs_n[None, :] < n_k, other=0.0)
         else:
-            kt = tl.dot(wt, kt).to(u.dtype)
-    if FOLD_SCALE and not MASKED:
+            kt = tl.load(kt_ptrs)
+        if G > 1:
+            if IEEE:
+                kt = tl.dot(wt, kt, input_precision="ieee")
+            else:
+                kt = tl.dot(wt, kt).to(u.dtype)
         s = scores(u, kt, 1.0, IEEE)
+    if FOLD_SCALE and not MASKED:
         s_scale = qk_scale
     else:
-        s, _ = softcapped(scores(u, kt, qk_scale, IEEE), softcap, SOFTCAP)
+        s, _ = softcapped(s * qk_scale, softcap, SOFTCAP)
         s_scale = 1.0
     if MASKED:
         keep = visible(offs_m, offs_n, n_q, n_k, window, CAUSAL, WINDOWED)
@@ -85,12 +114,13 @@ def _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, start_n, offs_m, n_q,
 
 @cached
 @triton.jit
-def _distr_fwd(U, K, V, Wt, Mask, Out, Lse, scale, window, softcap, first_block, n_tiles, n_q, n_k, heads,
+def _distr_fwd(U, K, V, Wt, KR, F, Mask, Out, Lse, scale, window, softcap, first_block, n_tiles, n_q, n_k, heads,
                kv_group, su_b, su_h, su_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sw_b, sw_h, sw_blk, sw_j,
-               sm_b, sm_h, sm_m, so_b, so_h, so_m, sl_b, sl_h,
+               skr_b, skr_h, skr_n, sf_b, sf_h, sf_blk, sm_b, sm_h, sm_m, so_b, so_h, so_m, sl_b, sl_h,
                CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr,
-               IEEE: tl.constexpr, FOLD_SCALE: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, G: tl.constexpr, DG: tl.constexpr):
+               IEEE: tl.constexpr, FOLD_SCALE: tl.constexpr, SUBSPACE: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, G: tl.constexpr, DG: tl.constexpr,
+               DR: tl.constexpr):
     rank, bh = tile_order(n_tiles, HEAD_GROUP)
     pid_m = first_block + (n_tiles - 1 - rank if CAUSAL else rank)  # causal: the last block has most keys
     b = bh // heads
@@ -101,11 +131,13 @@ def _distr_fwd(U, K, V, Wt, Mask, Out, Lse, scale, window, softcap, first_block,
     offs_d = tl.arange(0, D)
     u = tl.load(U + b * su_b + h * su_h + offs_m[:, None] * su_m + offs_g[None, :], mask=offs_m[:, None] < n_q,
                 other=0.0)
-    wt = u  # unused at G = 1
-    if G > 1:
+    wt = u  # unused at G = 1 and with SUBSPACE
+    if G > 1 and not SUBSPACE:
         wt = tl.load(Wt + b * sw_b + h * sw_h + pid_m * sw_blk + offs_g[:, None] * sw_j + offs_d[None, :])
     k_base = K + b * sk_b + hk * sk_h
     v_base = V + b * sv_b + hk * sv_h
+    kr_base = KR + b * skr_b + hk * skr_h
+    f_base = F + b * sf_b + hk * sf_h
     mask_base = Mask + b * sm_b + h * sm_h + offs_m[:, None] * sm_m
     qk_scale = score_scale(scale, SOFTCAP)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -113,17 +145,17 @@ def _distr_fwd(U, K, V, Wt, Mask, Out, Lse, scale, window, softcap, first_block,
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     lo, mid_lo, mid_hi, hi = key_range(pid_m, n_q, n_k, window, CAUSAL, WINDOWED, MASK_KIND, BLOCK_M, BLOCK_N)
     for start_n in range(lo, mid_lo, BLOCK_N):
-        acc, l_i, m_i = _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, start_n, offs_m, n_q, n_k, sk_n,
-                              sv_n, qk_scale, window, softcap, True, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE,
-                              FOLD_SCALE, BLOCK_N, D, G)
+        acc, l_i, m_i = _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, kr_base, f_base, pid_m, start_n,
+                              offs_m, n_q, n_k, sk_n, sv_n, skr_n, sf_blk, qk_scale, window, softcap, True, CAUSAL,
+                              WINDOWED, SOFTCAP, MASK_KIND, IEEE, FOLD_SCALE, SUBSPACE, BLOCK_M, BLOCK_N, D, G, DR)
     for start_n in range(mid_lo, mid_hi, BLOCK_N):
-        acc, l_i, m_i = _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, start_n, offs_m, n_q, n_k, sk_n,
-                              sv_n, qk_scale, window, softcap, False, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE,
-                              FOLD_SCALE, BLOCK_N, D, G)
+        acc, l_i, m_i = _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, kr_base, f_base, pid_m, start_n,
+                              offs_m, n_q, n_k, sk_n, sv_n, skr_n, sf_blk, qk_scale, window, softcap, False, CAUSAL,
+                              WINDOWED, SOFTCAP, MASK_KIND, IEEE, FOLD_SCALE, SUBSPACE, BLOCK_M, BLOCK_N, D, G, DR)
     for start_n in range(mid_hi, hi, BLOCK_N):
-        acc, l_i, m_i = _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, start_n, offs_m, n_q, n_k, sk_n,
-                              sv_n, qk_scale, window, softcap, True, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE,
-                              FOLD_SCALE, BLOCK_N, D, G)
+        acc, l_i, m_i = _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, kr_base, f_base, pid_m, start_n,
+                              offs_m, n_q, n_k, sk_n, sv_n, skr_n, sf_blk, qk_scale, window, softcap, True, CAUSAL,
+                              WINDOWED, SOFTCAP, MASK_KIND, IEEE, FOLD_SCALE, SUBSPACE, BLOCK_M, BLOCK_N, D, G, DR)
     out, lse = finish(acc, l_i, m_i)
     row_ok = offs_m < n_q
     tl.store(Out + b * so_b + h * so_h + offs_m[:, None] * so_m + offs_d[None, :], out.to(Out.dtype.element_ty),
@@ -160,7 +192,8 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: DistrConf
 
 
 def distr_attention_triton(q, k, v, *, causal=False, attn_mask=None, scale=None, config: DistrConfig,
-                           causal_grouping=False, hashes=None, prepared=None, window=None, softcap=None, **launch):
+                           causal_grouping=False, hashes=None, prepared=None, subspace=None, window=None,
+                           softcap=None, **launch):
     """Shapes and semantics of :func:`hf_distrattn.reference.attention`; ``attn_mask`` already 4-D; unit-stride
     head dims; the output has ``q``'s layout.
 
@@ -168,11 +201,15 @@ def distr_attention_triton(q, k, v, *, causal=False, attn_mask=None, scale=None,
     is exact, computed by a second, ``G = 1`` launch of the kernel into the same output. ``prepared``: the
     output of :func:`prepare` for these inputs, to time the kernel alone; ``launch`` overrides
     :func:`launch_params` (``block_n``, ``num_warps``, ``num_stages``, ``fold_scale``) of the ``G``-launch.
+    ``subspace``: ``grouping="subspace"``'s ``(K̃, F)`` (:func:`hf_distrattn.grouping.subspace_reduced`); ``Q``, ``K``
+    and ``V`` then go in whole, key tiles never straddle a key block, and there is one launch.
     """
     batch, heads, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     scale = 1 / math.sqrt(d) if scale is None else scale
-    u, kk, vv, wt = prepared or prepare(q, k, v, config, causal_grouping, hashes)
+    u, kk, vv, wt = (q, k, v, None) if subspace is not None else prepared or prepare(q, k, v, config,
+                                                                                      causal_grouping, hashes)
+    reduced, factors = subspace if subspace is not None else (q, q)  # placeholders, never read
     d_pad = vv.shape[-1]
     # q's layout: Transformers passes a (B, N, H, d) buffer viewed as (B, H, N, d), and transposes the output back
     out = torch.empty_like(q) if d_pad == d else torch.empty(batch, heads, n_q, d_pad, device=q.device, dtype=q.dtype)
@@ -183,22 +220,26 @@ def distr_attention_triton(q, k, v, *, causal=False, attn_mask=None, scale=None,
 
     def run(u, kk, vv, group, first_block, count, params):
         _distr_fwd[(count * batch * heads,)](
-            u, kk, vv, wt, mask, out, lse, scale, window or 0, softcap or 1.0, first_block, count, n_q, n_k,
-            heads, heads // h_kv,
+            u, kk, vv, wt, reduced, factors, mask, out, lse, scale, window or 0, softcap or 1.0, first_block, count,
+            n_q, n_k, heads, heads // h_kv,
             u.stride(0), u.stride(1), u.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
             vv.stride(0), vv.stride(1), vv.stride(2), *wt.stride()[:4],
+            reduced.stride(0), reduced.stride(1), reduced.stride(2), factors.stride(0), factors.stride(1),
+            factors.stride(2),
             *mask_strides, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
             CAUSAL=causal, WINDOWED=window is not None, SOFTCAP=softcap is not None, MASK_KIND=mask_kind,
             IEEE=q.dtype == torch.float32, FOLD_SCALE=params["fold_scale"] and softcap is None,
-            BLOCK_M=config.block_size,
-            BLOCK_N=params["block_n"], D=d_pad, G=group, DG=u.shape[-1],
+            SUBSPACE=subspace is not None, BLOCK_M=config.block_size,
+            BLOCK_N=params["block_n"], D=d_pad, G=group, DG=u.shape[-1], DR=reduced.shape[-1],
             num_warps=params["num_warps"], num_stages=params["num_stages"],
         )
 
-    first_block = int(causal_grouping and config.group_size > 1)
+    first_block = int(causal_grouping and config.group_size > 1 and subspace is None)
     if first_block:
         run(q, k, v, 1, 0, 1, launch_params(config.block_size, d, 1))
     if n_blocks > first_block:
-        run(u, kk, vv, config.group_size, first_block, n_blocks - first_block,
-            launch_params(config.block_size, d, config.group_size) | launch)
+        params = launch_params(config.block_size, d, config.group_size) | launch
+        if subspace is not None:
+            params["block_n"] = min(params["block_n"], config.block_size)
+        run(u, kk, vv, config.group_size, first_block, n_blocks - first_block, params)
     return (out if d_pad == d else out[..., :d]), lse
