@@ -36,8 +36,8 @@ class DistrConfig:
             ``"pca"`` replaces the groups by the block's top ``d/G`` principal directions (with causal grouping,
             of a decayed covariance of the blocks before it; reference only; :mod:`hf_distrattn.grouping`).
             ``"subspace"`` (with ``sampled="k"``) reduces each key block on its own rank-``d/G`` subspace, weighted
-            by the queries at its positions, and scores each query's own key block exactly: causal, and the
-            most accurate drop-in measured (calls with fewer queries than keys run exact).
+            by the queries at its positions, and scores the first key block and each query's own exactly: causal,
+            and the most accurate drop-in measured (calls with fewer queries than keys run exact).
         exact_layers: layer indices that :func:`hf_distrattn.configure` keeps exact (``G = 1``) when it applies
             this config to a whole model; written ``exact_layers=0+1`` in a spec. Ignored by single calls.
     """

@@ -54,18 +54,21 @@ device, no eigensolver (cuSOLVER does not batch ``d × d`` eigendecompositions a
 Key subspaces (``grouping="subspace"``, keys sampled). Every key block ``c`` is reduced on its own rows, and the
 query factor weights it by the queries at the same positions: scores are ``(q F_c)·(k B_c)`` with ``F_c``,
 ``B_c`` ``(d × d/G)``, i.e. ``k̃ = k B_c F_cᵀ``. The pair minimises the expected squared score error
-``E (q (I − F Bᵀ) kᵀ)² = tr(C_q E C_k Eᵀ)`` over the block's queries and keys (second moments ``C_q``, summed over
-the query heads that share the key head, and ``C_k``): with ``C_q = L Lᵀ`` (Cholesky of ``C_q`` over its mean eigenvalue,
-plus ``SUBSPACE_RIDGE``·I: ``F`` and ``B`` stay of order one in half precision) it is ``‖Lᵀ E C_k^{1/2}‖²``, whose best rank-``d/G`` ``Lᵀ F Bᵀ`` is
-``U Uᵀ Lᵀ`` with ``U`` the top ``d/G`` eigenvectors of ``Lᵀ C_k L`` (Eckart–Young), so ``F = L⁻ᵀ U`` and
-``B = L U`` (:func:`subspace_factors`). ``C_q = I`` gives the keys' principal directions; weighting by the queries
-keeps the directions the scores use. Causal without staleness: query ``i`` reads key block ``c`` in reduced form
-only when ``c`` lies wholly before ``i``'s own block (all its keys and queries are earlier positions), and scores
-its own block exactly (the diagonal tile), as it scores the blocks a sliding window cuts. This needs the queries
-at the keys' positions, so it applies to calls with as many queries as keys (prefill, training, encoders);
-others run exact (:func:`hf_distrattn.plan.effective_group_size`). SmolLM2-135M, G=2, one 2048-token window,
-bits/byte against exact: C headers +1.2%, prose +0.4% (``"pca"``: +31% / +11%; causal ``"pca"`` with an exact
-diagonal +9.5% / +2.1%; the keys' principal directions alone +3.6% / +2.1%).
+``E (q (I − F Bᵀ) kᵀ)² = tr(C_q E C_k Eᵀ)``, ``E = I − F Bᵀ``, over the block's queries and keys (second moments
+``C_q``, summed over the query heads that share the key head, and ``C_k``). With ``C_q = L Lᵀ`` (Cholesky of
+``C_q`` over its mean eigenvalue, plus ``SUBSPACE_RIDGE``·I, so that ``F`` and ``B`` stay of order one in half
+precision) the error is ``‖Lᵀ E C_k^{1/2}‖²``; its best rank-``d/G`` ``Lᵀ F Bᵀ`` is ``U Uᵀ Lᵀ`` with ``U`` the
+top ``d/G`` eigenvectors of ``Lᵀ C_k L`` (Eckart–Young), so ``F = L⁻ᵀ U`` and ``B = L U``
+(:func:`subspace_factors`). ``C_q = I`` would give the keys' principal directions; weighting by the queries keeps
+the directions the scores use.
+
+Which pairs are reduced. Query ``i`` reads key block ``c`` reduced only when ``c`` lies wholly before ``i``'s own
+block, so every number it reads comes from earlier positions: causal, and never stale (``"pca"`` on queries must
+group block ``b`` by the blocks before it). It scores its own block exactly (the diagonal tile, where most
+attention goes), the first block exactly (attention sinks: most LMs put much of every query's attention on the
+first tokens), and the blocks its sliding window cuts. Pairing key blocks with the queries at their positions
+needs as many queries as keys (prefill, training, encoders); other calls run exact
+(:func:`hf_distrattn.plan.effective_group_size`). Accuracy against the other groupings: docs/design.md (D10).
 """
 
 from __future__ import annotations
@@ -341,6 +344,14 @@ def subspace_maps(q: torch.Tensor, k: torch.Tensor, config: DistrConfig) -> torc
     ``(q F_c)·(k B_c)``. A constant of autograd."""
     query_factor, key_factor = subspace_factors(q, k, config)
     return key_factor @ query_factor.transpose(-1, -2)
+
+
+def subspace_keys(q: torch.Tensor, k: torch.Tensor, config: DistrConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(K̃, M)``: every key block of ``k`` times its map ``M_c`` (:func:`subspace_maps`), ``(batch, Hkv, n, d)``,
+    and the maps ``(batch, Hkv, n_blocks, d, d)``, in float32 (float64 in). Constants of autograd."""
+    maps = subspace_maps(q, k, config)
+    approx = (as_blocks(k.detach(), config.block_size) @ maps).flatten(2, 3)[:, :, : k.shape[2]]
+    return approx, maps
 
 
 def projections(x: torch.Tensor, config: DistrConfig, causal: bool = False,

@@ -14,8 +14,9 @@ num_hashes, seed, sampled, reduce, grouping``). Each op is functional (new tenso
 fake implementation (shapes only, for ``torch.compile``), and runs the ``path`` that
 :func:`hf_distrattn.plan.plan` chose: a Triton kernel, or the PyTorch reference of :mod:`hf_distrattn.reference`,
 which is what every CPU tensor runs. ``attention`` is differentiable (``register_autograd``) on the
-``"reference"`` and ``"projected"`` paths, the log-sum-exp included (attention sinks differentiate through it):
-with ``G > 1`` on ``"projected"`` its third and fourth outputs are the
+``"reference"``, ``"subspace"`` and ``"projected"`` paths, the log-sum-exp included (attention sinks differentiate
+through it); ``"subspace"``'s backward rebuilds ``K̃`` and the maps from ``q`` and ``k`` (a pre-pass, no saved
+state). With ``G > 1`` on ``"projected"`` its third and fourth outputs are the
 projected operand ``X̃ = X Wtᵀ Wt`` and the fuse matrices ``Wt`` (placeholders otherwise), which the backward takes in
 place of the sampled operand (``dX = dX̃ Wtᵀ Wt``, in the kernel's epilogue). Outputs and gradients take the
 layout of the inputs they belong to (``empty_like``; contiguous when an input's head dim is strided), so
@@ -31,7 +32,7 @@ from torch import Tensor
 
 from . import reference
 from .config import DistrConfig
-from .grouping import block_grouping, compact_fuse, padded_width, pca_reduced, subspace_reduced
+from .grouping import block_grouping, compact_fuse, padded_width, pca_reduced, subspace_keys, subspace_reduced
 
 
 @functools.lru_cache(maxsize=256)
@@ -105,7 +106,7 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, hashes
     q, k, v = (_unit_stride(t) for t in (q, k, v))
     if path == "decode":
         out, lse = decode.decode_attention(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale, **features)
-    elif path == "fused":
+    elif path in ("fused", "subspace"):
         prepared = subspace = None  # LSH: the grouping kernel, inside the call
         width = padded_width(q.shape[-1] // group_size)
         if group_size > 1 and grouping == "pca":
@@ -158,6 +159,15 @@ def _attention_backward(dout: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor,
         grads = reference.attention_backward(q, k, v, out, dout, causal=causal, attn_mask=attn_mask,
                                              scale=scale, config=config, causal_grouping=causal_grouping,
                                              hashes=hashes, **features)
+    elif path == "subspace":
+        from .kernels.backward import attention_backward as kernel_backward
+
+        approx, maps = subspace_keys(q, k, config)
+        k = _unit_stride(k)
+        k_red = torch.empty_like(k).copy_(approx)  # K's layout
+        maps_t = maps.transpose(-1, -2).to(k.dtype).contiguous()
+        grads = kernel_backward(_unit_stride(q), k, _unit_stride(v), out, lse, dout, causal=causal,
+                                attn_mask=attn_mask, scale=scale, subspace=(k_red, maps_t, block_size), **features)
     elif path == "projected":
         from .kernels.backward import attention_backward as kernel_backward
 

@@ -11,6 +11,8 @@
 - ``"fused"``: the fused ``d/G`` prefill kernel (:mod:`.kernels.prefill`), ``sampled="q"``, no gradients; LSH
   groups from the grouping kernel, or ``"pca"`` bases from PyTorch (:func:`hf_distrattn.grouping.pca_reduced`);
   ``"subspace"``'s reduced keys and query factors from PyTorch (:func:`hf_distrattn.grouping.subspace_reduced`).
+- ``"subspace"``: ``grouping="subspace"`` with gradients: its fused forward, then the backward kernels reading
+  ``K`` or ``K̃ = K M_c`` per tile (:func:`hf_distrattn.kernels.backward.attention_backward`).
 - ``"projected"``: the sampled operand replaced by ``X̃ = X M`` by the grouping kernel (LSH, rank-1 groups), then
   the exact kernels forward and backward: training, and ``sampled="k"`` prefill.
 - ``"approximated"``: the same with ``X̃`` from the PyTorch grouping (differentiable by autograd), for settings the
@@ -30,8 +32,8 @@ import torch
 
 from .config import DistrConfig
 
-PATHS = ("reference", "reference-autograd", "fused", "projected", "approximated", "decode", "reduced-decode",
-         "reduced-reference")
+PATHS = ("reference", "reference-autograd", "fused", "subspace", "projected", "approximated", "decode",
+         "reduced-decode", "reduced-reference")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BLOCK_SIZES = (16, 32, 64, 128)
 """Grouping block sizes the kernels take (one program's rows)."""
@@ -149,13 +151,17 @@ def plan(q: torch.Tensor, k: torch.Tensor, config: DistrConfig, *, causal_groupi
         return Plan("reduced-reference" if reduced else "reference", group, (why, refusal))
     d, n_q = q.shape[-1], q.shape[2]
     if subspace:
-        if needs_grad:
-            note = ("grouping='subspace' gradients (reference only)",)
-        elif config.block_size not in BLOCK_SIZES or not _power_of_two(d):
-            note = ("block_size {}, head_dim {} (the kernel takes {} and powers of two)", config.block_size, d,
+        if config.block_size not in BLOCK_SIZES or not _power_of_two(d):
+            note = ("block_size {}, head_dim {} (the kernels take {} and powers of two)", config.block_size, d,
                     BLOCK_SIZES)
+        elif needs_grad and window is not None:
+            note = ("grouping='subspace' gradients with a sliding window (reference only)",)
+        elif needs_grad:
+            return Plan("subspace", group, (why, ("gradients: subspace keys by PyTorch, fused kernel forward, "
+                                                  "backward kernels on K or K̃ per tile",)))
         else:
-            return Plan("fused", group, (why, ("subspace keys by PyTorch, fused kernel, own block exact",)))
+            return Plan("fused", group, (why, ("subspace keys by PyTorch, fused kernel, first and own key blocks "
+                                               "exact",)))
         _refuse(config, note)
         return Plan("reference", group, (why, note))
     rows = q.shape[1] // k.shape[1] * n_q

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from .config import DistrConfig
-from .grouping import approximate_operand, as_blocks, projections, subspace_maps
+from .grouping import approximate_operand, as_blocks, projections, subspace_keys
 
 
 def causal_bias(n_q: int, n_k: int, device, dtype, causal: bool = True, window: int | None = None) -> torch.Tensor:
@@ -52,11 +52,12 @@ def _compute_dtype(q: torch.Tensor) -> torch.dtype:
 
 
 def exact_pairs(n_q: int, n_k: int, block: int, device, window: int | None = None) -> torch.Tensor:
-    """``(n_q, n_k)`` bool: the pairs ``"subspace"`` scores exactly: key ``j`` in the block of query ``i``'s
-    position (``i + n_k − n_q``), or in a block that a sliding window of ``window`` keys cuts for ``i``."""
+    """``(n_q, n_k)`` bool: the pairs ``"subspace"`` scores exactly: key ``j`` in the first block (attention
+    sinks), in the block of query ``i``'s position (``i + n_k − n_q``), or in a block that a sliding window of
+    ``window`` keys cuts for ``i``."""
     rows = torch.arange(n_q, device=device).unsqueeze(1) + (n_k - n_q)
     cols = torch.arange(n_k, device=device)
-    exact = cols // block == rows // block
+    exact = (cols // block == rows // block) | (cols < block)
     if window is not None:
         exact = exact | (cols // block * block <= rows - window)
     return exact
@@ -107,13 +108,13 @@ def _softmax(s):
 
 
 def _subspace(q, k, config, window):
-    """``(K̃, exact, M)`` of ``"subspace"`` (else ``None``s): every key block times its map ``M_c``
-    (:func:`hf_distrattn.grouping.subspace_maps`), the pairs scored exactly (:func:`exact_pairs`), the maps."""
+    """``(K̃, exact, M)`` of ``"subspace"`` (else ``None``s): the reduced keys and maps
+    (:func:`hf_distrattn.grouping.subspace_keys`), the pairs scored exactly (:func:`exact_pairs`)."""
     if config.exact or config.grouping != "subspace":
         return None, None, None
-    maps = subspace_maps(q, k, config).to(q.dtype)
-    approx = (as_blocks(k, config.block_size).to(q.dtype) @ maps).flatten(2, 3)[:, :, : k.shape[2]]
-    return approx, exact_pairs(q.shape[2], k.shape[2], config.block_size, q.device, window), maps
+    approx, maps = subspace_keys(q, k, config)
+    exact = exact_pairs(q.shape[2], k.shape[2], config.block_size, q.device, window)
+    return approx.to(q.dtype), exact, maps.to(q.dtype)
 
 
 def attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config: DistrConfig | None = None,

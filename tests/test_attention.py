@@ -411,8 +411,8 @@ SUBSPACE = DistrConfig(group_size=2, block_size=16, grouping="subspace", sampled
 def _subspace_oracle(q, k, v, block, rank, causal, window=None):
     """Float64 loops: for each key block ``c`` the pair ``(F, B)`` (``C_q`` over the block's queries of every head
     sharing the key head, ``C_k`` over its keys; the eigenvectors from the package's subspace iteration, whose
-    accuracy :func:`test_subspace_factors_reach_the_least_score_error` checks); query ``i`` scores the keys of its
-    own block (or of a block its window cuts) exactly and the others as ``(q F)·(k B)``."""
+    accuracy :func:`test_subspace_factors_reach_the_least_score_error` checks); query ``i`` scores the keys of the
+    first block, of its own block and of a block its window cuts exactly, the others as ``(q F)·(k B)``."""
     from hf_distrattn.grouping import top_subspace
 
     _, h_q, n, d = q.shape
@@ -437,7 +437,7 @@ def _subspace_oracle(q, k, v, block, rank, causal, window=None):
                         continue
                     c = j // block
                     cut = window is not None and c * block <= i - window
-                    if c == i // block or cut:
+                    if c == i // block or c == 0 or cut:
                         scores[j] = q[0, h, i] @ k[0, g, j]
                     else:
                         f, b = factors[c]

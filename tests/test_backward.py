@@ -74,6 +74,35 @@ def test_backward_matches_reference(group, sampled, block, d, causal, n_q, n_k, 
     assert_matches_float64_reference(q, k, v, 2e-4, causal=causal, config=config)
 
 
+@pytest.mark.parametrize("block,d,causal,mask,dtype,n", [
+    (32, 32, True, None, torch.float32, 160),
+    (64, 64, False, "padding", torch.float32, 160),  # encoders: the own block inside the unmasked tiles
+    (128, 64, True, None, torch.float16, 300),  # 64-row tiles inside a block of 128
+])
+def test_subspace_backward_kernels_match_the_reference(block, d, causal, mask, dtype, n):
+    """``grouping="subspace"`` with gradients: the fused forward, then the backward kernels reading ``K`` on the
+    first and the own key block and ``K̃ = K M_c`` elsewhere, ``dK̃`` mapped back by ``M_cᵀ``; against the
+    reference (float32 products of the same maps; half precision in norm), GQA."""
+    q, k, v = (rand(2, h, n, d, seed=20 + h).to(dtype) for h in (4, 2, 3))
+    v = v[:, :2]
+    attn_mask = None if mask is None else make_mask(mask, 2, 4, n)
+    config = DistrConfig(group_size=2, block_size=block, grouping="subspace", sampled="k", backend="triton")
+    assert plan(q, k, config, needs_grad=True, causal_grouping=causal).path == "subspace"
+    dout = rand(2, 4, n, d, seed=25)
+    mine = grads(q, k, v, dout, causal=causal, attn_mask=attn_mask, config=config)
+    ref = grads(q.float(), k.float(), v.float(), dout, causal=causal, attn_mask=attn_mask,
+                config=config.replace(backend="reference"))
+    exact = grads(q.float(), k.float(), v.float(), dout, causal=causal, attn_mask=attn_mask,
+                  config=config.replace(group_size=1, backend="reference"))
+    for name, a, b, e in zip(("out", "dq", "dk", "dv"), mine, ref, exact, strict=True):
+        assert a.dtype == dtype and not a.isnan().any(), name
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5, msg=lambda m, name=name: f"{name}: {m}")
+        else:
+            assert ((a.float() - b).norm() / b.norm()).item() < 2e-3, name
+        assert (b - e).norm() > 1e-2 * e.norm(), name  # the approximation is on
+
+
 @pytest.mark.parametrize("kind", MASK_KINDS)
 def test_backward_masks(kind):
     b, h, n, d = 2, 2, 33, 32

@@ -124,15 +124,40 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, s
     return dk, dv
 
 
+@triton.jit
+def _dkdv_pair(dk, dv, dk_red, k, v, k_red, q_base, do_base, lse_base, delta_base, mask_base, start_m, start_n,
+               offs_n, n_q, n_k, sq_m, sdo_m, sm_m, qk_scale, window, softcap, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+               WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr,
+               BLOCK_M: tl.constexpr, D: tl.constexpr, SUB_BLOCK: tl.constexpr):
+    """:func:`_dkdv_tile`, or with ``SUB_BLOCK`` (``grouping="subspace"`` in blocks of that many rows) on ``K̃``
+    (``k_red``) into ``dK̃`` (``dk_red``) when the key tile's block is neither the first nor the query tile's."""
+    if SUB_BLOCK:
+        c = start_n // SUB_BLOCK
+        if (c == start_m // SUB_BLOCK) | (c == 0):
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, start_m, offs_n,
+                                n_q, n_k, sq_m, sdo_m, sm_m, qk_scale, window, softcap, MASKED, CAUSAL, WINDOWED,
+                                SOFTCAP, MASK_KIND, IEEE, BLOCK_M, D)
+        else:
+            dk_red, dv = _dkdv_tile(dk_red, dv, k_red, v, q_base, do_base, lse_base, delta_base, mask_base, start_m,
+                                    offs_n, n_q, n_k, sq_m, sdo_m, sm_m, qk_scale, window, softcap, MASKED, CAUSAL,
+                                    WINDOWED, SOFTCAP, MASK_KIND, IEEE, BLOCK_M, D)
+    else:
+        dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, start_m, offs_n, n_q,
+                            n_k, sq_m, sdo_m, sm_m, qk_scale, window, softcap, MASKED, CAUSAL, WINDOWED, SOFTCAP,
+                            MASK_KIND, IEEE, BLOCK_M, D)
+    return dk, dv, dk_red
+
+
 @cached
 @triton.jit
-def _dkdv(Q, K, V, DO, Lse, Delta, Mask, DK, DV, Wt, scale, window, softcap, n_q, n_k, heads, kv_group,
+def _dkdv(Q, K, V, DO, Lse, Delta, Mask, DK, DV, Wt, KR, Mt, scale, window, softcap, n_q, n_k, heads, kv_group,
           sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_m, sl_b, sl_h,
           sm_b, sm_h, sm_m, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n,
           CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr,
           IEEE: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-          PROJECT_BLOCK: tl.constexpr, PROJECT_CAUSAL: tl.constexpr, DG_PAD: tl.constexpr):
+          PROJECT_BLOCK: tl.constexpr, PROJECT_CAUSAL: tl.constexpr, DG_PAD: tl.constexpr,
+          SUB_BLOCK: tl.constexpr):
     pid_n, bh = tile_order(tl.cdiv(n_k, BLOCK_N), HEAD_GROUP)  # causal: key tile 0 is seen by most queries
     h_kv = heads // kv_group
     b = bh // h_kv
@@ -145,6 +170,11 @@ def _dkdv(Q, K, V, DO, Lse, Delta, Mask, DK, DV, Wt, scale, window, softcap, n_q
     v = tl.load(V + b * sv_b + hk * sv_h + offs_n[:, None] * sv_n + offs_d[None, :], mask=cols[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
+    dk_red = dk
+    k_red = k
+    if SUB_BLOCK:  # K̃ = K M_c has K's layout
+        k_red = tl.load(KR + b * sk_b + hk * sk_h + offs_n[:, None] * sk_n + offs_d[None, :], mask=cols[:, None],
+                        other=0.0)
     qk_scale = score_scale(scale, SOFTCAP)
     # query tiles in [lo, hi) see some of these keys, those in [mid_lo, mid_hi) all of them
     lo = 0
@@ -170,17 +200,30 @@ def _dkdv(Q, K, V, DO, Lse, Delta, Mask, DK, DV, Wt, scale, window, softcap, n_q
         delta_base = Delta + b * sl_b + h * sl_h
         mask_base = Mask + b * sm_b + h * sm_h
         for start_m in range(lo, mid_lo, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, start_m, offs_n,
-                                n_q, n_k, sq_m, sdo_m, sm_m, qk_scale, window, softcap, True, CAUSAL, WINDOWED,
-                                SOFTCAP, MASK_KIND, IEEE, BLOCK_M, D)
+            dk, dv, dk_red = _dkdv_pair(dk, dv, dk_red, k, v, k_red, q_base, do_base, lse_base, delta_base,
+                                        mask_base, start_m, start_n, offs_n, n_q, n_k, sq_m, sdo_m, sm_m, qk_scale,
+                                        window,
+                                        softcap, True, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE, BLOCK_M, D,
+                                        SUB_BLOCK)
         for start_m in range(mid_lo, mid_hi, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, start_m, offs_n,
-                                n_q, n_k, sq_m, sdo_m, sm_m, qk_scale, window, softcap, False, CAUSAL, WINDOWED,
-                                SOFTCAP, MASK_KIND, IEEE, BLOCK_M, D)
+            dk, dv, dk_red = _dkdv_pair(dk, dv, dk_red, k, v, k_red, q_base, do_base, lse_base, delta_base,
+                                        mask_base, start_m, start_n, offs_n, n_q, n_k, sq_m, sdo_m, sm_m, qk_scale,
+                                        window,
+                                        softcap, False, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE, BLOCK_M, D,
+                                        SUB_BLOCK)
         for start_m in range(mid_hi, hi, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, start_m, offs_n,
-                                n_q, n_k, sq_m, sdo_m, sm_m, qk_scale, window, softcap, True, CAUSAL, WINDOWED,
-                                SOFTCAP, MASK_KIND, IEEE, BLOCK_M, D)
+            dk, dv, dk_red = _dkdv_pair(dk, dv, dk_red, k, v, k_red, q_base, do_base, lse_base, delta_base,
+                                        mask_base, start_m, start_n, offs_n, n_q, n_k, sq_m, sdo_m, sm_m, qk_scale,
+                                        window,
+                                        softcap, True, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE, BLOCK_M, D,
+                                        SUB_BLOCK)
+    if SUB_BLOCK:  # dK += dK̃ M_cᵀ
+        mt = tl.load(Mt + (bh.to(tl.int64) * tl.cdiv(n_k, SUB_BLOCK) + start_n // SUB_BLOCK) * (D * D)
+                     + offs_d[:, None] * D + offs_d[None, :])
+        if IEEE:
+            dk += tl.dot(dk_red, mt, input_precision="ieee")
+        else:
+            dk += tl.dot(dk_red.to(mt.dtype), mt)
     dk = (dk * scale).to(DK.dtype.element_ty)
     if PROJECT_BLOCK:  # dK = dK̃ M
         wt_base = Wt + bh.to(tl.int64) * tl.cdiv(n_k, PROJECT_BLOCK) * (DG_PAD * D)
@@ -192,14 +235,25 @@ def _dkdv(Q, K, V, DO, Lse, Delta, Mask, DK, DV, Wt, scale, window, softcap, n_q
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, n_q, n_k, sk_n, sv_n, qk_scale,
-             window, softcap, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+def _dq_tile(dq, q, do, lse2, delta, k_base, kr_base, v_base, mask_base, start_n, start_m, offs_m, n_q, n_k, sk_n,
+             sv_n,
+             qk_scale, window, softcap, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
              SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
-             D: tl.constexpr):
+             D: tl.constexpr, SUB_BLOCK: tl.constexpr):
+    """One key tile's share of a query tile's ``dQ``; with ``SUB_BLOCK`` (``grouping="subspace"``) the key tile
+    is read from ``K̃`` (``kr_base``) unless its block is the first or the query tile's own."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     cols = offs_n < n_k
-    kt = tl.load(k_base + offs_n[None, :] * sk_n + offs_d[:, None], mask=cols[None, :], other=0.0)
+    kt_offsets = offs_n[None, :] * sk_n + offs_d[:, None]
+    if SUB_BLOCK:
+        c = start_n // SUB_BLOCK
+        if (c == start_m // SUB_BLOCK) | (c == 0):
+            kt = tl.load(k_base + kt_offsets, mask=cols[None, :], other=0.0)
+        else:
+            kt = tl.load(kr_base + kt_offsets, mask=cols[None, :], other=0.0)
+    else:
+        kt = tl.load(k_base + kt_offsets, mask=cols[None, :], other=0.0)
     vt = tl.load(v_base + offs_n[None, :] * sv_n + offs_d[:, None], mask=cols[None, :], other=0.0)
     p, t = _probs_t(q, kt, lse2, mask_base, offs_m, offs_n, n_q, n_k, qk_scale, window, softcap, False, MASKED,
                     CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE)
@@ -219,13 +273,14 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m,
 
 @cached
 @triton.jit
-def _dq(Q, K, V, DO, Lse, Delta, Lse2, Mask, DQ, Wt, Out, DLse, scale, window, softcap, n_q, n_k, heads,
+def _dq(Q, K, V, DO, Lse, Delta, Lse2, Mask, DQ, Wt, KR, Out, DLse, scale, window, softcap, n_q, n_k, heads,
         kv_group, sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_m, sl_b, sl_h,
         sm_b, sm_h, sm_m, sdq_b, sdq_h, sdq_m, so_b, so_h, so_m,
         CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, HAS_DLSE: tl.constexpr,
         MASK_KIND: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-        PROJECT_BLOCK: tl.constexpr, PROJECT_CAUSAL: tl.constexpr, DG_PAD: tl.constexpr):
+        PROJECT_BLOCK: tl.constexpr, PROJECT_CAUSAL: tl.constexpr, DG_PAD: tl.constexpr,
+        SUB_BLOCK: tl.constexpr):
     n_tiles = tl.cdiv(n_q, BLOCK_M)
     rank, bh = tile_order(n_tiles, HEAD_GROUP)
     pid_m = n_tiles - 1 - rank if CAUSAL else rank  # causal: the last query tile sees most keys
@@ -247,20 +302,24 @@ def _dq(Q, K, V, DO, Lse, Delta, Lse2, Mask, DQ, Wt, Out, DLse, scale, window, s
     tl.store(Delta + b * sl_b + h * sl_h + offs_m, delta, mask=rows)  # both for _dkdv
     tl.store(Lse2 + b * sl_b + h * sl_h + offs_m, lse2, mask=rows)
     k_base = K + b * sk_b + hk * sk_h
+    kr_base = KR + b * sk_b + hk * sk_h
     v_base = V + b * sv_b + hk * sv_h
     mask_base = Mask + b * sm_b + h * sm_h + offs_m[:, None] * sm_m
     qk_scale = score_scale(scale, SOFTCAP)
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     lo, mid_lo, mid_hi, hi = key_range(pid_m, n_q, n_k, window, CAUSAL, WINDOWED, MASK_KIND, BLOCK_M, BLOCK_N)
     for start_n in range(lo, mid_lo, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, n_q, n_k, sk_n, sv_n,
-                      qk_scale, window, softcap, True, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE, BLOCK_N, D)
+        dq = _dq_tile(dq, q, do, lse2, delta, k_base, kr_base, v_base, mask_base, start_n, pid_m * BLOCK_M, offs_m,
+                      n_q, n_k, sk_n, sv_n, qk_scale, window, softcap, True, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE,
+                      BLOCK_N, D, SUB_BLOCK)
     for start_n in range(mid_lo, mid_hi, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, n_q, n_k, sk_n, sv_n,
-                      qk_scale, window, softcap, False, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE, BLOCK_N, D)
+        dq = _dq_tile(dq, q, do, lse2, delta, k_base, kr_base, v_base, mask_base, start_n, pid_m * BLOCK_M, offs_m,
+                      n_q, n_k, sk_n, sv_n, qk_scale, window, softcap, False, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE,
+                      BLOCK_N, D, SUB_BLOCK)
     for start_n in range(mid_hi, hi, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, n_q, n_k, sk_n, sv_n,
-                      qk_scale, window, softcap, True, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE, BLOCK_N, D)
+        dq = _dq_tile(dq, q, do, lse2, delta, k_base, kr_base, v_base, mask_base, start_n, pid_m * BLOCK_M, offs_m,
+                      n_q, n_k, sk_n, sv_n, qk_scale, window, softcap, True, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE,
+                      BLOCK_N, D, SUB_BLOCK)
     dq = (dq * scale).to(DQ.dtype.element_ty)
     if PROJECT_BLOCK:  # dQ = dQ̃ M
         wt_base = Wt + bh.to(tl.int64) * tl.cdiv(n_q, PROJECT_BLOCK) * (DG_PAD * D)
@@ -281,7 +340,7 @@ def launch_params(d: int, dtype: torch.dtype) -> dict:
 
 
 def attention_backward(q, k, v, out, lse, dout, *, causal: bool, attn_mask, scale: float, project=None,
-                       window=None, softcap=None, dlse=None, dkdv=None, dq=None):
+                       subspace=None, window=None, softcap=None, dlse=None, dkdv=None, dq=None):
     """Gradients ``(dQ, dK, dV)`` of ``softmax(scale · Q Kᵀ + mask) V`` (GQA: ``K``, ``V`` have fewer heads), in
     the inputs' dtype (accumulated in float32).
 
@@ -293,6 +352,10 @@ def attention_backward(q, k, v, out, lse, dout, *, causal: bool, attn_mask, scal
     ``project = (operand, wt, block, causal)``: ``q`` (operand ``"q"``) or ``k`` (``"k"``) is ``X̃ = X M`` per block
     of ``block`` rows, ``M = Wtᵀ Wt`` from :func:`.grouping.reduce_operand` (``wt`` contiguous; ``causal``: block 0
     has ``M = I``); that gradient is returned as ``dX = dX̃ M`` (``M`` symmetric), in the kernel's epilogue.
+    ``subspace = (k_red, maps_t, block)`` (``grouping="subspace"``, as many queries as keys, no window): pairs
+    outside the first and the query's own block of ``block`` keys score ``K̃ = K M_c`` (``k_red``, ``k``'s layout)
+    and their ``dK̃`` returns as ``dK̃ M_cᵀ`` (``maps_t``: ``M_cᵀ`` contiguous ``(batch, Hkv, n_blocks, d, d)``);
+    tiles then never straddle a block.
     """
     batch, heads, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
@@ -302,6 +365,12 @@ def attention_backward(q, k, v, out, lse, dout, *, causal: bool, attn_mask, scal
     delta, lse2 = torch.empty_like(lse), torch.empty_like(lse)  # Δ and the base-2 lse: written by _dq for _dkdv
     defaults = launch_params(d_pad, q.dtype)
     p_kv, p_q = defaults["dkdv"] | (dkdv or {}), defaults["dq"] | (dq or {})
+    sub_block = 0 if subspace is None else subspace[2]
+    if sub_block:
+        if d_pad != d or k.stride() != subspace[0].stride():
+            raise ValueError("subspace needs a power-of-two head dim and K̃ in K's layout")
+        p_kv, p_q = ({**p, "block_m": min(p["block_m"], sub_block), "block_n": min(p["block_n"], sub_block)}
+                     for p in (p_kv, p_q))
     if d_pad != d:
         q, k, v, out, dout = (torch.nn.functional.pad(t, (0, d_pad - d)) for t in (q, k, v, out, dout))
     dq_, dk, dv = (torch.empty_like(t) for t in (q, k, v))  # the inputs' layouts (Transformers' (B, N, H, d) views)
@@ -313,6 +382,7 @@ def attention_backward(q, k, v, out, lse, dout, *, causal: bool, attn_mask, scal
     if project is not None and d_pad != d:
         raise ValueError(f"project needs a power-of-two head dim, got {d}")
     wt = dq_ if project is None else project[1]  # dq_: a placeholder pointer, never read
+    k_red, maps_t = (k, dq_) if subspace is None else subspace[:2]
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *lse.stride()[:2],
                *mask_strides)
 
@@ -320,14 +390,15 @@ def attention_backward(q, k, v, out, lse, dout, *, causal: bool, attn_mask, scal
         projected = project is not None and project[0] == operand
         return dict(BLOCK_M=params["block_m"], BLOCK_N=params["block_n"], num_warps=params["num_warps"],
                     num_stages=params["num_stages"], PROJECT_BLOCK=project[2] if projected else 0,
-                    PROJECT_CAUSAL=projected and project[3], DG_PAD=wt.shape[-2] if projected else 16) | common
+                    PROJECT_CAUSAL=projected and project[3], DG_PAD=wt.shape[-2] if projected else 16,
+                    SUB_BLOCK=sub_block) | common
 
     _dq[(triton.cdiv(n_q, p_q["block_m"]) * batch * heads,)](
-        q, k, v, dout, lse, delta, lse2, mask, dq_, wt, out, dlse, scale, window or 0, softcap or 1.0, n_q, n_k,
+        q, k, v, dout, lse, delta, lse2, mask, dq_, wt, k_red, out, dlse, scale, window or 0, softcap or 1.0, n_q, n_k,
         heads, heads // h_kv, *strides, *dq_.stride()[:3], *out.stride()[:3], HAS_DLSE=has_dlse,
         **launch(p_q, "q"))
     _dkdv[(triton.cdiv(n_k, p_kv["block_n"]) * batch * h_kv,)](
-        q, k, v, dout, lse2, delta, mask, dk, dv, wt, scale, window or 0, softcap or 1.0, n_q, n_k, heads,
+        q, k, v, dout, lse2, delta, mask, dk, dv, wt, k_red, maps_t, scale, window or 0, softcap or 1.0, n_q, n_k, heads,
         heads // h_kv, *strides, *dk.stride()[:3], *dv.stride()[:3], **launch(p_kv, "k"))
     if d_pad == d:
         return dq_, dk, dv
