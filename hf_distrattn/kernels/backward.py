@@ -22,7 +22,9 @@ masked rows (``L = −∞``) give ``P = 0``; only tiles on the causal diagonal o
 masked (the forward's split), and tiles outside the window are not visited. Head dims that are not a power of two
 are zero-padded. When ``Q̃ = X M`` per grouping block (``M = Wtᵀ Wt``), ``_dq`` writes ``dX = dQ̃ M`` instead of
 ``dQ̃`` (:func:`_project_tile` in its epilogue, one ``Wt`` per grouping block the tile covers); the same for ``K̃``
-in ``_dkdv``.
+in ``_dkdv``. With ``grouping="subspace"`` (``SUB_BLOCK``) a pair scores ``K`` in the first and the query's own key
+block and ``K̃ = K M_c`` elsewhere: both kernels read the one their tile's pair needs, and ``_dkdv`` keeps ``dK̃``
+apart and adds ``dK̃ M_cᵀ`` in its epilogue.
 
 Cost: seven ``d``-deep GEMMs per score (``_dkdv``: recompute, dP, dV, dK; ``_dq``: recompute, dP, dQ), against
 FlashAttention-2's five with a float32 ``dQ`` accumulated by atomics (slower in Triton by public reports).
@@ -126,9 +128,9 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, s
 
 @triton.jit
 def _dkdv_pair(dk, dv, dk_red, k, v, k_red, q_base, do_base, lse_base, delta_base, mask_base, start_m, start_n,
-               offs_n, n_q, n_k, sq_m, sdo_m, sm_m, qk_scale, window, softcap, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-               WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr,
-               BLOCK_M: tl.constexpr, D: tl.constexpr, SUB_BLOCK: tl.constexpr):
+               offs_n, n_q, n_k, sq_m, sdo_m, sm_m, qk_scale, window, softcap, MASKED: tl.constexpr,
+               CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr,
+               IEEE: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, SUB_BLOCK: tl.constexpr):
     """:func:`_dkdv_tile`, or with ``SUB_BLOCK`` (``grouping="subspace"`` in blocks of that many rows) on ``K̃``
     (``k_red``) into ``dK̃`` (``dk_red``) when the key tile's block is neither the first nor the query tile's."""
     if SUB_BLOCK:
@@ -310,16 +312,16 @@ def _dq(Q, K, V, DO, Lse, Delta, Lse2, Mask, DQ, Wt, KR, Out, DLse, scale, windo
     lo, mid_lo, mid_hi, hi = key_range(pid_m, n_q, n_k, window, CAUSAL, WINDOWED, MASK_KIND, BLOCK_M, BLOCK_N)
     for start_n in range(lo, mid_lo, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse2, delta, k_base, kr_base, v_base, mask_base, start_n, pid_m * BLOCK_M, offs_m,
-                      n_q, n_k, sk_n, sv_n, qk_scale, window, softcap, True, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE,
-                      BLOCK_N, D, SUB_BLOCK)
+                      n_q, n_k, sk_n, sv_n, qk_scale, window, softcap, True, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND,
+                      IEEE, BLOCK_N, D, SUB_BLOCK)
     for start_n in range(mid_lo, mid_hi, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse2, delta, k_base, kr_base, v_base, mask_base, start_n, pid_m * BLOCK_M, offs_m,
-                      n_q, n_k, sk_n, sv_n, qk_scale, window, softcap, False, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE,
-                      BLOCK_N, D, SUB_BLOCK)
+                      n_q, n_k, sk_n, sv_n, qk_scale, window, softcap, False, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND,
+                      IEEE, BLOCK_N, D, SUB_BLOCK)
     for start_n in range(mid_hi, hi, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse2, delta, k_base, kr_base, v_base, mask_base, start_n, pid_m * BLOCK_M, offs_m,
-                      n_q, n_k, sk_n, sv_n, qk_scale, window, softcap, True, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE,
-                      BLOCK_N, D, SUB_BLOCK)
+                      n_q, n_k, sk_n, sv_n, qk_scale, window, softcap, True, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND,
+                      IEEE, BLOCK_N, D, SUB_BLOCK)
     dq = (dq * scale).to(DQ.dtype.element_ty)
     if PROJECT_BLOCK:  # dQ = dQ̃ M
         wt_base = Wt + bh.to(tl.int64) * tl.cdiv(n_q, PROJECT_BLOCK) * (DG_PAD * D)
@@ -398,8 +400,8 @@ def attention_backward(q, k, v, out, lse, dout, *, causal: bool, attn_mask, scal
         heads, heads // h_kv, *strides, *dq_.stride()[:3], *out.stride()[:3], HAS_DLSE=has_dlse,
         **launch(p_q, "q"))
     _dkdv[(triton.cdiv(n_k, p_kv["block_n"]) * batch * h_kv,)](
-        q, k, v, dout, lse2, delta, mask, dk, dv, wt, k_red, maps_t, scale, window or 0, softcap or 1.0, n_q, n_k, heads,
-        heads // h_kv, *strides, *dk.stride()[:3], *dv.stride()[:3], **launch(p_kv, "k"))
+        q, k, v, dout, lse2, delta, mask, dk, dv, wt, k_red, maps_t, scale, window or 0, softcap or 1.0, n_q, n_k,
+        heads, heads // h_kv, *strides, *dk.stride()[:3], *dv.stride()[:3], **launch(p_kv, "k"))
     if d_pad == d:
         return dq_, dk, dv
     return dq_[..., :d], dk[..., :d], dv[..., :d]
