@@ -348,9 +348,10 @@ def subspace_maps(q: torch.Tensor, k: torch.Tensor, config: DistrConfig) -> torc
 
 def subspace_keys(q: torch.Tensor, k: torch.Tensor, config: DistrConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """``(K̃, M)``: every key block of ``k`` times its map ``M_c`` (:func:`subspace_maps`), ``(batch, Hkv, n, d)``,
-    and the maps ``(batch, Hkv, n_blocks, d, d)``, in float32 (float64 in). Constants of autograd."""
+    and the maps ``(batch, Hkv, n_blocks, d, d)``, in float32 (float64 in). ``K̃`` is differentiable in ``k``, the
+    maps held constant."""
     maps = subspace_maps(q, k, config)
-    approx = (as_blocks(k.detach(), config.block_size) @ maps).flatten(2, 3)[:, :, : k.shape[2]]
+    approx = (as_blocks(k, config.block_size) @ maps).flatten(2, 3)[:, :, : k.shape[2]]
     return approx, maps
 
 

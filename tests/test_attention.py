@@ -460,6 +460,19 @@ def test_subspace_scores_own_block_exactly_and_other_blocks_in_their_subspace(ca
     assert (out - exact).abs().max() > 1e-2
 
 
+def test_subspace_gradients_are_the_reference_autograd_ones():
+    """The op's explicit backward (``dK = dA_exactᵀ Q + dA_restᵀ Q Mᵀ``) equals autograd through the reference's
+    forward, which the dropout path differentiates."""
+    from hf_distrattn import reference
+
+    q, k, v = (rand(1, h, 70, 16, dtype=torch.float64, seed=s).requires_grad_() for h, s in ((4, 1), (2, 2), (2, 3)))
+    dout = rand(1, 4, 70, 16, dtype=torch.float64, seed=4)
+    mine = torch.autograd.grad(distr_attention(q, k, v, causal=True, config=SUBSPACE), (q, k, v), dout)
+    out, _ = reference.attention(q, k, v, causal=True, config=SUBSPACE, causal_grouping=True)
+    for a, b in zip(mine, torch.autograd.grad(out, (q, k, v), dout), strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_subspace_factors_reach_the_least_score_error():
     """``(F, B)`` attains the Eckart–Young bound of ``E (q (I − F Bᵀ) kᵀ)²`` over the block's queries and keys: the
     sum of the trailing eigenvalues of ``Lᵀ C_k L``. Queries live near one half of a rotated basis and the keys
