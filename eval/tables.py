@@ -60,9 +60,13 @@ def series_key(spec: str) -> tuple[str, int]:
     name, config = parse_attn_spec(spec)
     if config is None:
         return name, 1
-    label = f"{config.grouping}, {config.reduce}, block {config.block_size}" if config.grouping != "truncate" \
-        else "truncate"
-    if config.sampled == "k":
+    if config.grouping == "truncate":
+        label = "truncate"
+    elif config.grouping in ("pca", "subspace"):  # no column groups, nothing to reduce
+        label = f"{config.grouping}, block {config.block_size}"
+    else:
+        label = f"{config.grouping}, {config.reduce}, block {config.block_size}"
+    if config.sampled == "k" and config.grouping != "subspace":
         label += ", keys sampled"
     if config.exact_layers:
         label += f", exact layers {'+'.join(map(str, config.exact_layers))}"
