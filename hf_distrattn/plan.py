@@ -84,8 +84,8 @@ def effective_group_size(q: torch.Tensor, k: torch.Tensor, config: DistrConfig, 
         return 1, ("head_dim {} is not a multiple of group_size={}: exact", d, group)
     if config.grouping == "subspace":  # windows: the blocks a window cuts are scored exactly
         if q.shape[2] != k.shape[2]:
-            return 1, ("grouping='subspace' pairs key blocks with their queries, {} queries over {} keys: exact",
-                       q.shape[2], k.shape[2])
+            return 1, ("grouping='subspace' pairs key blocks with the queries at their positions (n_q={}, n_k={}): "
+                       "exact", q.shape[2], k.shape[2])
         if k.shape[2] <= config.block_size:
             return 1, ("grouping='subspace' over {} ≤ block_size keys: exact", k.shape[2])
         return group, ("G={}", group)

@@ -516,7 +516,7 @@ def test_subspace_is_causal_and_exact_where_it_cannot_pair_blocks():
         assert torch.equal(after[:, :, :row], base[:, :, :row]), row
     tail = distr_attention(q[:, :, 30:], k, v, causal=True, config=SUBSPACE)
     torch.testing.assert_close(tail, sdpa(q[:, :, 30:], k, v, causal=True))
-    assert "10 queries over 40 keys" in plan(q[:, :, 30:], k, SUBSPACE).reason
+    assert "n_q=10, n_k=40" in plan(q[:, :, 30:], k, SUBSPACE).reason
     assert plan(q[:, :, :16], k[:, :, :16], SUBSPACE).group_size == 1
     with pytest.raises(ValueError, match="sampled='k'"):
         DistrConfig(grouping="subspace")
