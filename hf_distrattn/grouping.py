@@ -339,18 +339,12 @@ def subspace_reduced(q: torch.Tensor, k: torch.Tensor, config: DistrConfig,
     return reduced.to(k.dtype).contiguous(), factors.to(k.dtype).contiguous()
 
 
-def subspace_maps(q: torch.Tensor, k: torch.Tensor, config: DistrConfig) -> torch.Tensor:
-    """``M_c = B_c F_cᵀ`` ``(batch, Hkv, n_blocks, d, d)`` of :func:`subspace_factors`: ``k̃ = k M_c`` scores as
-    ``(q F_c)·(k B_c)``. A constant of autograd."""
-    query_factor, key_factor = subspace_factors(q, k, config)
-    return key_factor @ query_factor.transpose(-1, -2)
-
-
 def subspace_keys(q: torch.Tensor, k: torch.Tensor, config: DistrConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(K̃, M)``: every key block of ``k`` times its map ``M_c`` (:func:`subspace_maps`), ``(batch, Hkv, n, d)``,
-    and the maps ``(batch, Hkv, n_blocks, d, d)``, in float32 (float64 in). ``K̃`` is differentiable in ``k``, the
-    maps held constant."""
-    maps = subspace_maps(q, k, config)
+    """``(K̃, M)``: every key block of ``k`` times its map ``M_c = B_c F_cᵀ`` (:func:`subspace_factors`; ``k̃ = k M_c``
+    scores as ``(q F_c)·(k B_c)``), ``(batch, Hkv, n, d)``, and the maps ``(batch, Hkv, n_blocks, d, d)``, in float32
+    (float64 in). ``K̃`` is differentiable in ``k``, the maps held constant."""
+    query_factor, key_factor = subspace_factors(q, k, config)
+    maps = key_factor @ query_factor.transpose(-1, -2)
     approx = (as_blocks(k, config.block_size) @ maps).flatten(2, 3)[:, :, : k.shape[2]]
     return approx, maps
 

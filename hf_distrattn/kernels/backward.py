@@ -50,6 +50,7 @@ from .softmax import (
     score_scale,
     scores,
     softcapped,
+    subspace_exact,
     tile_order,
     visible,
 )
@@ -134,8 +135,7 @@ def _dkdv_pair(dk, dv, dk_red, k, v, k_red, q_base, do_base, lse_base, delta_bas
     """:func:`_dkdv_tile`, or with ``SUB_BLOCK`` (``grouping="subspace"`` in blocks of that many rows) on ``K̃``
     (``k_red``) into ``dK̃`` (``dk_red``) when the key tile's block is neither the first nor the query tile's."""
     if SUB_BLOCK:
-        c = start_n // SUB_BLOCK
-        if (c == start_m // SUB_BLOCK) | (c == 0):
+        if subspace_exact(start_n, start_m, SUB_BLOCK):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, start_m, offs_n,
                                 n_q, n_k, sq_m, sdo_m, sm_m, qk_scale, window, softcap, MASKED, CAUSAL, WINDOWED,
                                 SOFTCAP, MASK_KIND, IEEE, BLOCK_M, D)
@@ -204,21 +204,18 @@ def _dkdv(Q, K, V, DO, Lse, Delta, Mask, DK, DV, Wt, KR, Mt, scale, window, soft
         for start_m in range(lo, mid_lo, BLOCK_M):
             dk, dv, dk_red = _dkdv_pair(dk, dv, dk_red, k, v, k_red, q_base, do_base, lse_base, delta_base,
                                         mask_base, start_m, start_n, offs_n, n_q, n_k, sq_m, sdo_m, sm_m, qk_scale,
-                                        window,
-                                        softcap, True, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE, BLOCK_M, D,
-                                        SUB_BLOCK)
+                                        window, softcap, True, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE, BLOCK_M,
+                                        D, SUB_BLOCK)
         for start_m in range(mid_lo, mid_hi, BLOCK_M):
             dk, dv, dk_red = _dkdv_pair(dk, dv, dk_red, k, v, k_red, q_base, do_base, lse_base, delta_base,
                                         mask_base, start_m, start_n, offs_n, n_q, n_k, sq_m, sdo_m, sm_m, qk_scale,
-                                        window,
-                                        softcap, False, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE, BLOCK_M, D,
-                                        SUB_BLOCK)
+                                        window, softcap, False, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE, BLOCK_M,
+                                        D, SUB_BLOCK)
         for start_m in range(mid_hi, hi, BLOCK_M):
             dk, dv, dk_red = _dkdv_pair(dk, dv, dk_red, k, v, k_red, q_base, do_base, lse_base, delta_base,
                                         mask_base, start_m, start_n, offs_n, n_q, n_k, sq_m, sdo_m, sm_m, qk_scale,
-                                        window,
-                                        softcap, True, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE, BLOCK_M, D,
-                                        SUB_BLOCK)
+                                        window, softcap, True, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE, BLOCK_M,
+                                        D, SUB_BLOCK)
     if SUB_BLOCK:  # dK += dK̃ M_cᵀ
         mt = tl.load(Mt + (bh.to(tl.int64) * tl.cdiv(n_k, SUB_BLOCK) + start_n // SUB_BLOCK) * (D * D)
                      + offs_d[:, None] * D + offs_d[None, :])
@@ -238,8 +235,7 @@ def _dkdv(Q, K, V, DO, Lse, Delta, Mask, DK, DV, Wt, KR, Mt, scale, window, soft
 
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, k_base, kr_base, v_base, mask_base, start_n, start_m, offs_m, n_q, n_k, sk_n,
-             sv_n,
-             qk_scale, window, softcap, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+             sv_n, qk_scale, window, softcap, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
              SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
              D: tl.constexpr, SUB_BLOCK: tl.constexpr):
     """One key tile's share of a query tile's ``dQ``; with ``SUB_BLOCK`` (``grouping="subspace"``) the key tile
@@ -249,8 +245,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, kr_base, v_base, mask_base, start_n
     cols = offs_n < n_k
     kt_offsets = offs_n[None, :] * sk_n + offs_d[:, None]
     if SUB_BLOCK:
-        c = start_n // SUB_BLOCK
-        if (c == start_m // SUB_BLOCK) | (c == 0):
+        if subspace_exact(start_n, start_m, SUB_BLOCK):
             kt = tl.load(k_base + kt_offsets, mask=cols[None, :], other=0.0)
         else:
             kt = tl.load(kr_base + kt_offsets, mask=cols[None, :], other=0.0)

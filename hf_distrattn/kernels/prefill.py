@@ -45,13 +45,14 @@ from .softmax import (
     score_scale,
     scores,
     softcapped,
+    subspace_exact,
     tile_order,
     visible,
 )
 
 
 @triton.jit
-def _subspace_dot(q, k_base, kr_base, f_base, own_block, start_n, offs_m, offs_n, offs_d, n_q, n_k, sk_n, skr_n,
+def _subspace_dot(q, k_base, kr_base, f_base, start_m, start_n, offs_m, offs_n, offs_d, n_q, n_k, sk_n, skr_n,
                   sf_blk, window, MASKED: tl.constexpr, WINDOWED: tl.constexpr, IEEE: tl.constexpr,
                   BLOCK_SIZE: tl.constexpr, DR: tl.constexpr):
     """``grouping="subspace"``'s ``Q·Kᵀ`` of a key tile in key block ``c``: exact when ``c`` is the first block or
@@ -60,7 +61,7 @@ def _subspace_dot(q, k_base, kr_base, f_base, own_block, start_n, offs_m, offs_n
     c = start_n // BLOCK_SIZE
     in_range = offs_n[None, :] < n_k
     kt_ptrs = k_base + offs_n[None, :] * sk_n + offs_d[:, None]
-    if (c == own_block) | (c == 0):
+    if subspace_exact(start_n, start_m, BLOCK_SIZE):
         s = scores(q, tl.load(kt_ptrs, mask=in_range, other=0.0), 1.0, IEEE)
     else:
         offs_r = tl.arange(0, DR)
@@ -74,7 +75,7 @@ def _subspace_dot(q, k_base, kr_base, f_base, own_block, start_n, offs_m, offs_n
 
 
 @triton.jit
-def _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, kr_base, f_base, own_block, start_n, offs_m, n_q, n_k,
+def _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, kr_base, f_base, start_m, start_n, offs_m, n_q, n_k,
           sk_n, sv_n, skr_n, sf_blk, qk_scale, window, softcap, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
           WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr,
           FOLD_SCALE: tl.constexpr, SUBSPACE: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -91,7 +92,7 @@ def _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, kr_base, f_base, own_
     else:
         vt = tl.load(v_ptrs)
     if SUBSPACE:
-        s = _subspace_dot(u, k_base, kr_base, f_base, own_block, start_n, offs_m, offs_n, offs_d, n_q, n_k, sk_n,
+        s = _subspace_dot(u, k_base, kr_base, f_base, start_m, start_n, offs_m, offs_n, offs_d, n_q, n_k, sk_n,
                           skr_n, sf_blk, window, MASKED, WINDOWED, IEEE, BLOCK_SIZE, DR)
     else:
         kt_ptrs = k_base + offs_n[None, :] * sk_n + offs_d[:, None]
@@ -130,7 +131,8 @@ def _distr_fwd(U, K, V, Wt, KR, F, Mask, Out, Lse, scale, window, softcap, first
     b = bh // heads
     h = bh % heads
     hk = h // kv_group
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_g = tl.arange(0, DG)
     offs_d = tl.arange(0, D)
     u = tl.load(U + b * su_b + h * su_h + offs_m[:, None] * su_m + offs_g[None, :], mask=offs_m[:, None] < n_q,
@@ -149,15 +151,15 @@ def _distr_fwd(U, K, V, Wt, KR, F, Mask, Out, Lse, scale, window, softcap, first
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     lo, mid_lo, mid_hi, hi = key_range(pid_m, n_q, n_k, window, CAUSAL, WINDOWED, MASK_KIND, BLOCK_M, BLOCK_N)
     for start_n in range(lo, mid_lo, BLOCK_N):
-        acc, l_i, m_i = _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, kr_base, f_base, pid_m, start_n,
+        acc, l_i, m_i = _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, kr_base, f_base, start_m, start_n,
                               offs_m, n_q, n_k, sk_n, sv_n, skr_n, sf_blk, qk_scale, window, softcap, True, CAUSAL,
                               WINDOWED, SOFTCAP, MASK_KIND, IEEE, FOLD_SCALE, SUBSPACE, BLOCK_M, BLOCK_N, D, G, DR)
     for start_n in range(mid_lo, mid_hi, BLOCK_N):
-        acc, l_i, m_i = _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, kr_base, f_base, pid_m, start_n,
+        acc, l_i, m_i = _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, kr_base, f_base, start_m, start_n,
                               offs_m, n_q, n_k, sk_n, sv_n, skr_n, sf_blk, qk_scale, window, softcap, False, CAUSAL,
                               WINDOWED, SOFTCAP, MASK_KIND, IEEE, FOLD_SCALE, SUBSPACE, BLOCK_M, BLOCK_N, D, G, DR)
     for start_n in range(mid_hi, hi, BLOCK_N):
-        acc, l_i, m_i = _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, kr_base, f_base, pid_m, start_n,
+        acc, l_i, m_i = _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, kr_base, f_base, start_m, start_n,
                               offs_m, n_q, n_k, sk_n, sv_n, skr_n, sf_blk, qk_scale, window, softcap, True, CAUSAL,
                               WINDOWED, SOFTCAP, MASK_KIND, IEEE, FOLD_SCALE, SUBSPACE, BLOCK_M, BLOCK_N, D, G, DR)
     out, lse = finish(acc, l_i, m_i)

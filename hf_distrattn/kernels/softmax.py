@@ -74,6 +74,14 @@ def visible(offs_m, offs_n, n_q, n_k, window, CAUSAL: tl.constexpr, WINDOWED: tl
 
 
 @triton.jit
+def subspace_exact(start_n, start_m, SUB_BLOCK: tl.constexpr):
+    """``grouping="subspace"``: whether a key tile at ``start_n`` is scored exactly for a query tile at ``start_m``
+    (both inside one block of ``SUB_BLOCK`` rows): its key block is the first or the queries' own."""
+    c = start_n // SUB_BLOCK
+    return (c == start_m // SUB_BLOCK) | (c == 0)
+
+
+@triton.jit
 def score_scale(scale, SOFTCAP: tl.constexpr):
     """The factor on ``Q·Kᵀ`` that gives what :func:`softcapped` takes: natural-log scores when ``SOFTCAP`` (the cap
     works in natural units), else base-2 logits (``log2 e`` folded into the scale)."""
