@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..api import distr_attention
 from ..config import DistrConfig
-from ..grouping import hash_directions
+from ..grouping import hash_directions, padded_width, subspace_reduced
 from ..kernels import prefill
 from .common import write_results
 
@@ -38,10 +38,19 @@ def _distr(q, k, v, causal, config):
     return distr_attention(q, k, v, causal=causal, config=config)
 
 
+def _prepass(q, k, v, causal, config):
+    """The pre-pass: LSH's grouping kernel, or ``"subspace"``'s reduced keys and query factors."""
+    if config.grouping == "subspace":
+        return subspace_reduced(q, k, config, padded_width(q.shape[-1] // config.group_size))
+    hashes = hash_directions(config.block_size, config.num_hashes, config.seed, q.device)
+    return prefill.prepare(q, k, v, config, causal_grouping=causal, hashes=hashes)
+
+
 def _kernel(q, k, v, causal, config, prepared, **launch):
     """The attention kernel alone, on the pre-pass's output ``prepared``."""
+    ready = dict(subspace=prepared) if config.grouping == "subspace" else dict(prepared=prepared)
     return prefill.distr_attention_triton(q, k, v, causal=causal, config=config, causal_grouping=causal,
-                                          prepared=prepared, **launch)[0]
+                                          **ready, **launch)[0]
 
 
 def median_ms(fn) -> float:
@@ -55,8 +64,8 @@ LAUNCHES = [dict(block_n=64, num_warps=4, num_stages=2), dict(block_n=64, num_wa
             dict(block_n=128, num_warps=4, num_stages=2), dict(block_n=32, num_warps=4, num_stages=3)]
 
 
-def methods(groups, block_sizes):
-    """name -> (context factory, fn(q, k, v, causal))."""
+def methods(groups, block_sizes, groupings=("lsh",)):
+    """name -> (context factory, fn(q, k, v, causal)); ``"subspace"`` rows (``G > 1``) reduce the keys."""
     out = {}
     for name in ("flash", "cudnn", "efficient"):
         out[f"sdpa-{name}"] = (sdpa_backend(name),
@@ -67,17 +76,21 @@ def methods(groups, block_sizes):
         out["sageattn-1"] = (nullcontext, lambda q, k, v, c: sageattn(q, k, v, tensor_layout="HND", is_causal=c))
     except Exception as error:  # noqa: BLE001 - the peer is optional; say why it is absent
         print(f"sageattention unavailable: {error}")
-    for group in groups:
-        for block in block_sizes:
-            config = DistrConfig(group_size=group, block_size=block, backend="triton")
-            out[f"distr-G{group}-b{block}"] = (nullcontext, partial(_distr, config=config))
+    for grouping in groupings:
+        for group in groups if grouping == "lsh" else [g for g in groups if g > 1]:
+            for block in block_sizes:
+                config = DistrConfig(group_size=group, block_size=block, backend="triton", grouping=grouping,
+                                     sampled="k" if grouping == "subspace" else "q")
+                name = f"distr-G{group}-b{block}" + ("" if grouping == "lsh" else f"-{grouping}")
+                out[name] = (nullcontext, partial(_distr, config=config))
     return out
 
 
-def bench(seq_lens, head_dims, causals, groups, block_sizes, dtype=torch.bfloat16, tokens=65536, tune=()):
+def bench(seq_lens, head_dims, causals, groups, block_sizes, dtype=torch.bfloat16, tokens=65536, tune=(),
+          groupings=("lsh",)):
     """``tune``: sequence lengths at which every launch in LAUNCHES is timed for the distr kernels."""
     rows = []
-    table = methods(groups, block_sizes)
+    table = methods(groups, block_sizes, groupings)
     for d in head_dims:
         heads = 2048 // d  # hidden 2048, like Llama-3.2-1B
         for n in seq_lens:
@@ -97,8 +110,8 @@ def bench(seq_lens, head_dims, causals, groups, block_sizes, dtype=torch.bfloat1
                                 "rel_err": ((out.float() - exact).norm() / exact.norm()).item()}
                         if name.startswith("distr"):
                             cfg = fn.keywords["config"]
-                            hashes = hash_directions(cfg.block_size, cfg.num_hashes, cfg.seed, q.device)
-                            ready = prefill.prepare(q, k, v, cfg, causal_grouping=causal, hashes=hashes)
+                            ready = _prepass(q, k, v, causal, cfg)
+                            row["prepass_ms"] = median_ms(partial(_prepass, q, k, v, causal, cfg))
                             row["kernel_ms"] = median_ms(partial(_kernel, q, k, v, causal, cfg, ready))
                             if n in tune:
                                 row["launches"] = [
@@ -163,6 +176,7 @@ def main(argv=None):
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--groups", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--block-sizes", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--groupings", nargs="+", choices=["lsh", "subspace"], default=["lsh", "subspace"])
     parser.add_argument("--causal", choices=["both", "yes", "no"], default="both")
     parser.add_argument("--tune", type=int, nargs="*", default=[], help="sequence lengths to sweep launches at")
     parser.add_argument("--json")
@@ -174,7 +188,8 @@ def main(argv=None):
         plot(json.load(open(args.replot))["rows"], args.plot or "speed_vs_seq_len.png")
         return
     causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
-    rows = bench(args.seq_lens, args.head_dims, causals, args.groups, args.block_sizes, tune=args.tune)
+    rows = bench(args.seq_lens, args.head_dims, causals, args.groups, args.block_sizes, tune=args.tune,
+                 groupings=args.groupings)
     write_results(args.json, args.markdown, "bf16", rows, markdown(rows))
     if args.plot:
         plot(rows, args.plot)

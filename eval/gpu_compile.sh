@@ -6,6 +6,8 @@
 #   models  the model-family matrix (Llama ... gpt-oss, ViT ... SigLIP: windows, softcap, sinks) on the kernels
 #   decode  bench_e2e --compile: decode tokens/s after 4k and 32k prompts, static cache, compiled decode step
 #   rest    bench_e2e --compile: prefill at 4k and 16k, the training step at 4k, ViT-B/16 at batch 256
+#   speed   grouping="subspace" compiled (kernel, backward and op tests), then bench_kernels: LSH and subspace against
+#           SDPA flash / cuDNN and sageattention, pre-pass and kernel timed apart, the speed plot
 # Usage (from the repository root on the GPU machine): bash eval/gpu_compile.sh STAGE [extra bench_e2e arguments]
 set -uo pipefail
 source eval/gpu_setup.sh
@@ -22,6 +24,13 @@ case "$stage" in
     python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_backward.py -k "not reduce and not decode" \
       2>&1 | tee "$OUT/gpu_kernels.log" | tail -n 15
     ;;
+  speed)
+    nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader
+    python3 -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_kernels.py tests/test_backward.py -k subspace \
+      2>&1 | tee "$OUT/gpu_subspace.log" | tail -n 15
+    python3 -m hf_distrattn.eval.bench_kernels --seq-lens 1024 4096 16384 32768 --block-sizes 64 \
+      --json "$OUT/kernels.json" --markdown "$OUT/kernels.md" --plot "$OUT/speed_vs_seq_len.png" "$@"
+    ;;
   models)
     python3 -m pytest -q -p no:cacheprovider tests/test_model_matrix.py tests/test_kernels.py -k "matrix or windows or windowed or head_dim" \
       2>&1 | tee "$OUT/gpu_models.log" | tail -n 15
@@ -37,7 +46,7 @@ case "$stage" in
       --json "$OUT/e2e_rest.json" --markdown "$OUT/e2e_rest.md" "$@"
     ;;
   *)
-    echo "unknown stage $stage (tests, kernels, models, decode, rest)" >&2
+    echo "unknown stage $stage (tests, kernels, speed, models, decode, rest)" >&2
     exit 2
     ;;
 esac
