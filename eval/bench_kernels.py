@@ -153,8 +153,12 @@ def plot(rows, path) -> None:
     import matplotlib.pyplot as plt
 
     panels = sorted({(r["d"], r["causal"]) for r in rows if "tflops" in r})
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (d, causal) in zip(axes[0], panels, strict=True):
+    columns = min(2, len(panels))
+    lines = -(-len(panels) // columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(6 * columns, 4 * lines), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.remove()
+    for ax, (d, causal) in zip(axes.flat, panels):
         for name in dict.fromkeys(r["method"] for r in rows):
             points = sorted((r["n"], r["tflops"]) for r in rows
                             if r["method"] == name and (r["d"], r["causal"]) == (d, causal) and "tflops" in r)
