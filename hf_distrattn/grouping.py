@@ -350,9 +350,9 @@ def subspace_factors(q: torch.Tensor, k: torch.Tensor, config: DistrConfig) -> t
     basis, cov_k = basis.double(), cov_k.double()
     fused = cov_k @ basis
     gram = basis.transpose(-1, -2) @ fused
-    scale = gram.diagonal(dim1=-2, dim2=-1).amax(-1)[..., None, None].clamp_min(1e-300)
+    scale = gram.diagonal(dim1=-2, dim2=-1).amax(-1)[..., None, None].clamp_min(1e-30)
     gram = gram + 1e-12 * scale * torch.eye(rank, dtype=torch.float64, device=q.device)
-    query_factor = torch.linalg.solve(gram, fused.transpose(-1, -2)).transpose(-1, -2)
+    query_factor = torch.linalg.solve_ex(gram, fused.transpose(-1, -2)).result.transpose(-1, -2)  # no host sync
     return query_factor.to(blocks_k.dtype), basis.to(blocks_k.dtype)
 
 
