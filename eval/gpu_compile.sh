@@ -6,6 +6,7 @@
 #   models  the model-family matrix (Llama ... gpt-oss, ViT ... SigLIP: windows, softcap, sinks) on the kernels
 #   decode  bench_e2e --compile: decode tokens/s after 4k and 32k prompts, static cache, compiled decode step
 #   rest    bench_e2e --compile: prefill at 4k and 16k, the training step at 4k, ViT-B/16 at batch 256
+#   subspace  bench_e2e --compile for grouping="subspace" (G=2, G=4) beside sdpa: prefill at 4k and 16k, training step
 #   speed   grouping="subspace" compiled (kernel, backward and op tests), then bench_kernels: LSH and subspace against
 #           SDPA flash / cuDNN and sageattention, pre-pass and kernel timed apart, the speed plot
 # Usage (from the repository root on the GPU machine): bash eval/gpu_compile.sh STAGE [extra bench_e2e arguments]
@@ -23,6 +24,11 @@ case "$stage" in
   kernels)
     python3 -m pytest -v --tb=short -p no:cacheprovider tests/test_kernels.py tests/test_backward.py -k "not reduce and not decode" \
       2>&1 | tee "$OUT/gpu_kernels.log" | tail -n 15
+    ;;
+  subspace)
+    python3 -m hf_distrattn.eval.bench_e2e --compile --decode-prompt --vit-batch 0 \
+      --attn sdpa distr:group_size=2,grouping=subspace,sampled=k distr:group_size=4,grouping=subspace,sampled=k \
+      --json "$OUT/e2e_subspace.json" --markdown "$OUT/e2e_subspace.md" "$@"
     ;;
   speed)
     nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader
@@ -46,7 +52,7 @@ case "$stage" in
       --json "$OUT/e2e_rest.json" --markdown "$OUT/e2e_rest.md" "$@"
     ;;
   *)
-    echo "unknown stage $stage (tests, kernels, speed, models, decode, rest)" >&2
+    echo "unknown stage $stage (tests, kernels, speed, subspace, models, decode, rest)" >&2
     exit 2
     ;;
 esac
