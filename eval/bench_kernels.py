@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from ..api import distr_attention
 from ..config import DistrConfig
-from ..grouping import hash_directions, padded_width, subspace_reduced
+from ..grouping import hash_directions, padded_width
+from ..kernels.subspace import subspace_reduced
 from ..kernels import prefill
 from .common import write_results
 
@@ -41,7 +42,7 @@ def _distr(q, k, v, causal, config):
 def _prepass(q, k, v, causal, config):
     """The pre-pass: LSH's grouping kernel, or ``"subspace"``'s reduced keys and query factors."""
     if config.grouping == "subspace":
-        return subspace_reduced(q, k, config, padded_width(q.shape[-1] // config.group_size))
+        return subspace_reduced(q, k, config, padded_width(q.shape[-1] // config.group_size))[:2]
     hashes = hash_directions(config.block_size, config.num_hashes, config.seed, q.device)
     return prefill.prepare(q, k, v, config, causal_grouping=causal, hashes=hashes)
 

@@ -51,19 +51,19 @@ other operand fused by ``Wt = Pᵀ``: :func:`pca_reduced`); on a RoPE LM the col
 queries does. ``P`` comes from :func:`top_subspace`: matmuls and ``d/G × d/G`` Cholesky factorizations on the
 device, no eigensolver (cuSOLVER does not batch ``d × d`` eigendecompositions above ``d = 32``).
 
-Key subspaces (``grouping="subspace"``, keys sampled). Every key block ``c`` is reduced on its own rows, and the
-query factor weights it by the queries at the same positions: scores are ``(q F_c)·(k B_c)`` with ``F_c``,
-``B_c`` ``(d × d/G)``, i.e. ``k̃ = k B_c F_cᵀ``. The pair minimises the expected squared score error
-``E (q (I − F Bᵀ) kᵀ)² = tr(A E C_k Eᵀ)``, ``E = I − F Bᵀ``, over the block's queries and keys (second moments
-``A`` of the queries, summed over the query heads that share the key head, over their mean eigenvalue, plus
-``SUBSPACE_RIDGE``·I; ``C_k`` of the keys). With ``A = L Lᵀ`` the error is ``‖Lᵀ E C_k^{1/2}‖²``, whose best
-rank-``d/G`` ``Lᵀ F Bᵀ`` is ``U Uᵀ Lᵀ`` for the top ``d/G`` eigenvectors ``U`` of ``Lᵀ C_k L`` (Eckart–Young):
-``B = L U``, ``F = L⁻ᵀ U``. No factorisation is needed to reach it: ``B``'s columns are the top eigenvectors of
-``A C_k`` (``A C_k L u = L (Lᵀ C_k L) u``), and ``C_k B = L⁻ᵀ U Λ``, so for *any* basis ``B`` of that subspace
-``F = C_k B (Bᵀ C_k B)⁻¹`` gives the same ``F Bᵀ`` (``Bᵀ F = I``). :func:`subspace_factors` runs subspace iteration
-``B ← A C_k B`` (products only; the basis kept well conditioned by Newton–Schulz steps, not orthonormalised) and
-one ``d/G × d/G`` solve. ``A = I`` would give the keys' principal directions; weighting by the queries keeps the
-directions the scores use.
+Key subspaces (``grouping="subspace"``, keys sampled). Every key block ``c`` is reduced on its own rows, and
+weighted by the queries at the same positions. The pair is sought that minimises the expected squared score error
+``E (q (I − F Bᵀ) kᵀ)²`` over the block's queries and keys (``A`` the queries' second moments, summed over the
+query heads that share the key head, over their mean eigenvalue, plus ``SUBSPACE_RIDGE``·I). The minimiser lives
+in token space: the block's weighted scores ``S = Q K_cᵀ`` have ``Σ_h S_hᵀ S_h / mean + ridge K_c K_cᵀ = K_c A K_cᵀ
+=: M`` (``BLOCK × BLOCK``), and the best rank-``r`` approximation of every row of ``S`` (Eckart–Young) is
+``S U Uᵀ`` for the top ``r = d/G`` eigenvectors ``U`` of ``M``. It factors as a rank-``r`` score GEMM:
+``q·(U Uᵀ K_c)ᵀ = (q F_c)·K̃_cᵀ`` with ``F_c = K_cᵀ U`` (``d × r``) and ``K̃_c = U`` (``BLOCK × r``), no inverse.
+(In ``d``-space: ``A C_k`` and ``M`` share their non-zero eigenvalues; the old solver iterated there and needed a
+``d/G × d/G`` solve.) :func:`subspace_basis` runs subspace iteration ``U ← orth(M U)`` from the one-hot columns of
+the ``r`` keys of largest ``M_jj``, ``orth`` being Newton–Schulz (:func:`orthonormalized`: products only); with
+``r ≥ BLOCK`` the fit is exact (``U = I``). ``A = I`` would give the keys' principal directions; weighting by the
+queries keeps the directions the scores use. The gradient holds ``U`` constant: ``dK_c = U Uᵀ dK̃_c``.
 
 Which pairs are reduced. Query ``i`` reads key block ``c`` reduced only when ``c`` lies wholly before ``i``'s own
 block, so every number it reads comes from earlier positions: causal, and never stale (``"pca"`` on queries must
@@ -92,10 +92,12 @@ SUBSPACE_RIDGE = 1e-3
 """Ridge added to ``C_q`` of ``"subspace"``, relative to its mean eigenvalue (SmolLM2, G=2: 1e-3 and 1e-5 within
 0.01% bits/byte); it keeps ``A`` positive definite for blocks of padding."""
 SUBSPACE_ITERATIONS = 3
-"""Subspace iterations of :func:`subspace_factors` (SmolLM2, first 2048-token window: 3 iterations within 0.01%
-bits/byte of four of CholeskyQR2-orthonormalised iteration on ``Lᵀ C_k L``, at G=2 and G=4, C headers and prose;
-2 iterations +0.03%; relative score error over four layers' blocks 5.3e-4 / 4.85e-3 at G=2 / 4, against 4.8e-4 /
-4.76e-3)."""
+SUBSPACE_STEPS = 10
+SUBSPACE_FINISH = 4
+"""Subspace iterations of :func:`subspace_basis`, quintic Newton–Schulz steps in each, cubic steps after the last
+(SmolLM2, four layers' blocks, relative score error G=2 / G=4: 4.94e-4 / 4.90e-3 on the block's own queries,
+1.51e-3 / 8.47e-3 on later ones, as with Householder QR in each iteration; 6 steps 5.4e-4 at G=2, 2 iterations
+5.4e-4 / 5.3e-3; docs/design.md)."""
 
 _MASK32 = 0xFFFFFFFF
 _HASH_CACHE: dict[tuple, torch.Tensor] = {}
@@ -318,64 +320,51 @@ def pca_reduced(x: torch.Tensor, config: DistrConfig, causal: bool, width: int) 
     return u.contiguous(), wt.contiguous()
 
 
-def _conditioned(basis: torch.Tensor) -> torch.Tensor:
-    """``basis`` ``(..., d, r)`` with its singular values pushed towards one: six Newton–Schulz steps of the quintic
-    ``X ← aX + X(bXᵀX + c(XᵀX)²)`` (Muon's coefficients) after Frobenius normalisation. Same span, well
-    conditioned, not exactly orthonormal; a zero basis stays zero."""
-    basis = basis / basis.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-30)
-    for _ in range(6):
-        gram = basis.transpose(-1, -2) @ basis
-        basis = 3.4445 * basis + basis @ (-4.7750 * gram + 2.0315 * gram @ gram)
+def orthonormalized(x: torch.Tensor, steps: int, finish: int = 0) -> torch.Tensor:
+    """``x`` ``(..., n, r)`` after Frobenius normalisation, ``steps`` Newton–Schulz steps of the quintic
+    ``X ← aX + X(bXᵀX + c(XᵀX)²)`` (Muon's coefficients: singular values above about ``3.4⁻ˢᵗᵉᵖˢ`` of the largest
+    land in ``[0.7, 1.2]``) and ``finish`` steps of the cubic ``X ← X(3I − XᵀX)/2`` (those then converge to one).
+    Same span, products only; a zero column stays zero."""
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-30)
+    for _ in range(steps):
+        gram = x.transpose(-1, -2) @ x
+        x = 3.4445 * x + x @ (-4.7750 * gram + 2.0315 * gram @ gram)
+    for _ in range(finish):
+        x = 1.5 * x - 0.5 * x @ (x.transpose(-1, -2) @ x)
+    return x
+
+
+def subspace_basis(q: torch.Tensor, k: torch.Tensor, config: DistrConfig) -> torch.Tensor:
+    """``U`` of ``"subspace"`` (module notes) for every key block: ``(batch, Hkv, n_blocks, block, r)`` with
+    ``r = min(d/G, block)``, orthonormal columns in token space, float32 (float64 in); ``q`` ``(batch, Hq, n, d)``
+    and ``k`` ``(batch, Hkv, n, d)`` hold the same positions. ``SUBSPACE_ITERATIONS`` steps of ``U ← orth(M U)`` from
+    the ``d/G`` keys of largest ``M_jj``. PyTorch reference of :func:`hf_distrattn.kernels.subspace.subspace_reduced`.
+    A constant of autograd."""
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    blocks_q, blocks_k = as_blocks(q.detach(), config.block_size), as_blocks(k.detach(), config.block_size)
+    batch, h_kv, n_blocks, rows, d = blocks_k.shape
+    rank = d // config.group_size
+    if rank >= rows:  # the block's scores have rank ≤ rows: U = I is exact
+        return torch.eye(rows, dtype=dtype, device=k.device).expand(batch, h_kv, n_blocks, rows, rows)
+    blocks_q = blocks_q.to(dtype).view(batch, h_kv, -1, n_blocks, rows, d)
+    blocks_k = blocks_k.to(dtype)
+    scores = blocks_q @ blocks_k.unsqueeze(2).transpose(-1, -2)  # S_h = Q_h Kᵀ of the block
+    mean = blocks_q.square().sum((2, 4, 5)) / d  # tr(C_q) / d
+    weight = torch.where(mean > 0, mean, 1.0)[..., None, None]
+    m = (scores.transpose(-1, -2) @ scores).sum(2) / weight + SUBSPACE_RIDGE * (blocks_k @ blocks_k.transpose(-1, -2))
+    order = torch.argsort(m.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)[..., :rank]
+    basis = torch.nn.functional.one_hot(order, rows).transpose(-1, -2).to(dtype)
+    for i in range(SUBSPACE_ITERATIONS):
+        basis = orthonormalized(m @ basis, SUBSPACE_STEPS, SUBSPACE_FINISH if i == SUBSPACE_ITERATIONS - 1 else 0)
     return basis
 
 
-def subspace_factors(q: torch.Tensor, k: torch.Tensor, config: DistrConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(F, B)`` of ``"subspace"`` (module notes) for every key block: ``(batch, Hkv, n_blocks, d, d/G)`` each,
-    in float32 (float64 in). ``q`` ``(batch, Hq, n, d)`` and ``k`` ``(batch, Hkv, n, d)`` hold the same positions.
-    ``B`` from ``SUBSPACE_ITERATIONS`` steps of ``B ← A C_k B``, started on the ``d/G`` coordinates of largest
-    ``A_ii (C_k)_ii``; ``F = C_k B (Bᵀ C_k B)⁻¹`` in float64 (a zero block gives zeros). Constants of autograd."""
-    blocks_q, blocks_k = as_blocks(q.detach(), config.block_size), as_blocks(k.detach(), config.block_size)
-    batch, h_kv, n_blocks, _, d = blocks_k.shape
-    rank = d // config.group_size
-    cov_q = (blocks_q.transpose(-1, -2) @ blocks_q).view(batch, h_kv, -1, n_blocks, d, d).sum(2)
-    cov_k = blocks_k.transpose(-1, -2) @ blocks_k
-    mean = cov_q.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None]
-    eye = torch.eye(d, dtype=cov_q.dtype, device=q.device)
-    weight = cov_q / torch.where(mean > 0, mean, 1.0) + SUBSPACE_RIDGE * eye
-    energy = weight.diagonal(dim1=-2, dim2=-1) * cov_k.diagonal(dim1=-2, dim2=-1)
-    order = torch.argsort(energy, dim=-1, descending=True)[..., :rank]
-    basis = torch.nn.functional.one_hot(order, d).transpose(-1, -2).to(cov_k.dtype)
-    for _ in range(SUBSPACE_ITERATIONS):
-        basis = _conditioned(weight @ (cov_k @ basis))
-    basis, cov_k = basis.double(), cov_k.double()
-    fused = cov_k @ basis
-    gram = basis.transpose(-1, -2) @ fused
-    scale = gram.diagonal(dim1=-2, dim2=-1).amax(-1)[..., None, None].clamp_min(1e-30)
-    gram = gram + 1e-12 * scale * torch.eye(rank, dtype=torch.float64, device=q.device)
-    query_factor = torch.linalg.solve_ex(gram, fused.transpose(-1, -2)).result.transpose(-1, -2)  # no host sync
-    return query_factor.to(blocks_k.dtype), basis.to(blocks_k.dtype)
-
-
-def subspace_reduced(q: torch.Tensor, k: torch.Tensor, config: DistrConfig,
-                     width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``"subspace"`` in the fused kernel's form: the reduced keys ``K̃`` ``(B, Hkv, n_blocks·block, width)``
-    (``K̃_c = K_c B_c``) and the query factors ``F`` ``(B, Hkv, n_blocks, d, width)``, in ``k``'s dtype, zero past
-    ``d/G``."""
-    query_factor, key_factor = subspace_factors(q, k, config)
-    pad = width - key_factor.shape[-1]
-    reduced = torch.nn.functional.pad(as_blocks(k, config.block_size) @ key_factor, (0, pad)).flatten(2, 3)
-    factors = torch.nn.functional.pad(query_factor, (0, pad))
-    return reduced.to(k.dtype).contiguous(), factors.to(k.dtype).contiguous()
-
-
-def subspace_keys(q: torch.Tensor, k: torch.Tensor, config: DistrConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(K̃, M)``: every key block of ``k`` times its map ``M_c = B_c F_cᵀ`` (:func:`subspace_factors`; ``k̃ = k M_c``
-    scores as ``(q F_c)·(k B_c)``), ``(batch, Hkv, n, d)``, and the maps ``(batch, Hkv, n_blocks, d, d)``, in float32
-    (float64 in). ``K̃`` is differentiable in ``k``, the maps held constant."""
-    query_factor, key_factor = subspace_factors(q, k, config)
-    maps = key_factor @ query_factor.transpose(-1, -2)
-    approx = (as_blocks(k, config.block_size) @ maps).flatten(2, 3)[:, :, : k.shape[2]]
-    return approx, maps
+def subspace_keys(k: torch.Tensor, basis: torch.Tensor, config: DistrConfig) -> torch.Tensor:
+    """``K̃``: every key block projected on its ``basis`` in token space, ``K̃_c = U_c U_cᵀ K_c`` (``q·k̃`` is the
+    reduced score), ``(batch, Hkv, n, d)`` in ``basis``' dtype. Differentiable in ``k`` with ``U`` held constant:
+    ``dK_c = U_c U_cᵀ dK̃_c``."""
+    blocks = as_blocks(k, config.block_size).to(basis.dtype)
+    return (basis @ (basis.transpose(-1, -2) @ blocks)).flatten(2, 3)[:, :, : k.shape[2]]
 
 
 def projections(x: torch.Tensor, config: DistrConfig, causal: bool = False,

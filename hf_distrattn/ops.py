@@ -15,7 +15,7 @@ fake implementation (shapes only, for ``torch.compile``), and runs the ``path`` 
 :func:`hf_distrattn.plan.plan` chose: a Triton kernel, or the PyTorch reference of :mod:`hf_distrattn.reference`,
 which is what every CPU tensor runs. ``attention`` is differentiable (``register_autograd``) on the
 ``"reference"``, ``"subspace"`` and ``"projected"`` paths, the log-sum-exp included (attention sinks differentiate
-through it); ``"subspace"``'s backward rebuilds ``K̃`` and the maps from ``q`` and ``k`` (a pre-pass, no saved
+through it); ``"subspace"``'s backward reruns the pre-pass on ``q`` and ``k`` (no saved
 state). With ``G > 1`` on ``"projected"`` its third and fourth outputs are the
 projected operand ``X̃ = X Wtᵀ Wt`` and the fuse matrices ``Wt`` (placeholders otherwise), which the backward takes in
 place of the sampled operand (``dX = dX̃ Wtᵀ Wt``, in the kernel's epilogue). Outputs and gradients take the
@@ -32,7 +32,7 @@ from torch import Tensor
 
 from . import reference
 from .config import DistrConfig
-from .grouping import block_grouping, compact_fuse, padded_width, pca_reduced, subspace_keys, subspace_reduced
+from .grouping import block_grouping, compact_fuse, padded_width, pca_reduced, subspace_keys
 
 
 @functools.lru_cache(maxsize=256)
@@ -113,7 +113,9 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, hashes
             u, wt = pca_reduced(q, config, causal_grouping, width)
             prepared = (u, k, v, wt)
         elif group_size > 1 and grouping == "subspace":
-            subspace = subspace_reduced(q, k, config, width)
+            from .kernels.subspace import subspace_reduced
+
+            subspace = subspace_reduced(q, k, config, width)[:2]
         out, lse = prefill.distr_attention_triton(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale,
                                                   config=config, causal_grouping=causal_grouping, hashes=hashes,
                                                   prepared=prepared, subspace=subspace, **features)
@@ -161,13 +163,15 @@ def _attention_backward(dout: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor,
                                              hashes=hashes, **features)
     elif path == "subspace":
         from .kernels.backward import attention_backward as kernel_backward
+        from .kernels.subspace import subspace_reduced
 
-        approx, maps = subspace_keys(q, k, config)
-        k = _unit_stride(k)
-        k_red = torch.empty_like(k).copy_(approx)  # K's layout
-        maps_t = maps.transpose(-1, -2).to(k.dtype).contiguous()
-        grads = kernel_backward(_unit_stride(q), k, _unit_stride(v), out, lse, dout, causal=causal,
-                                attn_mask=attn_mask, scale=scale, subspace=(k_red, maps_t, block_size), **features)
+        q, k = _unit_stride(q), _unit_stride(k)
+        basis = subspace_reduced(q, k, config, padded_width(q.shape[-1] // group_size))[2]
+        k_red = torch.empty_like(k).copy_(subspace_keys(k, basis, config))  # K's layout
+        dk_red = torch.empty_like(k)
+        dq, dk, dv = kernel_backward(q, k, _unit_stride(v), out, lse, dout, causal=causal, attn_mask=attn_mask,
+                                     scale=scale, subspace=(k_red, dk_red, block_size), **features)
+        grads = dq, dk + subspace_keys(dk_red, basis, config).to(dk.dtype), dv
     elif path == "projected":
         from .kernels.backward import attention_backward as kernel_backward
 

@@ -10,9 +10,9 @@
   attention dropout or a mask that needs a gradient.
 - ``"fused"``: the fused ``d/G`` prefill kernel (:mod:`.kernels.prefill`), ``sampled="q"``, no gradients; LSH
   groups from the grouping kernel, or ``"pca"`` bases from PyTorch (:func:`hf_distrattn.grouping.pca_reduced`);
-  ``"subspace"``'s reduced keys and query factors from PyTorch (:func:`hf_distrattn.grouping.subspace_reduced`).
+  ``"subspace"``'s reduced keys and query factors from the Triton pre-pass (:mod:`hf_distrattn.kernels.subspace`).
 - ``"subspace"``: ``grouping="subspace"`` with gradients: its fused forward, then the backward kernels reading
-  ``K`` or ``K̃ = K M_c`` per tile (:func:`hf_distrattn.kernels.backward.attention_backward`).
+  ``K`` or ``K̃_c = U_c U_cᵀ K_c`` per tile (:func:`hf_distrattn.kernels.backward.attention_backward`).
 - ``"projected"``: the sampled operand replaced by ``X̃ = X M`` by the grouping kernel (LSH, rank-1 groups), then
   the exact kernels forward and backward: training, and ``sampled="k"`` prefill.
 - ``"approximated"``: the same with ``X̃`` from the PyTorch grouping (differentiable by autograd), for settings the
@@ -157,10 +157,10 @@ def plan(q: torch.Tensor, k: torch.Tensor, config: DistrConfig, *, causal_groupi
         elif needs_grad and window is not None:
             note = ("grouping='subspace' gradients with a sliding window (reference only)",)
         elif needs_grad:
-            return Plan("subspace", group, (why, ("gradients: subspace keys by PyTorch, fused kernel forward, "
+            return Plan("subspace", group, (why, ("gradients: subspace pre-pass kernel, fused kernel forward, "
                                                   "backward kernels on K or K̃ per tile",)))
         else:
-            return Plan("fused", group, (why, ("subspace keys by PyTorch, fused kernel, first and own key blocks "
+            return Plan("fused", group, (why, ("subspace pre-pass kernel, fused kernel, first and own key blocks "
                                                "exact",)))
         _refuse(config, note)
         return Plan("reference", group, (why, note))

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from .config import DistrConfig
-from .grouping import approximate_operand, as_blocks, projections, subspace_keys
+from .grouping import approximate_operand, as_blocks, projections, subspace_basis, subspace_keys
 
 
 def causal_bias(n_q: int, n_k: int, device, dtype, causal: bool = True, window: int | None = None) -> torch.Tensor:
@@ -108,13 +108,13 @@ def _softmax(s):
 
 
 def _subspace(q, k, config, window):
-    """``(K̃, exact, M)`` of ``"subspace"`` (else ``None``s): the reduced keys and maps
+    """``(K̃, exact, U)`` of ``"subspace"`` (else ``None``s): the projected keys and the key blocks' bases
     (:func:`hf_distrattn.grouping.subspace_keys`), the pairs scored exactly (:func:`exact_pairs`)."""
     if config.exact or config.grouping != "subspace":
         return None, None, None
-    approx, maps = subspace_keys(q, k, config)
+    basis = subspace_basis(q, k, config)
     exact = exact_pairs(q.shape[2], k.shape[2], config.block_size, q.device, window)
-    return approx.to(q.dtype), exact, maps.to(q.dtype)
+    return subspace_keys(k, basis, config).to(q.dtype), exact, basis.to(q.dtype)
 
 
 def attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config: DistrConfig | None = None,
@@ -150,7 +150,7 @@ def attention_backward(q, k, v, out, dout, *, causal=False, attn_mask=None, scal
     scale = d**-0.5 if scale is None else scale
     q_t, k_t = _operands(q, k, config, causal_grouping, hashes)
     compute = q_t.dtype
-    approx_k, exact, maps = _subspace(q_t, k_t, config, window)
+    approx_k, exact, basis = _subspace(q_t, k_t, config, window)
     s, tanh = _scores(q_t, k_t, attn_mask, causal, scale, window, softcap, approx_k, exact)
     p, _ = _softmax(s)
     do = dout.to(compute).reshape(batch, h_kv, rep, n_q, -1)
@@ -162,12 +162,12 @@ def attention_backward(q, k, v, out, dout, *, causal=False, attn_mask=None, scal
         ds = ds * (1 - tanh * tanh)
     dv = torch.einsum("bgrqk,bgrqd->bgkd", p, do)
     q_t = q_t.view(batch, h_kv, rep, n_q, d)
-    if approx_k is not None:  # dQ = scale (dA_exact K + dA_rest K̃), dK = scale (dA_exactᵀ Q + dA_restᵀ Q Mᵀ)
+    if approx_k is not None:  # dQ = scale (dA_exact K + dA_rest K̃), dK_c = scale (dA_exactᵀ Q + U_c U_cᵀ dA_restᵀ Q)
         rest = torch.where(exact, 0.0, ds)
         ds = torch.where(exact, ds, 0.0)
         dq = torch.einsum("bgrqk,bgkd->bgrqd", rest, approx_k).reshape(batch, h_q, n_q, d) * scale
         dk_rest = as_blocks(torch.einsum("bgrqk,bgrqd->bgkd", rest, q_t), config.block_size)
-        dk = (dk_rest @ maps.transpose(-1, -2)).flatten(2, 3)[:, :, : k.shape[2]] * scale
+        dk = (basis @ (basis.transpose(-1, -2) @ dk_rest)).flatten(2, 3)[:, :, : k.shape[2]] * scale
         dq = dq + torch.einsum("bgrqk,bgkd->bgrqd", ds, k_t).reshape(batch, h_q, n_q, d) * scale
         return dq, dk + torch.einsum("bgrqk,bgrqd->bgkd", ds, q_t) * scale, dv
     dq = torch.einsum("bgrqk,bgkd->bgrqd", ds, k_t).reshape(batch, h_q, n_q, d) * scale

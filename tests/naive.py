@@ -88,7 +88,9 @@ def naive_attention(q, k, v, *, causal=False, mask=None, scale=None, group=1, bl
     ``softcap``: scores ``softcap·tanh(s/softcap)``; ``sinks``: ``(Hq,)`` logits in each row's softmax
     denominator (as gpt-oss concatenates them)."""
     causal_grouping = causal if causal_grouping is None else causal_grouping
-    q, k, v = q.double(), k.double(), v.double()
+    device = q.device  # the loops run on the CPU
+    q, k, v = (t.double().cpu() for t in (q, k, v))
+    mask, sinks = (None if t is None else t.cpu() for t in (mask, sinks))
     batch, h_q, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     scale = 1 / math.sqrt(d) if scale is None else scale
@@ -122,4 +124,4 @@ def naive_attention(q, k, v, *, causal=False, mask=None, scale=None, group=1, bl
                 p = torch.exp(row - m)
                 lse[b, h, i] = m + torch.log(p.sum())
                 out[b, h, i] = (p[:n_k] / p.sum()) @ vi
-    return out, lse
+    return out.to(device), lse.to(device)

@@ -409,11 +409,11 @@ SUBSPACE = DistrConfig(group_size=2, block_size=16, grouping="subspace", sampled
 
 
 def _subspace_oracle(q, k, v, block, rank, causal, window=None):
-    """Float64 loops: for each key block ``c`` the pair ``(F, B)`` of that block alone (its queries of every head
+    """Float64 loops: for each key block ``c`` the basis ``U_c`` of that block alone (its queries of every head
     sharing the key head, its keys; the package's solver, whose accuracy
-    :func:`test_subspace_factors_reach_the_least_score_error` checks); query ``i`` scores the keys of the first
-    block, of its own block and of a block its window cuts exactly, the others as ``(q F)·(k B)``."""
-    from hf_distrattn.grouping import subspace_factors
+    :func:`test_subspace_basis_reaches_the_least_score_error` checks); query ``i`` scores the keys of the first
+    block, of its own block and of a block its window cuts exactly, the others as ``q·(U_c U_cᵀ K_c)_j``."""
+    from hf_distrattn.grouping import subspace_basis
 
     _, h_q, n, d = q.shape
     h_kv = k.shape[1]
@@ -421,12 +421,12 @@ def _subspace_oracle(q, k, v, block, rank, causal, window=None):
     config = DistrConfig(group_size=d // rank, block_size=block, grouping="subspace", sampled="k")
     out = torch.zeros(1, h_q, n, d, dtype=torch.float64)
     for g in range(h_kv):
-        factors = []
+        projected = []
         for start in range(0, n, block):
-            qs = q[:, g * rep:(g + 1) * rep, start:start + block]
             ks = k[:, g:g + 1, start:start + block]
-            f, b = subspace_factors(qs, ks, config)
-            factors.append((f[0, 0, 0], b[0, 0, 0]))
+            u = subspace_basis(q[:, g * rep:(g + 1) * rep, start:start + block], ks, config)[0, 0, 0, :ks.shape[2]]
+            projected.append(u @ u.T @ ks[0, 0])
+        projected = torch.cat(projected)
         for r in range(rep):
             h = g * rep + r
             for i in range(n):
@@ -436,11 +436,8 @@ def _subspace_oracle(q, k, v, block, rank, causal, window=None):
                         continue
                     c = j // block
                     cut = window is not None and c * block <= i - window
-                    if c == i // block or c == 0 or cut:
-                        scores[j] = q[0, h, i] @ k[0, g, j]
-                    else:
-                        f, b = factors[c]
-                        scores[j] = (q[0, h, i] @ f) @ (k[0, g, j] @ b)
+                    exact = c == i // block or c == 0 or cut
+                    scores[j] = q[0, h, i] @ (k[0, g, j] if exact else projected[j])
                 out[0, h, i] = torch.softmax(scores * d**-0.5, 0) @ v[0, g]
     return out
 
@@ -460,7 +457,7 @@ def test_subspace_scores_own_block_exactly_and_other_blocks_in_their_subspace(ca
 
 
 def test_subspace_gradients_are_the_reference_autograd_ones():
-    """The op's explicit backward (``dK = dA_exactᵀ Q + dA_restᵀ Q Mᵀ``) equals autograd through the reference's
+    """The op's explicit backward (``dK_c = dA_exactᵀ Q + U_c U_cᵀ dA_restᵀ Q``) equals autograd through the reference's
     forward, which the dropout path differentiates."""
     from hf_distrattn import reference
 
@@ -472,32 +469,32 @@ def test_subspace_gradients_are_the_reference_autograd_ones():
         torch.testing.assert_close(a, b)
 
 
-def test_subspace_factors_reach_the_least_score_error():
-    """``(F, B)`` attains the Eckart–Young bound of ``E (q (I − F Bᵀ) kᵀ)²`` over the block's queries and keys (the
-    sum of the trailing eigenvalues of ``Lᵀ C_k L``) to 1e-5 after three matmul-only iterations. Queries live near one half of a rotated basis and the keys
-    vary most in the other half: the keys' principal directions (``F = B``) keep the wrong half."""
-    from hf_distrattn.grouping import SUBSPACE_RIDGE, subspace_factors
+def test_subspace_basis_reaches_the_least_score_error():
+    """``U`` attains the Eckart–Young bound of the block's weighted score error ``tr((I − U Uᵀ) M (I − U Uᵀ))``,
+    ``M = Σ_h S_hᵀ S_h / (tr C_q / d) + ridge K Kᵀ`` (the sum of ``M``'s trailing eigenvalues) to 1e-4, with
+    orthonormal columns. Queries live near one half of a rotated basis and the keys vary most in the other half:
+    the keys' own principal directions in token space (the top eigenvectors of ``K Kᵀ``) keep the wrong half."""
+    from hf_distrattn.grouping import SUBSPACE_RIDGE, subspace_basis
 
     d, rank = 16, 8
     rotation = torch.linalg.qr(rand(d, d, dtype=torch.float64, seed=4)).Q
     half = torch.arange(d) < rank
     q = (rand(1, 2, 64, d, dtype=torch.float64, seed=5) * torch.where(half, 1.0, 0.05)) @ rotation
     k = (rand(1, 1, 64, d, dtype=torch.float64, seed=6) * torch.where(half, 1.0, 3.0)) @ rotation
-    f, b = subspace_factors(q, k, DistrConfig(group_size=2, block_size=64, grouping="subspace", sampled="k"))
-    qs, ks = q[0].reshape(-1, d), k[0, 0]
-    cov_q = qs.T @ qs
-    cov_q = cov_q / cov_q.diagonal().mean() + SUBSPACE_RIDGE * torch.eye(d, dtype=torch.float64)
+    u = subspace_basis(q, k, DistrConfig(group_size=2, block_size=64, grouping="subspace", sampled="k"))[0, 0, 0]
+    qs, ks = q[0], k[0, 0]
+    scores = qs @ ks.T
+    m = (scores.transpose(-1, -2) @ scores).sum(0) / (qs.square().sum() / d) + SUBSPACE_RIDGE * ks @ ks.T
 
-    def error(f, b):
-        residual = torch.eye(d, dtype=torch.float64) - f @ b.T
-        return torch.trace(cov_q @ residual @ ks.T @ ks @ residual.T)
+    def error(basis):
+        residual = torch.eye(64, dtype=torch.float64) - basis @ basis.T
+        return torch.trace(residual @ m @ residual)
 
-    chol = torch.linalg.cholesky(cov_q)
-    bound = torch.linalg.eigvalsh(chol.T @ ks.T @ ks @ chol)[:-rank].sum()
-    torch.testing.assert_close(error(f[0, 0, 0], b[0, 0, 0]), bound, rtol=1e-5, atol=0)
-    torch.testing.assert_close(b[0, 0, 0].T @ f[0, 0, 0], torch.eye(rank, dtype=torch.float64))  # F Bᵀ projects
-    keys_pca = torch.linalg.eigh(ks.T @ ks).eigenvectors[:, -rank:]
-    assert error(keys_pca, keys_pca) > 10 * bound
+    bound = torch.linalg.eigvalsh(m)[:-rank].sum()
+    torch.testing.assert_close(error(u), bound, rtol=1e-4, atol=0)
+    torch.testing.assert_close(u.T @ u, torch.eye(rank, dtype=torch.float64), atol=1e-5, rtol=0)
+    keys_pca = torch.linalg.eigh(ks @ ks.T).eigenvectors[:, -rank:]
+    assert error(keys_pca) > 10 * bound
 
 
 def test_subspace_is_causal_and_exact_where_it_cannot_pair_blocks():

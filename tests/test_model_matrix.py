@@ -159,13 +159,15 @@ def test_windows_softcap_and_sinks_through_the_kernels(family):
 
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
-    eager, distr = decoder(family, "eager"), decoder(family, "distr")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    eager, distr = decoder(family, "eager").to(device), decoder(family, "distr").to(device)
     configure(distr, DistrConfig(group_size=1, backend="triton"))
-    torch.testing.assert_close(distr(IDS).logits, eager(IDS).logits, atol=1e-4, rtol=1e-4)
+    ids = IDS.to(device)
+    torch.testing.assert_close(distr(ids).logits, eager(ids).logits, atol=1e-4, rtol=1e-4)
     if family == "gemma2":
-        assert torch.equal(greedy(distr, IDS[:1, :30]), greedy(eager, IDS[:1, :30]))
-    ids = torch.randint(3, 97, (1, 48), generator=torch.Generator().manual_seed(2))
-    distr = decoder(family, "distr", sliding_window=36)
+        assert torch.equal(greedy(distr, ids[:1, :30]), greedy(eager, ids[:1, :30]))
+    ids = torch.randint(3, 97, (1, 48), generator=torch.Generator().manual_seed(2)).to(device)
+    distr = decoder(family, "distr", sliding_window=36).to(device)
     configure(distr, DistrConfig(group_size=2, block_size=16, backend="reference"))
     reference = distr(ids).logits
     configure(distr, DistrConfig(group_size=2, block_size=16, backend="triton"))

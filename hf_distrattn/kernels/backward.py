@@ -23,8 +23,8 @@ masked (the forward's split), and tiles outside the window are not visited. Head
 are zero-padded. When ``Q̃ = X M`` per grouping block (``M = Wtᵀ Wt``), ``_dq`` writes ``dX = dQ̃ M`` instead of
 ``dQ̃`` (:func:`_project_tile` in its epilogue, one ``Wt`` per grouping block the tile covers); the same for ``K̃``
 in ``_dkdv``. With ``grouping="subspace"`` (``SUB_BLOCK``) a pair scores ``K`` in the first and the query's own key
-block and ``K̃ = K M_c`` elsewhere: both kernels read the one their tile's pair needs, and ``_dkdv`` keeps ``dK̃``
-apart and adds ``dK̃ M_cᵀ`` in its epilogue.
+block and ``K̃_c = U_c U_cᵀ K_c`` elsewhere: both kernels read the one their tile's pair needs, and ``_dkdv`` writes
+``dK̃`` apart (the caller adds ``U_c U_cᵀ dK̃_c``).
 
 Cost: seven ``d``-deep GEMMs per score (``_dkdv``: recompute, dP, dV, dK; ``_dq``: recompute, dP, dQ), against
 FlashAttention-2's five with a float32 ``dQ`` accumulated by atomics (slower in Triton by public reports).
@@ -152,7 +152,7 @@ def _dkdv_pair(dk, dv, dk_red, k, v, k_red, q_base, do_base, lse_base, delta_bas
 
 @cached
 @triton.jit
-def _dkdv(Q, K, V, DO, Lse, Delta, Mask, DK, DV, Wt, KR, Mt, scale, window, softcap, n_q, n_k, heads, kv_group,
+def _dkdv(Q, K, V, DO, Lse, Delta, Mask, DK, DV, Wt, KR, DKR, scale, window, softcap, n_q, n_k, heads, kv_group,
           sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_m, sl_b, sl_h,
           sm_b, sm_h, sm_m, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n,
           CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -174,7 +174,7 @@ def _dkdv(Q, K, V, DO, Lse, Delta, Mask, DK, DV, Wt, KR, Mt, scale, window, soft
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     dk_red = dk
     k_red = k
-    if SUB_BLOCK:  # K̃ = K M_c has K's layout
+    if SUB_BLOCK:  # K̃ has K's layout
         k_red = tl.load(KR + b * sk_b + hk * sk_h + offs_n[:, None] * sk_n + offs_d[None, :], mask=cols[:, None],
                         other=0.0)
     qk_scale = score_scale(scale, SOFTCAP)
@@ -216,13 +216,9 @@ def _dkdv(Q, K, V, DO, Lse, Delta, Mask, DK, DV, Wt, KR, Mt, scale, window, soft
                                         mask_base, start_m, start_n, offs_n, n_q, n_k, sq_m, sdo_m, sm_m, qk_scale,
                                         window, softcap, True, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE, BLOCK_M,
                                         D, SUB_BLOCK)
-    if SUB_BLOCK:  # dK += dK̃ M_cᵀ
-        mt = tl.load(Mt + (bh.to(tl.int64) * tl.cdiv(n_k, SUB_BLOCK) + start_n // SUB_BLOCK) * (D * D)
-                     + offs_d[:, None] * D + offs_d[None, :])
-        if IEEE:
-            dk += tl.dot(dk_red, mt, input_precision="ieee")
-        else:
-            dk += tl.dot(dk_red.to(mt.dtype), mt)
+    if SUB_BLOCK:  # dK̃ apart, in K's layout: the caller projects it (dK_c += U_c U_cᵀ dK̃_c)
+        tl.store(DKR + b * sdk_b + hk * sdk_h + offs_n[:, None] * sdk_n + offs_d[None, :],
+                 (dk_red * scale).to(DKR.dtype.element_ty), mask=cols[:, None])
     dk = (dk * scale).to(DK.dtype.element_ty)
     if PROJECT_BLOCK:  # dK = dK̃ M
         wt_base = Wt + bh.to(tl.int64) * tl.cdiv(n_k, PROJECT_BLOCK) * (DG_PAD * D)
@@ -349,10 +345,10 @@ def attention_backward(q, k, v, out, lse, dout, *, causal: bool, attn_mask, scal
     ``project = (operand, wt, block, causal)``: ``q`` (operand ``"q"``) or ``k`` (``"k"``) is ``X̃ = X M`` per block
     of ``block`` rows, ``M = Wtᵀ Wt`` from :func:`.grouping.reduce_operand` (``wt`` contiguous; ``causal``: block 0
     has ``M = I``); that gradient is returned as ``dX = dX̃ M`` (``M`` symmetric), in the kernel's epilogue.
-    ``subspace = (k_red, maps_t, block)`` (``grouping="subspace"``, as many queries as keys, no window): pairs
-    outside the first and the query's own block of ``block`` keys score ``K̃ = K M_c`` (``k_red``, ``k``'s layout)
-    and their ``dK̃`` returns as ``dK̃ M_cᵀ`` (``maps_t``: ``M_cᵀ`` contiguous ``(batch, Hkv, n_blocks, d, d)``);
-    tiles then never straddle a block.
+    ``subspace = (k_red, dk_red, block)`` (``grouping="subspace"``, as many queries as keys, no window): pairs
+    outside the first and the query's own block of ``block`` keys score ``K̃`` (``k_red``, ``k``'s layout), and
+    their gradient ``dK̃`` is written to ``dk_red`` (``k``'s layout) instead of ``dK``; tiles then never straddle a
+    block.
     """
     batch, heads, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
@@ -364,8 +360,8 @@ def attention_backward(q, k, v, out, lse, dout, *, causal: bool, attn_mask, scal
     p_kv, p_q = defaults["dkdv"] | (dkdv or {}), defaults["dq"] | (dq or {})
     sub_block = 0 if subspace is None else subspace[2]
     if sub_block:
-        if d_pad != d or k.stride() != subspace[0].stride():
-            raise ValueError("subspace needs a power-of-two head dim and K̃ in K's layout")
+        if d_pad != d or not k.stride() == subspace[0].stride() == subspace[1].stride():
+            raise ValueError("subspace needs a power-of-two head dim and K̃, dK̃ in K's layout")
         p_kv, p_q = ({**p, "block_m": min(p["block_m"], sub_block), "block_n": min(p["block_n"], sub_block)}
                      for p in (p_kv, p_q))
     if d_pad != d:
@@ -379,7 +375,7 @@ def attention_backward(q, k, v, out, lse, dout, *, causal: bool, attn_mask, scal
     if project is not None and d_pad != d:
         raise ValueError(f"project needs a power-of-two head dim, got {d}")
     wt = dq_ if project is None else project[1]  # dq_: a placeholder pointer, never read
-    k_red, maps_t = (k, dq_) if subspace is None else subspace[:2]
+    k_red, dk_red = (k, dk) if subspace is None else subspace[:2]
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *lse.stride()[:2],
                *mask_strides)
 
@@ -395,7 +391,7 @@ def attention_backward(q, k, v, out, lse, dout, *, causal: bool, attn_mask, scal
         heads, heads // h_kv, *strides, *dq_.stride()[:3], *out.stride()[:3], HAS_DLSE=has_dlse,
         **launch(p_q, "q"))
     _dkdv[(triton.cdiv(n_k, p_kv["block_n"]) * batch * h_kv,)](
-        q, k, v, dout, lse2, delta, mask, dk, dv, wt, k_red, maps_t, scale, window or 0, softcap or 1.0, n_q, n_k,
+        q, k, v, dout, lse2, delta, mask, dk, dv, wt, k_red, dk_red, scale, window or 0, softcap or 1.0, n_q, n_k,
         heads, heads // h_kv, *strides, *dk.stride()[:3], *dv.stride()[:3], **launch(p_kv, "k"))
     if d_pad == d:
         return dq_, dk, dv

@@ -207,7 +207,7 @@ def distr_attention_triton(q, k, v, *, causal=False, attn_mask=None, scale=None,
     is exact, computed by a second, ``G = 1`` launch of the kernel into the same output. ``prepared``: the
     output of :func:`prepare` for these inputs, to time the kernel alone; ``launch`` overrides
     :func:`launch_params` (``block_n``, ``num_warps``, ``num_stages``, ``fold_scale``) of the ``G``-launch.
-    ``subspace``: ``grouping="subspace"``'s ``(K̃, F)`` (:func:`hf_distrattn.grouping.subspace_reduced`); ``Q``, ``K``
+    ``subspace``: ``grouping="subspace"``'s ``(K̃, F)`` (:func:`hf_distrattn.kernels.subspace.subspace_reduced`); ``Q``, ``K``
     and ``V`` then go in whole, key tiles never straddle a key block, and there is one launch.
     """
     batch, heads, n_q, d = q.shape
