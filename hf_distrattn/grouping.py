@@ -60,8 +60,8 @@ in token space: the block's weighted scores ``S = Q K_cᵀ`` have ``Σ_h S_hᵀ 
 ``S U Uᵀ`` for the top ``r = d/G`` eigenvectors ``U`` of ``M``. It factors as a rank-``r`` score GEMM:
 ``q·(U Uᵀ K_c)ᵀ = (q F_c)·K̃_cᵀ`` with ``F_c = K_cᵀ U`` (``d × r``) and ``K̃_c = U`` (``BLOCK × r``), no inverse.
 (In ``d``-space: ``A C_k`` and ``M`` share their non-zero eigenvalues; the old solver iterated there and needed a
-``d/G × d/G`` solve.) :func:`subspace_basis` runs subspace iteration ``U ← orth(M U)`` from the one-hot columns of
-the ``r`` keys of largest ``M_jj``, ``orth`` being Newton–Schulz (:func:`orthonormalized`: products only); with
+``d/G × d/G`` solve.) :func:`subspace_basis` runs subspace iteration ``U ← orth(M U)`` from ``K_c``'s columns at
+the ``r`` coordinates of largest ``A_ii (C_k)_ii``, ``orth`` being Newton–Schulz (:func:`orthonormalized`: products only); with
 ``r ≥ BLOCK`` the fit is exact (``U = I``). ``A = I`` would give the keys' principal directions; weighting by the
 queries keeps the directions the scores use. The gradient holds ``U`` constant: ``dK_c = U Uᵀ dK̃_c``.
 
@@ -95,9 +95,9 @@ SUBSPACE_ITERATIONS = 3
 SUBSPACE_STEPS = 10
 SUBSPACE_FINISH = 4
 """Subspace iterations of :func:`subspace_basis`, quintic Newton–Schulz steps in each, cubic steps after the last
-(SmolLM2, four layers' blocks, relative score error G=2 / G=4: 4.94e-4 / 4.90e-3 on the block's own queries,
-1.51e-3 / 8.47e-3 on later ones, as with Householder QR in each iteration; 6 steps 5.4e-4 at G=2, 2 iterations
-5.4e-4 / 5.3e-3; docs/design.md)."""
+(SmolLM2, four layers' blocks, relative score error G=2 / G=4: 4.94e-4 / 4.85e-3 on the block's own queries,
+1.46e-3 / 8.04e-3 on later ones; 6 steps 5.4e-4 at G=2; started on the keys of largest ``M_jj`` instead,
+1.51e-3 / 8.47e-3 on later queries; docs/design.md)."""
 
 _MASK32 = 0xFFFFFFFF
 _HASH_CACHE: dict[tuple, torch.Tensor] = {}
@@ -337,9 +337,10 @@ def orthonormalized(x: torch.Tensor, steps: int, finish: int = 0) -> torch.Tenso
 def subspace_basis(q: torch.Tensor, k: torch.Tensor, config: DistrConfig) -> torch.Tensor:
     """``U`` of ``"subspace"`` (module notes) for every key block: ``(batch, Hkv, n_blocks, block, r)`` with
     ``r = min(d/G, block)``, orthonormal columns in token space, float32 (float64 in); ``q`` ``(batch, Hq, n, d)``
-    and ``k`` ``(batch, Hkv, n, d)`` hold the same positions. ``SUBSPACE_ITERATIONS`` steps of ``U ← orth(M U)`` from
-    the ``d/G`` keys of largest ``M_jj``. PyTorch reference of :func:`hf_distrattn.kernels.subspace.subspace_reduced`.
-    A constant of autograd."""
+    and ``k`` ``(batch, Hkv, n, d)`` hold the same positions. ``SUBSPACE_ITERATIONS`` steps of ``U ← orth(M U)``
+    from ``K_c``'s columns at the ``d/G`` coordinates of largest ``A_ii (K_cᵀ K_c)_ii`` (the span the ``d``-space
+    iteration starts from). PyTorch reference of :func:`hf_distrattn.kernels.subspace.subspace_reduced`. A constant
+    of autograd."""
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     blocks_q, blocks_k = as_blocks(q.detach(), config.block_size), as_blocks(k.detach(), config.block_size)
     batch, h_kv, n_blocks, rows, d = blocks_k.shape
@@ -352,8 +353,9 @@ def subspace_basis(q: torch.Tensor, k: torch.Tensor, config: DistrConfig) -> tor
     mean = blocks_q.square().sum((2, 4, 5)) / d  # tr(C_q) / d
     weight = torch.where(mean > 0, mean, 1.0)[..., None, None]
     m = (scores.transpose(-1, -2) @ scores).sum(2) / weight + SUBSPACE_RIDGE * (blocks_k @ blocks_k.transpose(-1, -2))
-    order = torch.argsort(m.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)[..., :rank]
-    basis = torch.nn.functional.one_hot(order, rows).transpose(-1, -2).to(dtype)
+    energy = (blocks_q.square().sum((2, 4)) / weight[..., 0] + SUBSPACE_RIDGE) * blocks_k.square().sum(-2)  # A_ii C_ii
+    order = torch.argsort(energy, dim=-1, descending=True, stable=True)[..., :rank]
+    basis = blocks_k @ torch.nn.functional.one_hot(order, d).transpose(-1, -2).to(dtype)  # K_c's columns there
     for i in range(SUBSPACE_ITERATIONS):
         basis = orthonormalized(m @ basis, SUBSPACE_STEPS, SUBSPACE_FINISH if i == SUBSPACE_ITERATIONS - 1 else 0)
     return basis

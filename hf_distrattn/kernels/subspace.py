@@ -5,14 +5,14 @@ For key block ``c`` (``K_c``, ``BLOCK × D``) and the queries at its positions o
 share its key head (``Q_h``):
 
 1. ``M = Σ_h S_hᵀ S_h / (tr C_q / d) + ridge · K_c K_cᵀ`` with ``S_h = Q_h K_cᵀ`` (``BLOCK × BLOCK``, float32);
-2. the start ``E``: the one-hot columns of the ``r`` keys of largest ``M_jj`` (ties by position), by ranking the
-   diagonal against itself (``BLOCK × BLOCK`` comparisons, no sort);
+2. the start ``K_c E``: ``K_c``'s columns at the ``r`` coordinates of largest ``A_ii (K_cᵀ K_c)_ii`` (ties by
+   index), ``E`` one-hot by ranking those ``D`` energies against each other (``D × D`` comparisons, no sort);
 3. ``ITERATIONS`` steps of ``U ← orth(M U)``, ``orth`` being Newton–Schulz: Frobenius normalisation, ``STEPS``
    quintic steps, and after the last iteration ``FINISH`` cubic ones
    (:func:`hf_distrattn.grouping.orthonormalized`).
 
 Then ``F_c = K_cᵀ U`` and the outputs: ``U`` (float32), and the fused kernel's ``K̃_c = U`` and ``F_c`` in ``k``'s
-dtype, zero past ``r``. With ``r ≥ BLOCK`` there is no iteration: ``U = E`` is a permutation, exact. 16-bit
+dtype, zero past ``r``. With ``r ≥ BLOCK`` there is no iteration: ``U = I``, exact. 16-bit
 inputs multiply in TF32 after ``S_h`` (the products are float32 matrices), float32 inputs in IEEE float32.
 """
 
@@ -50,30 +50,35 @@ def _basis(Q, K, U, KR, F, ridge, n, h_kv, kv_group, n_blocks, sq_b, sq_h, sq_n,
     inside = rows[:, None] < n
     k = tl.load(K + b * sk_b + hk * sk_h + rows[:, None] * sk_n + offs_d[None, :], mask=inside, other=0.0)
     m = tl.zeros([BLOCK, BLOCK], tl.float32)
-    energy = 0.0
+    q_energy = tl.zeros([D], tl.float32)
     for r in range(0, kv_group):
         q = tl.load(Q + b * sq_b + (hk * kv_group + r) * sq_h + rows[:, None] * sq_n + offs_d[None, :], mask=inside,
                     other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # S_h = Q_h K_cᵀ
         m += tl.dot(tl.trans(s), s, input_precision=PRECISION)
         qf = q.to(tl.float32)
-        energy += tl.sum(tl.sum(qf * qf, axis=1), axis=0)
-    mean = energy / D
-    m = m / tl.where(mean > 0, mean, 1.0) + ridge * tl.dot(k, tl.trans(k), input_precision=PRECISION)
+        q_energy += tl.sum(qf * qf, axis=0)
+    mean = tl.sum(q_energy, axis=0) / D
+    weight = tl.where(mean > 0, mean, 1.0)
+    m = m / weight + ridge * tl.dot(k, tl.trans(k), input_precision=PRECISION)
     i = tl.arange(0, BLOCK)
-    eye = i[:, None] == i[None, :]
-    diag_i = tl.sum(tl.where(eye, m, 0.0), axis=1)
-    diag_j = tl.sum(tl.where(eye, m, 0.0), axis=0)
-    before = (diag_j[None, :] > diag_i[:, None]) | ((diag_j[None, :] == diag_i[:, None]) & (i[None, :] < i[:, None]))
-    rank = tl.sum(before.to(tl.int32), axis=1)  # position of key i in the descending order of M_jj
     cols = tl.arange(0, WIDTH)
-    basis = tl.where((rank[:, None] == cols[None, :]) & (cols[None, :] < R), 1.0, 0.0)
+    kf = k.to(tl.float32)
+    if ITERATIONS == 0:
+        basis = tl.where(i[:, None] == cols[None, :], 1.0, 0.0)
+    else:
+        energy = (q_energy / weight + ridge) * tl.sum(kf * kf, axis=0)  # A_ii (K_cᵀ K_c)_ii
+        before = (energy[None, :] > energy[:, None]) | ((energy[None, :] == energy[:, None])
+                                                        & (offs_d[None, :] < offs_d[:, None]))
+        rank = tl.sum(before.to(tl.int32), axis=1)  # coordinate i's place in the descending order
+        pick = tl.where((rank[:, None] == cols[None, :]) & (cols[None, :] < R), 1.0, 0.0)  # (D, WIDTH)
+        basis = tl.dot(kf, pick, input_precision=PRECISION)
     for _ in range(ITERATIONS):  # loops, not unrolled: a few hundred small products otherwise
         basis = _quintic(tl.dot(m, basis, input_precision=PRECISION), STEPS, PRECISION)
     for _ in range(FINISH if ITERATIONS > 0 else 0):
         gram = tl.dot(tl.trans(basis), basis, input_precision=PRECISION)
         basis = 1.5 * basis - 0.5 * tl.dot(basis, gram, input_precision=PRECISION)
-    factor = tl.dot(tl.trans(k.to(tl.float32)), basis, input_precision=PRECISION)  # F_c = K_cᵀ U
+    factor = tl.dot(tl.trans(kf), basis, input_precision=PRECISION)  # F_c = K_cᵀ U
     block = pid.to(tl.int64)
     tl.store(U + (block * BLOCK + i[:, None]) * R + cols[None, :], basis, mask=cols[None, :] < R)
     tl.store(KR + (block * BLOCK + i[:, None]) * WIDTH + cols[None, :], basis.to(KR.dtype.element_ty))
