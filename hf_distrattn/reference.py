@@ -166,8 +166,7 @@ def attention_backward(q, k, v, out, dout, *, causal=False, attn_mask=None, scal
         rest = torch.where(exact, 0.0, ds)
         ds = torch.where(exact, ds, 0.0)
         dq = torch.einsum("bgrqk,bgkd->bgrqd", rest, approx_k).reshape(batch, h_q, n_q, d) * scale
-        dk_rest = as_blocks(torch.einsum("bgrqk,bgrqd->bgkd", rest, q_t), config.block_size)
-        dk = (basis @ (basis.transpose(-1, -2) @ dk_rest)).flatten(2, 3)[:, :, : k.shape[2]] * scale
+        dk = subspace_keys(torch.einsum("bgrqk,bgrqd->bgkd", rest, q_t), basis, config) * scale
         dq = dq + torch.einsum("bgrqk,bgkd->bgrqd", ds, k_t).reshape(batch, h_q, n_q, d) * scale
         return dq, dk + torch.einsum("bgrqk,bgrqd->bgkd", ds, q_t) * scale, dv
     dq = torch.einsum("bgrqk,bgkd->bgrqd", ds, k_t).reshape(batch, h_q, n_q, d) * scale
