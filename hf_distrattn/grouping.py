@@ -58,12 +58,16 @@ query heads that share the key head, over their mean eigenvalue, plus ``SUBSPACE
 in token space: the block's weighted scores ``S = Q K_cᵀ`` have ``Σ_h S_hᵀ S_h / mean + ridge K_c K_cᵀ = K_c A K_cᵀ
 =: M`` (``BLOCK × BLOCK``), and the best rank-``r`` approximation of every row of ``S`` (Eckart–Young) is
 ``S U Uᵀ`` for the top ``r = d/G`` eigenvectors ``U`` of ``M``. It factors as a rank-``r`` score GEMM:
-``q·(U Uᵀ K_c)ᵀ = (q F_c)·K̃_cᵀ`` with ``F_c = K_cᵀ U`` (``d × r``) and ``K̃_c = U`` (``BLOCK × r``), no inverse.
-(In ``d``-space: ``A C_k`` and ``M`` share their non-zero eigenvalues; the old solver iterated there and needed a
-``d/G × d/G`` solve.) :func:`subspace_basis` runs subspace iteration ``U ← orth(M U)`` from ``K_c``'s columns at
-the ``r`` coordinates of largest ``A_ii (C_k)_ii``, ``orth`` being Newton–Schulz (:func:`orthonormalized`: products only); with
-``r ≥ BLOCK`` the fit is exact (``U = I``). ``A = I`` would give the keys' principal directions; weighting by the
-queries keeps the directions the scores use. The gradient holds ``U`` constant: ``dK_c = U Uᵀ dK̃_c``.
+``q·(U Uᵀ K_c)ᵀ = (q F_c)·K̃_cᵀ`` with ``F_c = K_cᵀ U`` (``d × r``) and ``K̃_c = U`` (``BLOCK × r``), no inverse;
+any orthonormal basis of the same span gives the same fit. With ``r ≥ BLOCK`` the fit is exact (``U = I``).
+Only the queries of *later* blocks read a block reduced (its own queries score it exactly), and for them the top
+eigenvectors of ``M`` are no better than one step of subspace iteration towards them: :func:`subspace_basis`
+takes ``U = orth(M K_c E)``, ``E`` one-hot at the ``r`` coordinates of largest ``A_ii (C_k)_ii`` (``C_k = K_cᵀ K_c``;
+the head-dim coordinates where the block's keys, weighted by its queries, carry the most energy), computed right
+to left in ``d``-space as ``M K_c E = K_c (A (C_k E))`` with ``A`` applied head by head (``Σ_h Q_hᵀ (Q_h Z)``: no
+``d × d`` or ``BLOCK × BLOCK`` matrix is formed), and ``orth`` Newton–Schulz (:func:`orthonormalized`: products
+only, and a right multiplication, so the span is kept). ``A = I`` would give the keys' principal directions;
+weighting by the queries keeps the directions the scores use. The gradient holds ``U`` constant: ``dK_c = U Uᵀ dK̃_c``.
 
 Which pairs are reduced. Query ``i`` reads key block ``c`` reduced only when ``c`` lies wholly before ``i``'s own
 block, so every number it reads comes from earlier positions: causal, and never stale (``"pca"`` on queries must
@@ -89,15 +93,17 @@ eigenvectors: ref-llama-bytes 2 / 4 / 8 iterations +0.6 / +0.2 / −0.0%, SmolLM
 +0.5%)."""
 
 SUBSPACE_RIDGE = 1e-3
-"""Ridge added to ``C_q`` of ``"subspace"``, relative to its mean eigenvalue (SmolLM2, G=2: 1e-3 and 1e-5 within
-0.01% bits/byte); it keeps ``A`` positive definite for blocks of padding."""
-SUBSPACE_ITERATIONS = 3
-SUBSPACE_STEPS = 10
+"""Ridge added to ``C_q`` of ``"subspace"``, relative to its mean eigenvalue; it keeps ``A`` positive definite
+for blocks of padding. (SmolLM2, first 2048 tokens, G=2 / G=4 bits/byte against exact: ridge 1e-3 +0.19% /
++6.74% on C headers, −0.10% / +0.31% on prose; ridge 1: +0.19% / +6.75%, −0.03% / +0.46%, though it lowers the
+later queries' score error by a third; docs/design.md.)"""
+SUBSPACE_STEPS = 14
 SUBSPACE_FINISH = 4
-"""Subspace iterations of :func:`subspace_basis`, quintic Newton–Schulz steps in each, cubic steps after the last
-(SmolLM2, four layers' blocks, relative score error G=2 / G=4: 4.94e-4 / 4.85e-3 on the block's own queries,
-1.46e-3 / 8.04e-3 on later ones; 6 steps 5.4e-4 at G=2; started on the keys of largest ``M_jj`` instead,
-1.51e-3 / 8.47e-3 on later queries; docs/design.md)."""
+"""Quintic Newton–Schulz steps and cubic steps after them that orthonormalise ``M K_c E`` in
+:func:`subspace_basis`: its condition number reaches 1e6-1e8 (every column leans on ``M``'s top eigenvectors), and
+each quintic step lifts the smallest singular values by about 3.4×, so 10 steps leave some columns short
+(SmolLM2, four layers' blocks, later queries' relative score error G=2: 1.40e-3 with 14 steps, 1.52e-3 with 10,
+against a float64 QR's 1.40e-3; three full iterations, 1.46e-3; docs/design.md)."""
 
 _MASK32 = 0xFFFFFFFF
 _HASH_CACHE: dict[tuple, torch.Tensor] = {}
@@ -336,11 +342,9 @@ def orthonormalized(x: torch.Tensor, steps: int, finish: int = 0) -> torch.Tenso
 
 def subspace_basis(q: torch.Tensor, k: torch.Tensor, config: DistrConfig) -> torch.Tensor:
     """``U`` of ``"subspace"`` (module notes) for every key block: ``(batch, Hkv, n_blocks, block, r)`` with
-    ``r = min(d/G, block)``, orthonormal columns in token space, float32 (float64 in); ``q`` ``(batch, Hq, n, d)``
-    and ``k`` ``(batch, Hkv, n, d)`` hold the same positions. ``SUBSPACE_ITERATIONS`` steps of ``U ← orth(M U)``
-    from ``K_c``'s columns at the ``d/G`` coordinates of largest ``A_ii (K_cᵀ K_c)_ii`` (the span the ``d``-space
-    iteration starts from). PyTorch reference of :func:`hf_distrattn.kernels.subspace.subspace_reduced`. A constant
-    of autograd."""
+    ``r = min(d/G, block)``, orthonormal columns in token space spanning ``M K_c E = K_c (A (C_k E))``, float32
+    (float64 in); ``q`` ``(batch, Hq, n, d)`` and ``k`` ``(batch, Hkv, n, d)`` hold the same positions. PyTorch
+    reference of :func:`hf_distrattn.kernels.subspace.subspace_reduced`. A constant of autograd."""
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     blocks_q, blocks_k = as_blocks(q.detach(), config.block_size), as_blocks(k.detach(), config.block_size)
     batch, h_kv, n_blocks, rows, d = blocks_k.shape
@@ -349,16 +353,16 @@ def subspace_basis(q: torch.Tensor, k: torch.Tensor, config: DistrConfig) -> tor
         return torch.eye(rows, dtype=dtype, device=k.device).expand(batch, h_kv, n_blocks, rows, rows)
     blocks_q = blocks_q.to(dtype).view(batch, h_kv, -1, n_blocks, rows, d)
     blocks_k = blocks_k.to(dtype)
-    scores = blocks_q @ blocks_k.unsqueeze(2).transpose(-1, -2)  # S_h = Q_h Kᵀ of the block
-    mean = blocks_q.square().sum((2, 4, 5)) / d  # tr(C_q) / d
-    weight = torch.where(mean > 0, mean, 1.0)[..., None, None]
-    m = (scores.transpose(-1, -2) @ scores).sum(2) / weight + SUBSPACE_RIDGE * (blocks_k @ blocks_k.transpose(-1, -2))
-    energy = (blocks_q.square().sum((2, 4)) / weight[..., 0] + SUBSPACE_RIDGE) * blocks_k.square().sum(-2)  # A_ii C_ii
+    q_energy = blocks_q.square().sum((2, 4))  # diag(Σ_h Q_hᵀ Q_h)
+    mean = q_energy.sum(-1, keepdim=True) / d  # tr(C_q) / d
+    weight = torch.where(mean > 0, mean, 1.0)
+    energy = (q_energy / weight + SUBSPACE_RIDGE) * blocks_k.square().sum(-2)  # A_ii (C_k)_ii
     order = torch.argsort(energy, dim=-1, descending=True, stable=True)[..., :rank]
-    basis = blocks_k @ torch.nn.functional.one_hot(order, d).transpose(-1, -2).to(dtype)  # K_c's columns there
-    for i in range(SUBSPACE_ITERATIONS):
-        basis = orthonormalized(m @ basis, SUBSPACE_STEPS, SUBSPACE_FINISH if i == SUBSPACE_ITERATIONS - 1 else 0)
-    return basis
+    start = blocks_k @ torch.nn.functional.one_hot(order, d).transpose(-1, -2).to(dtype)  # K_c E
+    z = blocks_k.transpose(-1, -2) @ start  # C_k E
+    weighted = (blocks_q.transpose(-1, -2) @ (blocks_q @ z.unsqueeze(2))).sum(2)  # Σ_h Q_hᵀ Q_h C_k E
+    y = weighted / weight[..., None] + SUBSPACE_RIDGE * z  # A C_k E
+    return orthonormalized(blocks_k @ y, SUBSPACE_STEPS, SUBSPACE_FINISH)
 
 
 def subspace_keys(k: torch.Tensor, basis: torch.Tensor, config: DistrConfig) -> torch.Tensor:

@@ -410,9 +410,10 @@ SUBSPACE = DistrConfig(group_size=2, block_size=16, grouping="subspace", sampled
 
 def _subspace_oracle(q, k, v, block, rank, causal, window=None):
     """Float64 loops: for each key block ``c`` the basis ``U_c`` of that block alone (its queries of every head
-    sharing the key head, its keys; the package's solver, whose accuracy
-    :func:`test_subspace_basis_reaches_the_least_score_error` checks); query ``i`` scores the keys of the first
-    block, of its own block and of a block its window cuts exactly, the others as ``q·(U_c U_cᵀ K_c)_j``."""
+    sharing the key head, its keys; the package's solver, which
+    :func:`test_subspace_basis_is_one_step_towards_the_least_score_error` checks); query ``i`` scores the keys of
+    the first block, of its own block and of a block its window cuts exactly, the others as
+    ``q·(U_c U_cᵀ K_c)_j``."""
     from hf_distrattn.grouping import subspace_basis
 
     _, h_q, n, d = q.shape
@@ -469,11 +470,13 @@ def test_subspace_gradients_are_the_reference_autograd_ones():
         torch.testing.assert_close(a, b)
 
 
-def test_subspace_basis_reaches_the_least_score_error():
-    """``U`` attains the Eckart–Young bound of the block's weighted score error ``tr((I − U Uᵀ) M (I − U Uᵀ))``,
-    ``M = Σ_h S_hᵀ S_h / (tr C_q / d) + ridge K Kᵀ`` (the sum of ``M``'s trailing eigenvalues) to 1e-4, with
-    orthonormal columns. Queries live near one half of a rotated basis and the keys vary most in the other half:
-    the keys' own principal directions in token space (the top eigenvectors of ``K Kᵀ``) keep the wrong half."""
+def test_subspace_basis_is_one_step_towards_the_least_score_error():
+    """``U`` is an orthonormal basis of ``M K_c E``, one step of subspace iteration on the block's weighted score
+    matrix ``M = Σ_h S_hᵀ S_h / (tr C_q / d) + ridge K Kᵀ`` (built here in token space, as an oracle of the
+    right-to-left ``d``-space products), from ``K_c``'s columns at the coordinates of largest ``A_ii (C_k)_ii``. Its
+    score error ``tr((I − U Uᵀ) M (I − U Uᵀ))`` is within 1.5× the Eckart–Young bound (the sum of ``M``'s trailing
+    eigenvalues). Queries live near one half of a rotated basis and the keys vary most in the other half: the start
+    and the keys' own principal directions (the top eigenvectors of ``K Kᵀ``) err more than 10× the bound."""
     from hf_distrattn.grouping import SUBSPACE_RIDGE, subspace_basis
 
     d, rank = 16, 8
@@ -484,17 +487,22 @@ def test_subspace_basis_reaches_the_least_score_error():
     u = subspace_basis(q, k, DistrConfig(group_size=2, block_size=64, grouping="subspace", sampled="k"))[0, 0, 0]
     qs, ks = q[0], k[0, 0]
     scores = qs @ ks.T
-    m = (scores.transpose(-1, -2) @ scores).sum(0) / (qs.square().sum() / d) + SUBSPACE_RIDGE * ks @ ks.T
+    mean = qs.square().sum() / d
+    m = (scores.transpose(-1, -2) @ scores).sum(0) / mean + SUBSPACE_RIDGE * ks @ ks.T
+    energy = (qs.square().sum((0, 1)) / mean + SUBSPACE_RIDGE) * ks.square().sum(0)
+    start = ks[:, energy.argsort(descending=True)[:rank]]
+    step = torch.linalg.qr(m @ start).Q
+    torch.testing.assert_close(u.T @ u, torch.eye(rank, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(u @ u.T, step @ step.T, atol=1e-5, rtol=0)
 
     def error(basis):
         residual = torch.eye(64, dtype=torch.float64) - basis @ basis.T
         return torch.trace(residual @ m @ residual)
 
     bound = torch.linalg.eigvalsh(m)[:-rank].sum()
-    torch.testing.assert_close(error(u), bound, rtol=1e-4, atol=0)
-    torch.testing.assert_close(u.T @ u, torch.eye(rank, dtype=torch.float64), atol=1e-5, rtol=0)
+    assert bound <= error(u) < 1.5 * bound
     keys_pca = torch.linalg.eigh(ks @ ks.T).eigenvectors[:, -rank:]
-    assert error(keys_pca) > 10 * bound
+    assert error(torch.linalg.qr(start).Q) > 10 * bound and error(keys_pca) > 10 * bound
 
 
 def test_subspace_is_causal_and_exact_where_it_cannot_pair_blocks():
