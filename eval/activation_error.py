@@ -8,7 +8,8 @@ perplexity and accuracy evals measure).
 
     python -m hf_distrattn.eval.activation_error --lm ../shared/models/ref-llama-bytes \
         --text-file ../shared/data/heldout_kjv.txt --vit ../shared/models/ref-vit-fmnist \
-        --dataset ../shared/data/fashion-mnist-test.parquet --attn distr:group_size=2 --attn distr:group_size=4
+        --dataset ../shared/data/fashion-mnist-test.parquet --attn distr:group_size=2,grouping=lsh \
+        --attn distr:group_size=4,grouping=lsh
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from ..settings import parse_settings, pick_device
 from .common import EvalError, write_results
 
 CAPTURE = "hf_distrattn_capture"
-DEFAULT_SPECS = ["distr:group_size=2", "distr:group_size=4", "distr:group_size=2,block_size=16",
-                 "distr:group_size=4,block_size=16", "distr:group_size=2,grouping=random",
+DEFAULT_SPECS = ["distr:group_size=2,grouping=lsh", "distr:group_size=4,grouping=lsh",
+                 "distr:group_size=2,block_size=16,grouping=lsh", "distr:group_size=4,block_size=16,grouping=lsh",
+                 "distr:group_size=2,grouping=random",
                  "distr:group_size=2,grouping=truncate", "distr:group_size=2,grouping=match"]
 
 

@@ -123,7 +123,8 @@ def bench(cache_lens, head_dims, groups, batch=1, heads=(32, 8), block_size=64):
             cases |= {f"sdpa-{name}": (name, kv_bytes) for name in ("flash", "cudnn", "efficient")}
             cases["distr-G1"] = (DistrConfig(group_size=1, backend="triton"), kv_bytes)
             for group in groups:
-                config = DistrConfig(group_size=group, block_size=block_size, sampled="k", backend="triton")
+                config = DistrConfig(group_size=group, block_size=block_size, grouping="lsh", sampled="k",
+                                     backend="triton")
                 reduced = batch * heads[1] * n * (d // group) * 2 + n // block_size * batch * heads[1] * d * 8
                 cases[f"distr-G{group}-k"] = (config, reduced + kv_bytes // 2)
             for name, (setting, nbytes) in cases.items():

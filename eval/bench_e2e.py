@@ -134,8 +134,9 @@ def markdown(rows) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--attn", nargs="+", default=["sdpa", "distr:group_size=1,block_size=128",
-                                                      "distr:group_size=4,block_size=128",
-                                                      "distr:group_size=2,sampled=k", "distr:group_size=4,sampled=k"])
+                                                      "distr:group_size=4,block_size=128,grouping=lsh",
+                                                      "distr:group_size=2,sampled=k,grouping=lsh",
+                                                      "distr:group_size=4,sampled=k,grouping=lsh"])
     parser.add_argument("--compile", action="store_true", help="compile both sides (static cache for decode)")
     parser.add_argument("--prefill", type=int, nargs="*", default=[4096, 16384])
     parser.add_argument("--decode-prompt", type=int, nargs="*", default=[4096, 32768])

@@ -30,7 +30,7 @@ def methods(groups):
     out = {f"sdpa-{name}": (sdpa_backend(name), lambda q, k, v, c: F.scaled_dot_product_attention(q, k, v, is_causal=c))
            for name in ("flash", "cudnn", "efficient")}
     for group in groups:
-        config = DistrConfig(group_size=group, block_size=64, backend="triton")
+        config = DistrConfig(group_size=group, block_size=64, grouping="lsh", backend="triton")
         out[f"distr-G{group}"] = (nullcontext, lambda q, k, v, c, config=config: distr_attention(
             q, k, v, causal=c, config=config))
     return out
@@ -177,8 +177,9 @@ def main(argv=None):
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--groups", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--causal", choices=["both", "yes", "no"], default="yes")
-    parser.add_argument("--attn", nargs="+", default=["sdpa", "distr:group_size=1", "distr:group_size=2",
-                                                      "distr:group_size=2,block_size=128", "distr:group_size=4"])
+    parser.add_argument("--attn", nargs="+", default=["sdpa", "distr:group_size=1", "distr:group_size=2,grouping=lsh",
+                                                      "distr:group_size=2,block_size=128,grouping=lsh",
+                                                      "distr:group_size=4,grouping=lsh"])
     parser.add_argument("--step-seq-len", type=int, default=4096)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)

@@ -43,12 +43,12 @@ case "$stage" in
     ;;
   decode)
     python3 -m hf_distrattn.eval.bench_e2e --compile --prefill --train-seq-len 0 --vit-batch 0 \
-      --attn sdpa distr:group_size=1,block_size=128 distr:group_size=2,sampled=k distr:group_size=4,sampled=k \
+      --attn sdpa distr:group_size=1,block_size=128 distr:group_size=2,sampled=k,grouping=lsh distr:group_size=4,sampled=k,grouping=lsh \
       --json "$OUT/e2e_decode.json" --markdown "$OUT/e2e_decode.md" "$@"
     ;;
   rest)
     python3 -m hf_distrattn.eval.bench_e2e --compile --decode-prompt \
-      --attn sdpa distr:group_size=1,block_size=128 distr:group_size=2,block_size=128 \
+      --attn sdpa distr:group_size=1,block_size=128 distr:group_size=2,block_size=128,grouping=lsh \
       --json "$OUT/e2e_rest.json" --markdown "$OUT/e2e_rest.md" "$@"
     ;;
   *)

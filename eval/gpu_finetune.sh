@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install, then `hf-distrattn finetune --config CONFIG` once per --attn setting given after it,
 # paths overridden for a copy of ../shared in .devshare/ (carry it); results in $OUT/finetune-<n>/finetune.json.
-# Usage: bash eval/gpu_finetune.sh configs/finetune-ref-llama-bytes.yaml "distr:group_size=2,block_size=16" ...
+# Usage: bash eval/gpu_finetune.sh configs/finetune-ref-llama-bytes.yaml "distr:group_size=2,block_size=16,grouping=lsh" ...
 set -uo pipefail
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 config=$1

@@ -13,7 +13,8 @@ from .grouping import approximate_operand, hash_directions
 from .plan import plan
 
 DEFAULT_CONFIG = DistrConfig()
-"""Settings used where none are given: ``G=2``, blocks of 64 queries, rank-1 reduction, 8 hash bits."""
+"""Settings used where none are given: ``G=2``, ``grouping="subspace"`` on the keys, blocks of 64 (the most
+accurate drop-in measured; decode steps run exact)."""
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _warned: set[str] = set()

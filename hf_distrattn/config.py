@@ -23,21 +23,24 @@ class DistrConfig:
         num_hashes: LSH random projections, i.e. sign bits of a column's bucket code (1..30).
         seed: seed of the LSH projections; equal seeds give equal results.
         sampled: the operand whose columns are grouped per block and reduced (``"q"`` or ``"k"``);
-            the other operand is fused (its group columns summed with the reduction's weights).
+            the other operand is fused (its group columns summed with the reduction's weights). ``None`` (the
+            default) means the grouping's own: ``"k"`` for ``"subspace"``, ``"q"`` for the others.
         reduce: how a group of ``G`` columns of the sampled operand becomes one column:
             ``"sample"`` keeps the group's first column in bucket order and fuses the other operand
             with weights 1 (the paper); ``"rank1"`` keeps the best rank-1 fit ``u·vᵀ`` of the group's
             block and fuses with weights ``v`` (same cost, smaller error).
         backend: ``"auto"`` (Triton on CUDA where supported, else the PyTorch reference),
             ``"reference"`` or ``"triton"`` (error if the kernel cannot take the call).
-        grouping: ``"lsh"`` (the method); ablations for the eval tables: ``"random"`` (a seeded random column
+        grouping: ``"subspace"`` (the default, below) or ``"lsh"`` (the paper's method); ablations for the eval
+            tables: ``"random"`` (a seeded random column
             grouping per block), ``"truncate"`` (no grouping: scores from the first ``d/G`` dimensions only) and
             ``"match"`` (greedy matching of the columns by ``|cos|``: the yardstick for the hash; reference only);
             ``"pca"`` replaces the groups by the block's top ``d/G`` principal directions (with causal grouping,
             of a decayed covariance of the blocks before it; reference only; :mod:`hf_distrattn.grouping`).
             ``"subspace"`` (with ``sampled="k"``) reduces each key block on its own rank-``d/G`` subspace, weighted
             by the queries at its positions, and scores the first key block and each query's own exactly: causal,
-            and the most accurate drop-in measured (calls with fewer queries than keys run exact).
+            and the most accurate drop-in measured (SmolLM2 at G=2: +0.4% bits/byte on code, against +90% for
+            ``"lsh"``); calls with fewer queries than keys (decode steps) run exact.
         exact_layers: layer indices that :func:`hf_distrattn.configure` keeps exact (``G = 1``) when it applies
             this config to a whole model; written ``exact_layers=0+1`` in a spec. Ignored by single calls.
     """
@@ -46,10 +49,10 @@ class DistrConfig:
     block_size: int = 64
     num_hashes: int = 8
     seed: int = 0
-    sampled: Literal["q", "k"] = "q"
+    sampled: Literal["q", "k"] | None = None
     reduce: Literal["rank1", "sample"] = "rank1"
     backend: Literal["auto", "reference", "triton"] = "auto"
-    grouping: Literal["lsh", "random", "truncate", "match", "pca", "subspace"] = "lsh"
+    grouping: Literal["lsh", "random", "truncate", "match", "pca", "subspace"] = "subspace"
     exact_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
@@ -70,13 +73,15 @@ class DistrConfig:
         if layers is None or not all(isinstance(x, int) and x >= 0 for x in layers):
             raise ValueError(f"DistrConfig.exact_layers must be layer indices (e.g. 0+1), got {self.exact_layers!r}")
         object.__setattr__(self, "exact_layers", tuple(sorted(set(layers))))
+        if self.sampled is None:
+            object.__setattr__(self, "sampled", "k" if self.grouping == "subspace" else "q")
         for name, allowed in (("sampled", SAMPLED), ("reduce", REDUCTIONS), ("backend", BACKENDS),
                               ("grouping", GROUPINGS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DistrConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.grouping == "subspace" and self.sampled != "k":
-            raise ValueError("DistrConfig.grouping='subspace' reduces the keys: it needs sampled='k', "
-                             f"got sampled={self.sampled!r}")
+            raise ValueError("DistrConfig.grouping='subspace' (the default) reduces the keys: it needs sampled='k', "
+                             f"got sampled={self.sampled!r}; the paper's LSH grouping is grouping='lsh'")
 
     @property
     def exact(self) -> bool:

@@ -67,7 +67,7 @@ def test_fully_masked_rows_are_zero_not_nan():
     q, k, v = rand(1, 2, 6, 32), rand(1, 2, 6, 32, seed=1), rand(1, 2, 6, 32, seed=2)
     mask = torch.ones(1, 1, 6, 6, dtype=torch.bool)
     mask[..., 2, :] = False
-    for config in (EXACT, DistrConfig(group_size=2, block_size=4)):
+    for config in (EXACT, DistrConfig(grouping="lsh", group_size=2, block_size=4)):
         out, lse = distr_attention(q, k, v, attn_mask=mask, config=config, return_lse=True)
         assert not out.isnan().any()
         assert (out[:, :, 2] == 0).all() and torch.isneginf(lse[:, :, 2]).all()
@@ -106,7 +106,8 @@ def test_matches_naive_formula(batch, h_kv, rep, n_q, extra_k, d, group, block, 
         mask = rand(batch, 1, n_q, n_k, seed=seed + 3) > -1.0
     elif mask_kind == "float":
         mask = rand(1, h_q, n_q, n_k, dtype=dtype, seed=seed + 3)
-    config = DistrConfig(group_size=group, block_size=block, reduce=reduce, sampled=sampled, seed=seed % 7)
+    config = DistrConfig(grouping="lsh", group_size=group, block_size=block, reduce=reduce, sampled=sampled,
+                         seed=seed % 7)
     out, lse = distr_attention(q, k, v, causal=causal, attn_mask=mask, config=config, return_lse=True,
                                causal_grouping=causal_grouping)
     ref, ref_lse = naive_attention(q, k, v, causal=causal, mask=_additive(mask, (batch, h_q, n_q, n_k)),
@@ -123,7 +124,7 @@ def test_matches_naive_formula(batch, h_kv, rep, n_q, extra_k, d, group, block, 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_inputs(dtype):
     q, k, v = (rand(1, 4, 50, 64, seed=s).to(dtype) for s in range(3))
-    config = DistrConfig(group_size=2, block_size=16)
+    config = DistrConfig(grouping="lsh", group_size=2, block_size=16)
     out = distr_attention(q, k, v, causal=True, config=config)
     ref, _ = naive_attention(q, k, v, causal=True, group=2, block=16)
     assert out.dtype == dtype
@@ -134,19 +135,19 @@ def test_grouping_is_exact_on_rank1_groups():
     """Adjacent columns that are positive multiples of each other share a bucket, so G=2 loses nothing."""
     base = rand(1, 2, 40, 16)
     x = torch.stack([base, 2.5 * base], -1).reshape(1, 2, 40, 32)
-    torch.testing.assert_close(approximate_operand(x, DistrConfig(group_size=2, block_size=16)), x)
+    torch.testing.assert_close(approximate_operand(x, DistrConfig(grouping="lsh", group_size=2, block_size=16)), x)
     twins = torch.stack([base, base], -1).reshape(1, 2, 40, 32)
-    config = DistrConfig(group_size=2, block_size=16, reduce="sample")
+    config = DistrConfig(grouping="lsh", group_size=2, block_size=16, reduce="sample")
     torch.testing.assert_close(approximate_operand(twins, config), twins)
     # but a real G>1 approximation of unstructured data is not exact
-    assert not torch.allclose(approximate_operand(base, DistrConfig(group_size=2)), base, atol=1e-2)
+    assert not torch.allclose(approximate_operand(base, DistrConfig(grouping="lsh", group_size=2)), base, atol=1e-2)
 
 
 def test_deterministic_per_seed():
     q, k, v = (rand(1, 2, 70, 32, seed=s) for s in range(3))
-    a = distr_attention(q, k, v, config=DistrConfig(group_size=4, seed=3))
-    b = distr_attention(q, k, v, config=DistrConfig(group_size=4, seed=3))
-    c = distr_attention(q, k, v, config=DistrConfig(group_size=4, seed=4))
+    a = distr_attention(q, k, v, config=DistrConfig(grouping="lsh", group_size=4, seed=3))
+    b = distr_attention(q, k, v, config=DistrConfig(grouping="lsh", group_size=4, seed=3))
+    c = distr_attention(q, k, v, config=DistrConfig(grouping="lsh", group_size=4, seed=4))
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
 
@@ -157,7 +158,7 @@ def test_rank1_beats_sampling():
     q = latent @ rand(8, 64, seed=9) + 0.1 * rand(2, 4, 128, 64, seed=10)
     k, v = rand(2, 4, 128, 64, seed=11), rand(2, 4, 128, 64, seed=12)
     exact = distr_attention(q, k, v, config=EXACT)
-    errors = {r: (distr_attention(q, k, v, config=DistrConfig(reduce=r)) - exact).norm() / exact.norm()
+    errors = {r: (distr_attention(q, k, v, config=DistrConfig(grouping="lsh", reduce=r)) - exact).norm() / exact.norm()
               for r in ("rank1", "sample")}
     assert errors["rank1"] < errors["sample"]
 
@@ -190,6 +191,24 @@ def test_config_errors_name_the_field(field, value):
         DistrConfig(**{field: value})
 
 
+def test_default_is_the_subspace_grouping_on_keys_and_each_grouping_samples_its_own_operand():
+    """``DistrConfig()`` (and so ``attn_implementation="distr"``) is G=2 ``"subspace"`` on the keys; other groupings
+    sample the queries unless told; asking ``"subspace"`` for the queries names the way to LSH. A wrong default
+    would score a causal LM's keys with the LSH grouping: on CPU the two differ on any random input."""
+    assert (DistrConfig().grouping, DistrConfig().sampled, DistrConfig().group_size) == ("subspace", "k", 2)
+    from hf_distrattn import DEFAULT_CONFIG
+
+    assert DEFAULT_CONFIG == DistrConfig() == DistrConfig.from_dict(DistrConfig().to_dict())
+    assert DistrConfig(grouping="lsh").sampled == "q" and DistrConfig(grouping="lsh", sampled="k").sampled == "k"
+    with pytest.raises(ValueError, match="grouping='lsh'"):
+        DistrConfig(sampled="q")
+    q, k, v = rand(1, 4, 80, 16, seed=1), rand(1, 2, 80, 16, seed=2), rand(1, 2, 80, 16, seed=3)
+    default = distr_attention(q, k, v, causal=True, config=DistrConfig(block_size=16))
+    torch.testing.assert_close(default, distr_attention(q, k, v, causal=True, config=SUBSPACE))
+    lsh = distr_attention(q, k, v, causal=True, config=DistrConfig(grouping="lsh", block_size=16))
+    assert (default - lsh).abs().max() > 1e-3
+
+
 def test_unknown_config_key():
     with pytest.raises(ValueError, match="unknown field.*group"):
         DistrConfig.from_dict({"group": 2})
@@ -197,7 +216,7 @@ def test_unknown_config_key():
 
 def test_indivisible_head_dim_falls_back_to_exact_with_one_warning():
     q, k, v = rand(1, 2, 10, 36), rand(1, 2, 10, 36, seed=1), rand(1, 2, 10, 36, seed=2)
-    config = DistrConfig(group_size=8)
+    config = DistrConfig(grouping="lsh", group_size=8)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = distr_attention(q, k, v, config=config)
@@ -237,12 +256,12 @@ def test_ablation_groupings():
     assert torch.equal(truncated[..., :8], x[..., :8]) and (truncated[..., 8:] == 0).all()
     a = approximate_operand(x, DistrConfig(group_size=2, grouping="random", seed=1))
     b = approximate_operand(x, DistrConfig(group_size=2, grouping="random", seed=1))
-    lsh = approximate_operand(x, DistrConfig(group_size=2))
+    lsh = approximate_operand(x, DistrConfig(grouping="lsh", group_size=2))
     assert torch.equal(a, b) and not torch.allclose(a, lsh)
     # on columns that come in parallel pairs, LSH finds the pairs (exact) and a random grouping does not
     base = rand(1, 2, 40, 16, seed=3)
     pairs = torch.stack([base, 3 * base], -1).reshape(1, 2, 40, 32)
-    lsh_err = (approximate_operand(pairs, DistrConfig(group_size=2, block_size=16)) - pairs).norm()
+    lsh_err = (approximate_operand(pairs, DistrConfig(grouping="lsh", group_size=2, block_size=16)) - pairs).norm()
     shuffled = DistrConfig(group_size=2, block_size=16, grouping="random")
     random_err = (approximate_operand(pairs, shuffled) - pairs).norm()
     assert lsh_err < 1e-4 * pairs.norm() < random_err
@@ -335,7 +354,7 @@ def test_causal_calls_see_no_later_token_and_decode_exactly():
     """``causal=True`` groups causally: outputs before a changed q/k/v row stay bit-identical, and a call with at
     most ``block_size`` queries is exact attention."""
     q, k, v = rand(1, 4, 40, 32, seed=1), rand(1, 2, 40, 32, seed=2), rand(1, 2, 40, 32, seed=3)
-    config = DistrConfig(group_size=2, block_size=16)
+    config = DistrConfig(grouping="lsh", group_size=2, block_size=16)
     base = distr_attention(q, k, v, causal=True, config=config)
     for which in range(3):
         inputs = [q.clone(), k.clone(), v.clone()]
@@ -355,7 +374,7 @@ def test_gradients_of_the_approximation(group, sampled):
     q = rand(1, 4, 9, 8, dtype=torch.float64, seed=1).requires_grad_()
     k = rand(1, 2, 9, 8, dtype=torch.float64, seed=2).requires_grad_()
     v = rand(1, 2, 9, 8, dtype=torch.float64, seed=3).requires_grad_()
-    config = DistrConfig(group_size=group, block_size=4, sampled=sampled, reduce="sample")
+    config = DistrConfig(grouping="lsh", group_size=group, block_size=4, sampled=sampled, reduce="sample")
     assert torch.autograd.gradcheck(lambda q, k, v: distr_attention(q, k, v, causal=True, config=config),
                                     (q, k, v), eps=1e-6, atol=1e-5)
 
@@ -365,7 +384,7 @@ def test_rank1_gradient_is_the_projected_gradient():
     built here from the grouping's permutation and directions."""
     from hf_distrattn.grouping import group_blocks
 
-    config = DistrConfig(group_size=2, block_size=8)
+    config = DistrConfig(grouping="lsh", group_size=2, block_size=8)
     q = rand(1, 2, 16, 8, dtype=torch.float64, seed=4).requires_grad_()
     k, v = rand(1, 2, 16, 8, dtype=torch.float64, seed=5), rand(1, 2, 16, 8, dtype=torch.float64, seed=6)
     distr_attention(q, k, v, config=config).square().sum().backward()
@@ -401,7 +420,7 @@ def test_group_size_equal_to_the_head_dim_warns_once():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(2):
-            distr_attention(q, k, v, config=DistrConfig(group_size=16, block_size=16))
+            distr_attention(q, k, v, config=DistrConfig(grouping="lsh", group_size=16, block_size=16))
     assert len([w for w in caught if "equals the head dim" in str(w.message)]) == 1
 
 
@@ -507,8 +526,8 @@ def test_subspace_basis_is_one_step_towards_the_least_score_error():
 
 def test_subspace_is_causal_and_exact_where_it_cannot_pair_blocks():
     """Outputs before a changed q/k/v row stay bit-identical; a call with fewer queries than keys (decode, a
-    continued prefill) or with one block is exact attention, with the reason in the plan; the setting needs
-    ``sampled="k"``."""
+    continued prefill) or with one block is exact attention, with the reason in the plan; the setting refuses
+    ``sampled="q"``."""
     from hf_distrattn.plan import plan
 
     q, k, v = rand(1, 4, 40, 16, seed=1), rand(1, 2, 40, 16, seed=2), rand(1, 2, 40, 16, seed=3)
@@ -524,4 +543,4 @@ def test_subspace_is_causal_and_exact_where_it_cannot_pair_blocks():
     assert "n_q=10, n_k=40" in plan(q[:, :, 30:], k, SUBSPACE).reason
     assert plan(q[:, :, :16], k[:, :, :16], SUBSPACE).group_size == 1
     with pytest.raises(ValueError, match="sampled='k'"):
-        DistrConfig(grouping="subspace")
+        DistrConfig(grouping="subspace", sampled="q")

@@ -70,7 +70,7 @@ CASES = [  # group, sampled, block, head_dim, causal, n_q, n_k, heads (q, kv)
 @pytest.mark.parametrize("group,sampled,block,d,causal,n_q,n_k,heads", CASES)
 def test_backward_matches_reference(group, sampled, block, d, causal, n_q, n_k, heads):
     q, k, v = rand(2, heads[0], n_q, d, seed=1), rand(2, heads[1], n_k, d, seed=2), rand(2, heads[1], n_k, d, seed=3)
-    config = DistrConfig(group_size=group, sampled=sampled, block_size=block, backend="triton")
+    config = DistrConfig(grouping="lsh", group_size=group, sampled=sampled, block_size=block, backend="triton")
     assert_matches_float64_reference(q, k, v, 2e-4, causal=causal, config=config)
 
 
@@ -109,7 +109,7 @@ def test_backward_masks(kind):
     b, h, n, d = 2, 2, 33, 32
     q, k, v = rand(b, h, n, d, seed=4), rand(b, h, n, d, seed=5), rand(b, h, n, d, seed=6)
     mask = make_mask(kind, b, h, n)
-    config = DistrConfig(group_size=2, block_size=16, backend="triton")
+    config = DistrConfig(grouping="lsh", group_size=2, block_size=16, backend="triton")
     assert_matches_float64_reference(q, k, v, 2e-4, causal=kind != "additive", attn_mask=mask, config=config,
                                      causal_grouping=True)
 
@@ -130,7 +130,7 @@ def test_backward_half_precision(dtype):
     if dtype == torch.bfloat16 and DEVICE == "cpu":
         pytest.skip("the Triton CPU interpreter computes bf16 tl.dot wrongly (numpy has no bf16); runs on GPU")
     q, k, v = (rand(1, 4, 96, 64, dtype=dtype, seed=s) for s in (14, 15, 16))
-    config = DistrConfig(group_size=2, block_size=32, backend="triton")
+    config = DistrConfig(grouping="lsh", group_size=2, block_size=32, backend="triton")
     dout = rand(1, 4, 96, 64, seed=17)
     mine = grads(q, k, v, dout, causal=True, config=config)
     ref = grads(q.double(), k.double(), v.double(), dout.double(), causal=True,
@@ -142,7 +142,7 @@ def test_backward_half_precision(dtype):
 
 def test_dropout_runs_the_differentiable_reference_with_one_warning():
     q = rand(1, 2, 8, 32).requires_grad_()
-    config = DistrConfig(group_size=2, block_size=16)
+    config = DistrConfig(grouping="lsh", group_size=2, block_size=16)
     with pytest.raises(ValueError, match="dropout"):
         distr_attention(q, q, q, dropout_p=0.1, config=config.replace(backend="triton"))
     assert plan(q, q, config, needs_grad=True, dropout_p=0.1).path == "reference-autograd"
@@ -191,7 +191,7 @@ def test_strided_inputs(layout, group):
         return rand(b, heads, d, n, seed=seed).transpose(2, 3)
 
     q, k, v = make(4, 1), make(2, 2), make(2, 3)
-    config = DistrConfig(group_size=group, block_size=16, backend="triton")
+    config = DistrConfig(grouping="lsh", group_size=group, block_size=16, backend="triton")
     dout = rand(b, 4, n, d, seed=9)
     mine = grads(q, k, v, dout, causal=True, config=config)
     ref = grads(q.contiguous(), k.contiguous(), v.contiguous(), dout, causal=True, config=config)

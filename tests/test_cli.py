@@ -13,8 +13,8 @@ from hf_distrattn.cli import main
 def test_parse_attn_spec():
     assert parse_attn_spec("sdpa") == ("sdpa", None)
     assert parse_attn_spec("distr") == ("distr", DistrConfig())
-    assert parse_attn_spec("distr:group_size=4, block_size=32,reduce=sample") == (
-        "distr", DistrConfig(group_size=4, block_size=32, reduce="sample"))
+    assert parse_attn_spec("distr:group_size=4, block_size=32,reduce=sample,grouping=lsh") == (
+        "distr", DistrConfig(grouping="lsh", group_size=4, block_size=32, reduce="sample"))
     for bad, message in [("distr:group=2", "unknown field"), ("distr:group_size", "key=value"),
                          ("sdpa:group_size=2", "only 'distr'"), ("distr:group_size=3", "group_size")]:
         with pytest.raises(ValueError, match=message):
@@ -28,7 +28,7 @@ def test_demo_default_model(tmp_path, capsys):
     assert list(rows) == ["sdpa", "distr:group_size=1", "distr:group_size=2"]
     assert rows["distr:group_size=1"]["token_agreement"] == 1.0
     assert rows["distr:group_size=1"]["max_logit_diff"] < 1e-4
-    assert rows["distr:group_size=2"]["max_logit_diff"] > 1e-4
+    assert rows["distr:group_size=2"]["max_logit_diff"] > 1e-4  # the default, subspace: the prompt spans 3 blocks
     assert rows["distr:group_size=1"]["path"] == "prefill reference ×4, decode reference ×4"  # CPU: the reference
     printed = capsys.readouterr().out
     assert "| distr:group_size=2 | prefill reference ×4, decode reference ×4 |" in printed
@@ -45,7 +45,8 @@ def test_demo_bad_attention_setting_is_one_line_error():
 
 
 def test_paths_prints_each_layers_path_and_why(capsys):
-    assert main(["paths", "--attn", "distr:group_size=2,sampled=k,exact_layers=0", "--seq-len", "100"]) == 0
+    assert main(["paths", "--attn", "distr:group_size=2,grouping=lsh,sampled=k,exact_layers=0", "--seq-len",
+                 "100"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert lines[1].startswith("| 0 | 1 | reference | group_size=1, device cpu")  # layer 0 kept exact
     assert lines[2].startswith("| 1 | 2 | reference | G=2, device cpu") and "| reduced-reference |" in lines[2]

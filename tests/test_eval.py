@@ -25,7 +25,7 @@ def test_ppl_exact_and_schema(shared, tmp_path):
     out = tmp_path / "ppl.json"
     assert main(["ppl", "--model", str(shared / "models/ref-llama-bytes"), "--text-file",
                  str(shared / "data/heldout_kjv.txt"), "--seq-len", "256", "--stride", "128", "--max-windows", "2",
-                 "--attn", "sdpa", "--attn", "distr:group_size=1", "--attn", "distr:group_size=4",
+                 "--attn", "sdpa", "--attn", "distr:group_size=1", "--attn", "distr:group_size=4,grouping=lsh",
                  "--json", str(out)]) == 0
     payload = json.loads(out.read_text())
     assert set(payload) == {"task", "model", "text_file", "dataset", "split", "seq_len", "stride", "windows",
@@ -54,7 +54,8 @@ def test_vit_exact_and_schema(shared, tmp_path):
 def test_tables_grid(shared, tmp_path):
     grid = tmp_path / "grid.yaml"
     grid.write_text(f"""
-attn: [sdpa, "distr:group_size=2", "distr:group_size=4", "distr:group_size=2,grouping=truncate"]
+attn: [sdpa, "distr:group_size=2,grouping=lsh", "distr:group_size=4,grouping=lsh",
+       "distr:group_size=2,grouping=truncate"]
 lm:
   - model: {shared / 'models/ref-llama-bytes'}
     text_file: {shared / 'data/heldout_kjv.txt'}
@@ -113,13 +114,13 @@ def test_activation_errors_on_captured_layers(shared, tmp_path):
                            str(shared / "data/heldout_kjv.txt"), "--seq-len", "200", "--vit",
                            str(shared / "models/ref-vit-fmnist"), "--dataset",
                            str(shared / "data/fashion-mnist-test.parquet"), "--images", "2",
-                           "--attn", "distr:group_size=1", "--attn", "distr:group_size=2",
+                           "--attn", "distr:group_size=1", "--attn", "distr:group_size=2,grouping=lsh",
                            "--attn", "distr:group_size=2,grouping=truncate", "--json", str(out)])
     rows = {(r["model"].split("/")[-1], r["setting"]): r for r in json.loads(out.read_text())["rows"]}
     for model, layers in (("ref-llama-bytes", 8), ("ref-vit-fmnist", 12)):
         assert len(rows[model, "distr:group_size=1"]["layers"]) == layers
         assert rows[model, "distr:group_size=1"]["max_rel_err"] < 1e-5
-        assert 0.01 < rows[model, "distr:group_size=2"]["mean_rel_err"] < \
+        assert 0.01 < rows[model, "distr:group_size=2,grouping=lsh"]["mean_rel_err"] < \
             rows[model, "distr:group_size=2,grouping=truncate"]["mean_rel_err"]
 
 

@@ -29,7 +29,7 @@ def run(tiny_lm, out, *extra):
     path, text = tiny_lm
     return main(["finetune", "--model", str(path), "--text-file", str(text), "--eval-text-file", str(text),
                  "--eval-limit", "2", "--seq-len", "48", "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "0",
-                 "--attn", "distr:group_size=2,block_size=16", "--output-dir", str(out), *extra])
+                 "--attn", "distr:group_size=2,block_size=16,grouping=lsh", "--output-dir", str(out), *extra])
 
 
 def test_lm_learns_through_distr_and_reproduces_its_eval(tiny_lm, tmp_path):
@@ -43,12 +43,12 @@ def test_lm_learns_through_distr_and_reproduces_its_eval(tiny_lm, tmp_path):
     assert set(payload) == {"task", "args", "steps", "train_seconds", "final_loss", "environment", "history"}
     exact, drop_in, tuned = payload["history"]
     assert [e["setting"] for e in payload["history"]] == [
-        "exact (before fine-tuning)", "distr:group_size=2,block_size=16 drop-in",
-        "distr:group_size=2,block_size=16 fine-tuned"]
+        "exact (before fine-tuning)", "distr:group_size=2,block_size=16,grouping=lsh drop-in",
+        "distr:group_size=2,block_size=16,grouping=lsh fine-tuned"]
     assert payload["steps"] == tuned["step"] == 12
     assert tuned["bits_per_byte"] < 0.75 * drop_in["bits_per_byte"]  # a random model learns the repeated line
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "final", attn_implementation="distr")
-    configure(model, parse_attn_spec("distr:group_size=2,block_size=16")[1])
+    configure(model, parse_attn_spec("distr:group_size=2,block_size=16,grouping=lsh")[1])
     ids = torch.tensor(list(tiny_lm[1].read_bytes()))
     again = evaluate_perplexity(model.eval(), ids, 48, 48, max_windows=2)
     assert again.bits_per_byte == pytest.approx(tuned["bits_per_byte"], rel=1e-5)
@@ -62,7 +62,8 @@ def test_distillation_of_the_query_and_key_projections(shared, tmp_path):
     model, text = shared / "models/ref-llama-bytes", shared / "data/heldout_kjv.txt"
     assert main(["finetune", "--model", str(model), "--text-file", str(text), "--eval-text-file", str(text),
                  "--eval-limit", "2", "--seq-len", "128", "--batch-size", "4", "--lr", "1e-3", "--warmup-steps", "0",
-                 "--attn", "distr:group_size=2,block_size=16", "--output-dir", str(tmp_path), "--steps", "12",
+                 "--attn", "distr:group_size=2,block_size=16,grouping=lsh", "--output-dir", str(tmp_path),
+                 "--steps", "12",
                  "--distill", "1", "--train", "qk"]) == 0
     history = json.loads((tmp_path / "finetune.json").read_text())["history"]
     exact, drop_in, tuned = (entry["bits_per_byte"] for entry in history)
@@ -103,7 +104,7 @@ def test_image_classifier_finetune(shared, tmp_path):
     rows.to_parquet(tmp_path / "small.parquet")
     assert main(["finetune", "--model", str(model_dir), "--dataset", str(tmp_path / "small.parquet"),
                  "--eval-dataset", str(tmp_path / "small.parquet"), "--batch-size", "16", "--steps", "3",
-                 "--attn", "distr:group_size=2,block_size=16", "--output-dir", str(tmp_path / "out")]) == 0
+                 "--attn", "distr:group_size=2,block_size=16,grouping=lsh", "--output-dir", str(tmp_path / "out")]) == 0
     payload = json.loads((tmp_path / "out/finetune.json").read_text())
     assert payload["task"] == "finetune-image" and payload["steps"] == 3
     assert all(0 <= e["top1"] <= 1 for e in payload["history"]) and len(payload["history"]) == 3
@@ -134,7 +135,8 @@ def test_finetune_bad_arguments(tiny_lm, tmp_path, capsys, args, message):
     assert message in err.splitlines()[-1] and err.splitlines()[-1].startswith("hf-distrattn finetune: error:")
 
 
-@pytest.mark.parametrize("spec,chat", [("distr:group_size=1", False), ("distr:group_size=2,block_size=16", True)])
+@pytest.mark.parametrize("spec,chat", [("distr:group_size=1", False),
+                                       ("distr:group_size=2,block_size=16,grouping=lsh", True)])
 def test_prompt_answers_are_compared_with_the_exact_models(tiny_lm, tmp_path, spec, chat):
     """``--prompts-file``: every eval generates greedy answers; after the first (exact) eval, the share of prompts
     answered identically and of equal answer tokens. G=1 must agree fully with exact. ``chat``: a tokenizer with a

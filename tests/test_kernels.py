@@ -24,7 +24,7 @@ from hf_distrattn.kernels.softmax import HEAD_GROUP, tile_order  # noqa: E402
 
 
 def triton_config(**kw):
-    return DistrConfig(backend="triton", **kw)
+    return DistrConfig(**{"grouping": "lsh", "backend": "triton", **kw})
 
 
 CASES = [  # group, block, head_dim, causal, n_q, n_k, heads (q, kv)
@@ -168,7 +168,7 @@ def test_plan_names_why_the_fused_kernel_cannot_take_a_call():
     with pytest.raises(ValueError, match="dropout"):
         distr_attention(q, q, q, dropout_p=0.1, config=triton_config())
     out = distr_attention(q, q, q, config=triton_config(block_size=24), causal=True)
-    ref = distr_attention(q, q, q, config=DistrConfig(block_size=24, backend="reference"), causal=True)
+    ref = distr_attention(q, q, q, config=DistrConfig(grouping="lsh", block_size=24, backend="reference"), causal=True)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 
 
@@ -179,7 +179,7 @@ def test_grouping_kernel_matches_reference(reduce, group, block, d, n, causal):
     from hf_distrattn.kernels.grouping import reduce_operand
 
     q = rand(2, 3, n, d, seed=12)
-    config = DistrConfig(group_size=group, block_size=block, reduce=reduce, seed=5)
+    config = DistrConfig(grouping="lsh", group_size=group, block_size=block, reduce=reduce, seed=5)
     hashes = hash_directions(block, config.num_hashes, config.seed, DEVICE)
     perm, u_ref, v_ref = group_blocks(q, config, causal, hashes)
     dg = d // group
@@ -206,7 +206,7 @@ def test_grouping_kernel_half_precision_groups_as_float32(dtype, group, block, c
     from hf_distrattn.kernels.grouping import reduce_operand
 
     q = rand(1, 2, 80, 64, seed=13).to(dtype)
-    config = DistrConfig(group_size=group, block_size=block, seed=5)
+    config = DistrConfig(grouping="lsh", group_size=group, block_size=block, seed=5)
     hashes = hash_directions(block, config.num_hashes, config.seed, DEVICE)
     u, wt = reduce_operand(q, hashes, config, dg_pad=64 // group, causal=causal)
     u32, wt32 = reduce_operand(q.float(), hashes, config, dg_pad=64 // group, causal=causal)
@@ -298,7 +298,7 @@ def test_reduce_keys_kernel_matches_reference(group, block, n_k, reduce, steps, 
     """The cache layer's reduced keys, by the kernel and by the reference op, filled in steps that cross block
     boundaries: the same groups, weights and reduced keys (unfilled static slots stay zero)."""
     k, v = rand(2, 3, n_k, 64, seed=70), rand(2, 3, n_k, 64, seed=71)
-    config = DistrConfig(group_size=group, block_size=block, reduce=reduce)
+    config = DistrConfig(grouping="lsh", group_size=group, block_size=block, reduce=reduce)
     mine = reduced_cache(k, v, triton_config(group_size=group, block_size=block, reduce=reduce, sampled="k"),
                          steps, static)
     ref = reduced_cache(k, v, config.replace(sampled="k", backend="reference"), steps, static)

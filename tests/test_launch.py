@@ -105,7 +105,7 @@ def test_cached_launches_give_triton_results():
     from hf_distrattn import DistrConfig, distr_attention
     from hf_distrattn.kernels import backward
 
-    config = DistrConfig(group_size=2, block_size=32, backend="triton")
+    config = DistrConfig(grouping="lsh", group_size=2, block_size=32, backend="triton")
     dout = rand(1, 4, 128, 64, dtype=torch.bfloat16, seed=2)
 
     def train(q):

@@ -88,7 +88,7 @@ def test_decoder_approximates_at_g2(family):
     ids = torch.randint(3, 97, (2, 64), generator=torch.Generator().manual_seed(2))
     reference = decoder(family, "eager", **window)(ids).logits
     distr = decoder(family, "distr", **window)
-    configure(distr, DistrConfig(group_size=2, block_size=16))
+    configure(distr, DistrConfig(grouping="lsh", group_size=2, block_size=16))
     logits = distr(ids).logits
     assert torch.isfinite(logits).all()
     error = ((logits - reference).norm() / reference.norm()).item()
@@ -128,7 +128,7 @@ def test_encoder_exact_at_g1_and_approximate_at_g2(family):
     distr = encoder(family, "distr")
     configure(distr, EXACT)
     torch.testing.assert_close(embed(family, distr), reference, atol=1e-4, rtol=1e-4)
-    configure(distr, DistrConfig(group_size=2, block_size=16))
+    configure(distr, DistrConfig(grouping="lsh", group_size=2, block_size=16))
     approximate = embed(family, distr)
     assert torch.isfinite(approximate).all()
     assert ((approximate - reference).norm() / reference.norm()).item() < 1.0
@@ -141,7 +141,7 @@ def test_paths_name_the_windowed_layers_that_run_exact():
     from hf_distrattn.integration import layer_plans
 
     model = decoder("gemma2", "distr", sliding_window=36)
-    configure(model, DistrConfig(group_size=2, block_size=16, sampled="k"))
+    configure(model, DistrConfig(grouping="lsh", group_size=2, block_size=16, sampled="k"))
     rows = layer_plans(model, 200)
     windowed = [m.sliding_window is not None for m in hf_distrattn.integration.attention_modules(model)]
     assert windowed == [True, False]
@@ -168,7 +168,7 @@ def test_windows_softcap_and_sinks_through_the_kernels(family):
         assert torch.equal(greedy(distr, ids[:1, :30]), greedy(eager, ids[:1, :30]))
     ids = torch.randint(3, 97, (1, 48), generator=torch.Generator().manual_seed(2)).to(device)
     distr = decoder(family, "distr", sliding_window=36).to(device)
-    configure(distr, DistrConfig(group_size=2, block_size=16, backend="reference"))
+    configure(distr, DistrConfig(grouping="lsh", group_size=2, block_size=16, backend="reference"))
     reference = distr(ids).logits
-    configure(distr, DistrConfig(group_size=2, block_size=16, backend="triton"))
+    configure(distr, DistrConfig(grouping="lsh", group_size=2, block_size=16, backend="triton"))
     torch.testing.assert_close(distr(ids).logits, reference, atol=1e-4, rtol=1e-4)

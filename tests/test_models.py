@@ -26,7 +26,7 @@ def test_llama_exact_logits_from_config_and_set_attn_implementation():
     model.set_attn_implementation("distr")
     configure(model, EXACT)
     torch.testing.assert_close(model(ids).logits, ref, atol=1e-5, rtol=1e-5)
-    configure(model, DistrConfig(group_size=2, block_size=8))
+    configure(model, DistrConfig(grouping="lsh", group_size=2, block_size=8))
     assert (model(ids).logits - ref).abs().max() > 1e-3  # the approximation is really in the loop
     torch.manual_seed(0)
     fresh = AutoModelForCausalLM.from_config(config, attn_implementation="distr").eval()
@@ -73,16 +73,16 @@ def test_padded_batch_equals_unpadded(side):
 
 def test_configure_chosen_layers():
     model, _ = tiny_llama()
-    approx = DistrConfig(group_size=4)
+    approx = DistrConfig(grouping="lsh", group_size=4)
     configure(model, approx)
     configure(model, EXACT, layers=[0])
     assert layer_configs(model) == [EXACT, approx, approx]
     with pytest.raises(ValueError, match="layers"):
         configure(model, EXACT, layers=[3])
-    configure(model, DistrConfig(group_size=4, exact_layers=(1,)))
+    configure(model, DistrConfig(grouping="lsh", group_size=4, exact_layers=(1,)))
     assert [c.group_size for c in layer_configs(model)] == [4, 1, 4]
     with pytest.raises(ValueError, match="layers"):
-        configure(model, DistrConfig(group_size=4, exact_layers=(5,)))
+        configure(model, DistrConfig(grouping="lsh", group_size=4, exact_layers=(5,)))
     plain, _ = tiny_llama()
     assert layer_configs(plain) == [hf_distrattn.DEFAULT_CONFIG] * 3
 
@@ -118,11 +118,11 @@ def test_ref_llama_bits_per_byte(kjv_llama):
     model.set_attn_implementation("sdpa")
     exact = evaluate_perplexity(model, ids, 2048).bits_per_byte
     model.set_attn_implementation("distr")
-    configure(model, DistrConfig(group_size=2))
+    configure(model, DistrConfig(grouping="lsh", group_size=2))
     approx = evaluate_perplexity(model, ids, 2048).bits_per_byte
     assert exact == pytest.approx(1.7674, abs=2e-3)
     assert 1.10 * exact < approx < 1.30 * exact
-    configure(model, DistrConfig(group_size=2, exact_layers=(0, 1)))
+    configure(model, DistrConfig(grouping="lsh", group_size=2, exact_layers=(0, 1)))
     assert evaluate_perplexity(model, ids, 2048).bits_per_byte < 1.02 * exact
 
 
@@ -153,7 +153,7 @@ def test_ref_vit_accuracy(fmnist_vit):
     model.set_attn_implementation("sdpa")
     ref = run()
     model.set_attn_implementation("distr")
-    configure(model, DistrConfig(group_size=2))
+    configure(model, DistrConfig(grouping="lsh", group_size=2))
     approx = run()
     exact_top1 = (ref.argmax(-1) == labels).float().mean().item()
     approx_top1 = (approx.argmax(-1) == labels).float().mean().item()
@@ -207,7 +207,7 @@ def test_decoding_with_reduced_keys_equals_the_prefill_approximation(backend, ca
     ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(4)).to(device)
     exact = model(torch.cat([ids, ids, ids], 1)).logits
     model.set_attn_implementation("distr")
-    configure(model, DistrConfig(group_size=2, block_size=16, sampled="k", backend=backend))
+    configure(model, DistrConfig(grouping="lsh", group_size=2, block_size=16, sampled="k", backend=backend))
     new = 22 if backend == "reference" else 6  # two block boundaries; one under the slow interpreter
     out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, output_logits=True,
                          return_dict_in_generate=True, pad_token_id=0,
@@ -235,7 +235,7 @@ def test_static_cache_generates_the_dynamic_cache_tokens(group, sampled):
     batch = dict(kwargs, input_ids=ids, attention_mask=mask)
     sdpa = model.generate(**single)
     model.set_attn_implementation("distr")
-    configure(model, DistrConfig(group_size=group, block_size=16, sampled=sampled))
+    configure(model, DistrConfig(grouping="lsh", group_size=group, block_size=16, sampled=sampled))
     for call in (single, batch):
         dynamic = model.generate(**call)
         assert torch.equal(model.generate(**call, cache_implementation="static"), dynamic)
@@ -244,11 +244,13 @@ def test_static_cache_generates_the_dynamic_cache_tokens(group, sampled):
 
 
 def test_calibrate_keeps_the_budget_with_the_least_sensitive_layers(kjv_llama):
-    """ref-llama-bytes, one window: the chosen layers are the least sensitive ones, the measured loss stays within
-    the budget, one more layer would not (the search is tight), layer 0 (the most sensitive) stays exact."""
+    """ref-llama-bytes, one window, LSH groups (the default ``subspace`` keeps every layer of this model within
+    2%): the chosen layers are the least sensitive ones, the measured loss stays within the budget, one more layer
+    would not (the search is tight), layer 0 (the most sensitive) stays exact."""
     model, ids = kjv_llama
     model.set_attn_implementation("distr")
-    cal = hf_distrattn.calibrate(model, ids[:1024], budget=0.02, seq_len=1024, max_windows=1)
+    lsh = DistrConfig(grouping="lsh")
+    cal = hf_distrattn.calibrate(model, ids[:1024], budget=0.02, seq_len=1024, max_windows=1, config=lsh)
     chosen = [i for i, c in enumerate(cal.configs) if not c.exact]
     assert 0 < len(chosen) < 8 and cal.configs[0].exact
     order = sorted(range(8), key=lambda i: cal.sensitivity[i])
@@ -260,7 +262,7 @@ def test_calibrate_keeps_the_budget_with_the_least_sensitive_layers(kjv_llama):
     configure(model, spec_config)
     assert name == "distr" and [c.replace(exact_layers=()) for c in layer_configs(model)] == cal.configs
     configure(model, DistrConfig(group_size=1))
-    configure(model, DistrConfig(), layers=order[: len(chosen) + 1])
+    configure(model, lsh, layers=order[: len(chosen) + 1])
     assert evaluate_perplexity(model, ids[:1024], 1024).nats_per_token > 1.02 * cal.exact_loss
 
 
@@ -270,8 +272,8 @@ def test_distr_settings_save_and_reload_with_from_pretrained(tmp_path):
     attn_implementation="distr" computes what the saved one did, with no configure() call."""
     model, _ = tiny_llama()
     model.set_attn_implementation("distr")
-    configure(model, DistrConfig(group_size=2, block_size=16, exact_layers=(0,)))
-    configure(model, DistrConfig(group_size=4, block_size=16), layers=[2])
+    configure(model, DistrConfig(grouping="lsh", group_size=2, block_size=16, exact_layers=(0,)))
+    configure(model, DistrConfig(grouping="lsh", group_size=4, block_size=16), layers=[2])
     ids = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(6))
     expected = model(ids).logits
     model.save_pretrained(tmp_path)

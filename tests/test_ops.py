@@ -19,7 +19,7 @@ from hf_distrattn.grouping import hash_directions
 
 BACKEND = "inductor" if DEVICE == "cuda" else "aot_eager"
 CUDA = DEVICE == "cuda"
-CONFIG_ARGS = ops.config_args(DistrConfig(group_size=2, block_size=16))
+CONFIG_ARGS = ops.config_args(DistrConfig(grouping="lsh", group_size=2, block_size=16))
 
 
 def _attention_args(path, sampled="q", mask=False, grad=True, causal=True, window=None, softcap=None,
@@ -74,7 +74,7 @@ def _reduced_layer(config, n=40):
 
 @pytest.mark.parametrize("path", ["reduced-reference", "reduced-decode"] if CUDA else ["reduced-reference"])
 def test_opcheck_reduced_decode(path):
-    layer = _reduced_layer(DistrConfig(group_size=2, block_size=16, sampled="k"))
+    layer = _reduced_layer(DistrConfig(grouping="lsh", group_size=2, block_size=16, sampled="k"))
     q = rand(1, 4, 1, 32, seed=1)
     torch.library.opcheck(ops.reduced_decode, (q, layer.keys, layer.values, None, *layer.reduced, path, True,
                                                32**-0.5, 16, None, 3.0))
@@ -82,7 +82,7 @@ def test_opcheck_reduced_decode(path):
 
 @pytest.mark.parametrize("path", ["reference", "kernel"] if CUDA else ["reference"])
 def test_opcheck_reduce_keys(path):
-    config = DistrConfig(group_size=2, block_size=16, sampled="k")
+    config = DistrConfig(grouping="lsh", group_size=2, block_size=16, sampled="k")
     layer = _reduced_layer(config)  # keys 0-39 reduced; redo 21-32 (a block begun before, a block begun in them)
     start = torch.tensor(21, device=DEVICE)
     torch.library.opcheck(ops.reduce_keys, (layer.keys, start, hash_directions(16, 8, 0, DEVICE), layer.fuse_group,
@@ -96,8 +96,8 @@ def tiny_llama(dtype=torch.float32):
     return LlamaForCausalLM(config).to(DEVICE, dtype).eval()
 
 
-SETTINGS = [DistrConfig(group_size=1), DistrConfig(group_size=2, block_size=16),
-            DistrConfig(group_size=2, block_size=16, sampled="k"), DistrConfig(group_size=4, block_size=16)]
+LSH = DistrConfig(grouping="lsh", block_size=16)
+SETTINGS = [DistrConfig(group_size=1), LSH, LSH.replace(sampled="k"), LSH.replace(group_size=4)]
 TOL = dict(atol=3e-2, rtol=3e-2) if CUDA else dict(atol=1e-5, rtol=1e-5)
 
 
@@ -126,7 +126,7 @@ def test_windows_softcap_and_sinks_compile_whole(family):
     from test_model_matrix import decoder
 
     model = decoder(family, "distr", sliding_window=36).to(DEVICE)
-    configure(model, DistrConfig(group_size=2, block_size=16))
+    configure(model, DistrConfig(grouping="lsh", group_size=2, block_size=16))
     ids = torch.randint(3, 97, (2, 64), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     torch._dynamo.reset()
     explained = torch._dynamo.explain(model)(ids)
@@ -142,7 +142,7 @@ def test_vit_compiles_whole_and_matches_eager():
                                                 intermediate_size=128, image_size=64, patch_size=16))
     model = model.to(DEVICE).eval()
     model.set_attn_implementation("distr")
-    configure(model, DistrConfig(group_size=2, block_size=16))
+    configure(model, DistrConfig(grouping="lsh", group_size=2, block_size=16))
     pixels = rand(2, 3, 64, 64, seed=3)
     torch._dynamo.reset()
     assert torch._dynamo.explain(model)(pixel_values=pixels).graph_break_count == 0
@@ -181,7 +181,7 @@ def test_compiled_training_step_matches_eager():
     """Forward and backward through the op's autograd registration, compiled whole."""
     model = tiny_llama()
     model.set_attn_implementation("distr")
-    configure(model, DistrConfig(group_size=2, block_size=16))
+    configure(model, DistrConfig(grouping="lsh", group_size=2, block_size=16))
     ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(3)).to(DEVICE)
 
     def step(run):
@@ -203,13 +203,12 @@ def test_compiled_function_recompiles_for_other_settings_and_dtypes():
     other settings."""
     compiled = torch.compile(distr_attention, fullgraph=True, backend=BACKEND)
     q, k, v = rand(1, 4, 40, 32, seed=1), rand(1, 2, 40, 32, seed=2), rand(1, 2, 40, 32, seed=3)
-    for config in (DistrConfig(group_size=2, block_size=16), DistrConfig(group_size=4, block_size=16),
-                   DistrConfig(group_size=2, block_size=32)):
+    for config in (LSH, LSH.replace(group_size=4), LSH.replace(block_size=32)):
         torch.testing.assert_close(compiled(q, k, v, causal=True, config=config),
                                    distr_attention(q, k, v, causal=True, config=config), atol=1e-5, rtol=1e-5)
     half = (t.double() for t in (q, k, v)) if not CUDA else (t.half() for t in (q, k, v))
     q16, k16, v16 = half
-    out = compiled(q16, k16, v16, causal=True, config=DistrConfig(group_size=2, block_size=16))
+    out = compiled(q16, k16, v16, causal=True, config=DistrConfig(grouping="lsh", group_size=2, block_size=16))
     assert out.dtype == q16.dtype
     torch.testing.assert_close(out, distr_attention(q16, k16, v16, causal=True,
-                                                    config=DistrConfig(group_size=2, block_size=16)))
+                                                    config=DistrConfig(grouping="lsh", group_size=2, block_size=16)))

@@ -19,7 +19,7 @@ def test_patch_apply_and_revert():
     ref = model(x)
     assert timm_vit.apply(model, DistrConfig(group_size=1)) == 12
     torch.testing.assert_close(model(x), ref, atol=1e-4, rtol=1e-4)
-    timm_vit.apply(model, DistrConfig(group_size=4))
+    timm_vit.apply(model, DistrConfig(grouping="lsh", group_size=4))
     assert (model(x) - ref).abs().max() > 1e-4
     assert timm_vit.revert(model) == 12
     torch.testing.assert_close(model(x), ref, atol=0, rtol=0)

@@ -43,7 +43,7 @@ def _shapes_case(rank, sizes, n_q, group_size, compiled):
     k, v = torch.randn(2, 2, n_k, 32, generator=g), torch.randn(2, 2, n_k, 32, generator=g)
     lo = sum(sizes[:rank])
     shard = slice(lo, lo + sizes[rank])
-    config = DistrConfig(group_size=group_size, block_size=16)
+    config = DistrConfig(grouping="lsh", group_size=group_size, block_size=16)
     q_pos = torch.arange(n_k - n_q, n_k)
     ref, ref_lse = distr_attention(q, k, v, causal=True, config=config, return_lse=True)
     step = torch.compile(tree_attention, fullgraph=True, backend="aot_eager") if compiled else tree_attention
