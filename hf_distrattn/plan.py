@@ -160,8 +160,8 @@ def plan(q: torch.Tensor, k: torch.Tensor, config: DistrConfig, *, causal_groupi
             return Plan("subspace", group, (why, ("gradients: subspace pre-pass kernel, fused kernel forward, "
                                                   "backward kernels on K or K̃ per tile",)))
         else:
-            return Plan("fused", group, (why, ("subspace pre-pass kernel, fused kernel, first and own key blocks "
-                                               "exact",)))
+            return Plan("fused", group, (why, ("subspace pre-pass kernel, fused kernel, first, own and "
+                                               "neighbouring key blocks exact",)))
         _refuse(config, note)
         return Plan("reference", group, (why, note))
     rows = q.shape[1] // k.shape[1] * n_q

@@ -53,11 +53,11 @@ def _compute_dtype(q: torch.Tensor) -> torch.dtype:
 
 def exact_pairs(n_q: int, n_k: int, block: int, device, window: int | None = None) -> torch.Tensor:
     """``(n_q, n_k)`` bool: the pairs ``"subspace"`` scores exactly: key ``j`` in the first block (attention
-    sinks), in the block of query ``i``'s position (``i + n_k − n_q``), or in a block that a sliding window of
-    ``window`` keys cuts for ``i``."""
+    sinks), in the block of query ``i``'s position (``i + n_k − n_q``) or a neighbour of it, or in a block that a
+    sliding window of ``window`` keys cuts for ``i``."""
     rows = torch.arange(n_q, device=device).unsqueeze(1) + (n_k - n_q)
     cols = torch.arange(n_k, device=device)
-    exact = (cols // block == rows // block) | (cols < block)
+    exact = ((cols // block - rows // block).abs() <= 1) | (cols < block)
     if window is not None:
         exact = exact | (cols // block * block <= rows - window)
     return exact

@@ -431,7 +431,7 @@ def _subspace_oracle(q, k, v, block, rank, causal, window=None):
     """Float64 loops: for each key block ``c`` the basis ``U_c`` of that block alone (its queries of every head
     sharing the key head, its keys; the package's solver, which
     :func:`test_subspace_basis_is_one_step_towards_the_least_score_error` checks); query ``i`` scores the keys of
-    the first block, of its own block and of a block its window cuts exactly, the others as
+    the first block, of its own block and its neighbours and of a block its window cuts exactly, the others as
     ``q·(U_c U_cᵀ K_c)_j``."""
     from hf_distrattn.grouping import subspace_basis
 
@@ -456,7 +456,7 @@ def _subspace_oracle(q, k, v, block, rank, causal, window=None):
                         continue
                     c = j // block
                     cut = window is not None and c * block <= i - window
-                    exact = c == i // block or c == 0 or cut
+                    exact = abs(c - i // block) <= 1 or c == 0 or cut
                     scores[j] = q[0, h, i] @ (k[0, g, j] if exact else projected[j])
                 out[0, h, i] = torch.softmax(scores * d**-0.5, 0) @ v[0, g]
     return out

@@ -176,7 +176,7 @@ def test_auto_config_roundtrip_keeps_distr(tmp_path):
 def test_causal_lm_logits_do_not_see_later_tokens(group, grouping):
     """Changing token 70 must leave the logits of positions 0-69 unchanged (blocks of 16: 64-69 share its block;
     the causal grouping reads only earlier blocks). ``"subspace"`` (blocks of 32, more rows than its d/G = 16
-    directions) scores the own block exactly and reduces the earlier ones from their own rows."""
+    directions) scores the own and the previous block exactly and reduces the earlier ones from their own rows."""
     model, config = tiny_llama()
     ids = torch.randint(0, 97, (1, 100), generator=torch.Generator().manual_seed(3))
     exact = model(ids).logits[0]

@@ -346,9 +346,9 @@ def attention_backward(q, k, v, out, lse, dout, *, causal: bool, attn_mask, scal
     of ``block`` rows, ``M = Wtᵀ Wt`` from :func:`.grouping.reduce_operand` (``wt`` contiguous; ``causal``: block 0
     has ``M = I``); that gradient is returned as ``dX = dX̃ M`` (``M`` symmetric), in the kernel's epilogue.
     ``subspace = (k_red, dk_red, block)`` (``grouping="subspace"``, as many queries as keys, no window): pairs
-    outside the first and the query's own block of ``block`` keys score ``K̃`` (``k_red``, ``k``'s layout), and
-    their gradient ``dK̃`` is written to ``dk_red`` (``k``'s layout) instead of ``dK``; tiles then never straddle a
-    block.
+    outside the first, the query's own and the neighbouring blocks of ``block`` keys score ``K̃`` (``k_red``,
+    ``k``'s layout), and their gradient ``dK̃`` is written to ``dk_red`` (``k``'s layout) instead of ``dK``; tiles
+    then never straddle a block.
     """
     batch, heads, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]

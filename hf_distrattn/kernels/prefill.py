@@ -14,9 +14,9 @@ Kernel, one program per (query block, batch·head) in :func:`~.softmax.tile_orde
 and writes ``out = acc / l`` and ``lse = m + log l`` (natural log). With ``grouping="subspace"`` (``SUBSPACE``) the
 keys come reduced instead, ``K̃_c = K_c B_c`` per key block, and a tile of block ``c`` scores ``(Q F_c)·K̃_cᵀ``:
 the query fuse ``Q F_c`` (``BLOCK_M·D·DG``) replaces the key fuse (``BLOCK_N·DG·D``), the same cost at square
-tiles; tiles of the first and the queries' own key block are scored exactly (:func:`_subspace_dot`). Key tiles
-that every row of the block sees whole skip all masking (the FlashAttention-2 split into off-diagonal and diagonal
-tiles); tiles outside a causal or sliding window are not visited (:func:`~.softmax.key_range`). Rows with no
+tiles; tiles of the first key block, the queries' own and its neighbours are scored exactly
+(:func:`_subspace_dot`). Key tiles that every row of the block sees whole skip all masking (the FlashAttention-2
+split into off-diagonal and diagonal tiles); tiles outside a causal or sliding window are not visited (:func:`~.softmax.key_range`). Rows with no
 visible key give 0 and ``-inf``. At ``G = 1``, ``U = Q`` and there is no fuse; head dims that are
 not a power of two are zero-padded there. With causal grouping, query block 0 is exact: a ``G = 1`` launch of
 one block beside the ``G`` launch of the others. GQA maps query head ``h`` to key head ``h // (Hq / Hkv)``;
@@ -55,9 +55,9 @@ from .softmax import (
 def _subspace_dot(q, k_base, kr_base, f_base, start_m, start_n, offs_m, offs_n, offs_d, n_q, n_k, sk_n, skr_n,
                   sf_blk, window, MASKED: tl.constexpr, WINDOWED: tl.constexpr, IEEE: tl.constexpr,
                   BLOCK_SIZE: tl.constexpr, DR: tl.constexpr):
-    """``grouping="subspace"``'s ``Q·Kᵀ`` of a key tile in key block ``c``: exact when ``c`` is the first block or
-    the queries' own, else ``(Q F_c)·K̃_cᵀ`` at inner size ``DR``, and exact on the rows whose sliding window cuts
-    ``c``."""
+    """``grouping="subspace"``'s ``Q·Kᵀ`` of a key tile in key block ``c``: exact when ``c`` is the first block,
+    the queries' own or a neighbour (:func:`~.softmax.subspace_exact`), else ``(Q F_c)·K̃_cᵀ`` at inner size
+    ``DR``, and exact on the rows whose sliding window cuts ``c``."""
     c = start_n // BLOCK_SIZE
     in_range = offs_n[None, :] < n_k
     kt_ptrs = k_base + offs_n[None, :] * sk_n + offs_d[:, None]

@@ -76,9 +76,11 @@ def visible(offs_m, offs_n, n_q, n_k, window, CAUSAL: tl.constexpr, WINDOWED: tl
 @triton.jit
 def subspace_exact(start_n, start_m, SUB_BLOCK: tl.constexpr):
     """``grouping="subspace"``: whether a key tile at ``start_n`` is scored exactly for a query tile at ``start_m``
-    (both inside one block of ``SUB_BLOCK`` rows): its key block is the first or the queries' own."""
+    (both inside one block of ``SUB_BLOCK`` rows): its key block is the first, the queries' own or a neighbour of
+    it."""
     c = start_n // SUB_BLOCK
-    return (c == start_m // SUB_BLOCK) | (c == 0)
+    b = start_m // SUB_BLOCK
+    return ((c >= b - 1) & (c <= b + 1)) | (c == 0)
 
 
 @triton.jit
