@@ -8,7 +8,8 @@ share its key head (``Q_h``), with ``mean = Σ_h ‖Q_h‖² / D``:
    Σ_h (Q_hᵀ Q_h)_ii / mean + ridge`` (ties by index), ``E`` one-hot by ranking those ``D`` energies against each
    other (``D × D`` comparisons, no sort);
 2. one step of subspace iteration, right to left: ``Z = K_cᵀ (K_c E)``, ``Y = Σ_h Q_hᵀ (Q_h Z) / mean + ridge·Z``,
-   ``X = K_c Y`` (``= M K_c E``; six ``BLOCK × D × r`` products per block plus four per query head);
+   ``X = K_c Y`` (``= M K_c E``; with ``F_c`` below, four ``BLOCK × D × r`` products per block and two per query
+   head, besides Newton–Schulz);
 3. ``U = orth(X)``: Frobenius normalisation, ``STEPS`` quintic Newton–Schulz steps, ``FINISH`` cubic ones
    (:func:`hf_distrattn.grouping.orthonormalized`).
 
