@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from ..api import distr_attention
 from ..config import DistrConfig
 from ..grouping import hash_directions, padded_width
-from ..kernels.subspace import subspace_reduced
 from ..kernels import prefill
+from ..kernels.subspace import subspace_reduced
 from .common import write_results
 
 
@@ -159,7 +159,7 @@ def plot(rows, path) -> None:
     fig, axes = plt.subplots(lines, columns, figsize=(6 * columns, 4 * lines), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.remove()
-    for ax, (d, causal) in zip(axes.flat, panels):
+    for ax, (d, causal) in zip(axes.flat, panels, strict=False):  # the grid may hold more axes than panels
         for name in dict.fromkeys(r["method"] for r in rows):
             points = sorted((r["n"], r["tflops"]) for r in rows
                             if r["method"] == name and (r["d"], r["causal"]) == (d, causal) and "tflops" in r)

@@ -16,10 +16,10 @@ keys come reduced instead, ``K̃_c = K_c B_c`` per key block, and a tile of bloc
 the query fuse ``Q F_c`` (``BLOCK_M·D·DG``) replaces the key fuse (``BLOCK_N·DG·D``), the same cost at square
 tiles; tiles of the first key block, the queries' own and its neighbours are scored exactly
 (:func:`_subspace_dot`). Key tiles that every row of the block sees whole skip all masking (the FlashAttention-2
-split into off-diagonal and diagonal tiles); tiles outside a causal or sliding window are not visited (:func:`~.softmax.key_range`). Rows with no
-visible key give 0 and ``-inf``. At ``G = 1``, ``U = Q`` and there is no fuse; head dims that are
-not a power of two are zero-padded there. With causal grouping, query block 0 is exact: a ``G = 1`` launch of
-one block beside the ``G`` launch of the others. GQA maps query head ``h`` to key head ``h // (Hq / Hkv)``;
+split into off-diagonal and diagonal tiles); tiles outside a causal or sliding window are not visited
+(:func:`~.softmax.key_range`). Rows with no visible key give 0 and ``-inf``. At ``G = 1``, ``U = Q`` and there is
+no fuse; head dims that are not a power of two are zero-padded there. With causal grouping, query block 0 is
+exact: a ``G = 1`` launch of one block beside the ``G`` launch of the others. GQA maps query head ``h`` to key head ``h // (Hq / Hkv)``;
 K and V are never repeated.
 """
 
@@ -207,8 +207,8 @@ def distr_attention_triton(q, k, v, *, causal=False, attn_mask=None, scale=None,
     is exact, computed by a second, ``G = 1`` launch of the kernel into the same output. ``prepared``: the
     output of :func:`prepare` for these inputs, to time the kernel alone; ``launch`` overrides
     :func:`launch_params` (``block_n``, ``num_warps``, ``num_stages``, ``fold_scale``) of the ``G``-launch.
-    ``subspace``: ``grouping="subspace"``'s ``(K̃, F)`` (:func:`hf_distrattn.kernels.subspace.subspace_reduced`); ``Q``, ``K``
-    and ``V`` then go in whole, key tiles never straddle a key block, and there is one launch.
+    ``subspace``: ``grouping="subspace"``'s ``(K̃, F)`` (:func:`hf_distrattn.kernels.subspace.subspace_reduced`);
+    ``Q``, ``K`` and ``V`` then go in whole, key tiles never straddle a key block, and there is one launch.
     """
     batch, heads, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
