@@ -19,8 +19,8 @@ tiles; tiles of the first key block, the queries' own and its neighbours are sco
 split into off-diagonal and diagonal tiles); tiles outside a causal or sliding window are not visited
 (:func:`~.softmax.key_range`). Rows with no visible key give 0 and ``-inf``. At ``G = 1``, ``U = Q`` and there is
 no fuse; head dims that are not a power of two are zero-padded there. With causal grouping, query block 0 is
-exact: a ``G = 1`` launch of one block beside the ``G`` launch of the others. GQA maps query head ``h`` to key head ``h // (Hq / Hkv)``;
-K and V are never repeated.
+exact: a ``G = 1`` launch of one block beside the ``G`` launch of the others. GQA maps query head ``h`` to key
+head ``h // (Hq / Hkv)``; K and V are never repeated.
 """
 
 from __future__ import annotations
