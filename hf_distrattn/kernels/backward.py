@@ -22,9 +22,10 @@ masked rows (``L = −∞``) give ``P = 0``; only tiles on the causal diagonal o
 masked (the forward's split), and tiles outside the window are not visited. Head dims that are not a power of two
 are zero-padded. When ``Q̃ = X M`` per grouping block (``M = Wtᵀ Wt``), ``_dq`` writes ``dX = dQ̃ M`` instead of
 ``dQ̃`` (:func:`_project_tile` in its epilogue, one ``Wt`` per grouping block the tile covers); the same for ``K̃``
-in ``_dkdv``. With ``grouping="subspace"`` (``SUB_BLOCK``) a pair scores ``K`` in the first and the query's own key
-block and ``K̃_c = U_c U_cᵀ K_c`` elsewhere: both kernels read the one their tile's pair needs, and ``_dkdv`` writes
-``dK̃`` apart (the caller adds ``U_c U_cᵀ dK̃_c``).
+in ``_dkdv``. With ``grouping="subspace"`` (``SUB_BLOCK``) a pair scores ``K`` in the first key block, the
+query's own and its neighbours (:func:`~.softmax.subspace_exact`) and ``K̃_c = U_c U_cᵀ K_c`` elsewhere: both
+kernels read the one their tile's pair needs, and ``_dkdv`` writes ``dK̃`` apart (the caller adds
+``U_c U_cᵀ dK̃_c``).
 
 Cost: seven ``d``-deep GEMMs per score (``_dkdv``: recompute, dP, dV, dK; ``_dq``: recompute, dP, dQ), against
 FlashAttention-2's five with a float32 ``dQ`` accumulated by atomics (slower in Triton by public reports).
