@@ -13,8 +13,8 @@ Kernel, one program per (query block, batch·head) in :func:`~.softmax.tile_orde
 
 and writes ``out = acc / l`` and ``lse = m + log l`` (natural log). With ``grouping="subspace"`` (``SUBSPACE``) the
 keys come reduced instead, ``K̃_c = U_c`` per key block (``F_c = K_cᵀ U_c``), and a tile of block ``c`` scores
-``(Q F_c)·K̃_cᵀ``: the query fuse ``Q F_c`` (``BLOCK_M·D·DG``) replaces the key fuse (``BLOCK_N·DG·D``), the same cost at square
-tiles; tiles of the first key block, the queries' own and its neighbours are scored exactly
+``(Q F_c)·K̃_cᵀ``: the query fuse ``Q F_c`` (``BLOCK_M·D·DG``) replaces the key fuse (``BLOCK_N·DG·D``), the
+same cost at square tiles; tiles of the first key block, the queries' own and its neighbours are scored exactly
 (:func:`_subspace_dot`). Key tiles that every row of the block sees whole skip all masking (the FlashAttention-2
 split into off-diagonal and diagonal tiles); tiles outside a causal or sliding window are not visited
 (:func:`~.softmax.key_range`). Rows with no visible key give 0 and ``-inf``. At ``G = 1``, ``U = Q`` and there is
