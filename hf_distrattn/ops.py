@@ -15,10 +15,11 @@ fake implementation (shapes only, for ``torch.compile``), and runs the ``path`` 
 :func:`hf_distrattn.plan.plan` chose: a Triton kernel, or the PyTorch reference of :mod:`hf_distrattn.reference`,
 which is what every CPU tensor runs. ``attention`` is differentiable (``register_autograd``) on the
 ``"reference"``, ``"subspace"`` and ``"projected"`` paths, the log-sum-exp included (attention sinks differentiate
-through it); ``"subspace"``'s backward reruns the pre-pass on ``q`` and ``k`` (no saved
-state). With ``G > 1`` on ``"projected"`` its third and fourth outputs are the
-projected operand ``X̃ = X Wtᵀ Wt`` and the fuse matrices ``Wt`` (placeholders otherwise), which the backward takes in
-place of the sampled operand (``dX = dX̃ Wtᵀ Wt``, in the kernel's epilogue). Outputs and gradients take the
+through it). With ``G > 1`` on ``"projected"`` its third and fourth outputs are the
+projected operand ``X̃ = X Wtᵀ Wt`` and the fuse matrices ``Wt``, which the backward takes in
+place of the sampled operand (``dX = dX̃ Wtᵀ Wt``, in the kernel's epilogue); on ``"subspace"`` the fourth is the
+pre-pass's key bases ``U`` ``(B, Hkv, n_blocks, block, r)`` float32, which the backward takes as ``wt`` to form
+``K̃_c = U Uᵀ K_c`` without a second pre-pass. Placeholders otherwise. Outputs and gradients take the
 layout of the inputs they belong to (``empty_like``; contiguous when an input's head dim is strided), so
 Transformers' transpose of the output back to ``(B, N, H, d)`` costs nothing.
 """
@@ -115,7 +116,9 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, hashes
         elif group_size > 1 and grouping == "subspace":
             from .kernels.subspace import subspace_reduced
 
-            subspace = subspace_reduced(q, k, config, width)[:2]
+            *subspace, basis = subspace_reduced(q, k, config, width)
+            if path == "subspace":  # the backward's
+                wt = basis
         out, lse = prefill.distr_attention_triton(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale,
                                                   config=config, causal_grouping=causal_grouping, hashes=hashes,
                                                   prepared=prepared, subspace=subspace, **features)
@@ -144,6 +147,11 @@ def _(q, k, v, attn_mask, hashes, path, causal, scale, group_size, block_size, n
     if path == "projected" and group_size > 1:
         x = q if sampled == "q" else k
         return _like(q), lse, _like(x), x.new_empty(_wt_shape(x, group_size, block_size))
+    if path == "subspace" and group_size > 1:
+        batch, h_kv, n, d = k.shape
+        basis = k.new_empty(batch, h_kv, -(-n // block_size), block_size, min(d // group_size, block_size),
+                            dtype=torch.float32)
+        return _like(q), lse, _absent(q), basis
     return _like(q), lse, _absent(q), _absent(q)
 
 
@@ -154,7 +162,7 @@ def _attention_backward(dout: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor,
                        softcap: float | None) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` of :func:`attention` given the gradients of its ``out`` and ``lse`` (``None``: zero). On
     ``"projected"`` with ``G > 1`` the sampled one of ``q``/``k`` is the forward's ``x̃`` and ``wt`` its fuse
-    matrices."""
+    matrices; on ``"subspace"`` ``wt`` is the forward's key bases ``U``."""
     config = as_config(group_size, block_size, num_hashes, seed, sampled, reduce, grouping)
     features = dict(window=window, softcap=softcap, dlse=dlse)
     if path == "reference":
@@ -163,15 +171,13 @@ def _attention_backward(dout: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor,
                                              hashes=hashes, **features)
     elif path == "subspace":
         from .kernels.backward import attention_backward as kernel_backward
-        from .kernels.subspace import subspace_reduced
 
         q, k = _unit_stride(q), _unit_stride(k)
-        basis = subspace_reduced(q, k, config, padded_width(q.shape[-1] // group_size))[2]
-        k_red = torch.empty_like(k).copy_(subspace_keys(k, basis, config))  # K's layout
+        k_red = torch.empty_like(k).copy_(subspace_keys(k, wt, config))  # K's layout
         dk_red = torch.empty_like(k)
         dq, dk, dv = kernel_backward(q, k, _unit_stride(v), out, lse, dout, causal=causal, attn_mask=attn_mask,
                                      scale=scale, subspace=(k_red, dk_red, block_size), **features)
-        grads = dq, dk + subspace_keys(dk_red, basis, config).to(dk.dtype), dv
+        grads = dq, dk + subspace_keys(dk_red, wt, config).to(dk.dtype), dv
     elif path == "projected":
         from .kernels.backward import attention_backward as kernel_backward
 

@@ -23,19 +23,20 @@ CONFIG_ARGS = ops.config_args(DistrConfig(grouping="lsh", group_size=2, block_si
 
 
 def _attention_args(path, sampled="q", mask=False, grad=True, causal=True, window=None, softcap=None,
-                    grouping="lsh"):
+                    grouping="lsh", block_size=16):
     q, k, v = rand(1, 4, 40, 32, seed=1), rand(1, 2, 40, 32, seed=2), rand(1, 2, 40, 32, seed=3)
     if path == "decode":
         q = q[:, :, -2:]
     q, k, v = (t.requires_grad_(grad) for t in (q, k, v))
     attn_mask = (rand(1, 1, q.shape[2], 40, seed=4) > -1.0) if mask else None
-    config = DistrConfig(group_size=1 if path == "decode" else 2, block_size=16, sampled=sampled, grouping=grouping)
-    return (q, k, v, attn_mask, hash_directions(16, 8, 0, DEVICE), path, causal and not mask, 32**-0.5,
+    config = DistrConfig(group_size=1 if path == "decode" else 2, block_size=block_size, sampled=sampled,
+                         grouping=grouping)
+    return (q, k, v, attn_mask, hash_directions(block_size, 8, 0, DEVICE), path, causal and not mask, 32**-0.5,
             *ops.config_args(config), True, window, softcap)
 
 
 OPCHECK_ATTENTION = [("reference", "q", False, None), ("reference", "k", True, None), ("reference", "q", False, 20),
-                     ("reference", "subspace", False, None)]
+                     ("reference", "subspace", False, None), ("subspace", "subspace", True, None)]
 if CUDA:
     OPCHECK_ATTENTION += [("projected", "q", False, None), ("projected", "k", True, None), ("fused", "q", True, None),
                           ("decode", "q", False, None), ("fused", "q", False, 33), ("decode", "q", False, 20),
@@ -44,21 +45,27 @@ if CUDA:
 
 @pytest.mark.parametrize("path,sampled,mask,window", OPCHECK_ATTENTION)
 def test_opcheck_attention(path, sampled, mask, window):
-    """``window`` cases also cap the logits (softcap 3); ``"subspace"``: that grouping, keys sampled."""
-    grad = path in ("reference", "projected")
+    """``window`` cases also cap the logits (softcap 3); ``"subspace"``: that grouping, keys sampled, blocks of 32
+    (wider than ``d/G = 16``: a basis, not ``U = I``); the ``"subspace"`` path runs the Triton kernels here too."""
+    grad = path in ("reference", "projected", "subspace")
     softcap = None if window is None else 3.0
-    grouping, sampled = ("subspace", "k") if sampled == "subspace" else ("lsh", sampled)
+    grouping, sampled, block = ("subspace", "k", 32) if sampled == "subspace" else ("lsh", sampled, 16)
     torch.library.opcheck(ops.attention, _attention_args(path, sampled, mask, grad, window=window, softcap=softcap,
-                                                         grouping=grouping))
+                                                         grouping=grouping, block_size=block))
 
 
-@pytest.mark.parametrize("path", ["reference", "projected"] if CUDA else ["reference"])
+@pytest.mark.parametrize("path", ["reference", "subspace", "projected"] if CUDA else ["reference", "subspace"])
 @pytest.mark.parametrize("features", [False, True])
 def test_opcheck_attention_backward(path, features):
-    """``features``: a window, a softcap and a gradient reaching the log-sum-exp (attention sinks)."""
+    """``features``: a window, a softcap and a gradient reaching the log-sum-exp (attention sinks); ``"subspace"``
+    takes the forward's key bases as ``wt``."""
     extra = dict(window=20, softcap=3.0) if features else {}
+    if path == "subspace":
+        extra |= dict(sampled="k", grouping="subspace", block_size=32)
     args = _attention_args(path, grad=False, **extra)
     out, lse, operand, wt = ops.attention(*args)
+    if path == "subspace":
+        assert wt.shape == (1, 2, 2, 32, 16) and wt.dtype == torch.float32
     q, k, v = (operand if path == "projected" else args[0]), args[1], args[2]
     dlse = rand(*lse.shape, seed=10) if features else None
     torch.library.opcheck(ops.attention_backward, (rand(*out.shape, seed=9), dlse, q, k, v, out, lse, wt, *args[3:]))
