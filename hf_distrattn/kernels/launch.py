@@ -23,17 +23,21 @@ from triton.runtime import JITFunction, driver
 MAX_SIGNATURES = 1024
 
 
-def _specialization(arg):
-    """What Triton's launch specializes on for one positional argument."""
-    if isinstance(arg, torch.Tensor):
-        return arg.dtype, arg.data_ptr() % 16 == 0
-    if isinstance(arg, bool):
-        return bool, arg
-    if isinstance(arg, int):
-        return int, arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31, arg < 2**63
-    if isinstance(arg, float):
-        return float
-    return type(arg), arg
+def _signature(args) -> tuple:
+    """What Triton's launch specializes on, for the positional arguments: one loop with the common types first
+    (most arguments are strides), no call per argument."""
+    key = []
+    for arg in args:
+        kind = type(arg)
+        if kind is int:
+            key.append((arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31, arg < 2**63))
+        elif isinstance(arg, torch.Tensor):
+            key.append((arg.dtype, arg.data_ptr() % 16 == 0))
+        elif kind is float:
+            key.append(float)
+        else:
+            key.append((kind, arg))  # bool, None, and the rest by value
+    return tuple(key)
 
 
 class _Cached:
@@ -45,7 +49,7 @@ class _Cached:
         return lambda *args, **meta: self._launch(grid, args, meta)
 
     def _launch(self, grid, args, meta):
-        key = (driver.active.get_current_device(), *map(_specialization, args), *meta.items())
+        key = (driver.active.get_current_device(), _signature(args), *meta.items())
         entry = self.compiled.get(key)
         if entry is None:
             kernel = self.fn[grid](*args, **meta)

@@ -104,5 +104,5 @@ def subspace_reduced(q: torch.Tensor, k: torch.Tensor, config: DistrConfig,
     _basis[(batch * h_kv * n_blocks,)](
         q, k, basis, reduced, factors, SUBSPACE_RIDGE, n, h_kv, h_q // h_kv, n_blocks, *q.stride()[:3],
         *k.stride()[:3], BLOCK=block, D=d, R=rank, WIDTH=width, EXACT=rank >= block, STEPS=SUBSPACE_STEPS,
-        FINISH=SUBSPACE_FINISH, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
+        FINISH=SUBSPACE_FINISH, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=2)
     return reduced, factors, basis
