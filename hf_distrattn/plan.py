@@ -70,7 +70,9 @@ def effective_group_size(q: torch.Tensor, k: torch.Tensor, config: DistrConfig, 
                          window: int | None = None) -> tuple[int, Note]:
     """``(G, why)``: ``config.group_size``, or 1 where the approximation is the identity or cannot apply.
 
-    ``grouping="subspace"`` keeps ``G`` when there are as many queries as keys, more than one block of them.
+    ``grouping="subspace"`` keeps ``G`` when there are as many queries as keys, more than one block of them, and
+    ``d/G < block_size`` (a block of ``block_size`` keys spans at most that many dimensions, so a wider basis is
+    the identity).
     Otherwise a sliding window keeps ``G`` only with ``sampled="q"`` and causal grouping and ``window ≥ 2·block_size``:
     then query block ``b`` is grouped by block ``b − 1``, whose rows all lie inside the window of each of ``b``'s
     queries, and keys are fused one by one, so no position outside a query's window enters its scores. (Key
@@ -83,6 +85,9 @@ def effective_group_size(q: torch.Tensor, k: torch.Tensor, config: DistrConfig, 
     if d % group:
         return 1, ("head_dim {} is not a multiple of group_size={}: exact", d, group)
     if config.grouping == "subspace":  # windows: the blocks a window cuts are scored exactly
+        if d // group >= config.block_size:
+            return 1, ("grouping='subspace' with d/G={} ≥ block_size={}: each block's basis is the identity, exact",
+                       d // group, config.block_size)
         if q.shape[2] != k.shape[2]:
             return 1, ("grouping='subspace' pairs key blocks with the queries at their positions (n_q={}, n_k={}): "
                        "exact", q.shape[2], k.shape[2])
@@ -105,6 +110,9 @@ def kernel_grouping(d: int, config: DistrConfig, group: int) -> Note | None:
         return ("block_size {} (the kernels take {})", config.block_size, BLOCK_SIZES)
     if not _power_of_two(d):
         return ("head_dim {} is not a power of two", d)
+    if d > 128:
+        return ("head_dim {} > 128 (the grouping kernel holds d × d tiles; on an H100 its compile did not end in "
+                "6 minutes at 256)", d)
     if config.num_hashes > 16:
         return ("num_hashes {} > 16", config.num_hashes)
     return None

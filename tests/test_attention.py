@@ -191,6 +191,21 @@ def test_config_errors_name_the_field(field, value):
         DistrConfig(**{field: value})
 
 
+def test_subspace_wider_than_its_blocks_is_planned_exact():
+    """``d/G ≥ block_size``: a block of keys spans at most ``block_size`` dimensions, so its basis is the identity
+    and the plan runs the exact path (Gemma 3's d=256 under the default G=2, blocks of 64), with the same output
+    as ``G=1``. A plan that kept ``G=2`` there would run the pre-pass and the reduced kernel for nothing."""
+    from hf_distrattn.plan import plan
+
+    q, k, v = rand(1, 2, 80, 64, seed=1), rand(1, 1, 80, 64, seed=2), rand(1, 1, 80, 64, seed=3)
+    wide = DistrConfig(block_size=16)  # d/G = 32 ≥ 16
+    step = plan(q, k, wide, causal_grouping=True)
+    assert step.group_size == 1 and "identity" in step.reason
+    assert plan(q, k, DistrConfig(block_size=64), causal_grouping=True).group_size == 2  # d/G = 32 < 64
+    torch.testing.assert_close(distr_attention(q, k, v, causal=True, config=wide),
+                               distr_attention(q, k, v, causal=True, config=wide.replace(group_size=1)))
+
+
 def test_default_is_the_subspace_grouping_on_keys_and_each_grouping_samples_its_own_operand():
     """``DistrConfig()`` (and so ``attn_implementation="distr"``) is G=2 ``"subspace"`` on the keys; other groupings
     sample the queries unless told; asking ``"subspace"`` for the queries names the way to LSH. A wrong default
