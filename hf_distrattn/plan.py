@@ -111,8 +111,8 @@ def kernel_grouping(d: int, config: DistrConfig, group: int) -> Note | None:
     if not _power_of_two(d):
         return ("head_dim {} is not a power of two", d)
     if d > 128:
-        return ("head_dim {} > 128 (the grouping kernel holds d × d tiles; on an H100 its compile did not end in "
-                "6 minutes at 256)", d)
+        return ("head_dim {} > 128 (the grouping kernel holds d × d tiles: at 256 an H100 run of its test did not "
+                "end in 6 minutes)", d)
     if config.num_hashes > 16:
         return ("num_hashes {} > 16", config.num_hashes)
     return None
