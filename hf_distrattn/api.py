@@ -174,9 +174,9 @@ def _run(chosen, q, k, v, causal, mask, scale, config, dropout_p, causal_groupin
         return reference.attention(q, k, v, causal=causal, attn_mask=mask, scale=scale, config=effective,
                                    dropout_p=dropout_p, causal_grouping=causal_grouping, hashes=hashes,
                                    window=features[0], softcap=features[1])
-    if path in ("reduced-decode", "reduced-reference"):
-        return ops.call(ops.reduced_decode, q, k, v, mask, *reduced_keys, path, causal, scale, config.block_size,
-                        *features)
+    if path in ("decode", "reduced-decode", "reduced-reference"):
+        return ops.call(ops.decode, q, k, v, mask, *(reduced_keys or (None,) * 3), path, causal, scale,
+                        config.block_size, *features)
     if path == "approximated":  # X̃ in PyTorch (autograd through it), then the exact kernels
         if group > 1 and config.sampled == "q":
             q = approximate_operand(q, config, causal_grouping, hashes).to(q.dtype)

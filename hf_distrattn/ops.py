@@ -4,7 +4,7 @@ r"""The registered PyTorch ops, namespace ``hf_distrattn``: every kernel entry p
     attention(q, k, v, attn_mask?, hashes?, path, causal, scale, <config>, causal_grouping, window?, softcap?)
         -> (out, lse, x̃, wt)
     attention_backward(dout, dlse?, q, k, v, out, lse, wt, attn_mask?, hashes?, path, ...) -> (dq, dk, dv)
-    reduced_decode(q, k, v, attn_mask?, reduced_keys, fuse_group, fuse_weight, path, causal, scale, block_size,
+    decode(q, k, v, attn_mask?, reduced_keys?, fuse_group?, fuse_weight?, path, causal, scale, block_size,
         window?, softcap?) -> (out, lse)
     reduce_keys(keys, start, hashes, fuse_group, fuse_weight, n_new, path, <config>, width)
         -> (u, fuse_group, fuse_weight, block_index)
@@ -101,13 +101,11 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, hashes
         out, lse = reference.attention(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale, config=config,
                                        causal_grouping=causal_grouping, hashes=hashes, **features)
         return _into(q, out), lse, operand, wt
-    from .kernels import decode, prefill
+    from .kernels import prefill
 
     like = q
     q, k, v = (_unit_stride(t) for t in (q, k, v))
-    if path == "decode":
-        out, lse = decode.decode_attention(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale, **features)
-    elif path in ("fused", "subspace"):
+    if path in ("fused", "subspace"):
         prepared = subspace = None  # LSH: the grouping kernel, inside the call
         width = padded_width(q.shape[-1] // group_size)
         if group_size > 1 and grouping == "pca":
@@ -218,33 +216,35 @@ def _backward(ctx, dout, dlse, _doperand, _dwt):
 attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-# --- decoding over keys held in reduced form ------------------------------------------------------------------
+# --- decoding: a few queries against a long cache --------------------------------------------------------------
 
 
-def _reduced_decode(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, reduced_keys: Tensor,
-                   fuse_group: Tensor, fuse_weight: Tensor, path: str, causal: bool, scale: float,
-                   block_size: int, window: int | None, softcap: float | None) -> tuple[Tensor, Tensor]:
-    """``(out, lse)`` of a few queries over keys whose blocks after the first are held reduced; ``path``
-    ``"reduced-reference"`` (:func:`hf_distrattn.reference.reduced_keys_attention`) or ``"reduced-decode"`` (the
-    kernel, which reads ``d/G`` of each such key)."""
+def _decode(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, reduced_keys: Tensor | None,
+            fuse_group: Tensor | None, fuse_weight: Tensor | None, path: str, causal: bool, scale: float,
+            block_size: int, window: int | None, softcap: float | None) -> tuple[Tensor, Tensor]:
+    """``(out, lse)`` of a few queries: ``path`` ``"decode"`` (the split-KV kernel over ``k``, exact; the reduced
+    tensors ``None``), or over keys whose blocks after the first a cache layer holds reduced: ``"reduced-decode"``
+    (the kernel, which reads ``d/G`` of each such key) or ``"reduced-reference"``
+    (:func:`hf_distrattn.reference.reduced_keys_attention`). Two outputs, so that a decode step launches nothing
+    but its two kernels (no placeholders to fill)."""
     if path == "reduced-reference":
         out, lse = reference.reduced_keys_attention(q, k, v, reduced_keys, fuse_group, fuse_weight,
                                                     block_size=block_size, causal=causal, attn_mask=attn_mask,
                                                     scale=scale, window=window, softcap=softcap)
         return _into(q, out), lse
-    if path != "reduced-decode":
-        raise ValueError(f"hf_distrattn::reduced_decode: unknown path {path!r}")
+    if path not in ("decode", "reduced-decode"):
+        raise ValueError(f"hf_distrattn::decode: unknown path {path!r}")
     from .kernels import decode
 
+    reduced = None if path == "decode" else (reduced_keys, fuse_group, fuse_weight, block_size)
     return decode.decode_attention(*(_unit_stride(t) for t in (q, k, v)), causal=causal, attn_mask=attn_mask,
-                                   scale=scale, reduced=(reduced_keys, fuse_group, fuse_weight, block_size),
-                                   window=window, softcap=softcap)
+                                   scale=scale, reduced=reduced, window=window, softcap=softcap)
 
 
-reduced_decode = torch.library.custom_op("hf_distrattn::reduced_decode", _reduced_decode, mutates_args=())
+decode = torch.library.custom_op("hf_distrattn::decode", _decode, mutates_args=())
 
 
-@reduced_decode.register_fake
+@decode.register_fake
 def _(q, *args):
     return _like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
@@ -297,7 +297,7 @@ def _(keys, start, hashes, fuse_group, fuse_weight, n_new, path, group_size, blo
 
 
 _IMPLEMENTATIONS = {attention: _attention, attention_backward: _attention_backward,
-                    reduced_decode: _reduced_decode, reduce_keys: _reduce_keys}
+                    decode: _decode, reduce_keys: _reduce_keys}
 
 
 def call(op, *args):

@@ -25,12 +25,9 @@ CONFIG_ARGS = ops.config_args(DistrConfig(grouping="lsh", group_size=2, block_si
 def _attention_args(path, sampled="q", mask=False, grad=True, causal=True, window=None, softcap=None,
                     grouping="lsh", block_size=16):
     q, k, v = rand(1, 4, 40, 32, seed=1), rand(1, 2, 40, 32, seed=2), rand(1, 2, 40, 32, seed=3)
-    if path == "decode":
-        q = q[:, :, -2:]
     q, k, v = (t.requires_grad_(grad) for t in (q, k, v))
     attn_mask = (rand(1, 1, q.shape[2], 40, seed=4) > -1.0) if mask else None
-    config = DistrConfig(group_size=1 if path == "decode" else 2, block_size=block_size, sampled=sampled,
-                         grouping=grouping)
+    config = DistrConfig(group_size=2, block_size=block_size, sampled=sampled, grouping=grouping)
     return (q, k, v, attn_mask, hash_directions(block_size, 8, 0, DEVICE), path, causal and not mask, 32**-0.5,
             *ops.config_args(config), True, window, softcap)
 
@@ -39,8 +36,7 @@ OPCHECK_ATTENTION = [("reference", "q", False, None), ("reference", "k", True, N
                      ("reference", "subspace", False, None), ("subspace", "subspace", True, None)]
 if CUDA:
     OPCHECK_ATTENTION += [("projected", "q", False, None), ("projected", "k", True, None), ("fused", "q", True, None),
-                          ("decode", "q", False, None), ("fused", "q", False, 33), ("decode", "q", False, 20),
-                          ("fused", "subspace", True, 33)]
+                          ("fused", "q", False, 33), ("fused", "subspace", True, 33)]
 
 
 @pytest.mark.parametrize("path,sampled,mask,window", OPCHECK_ATTENTION)
@@ -79,12 +75,18 @@ def _reduced_layer(config, n=40):
     return layer
 
 
-@pytest.mark.parametrize("path", ["reduced-reference", "reduced-decode"] if CUDA else ["reduced-reference"])
-def test_opcheck_reduced_decode(path):
-    layer = _reduced_layer(DistrConfig(grouping="lsh", group_size=2, block_size=16, sampled="k"))
-    q = rand(1, 4, 1, 32, seed=1)
-    torch.library.opcheck(ops.reduced_decode, (q, layer.keys, layer.values, None, *layer.reduced, path, True,
-                                               32**-0.5, 16, None, 3.0))
+@pytest.mark.parametrize("path,window", [("reduced-reference", None), ("reduced-decode", None), ("decode", None),
+                                         ("decode", 20)])
+def test_opcheck_decode(path, window):
+    """The decode op on each path (the kernels under the interpreter on a CPU): exact decoding passes no reduced
+    tensors; logits capped (softcap 3)."""
+    q = rand(1, 4, 2, 32, seed=1)
+    if path == "decode":
+        keys, values, reduced = rand(1, 2, 40, 32, seed=2), rand(1, 2, 40, 32, seed=3), (None,) * 3
+    else:
+        layer = _reduced_layer(DistrConfig(grouping="lsh", group_size=2, block_size=16, sampled="k"))
+        keys, values, reduced = layer.keys, layer.values, layer.reduced
+    torch.library.opcheck(ops.decode, (q, keys, values, None, *reduced, path, True, 32**-0.5, 16, window, 3.0))
 
 
 @pytest.mark.parametrize("path", ["reference", "kernel"] if CUDA else ["reference"])
