@@ -124,3 +124,14 @@ def test_cached_launches_give_triton_results():
             assert torch.equal(a, b)
         for a, b in zip(first, train(q.contiguous()), strict=True):
             torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_host_helpers_equal_tritons():
+    """``cdiv`` and ``next_power_of_2`` replace Triton's (JIT-callable, µs per host call) in every launch: grids,
+    split counts and tile sizes must not change."""
+    import triton
+
+    for n in range(1, 4100):
+        assert launch.next_power_of_2(n) == triton.next_power_of_2(n), n
+        for block in (1, 3, 16, 64, 128):
+            assert launch.cdiv(n, block) == triton.cdiv(n, block), (n, block)

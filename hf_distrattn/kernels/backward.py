@@ -42,7 +42,7 @@ import triton.language as tl
 
 from ..grouping import padded_width
 from .grouping import project_block
-from .launch import cached
+from .launch import cached, cdiv
 from .softmax import (
     HEAD_GROUP,
     key_range,
@@ -387,11 +387,11 @@ def attention_backward(q, k, v, out, lse, dout, *, causal: bool, attn_mask, scal
                     PROJECT_CAUSAL=projected and project[3], DG_PAD=wt.shape[-2] if projected else 16,
                     SUB_BLOCK=sub_block) | common
 
-    _dq[(triton.cdiv(n_q, p_q["block_m"]) * batch * heads,)](
+    _dq[(cdiv(n_q, p_q["block_m"]) * batch * heads,)](
         q, k, v, dout, lse, delta, lse2, mask, dq_, wt, k_red, out, dlse, scale, window or 0, softcap or 1.0, n_q, n_k,
         heads, heads // h_kv, *strides, *dq_.stride()[:3], *out.stride()[:3], HAS_DLSE=has_dlse,
         **launch(p_q, "q"))
-    _dkdv[(triton.cdiv(n_k, p_kv["block_n"]) * batch * h_kv,)](
+    _dkdv[(cdiv(n_k, p_kv["block_n"]) * batch * h_kv,)](
         q, k, v, dout, lse2, delta, mask, dk, dv, wt, k_red, dk_red, scale, window or 0, softcap or 1.0, n_q, n_k,
         heads, heads // h_kv, *strides, *dk.stride()[:3], *dv.stride()[:3], **launch(p_kv, "k"))
     if d_pad == d:

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import cached
+from .launch import cached, cdiv, next_power_of_2
 from .softmax import finish, mask_arguments, masked_scores, online_softmax, score_scale, scores, softcapped, visible
 
 PROGRAMS_PER_SM = 2
@@ -139,7 +139,7 @@ def num_splits(batch_heads_kv: int, n_k: int, block_n: int, device) -> int:
     """Enough splits for about :data:`PROGRAMS_PER_SM` programs per multiprocessor, each with at least 4 key
     tiles."""
     sms = _multiprocessors(device)
-    return max(1, min(triton.cdiv(PROGRAMS_PER_SM * sms, batch_heads_kv), triton.cdiv(n_k, 4 * block_n)))
+    return max(1, min(cdiv(PROGRAMS_PER_SM * sms, batch_heads_kv), cdiv(n_k, 4 * block_n)))
 
 
 def decode_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, reduced=None, window=None,
@@ -165,24 +165,22 @@ def decode_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, reduc
         group, dg = 2, uk.shape[-1]  # any G > 1: the kernel only needs to know the keys are reduced
     start = 0 if window is None else max(n_k - n_q - window + 1, 0) // block_n * block_n  # row 0's first key
     splits = splits or num_splits(batch * h_kv, n_k - start, block_n, q.device)
-    chunk = triton.cdiv(triton.cdiv(n_k - start, splits), block_n) * block_n
-    splits = triton.cdiv(n_k - start, chunk)
+    chunk = cdiv(cdiv(n_k - start, splits), block_n) * block_n
+    splits = cdiv(n_k - start, chunk)
     out = torch.empty(batch, heads, n_q, splits, d, device=q.device, dtype=torch.float32)
     lse = torch.empty(batch, heads, n_q, splits, device=q.device, dtype=torch.float32)
     mask, mask_kind, mask_strides = mask_arguments(attn_mask, lse)
     _decode_split[(splits, batch * h_kv)](
         q, k, v, uk, grp, w, mask, out, lse, scale, window or 0, softcap or 1.0, n_q, n_k, h_kv, rep, start, chunk,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), uk.stride(0), uk.stride(1), uk.stride(2),
-        grp.stride(0), grp.stride(1), grp.stride(2), *mask_strides,
-        out.stride(0), out.stride(1), out.stride(2), out.stride(3), lse.stride(0), lse.stride(1), lse.stride(2),
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *uk.stride()[:3], *grp.stride()[:3], *mask_strides,
+        *out.stride()[:4], *lse.stride()[:3],
         CAUSAL=causal, WINDOWED=window is not None, SOFTCAP=softcap is not None, MASK_KIND=mask_kind,
-        IEEE=q.dtype == torch.float32, BLOCK_M=max(16, triton.next_power_of_2(rep * n_q)), BLOCK_N=block_n, D=d,
+        IEEE=q.dtype == torch.float32, BLOCK_M=max(16, next_power_of_2(rep * n_q)), BLOCK_N=block_n, D=d,
         G=group, DG=dg,
         **LAUNCH,
     )
     merged = torch.empty_like(q)
     merged_lse = torch.empty(batch, heads, n_q, device=q.device, dtype=torch.float32)
     _merge_splits[(batch * heads * n_q,)](out, lse, merged, merged_lse, splits, n_q, heads, *merged.stride()[:3],
-                                          S_PAD=max(2, triton.next_power_of_2(splits)), D=d, num_warps=4)
+                                          S_PAD=max(2, next_power_of_2(splits)), D=d, num_warps=4)
     return merged, merged_lse

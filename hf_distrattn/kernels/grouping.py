@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from ..config import DistrConfig
-from .launch import cached
+from .launch import cached, cdiv
 
 
 @triton.jit
@@ -140,7 +140,7 @@ def reduce_operand(x: torch.Tensor, hashes: torch.Tensor, config: DistrConfig, d
     """
     batch, heads, n, d = x.shape
     block, group = config.block_size, config.group_size
-    n_blocks = triton.cdiv(n, block)
+    n_blocks = cdiv(n, block)
     u = torch.empty_like(x) if project else torch.empty(batch, heads, n_blocks * block, dg_pad, device=x.device,
                                                             dtype=x.dtype)
     wt = torch.empty(batch, heads, n_blocks, dg_pad, d, device=x.device, dtype=x.dtype)

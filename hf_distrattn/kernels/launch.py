@@ -23,6 +23,16 @@ from triton.runtime import JITFunction, driver
 MAX_SIGNATURES = 1024
 
 
+def cdiv(a: int, b: int) -> int:
+    """``⌈a / b⌉`` in plain Python: ``triton.cdiv`` is a JIT-callable function whose host call costs µs."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The least power of two ``≥ n`` (1 for ``n ≤ 1``), in plain Python, as :func:`cdiv`."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def _signature(args) -> tuple:
     """What Triton's launch specializes on, for the positional arguments: one loop with the common types first
     (most arguments are strides), no call per argument."""

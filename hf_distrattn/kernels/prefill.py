@@ -34,7 +34,7 @@ import triton.language as tl
 from ..config import DistrConfig
 from ..grouping import padded_width
 from .grouping import reduce_operand
-from .launch import cached
+from .launch import cached, cdiv
 from .softmax import (
     HEAD_GROUP,
     finish,
@@ -222,7 +222,7 @@ def distr_attention_triton(q, k, v, *, causal=False, attn_mask=None, scale=None,
     lse = torch.empty(batch, heads, n_q, device=q.device, dtype=torch.float32)
     wt = out if wt is None else wt  # G = 1: a placeholder, never read
     mask, mask_kind, mask_strides = mask_arguments(attn_mask, out)
-    n_blocks = triton.cdiv(n_q, config.block_size)
+    n_blocks = cdiv(n_q, config.block_size)
 
     def run(u, kk, vv, group, first_block, count, params):
         _distr_fwd[(count * batch * heads,)](

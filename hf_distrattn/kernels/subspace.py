@@ -27,6 +27,7 @@ import triton.language as tl
 
 from ..config import DistrConfig
 from ..grouping import SUBSPACE_FINISH, SUBSPACE_RIDGE, SUBSPACE_STEPS
+from .launch import cdiv
 
 
 @triton.jit
@@ -97,7 +98,7 @@ def subspace_reduced(q: torch.Tensor, k: torch.Tensor, config: DistrConfig,
     batch, h_q, n, d = q.shape
     h_kv, block = k.shape[1], config.block_size
     rank = min(d // config.group_size, block)
-    n_blocks = triton.cdiv(n, block)
+    n_blocks = cdiv(n, block)
     basis = torch.empty(batch, h_kv, n_blocks, block, rank, device=q.device, dtype=torch.float32)
     reduced = torch.empty(batch, h_kv, n_blocks * block, width, device=q.device, dtype=k.dtype)
     factors = torch.empty(batch, h_kv, n_blocks, d, width, device=q.device, dtype=k.dtype)
