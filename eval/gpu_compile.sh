@@ -16,13 +16,13 @@ stage=${1:-tests}
 shift || true
 case "$stage" in
   tests)
-    python3 -m pytest -v --tb=short -p no:cacheprovider tests/test_ops.py 2>&1 | tee "$OUT/gpu_ops.log" | tail -n 15
-    python3 -m pytest -v --tb=short -p no:cacheprovider tests/test_kernels.py -k "reduce or decode" \
+    $PYTEST tests/test_ops.py 2>&1 | tee "$OUT/gpu_ops.log" | tail -n 15
+    $PYTEST tests/test_kernels.py -k "reduce or decode" \
       2>&1 | tee "$OUT/gpu_kernels.log" | tail -n 15
     python3 -m hf_distrattn.eval.bench_decode --json "$OUT/decode.json" --markdown "$OUT/decode.md" "$@"
     ;;
   kernels)
-    python3 -m pytest -v --tb=short -p no:cacheprovider tests/test_kernels.py tests/test_backward.py -k "not reduce and not decode" \
+    $PYTEST tests/test_kernels.py tests/test_backward.py -k "not reduce and not decode" \
       2>&1 | tee "$OUT/gpu_kernels.log" | tail -n 15
     ;;
   subspace)
@@ -32,13 +32,13 @@ case "$stage" in
     ;;
   speed)
     nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader
-    python3 -m pytest -v --tb=short -p no:cacheprovider tests/test_ops.py tests/test_kernels.py tests/test_backward.py -k subspace \
+    $PYTEST tests/test_ops.py tests/test_kernels.py tests/test_backward.py -k subspace \
       2>&1 | tee "$OUT/gpu_subspace.log" | tail -n 15
     python3 -m hf_distrattn.eval.bench_kernels --seq-lens 1024 4096 16384 32768 --block-sizes 64 \
       --json "$OUT/kernels.json" --markdown "$OUT/kernels.md" --plot "$OUT/speed_vs_seq_len.png" "$@"
     ;;
   models)
-    python3 -m pytest -v --tb=short -p no:cacheprovider tests/test_model_matrix.py tests/test_kernels.py -k "matrix or windows or windowed or head_dim" \
+    $PYTEST tests/test_model_matrix.py tests/test_kernels.py -k "matrix or windows or windowed or head_dim" \
       2>&1 | tee "$OUT/gpu_models.log" | tail -n 15
     ;;
   decode)
