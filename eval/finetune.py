@@ -14,7 +14,9 @@ only the query and key projections (what the approximated scores depend on); eve
 Evals: held-out bits/byte (LM) or top-1 (images); with ``--prompts-file`` (one instruction per line, in the chat
 template of an instruction model) also the greedy answers, and their agreement with the exact model's at step 0:
 ``answer_agreement`` (share of prompts answered identically) and ``token_agreement`` (answer tokens equal position
-by position).
+by position). ``--prompt-context-file`` puts its own chunk of ``--prompt-context-tokens`` tokens of a held-out
+text before each instruction: short prompts fit in the blocks that every setting scores exactly, so only long
+ones test the approximation (and not only the weights).
 
 Output folder: ``checkpoint-STEP/`` (accelerate state + ``trainer_state.json``, for ``--resume``), ``final/``
 (``save_pretrained`` of the model and its tokenizer or image processor) and ``finetune.json`` (arguments,
@@ -70,6 +72,8 @@ class FinetuneArgs:
     train: str = "all"  # "all" parameters, or "qk": only the query and key projections
     prompts_file: str | None = None  # instruction prompts, one per line: greedy answers compared with the exact model's
     answer_tokens: int = 32
+    prompt_context_file: str | None = None  # a held-out text: each prompt is preceded by its own chunk of it
+    prompt_context_tokens: int = 1000  # tokens of context per prompt (the approximation acts only on long prompts)
 
 
 class TokenWindows(torch.utils.data.Dataset):
@@ -148,11 +152,24 @@ class LMTask:
         lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
         if not lines:
             raise EvalError(f"prompts file {path} holds no prompt")
+        if self.args.prompt_context_file:
+            lines = [f"{context}\n\n{line}" for context, line in zip(self._contexts(len(lines)), lines, strict=True)]
         if getattr(self.tokenizer, "chat_template", None):  # the template's text carries its special tokens
             texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": line}], tokenize=False,
                                                         add_generation_prompt=True) for line in lines]
             return [torch.tensor(self.tokenizer(text, add_special_tokens=False).input_ids) for text in texts]
         return [torch.tensor(self.tokenizer(line).input_ids) for line in lines]
+
+    def _contexts(self, count: int) -> list[str]:
+        """``count`` consecutive, disjoint chunks of ``prompt_context_tokens`` tokens of the context file, as text."""
+        path, n = self.args.prompt_context_file, self.args.prompt_context_tokens
+        if not Path(path).is_file():
+            raise EvalError(f"prompt context file not found: {path}")
+        ids = self.tokenizer(Path(path).read_text(), add_special_tokens=False).input_ids
+        if len(ids) < count * n:
+            raise EvalError(f"prompt context file {path} holds {len(ids)} tokens; {count} prompts × "
+                            f"{n} tokens of context need {count * n}")
+        return [self.tokenizer.decode(ids[i * n:(i + 1) * n]) for i in range(count)]
 
     def collate(self, rows: list[dict]) -> dict:
         return {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
@@ -199,6 +216,17 @@ class ImageTask:
             self.eval_rows = load_images(args.eval_dataset, args.eval_limit, args.image_column, args.label_column)
         self.processor = AutoImageProcessor.from_pretrained(args.model)
         self.model = AutoModelForImageClassification.from_pretrained(args.model, dtype=torch.float32)
+
+    def _contexts(self, count: int) -> list[str]:
+        """``count`` consecutive, disjoint chunks of ``prompt_context_tokens`` tokens of the context file, as text."""
+        path, n = self.args.prompt_context_file, self.args.prompt_context_tokens
+        if not Path(path).is_file():
+            raise EvalError(f"prompt context file not found: {path}")
+        ids = self.tokenizer(Path(path).read_text(), add_special_tokens=False).input_ids
+        if len(ids) < count * n:
+            raise EvalError(f"prompt context file {path} holds {len(ids)} tokens; {count} prompts × "
+                            f"{n} tokens of context need {count * n}")
+        return [self.tokenizer.decode(ids[i * n:(i + 1) * n]) for i in range(count)]
 
     def collate(self, rows: list[dict]) -> dict:
         images = [r[self.args.image_column].convert("RGB") for r in rows]

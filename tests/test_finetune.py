@@ -165,3 +165,25 @@ def test_prompt_answers_are_compared_with_the_exact_models(tiny_lm, tmp_path, sp
         assert entry["answer_agreement"] == sum(same) / 3 and entry["token_agreement"] == sum(tokens) / 24
     if spec == "distr:group_size=1":
         assert history[1]["answer_agreement"] == 1.0
+
+
+def test_prompt_context_puts_a_disjoint_chunk_before_each_prompt(tiny_lm, tmp_path):
+    """``--prompt-context-file``: each prompt is preceded by its own ``prompt_context_tokens`` tokens of the text,
+    consecutive chunks; a text too short for every prompt is a one-line error naming the file."""
+    from hf_distrattn.eval.common import EvalError
+    from hf_distrattn.eval.finetune import FinetuneArgs, LMTask
+
+    model, text = tiny_lm
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("first question\nsecond question\n")
+    context = tmp_path / "context.txt"
+    context.write_text("".join(chr(65 + i % 26) for i in range(300)))
+    args = dict(model=str(model), output_dir=str(tmp_path / "out"), text_file=str(text), prompts_file=str(prompts))
+    bare = LMTask(FinetuneArgs(**args)).prompts
+    long = LMTask(FinetuneArgs(**args, prompt_context_file=str(context), prompt_context_tokens=100)).prompts
+    tokenizer = LMTask(FinetuneArgs(**args)).tokenizer
+    for i, (b, lng) in enumerate(zip(bare, long, strict=True)):
+        assert lng.numel() >= b.numel() + 100
+        assert context.read_text()[i * 100:(i + 1) * 100] in tokenizer.decode(lng)
+    with pytest.raises(EvalError, match="context.txt holds 300 tokens"):
+        LMTask(FinetuneArgs(**args, prompt_context_file=str(context), prompt_context_tokens=200))
