@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Device calls for the native ops and torch.compile, one stage per call (each fits a 10-minute call):
 #   tests   opcheck of every op on the kernel paths, models compiled with Inductor (CUDA graphs for a static-cache
-#           generation), the reduced-key and decode kernel tests, then the decode benchmark (device and host time);
+#           generation), the reduced-key, decode, subspace and head-dim kernel tests, then the decode benchmark
+#           (device and host time);
 #           `bash eval/gpu_compile.sh kernels` runs the rest of the kernel and backward tests compiled (~6 minutes)
 #   models  the model-family matrix (Llama ... gpt-oss, ViT ... SigLIP: windows, softcap, sinks) on the kernels
 #   decode  bench_e2e --compile: decode tokens/s after 4k and 32k prompts, static cache, compiled decode step
@@ -17,12 +18,12 @@ shift || true
 case "$stage" in
   tests)
     $PYTEST tests/test_ops.py 2>&1 | tee "$OUT/gpu_ops.log" | tail -n 15
-    $PYTEST tests/test_kernels.py -k "reduce or decode" \
+    $PYTEST tests/test_kernels.py -k "reduce or decode or subspace or head_dim" \
       2>&1 | tee "$OUT/gpu_kernels.log" | tail -n 15
     python3 -m hf_distrattn.eval.bench_decode --json "$OUT/decode.json" --markdown "$OUT/decode.md" "$@"
     ;;
   kernels)
-    $PYTEST tests/test_kernels.py tests/test_backward.py -k "not reduce and not decode" \
+    $PYTEST tests/test_kernels.py tests/test_backward.py -k "not reduce and not decode and not subspace and not head_dim" \
       2>&1 | tee "$OUT/gpu_kernels.log" | tail -n 15
     ;;
   subspace)
