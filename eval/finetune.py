@@ -217,17 +217,6 @@ class ImageTask:
         self.processor = AutoImageProcessor.from_pretrained(args.model)
         self.model = AutoModelForImageClassification.from_pretrained(args.model, dtype=torch.float32)
 
-    def _contexts(self, count: int) -> list[str]:
-        """``count`` consecutive, disjoint chunks of ``prompt_context_tokens`` tokens of the context file, as text."""
-        path, n = self.args.prompt_context_file, self.args.prompt_context_tokens
-        if not Path(path).is_file():
-            raise EvalError(f"prompt context file not found: {path}")
-        ids = self.tokenizer(Path(path).read_text(), add_special_tokens=False).input_ids
-        if len(ids) < count * n:
-            raise EvalError(f"prompt context file {path} holds {len(ids)} tokens; {count} prompts × "
-                            f"{n} tokens of context need {count * n}")
-        return [self.tokenizer.decode(ids[i * n:(i + 1) * n]) for i in range(count)]
-
     def collate(self, rows: list[dict]) -> dict:
         images = [r[self.args.image_column].convert("RGB") for r in rows]
         return {"pixel_values": self.processor(images, return_tensors="pt")["pixel_values"],
