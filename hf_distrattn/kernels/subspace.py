@@ -15,7 +15,9 @@ share its key head (``Q_h``), with ``mean = Σ_h ‖Q_h‖² / D``:
 
 Then ``F_c = K_cᵀ U`` and the outputs: ``U`` (float32), and the fused kernel's ``K̃_c = U`` and ``F_c`` in ``k``'s
 dtype, zero past ``r``. With ``r ≥ BLOCK`` (``EXACT``) there is no iteration: ``U = I``. 16-bit inputs multiply
-in TF32 (the products are float32 matrices), float32 inputs in IEEE float32. The query heads are read twice
+in TF32 (the products are float32 matrices), except ``K_c E`` and ``K_cᵀ (K_c E)``, which take ``K_c`` in its own
+dtype (``K_c E`` is a choice of ``K_c``'s columns, so both are exact either way, at twice TF32's rate); float32
+inputs in IEEE float32. The query heads are read twice
 (their energies choose ``E``, which the products need).
 """
 
@@ -57,8 +59,8 @@ def _basis(Q, K, U, KR, F, ridge, n, h_kv, kv_group, n_blocks, sq_b, sq_h, sq_n,
     i = tl.arange(0, BLOCK)
     cols = tl.arange(0, WIDTH)
     inside = rows[:, None] < n
-    kf = tl.load(K + b * sk_b + hk * sk_h + rows[:, None] * sk_n + offs_d[None, :], mask=inside,
-                 other=0.0).to(tl.float32)
+    kx = tl.load(K + b * sk_b + hk * sk_h + rows[:, None] * sk_n + offs_d[None, :], mask=inside, other=0.0)
+    kf = kx.to(tl.float32)
     if EXACT:
         basis = tl.where(i[:, None] == cols[None, :], 1.0, 0.0)
     else:
@@ -74,7 +76,8 @@ def _basis(Q, K, U, KR, F, ridge, n, h_kv, kv_group, n_blocks, sq_b, sq_h, sq_n,
                                                         & (offs_d[None, :] < offs_d[:, None]))
         rank = tl.sum(before.to(tl.int32), axis=1)  # coordinate i's place in the descending order
         pick = tl.where((rank[:, None] == cols[None, :]) & (cols[None, :] < R), 1.0, 0.0)  # E (D, WIDTH)
-        z = tl.dot(tl.trans(kf), tl.dot(kf, pick, input_precision=PRECISION), input_precision=PRECISION)  # C_k E
+        start = tl.dot(kx, pick.to(kx.dtype), input_precision=PRECISION).to(kx.dtype)  # K_c E: columns of K_c, exact
+        z = tl.dot(tl.trans(kx), start, input_precision=PRECISION)  # C_k E
         y = tl.zeros([D, WIDTH], tl.float32)
         for r in range(0, kv_group):
             qf = tl.load(q_rows + (hk * kv_group + r) * sq_h, mask=inside, other=0.0).to(tl.float32)
