@@ -29,8 +29,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from . import cache  # the module, not its names: it may be the import that loaded Transformers and so this one
 from .api import DEFAULT_CONFIG, distr_attention
-from .cache import reduced_layer
 from .config import DistrConfig
 
 NAME = "distr"
@@ -61,7 +61,7 @@ def distr_attention_forward(module: torch.nn.Module, query, key, value, attentio
     window = sliding_window if attention_mask is None else None  # with a mask, the mask holds the window
     layer = None
     if module_causal and sliding_window is None:
-        layer = reduced_layer(kwargs.get(CACHE_KWARG), getattr(module, "layer_idx", None), config)
+        layer = cache.reduced_layer(kwargs.get(CACHE_KWARG), getattr(module, "layer_idx", None), config)
     out = distr_attention(query, key, value, causal=causal, attn_mask=attention_mask, scale=scaling,
                           config=config, dropout_p=dropout, causal_grouping=module_causal or causal,
                           reduced_keys=None if layer is None else layer.reduced, window=window, softcap=softcap,
@@ -106,10 +106,10 @@ def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def _pass_cache(module, args, kwargs):
     """Forward pre-hook of an attention module: its cache, also as the attention function's ``distr_cache``."""
-    cache = kwargs.get("past_key_values", kwargs.get("cache"))
-    if cache is None:
+    past = kwargs.get("past_key_values", kwargs.get("cache"))
+    if past is None:
         return None
-    return args, {**kwargs, CACHE_KWARG: cache}
+    return args, {**kwargs, CACHE_KWARG: past}
 
 
 def unsupported_features(model: torch.nn.Module) -> list[str]:

@@ -114,3 +114,13 @@ def test_the_library_does_not_import_the_evals():
             "print(sorted(m for m in sys.modules if m.startswith('hf_distrattn.eval')))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.stdout.strip().splitlines()[-1] == "[]", run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("module", ["cache", "integration", "tree", "demo", "calibration"])
+def test_any_module_imported_first_registers_distr(module):
+    """Importing a submodule that imports Transformers before the package has registered (the post-import hook
+    fires inside that module's own import) works and registers ``"distr"`` and ``"tree"``."""
+    code = (f"import hf_distrattn.{module}\nfrom transformers import AttentionInterface\n"
+            "print(sorted(n for n in ('distr', 'tree') if n in AttentionInterface._global_mapping))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip().splitlines()[-1] == "['distr', 'tree']", run.stderr[-2000:]
