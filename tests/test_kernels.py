@@ -478,10 +478,10 @@ def test_windowed_prefill_visits_only_the_tiles_in_the_window(window):
     torch.testing.assert_close(out[:, :, seen:], ref, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("d,group", [(256, 1), (256, 2), (112, 1)])
+@pytest.mark.parametrize("d,group", [(256, 1), (256, 2), (112, 1), (96, 1), (80, 1)])
 def test_head_dim_256_and_padded_head_dims_forward_and_backward(d, group):
     """Gemma 3's head dim 256 at G=1 (fused forward, training path) and G=2 with LSH (groups by PyTorch, the exact
-    kernels: the grouping kernel takes d ≤ 128), 112 at G=1 (zero-padded to 128): the float64 reference's
+    kernels: the grouping kernel takes d ≤ 128), 80, 96 and 112 at G=1 (zero-padded to 128): the float64 reference's
     outputs and gradients."""
     q, k, v = rand(1, 2, 70, d, seed=50), rand(1, 1, 70, d, seed=51), rand(1, 1, 70, d, seed=52)
     config = triton_config(group_size=group, block_size=32)
