@@ -16,7 +16,9 @@ template of an instruction model) also the greedy answers, and their agreement w
 ``answer_agreement`` (share of prompts answered identically) and ``token_agreement`` (answer tokens equal position
 by position). ``--prompt-context-file`` puts its own chunk of ``--prompt-context-tokens`` tokens of a held-out
 text before each instruction: short prompts fit in the blocks that every setting scores exactly, so only long
-ones test the approximation (and not only the weights).
+ones test the approximation (and not only the weights). Equal greedy answers are a strict test, and
+``--precision-floor`` shows how strict: it also evaluates the exact model with bfloat16 weights. On SmolLM2 with
+1,000-token contexts that alone answers 12 of 16 prompts as the float32 model does.
 
 Output folder: ``checkpoint-STEP/`` (accelerate state + ``trainer_state.json``, for ``--resume``), ``final/``
 (``save_pretrained`` of the model and its tokenizer or image processor) and ``finetune.json`` (arguments,
@@ -74,6 +76,7 @@ class FinetuneArgs:
     answer_tokens: int = 32
     prompt_context_file: str | None = None  # a held-out text: each prompt is preceded by its own chunk of it
     prompt_context_tokens: int = 1000  # tokens of context per prompt (the approximation acts only on long prompts)
+    precision_floor: bool = False  # also evaluate the exact model in bfloat16: what a precision change alone moves
 
 
 class TokenWindows(torch.utils.data.Dataset):
@@ -294,8 +297,11 @@ def finetune(args: FinetuneArgs) -> dict:
         raise EvalError(f"--resume: no checkpoint-* folder in {out}")
 
     model.to(accelerator.device)
-    if not checkpoints:  # step-0 numbers: the exact model and the drop-in swap
+    if not checkpoints:  # step-0 numbers: the exact model (in bfloat16 too: the floor) and the drop-in swap
         _evaluate(task, model, accelerator, "exact (before fine-tuning)", 0, history)
+        if args.precision_floor:
+            _evaluate(task, copy.deepcopy(model).to(torch.bfloat16), accelerator, "exact in bfloat16 (the floor)", 0,
+                      history)
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if args.distill else None  # exact attention
     apply_setting(model, name, config)
     if not checkpoints:

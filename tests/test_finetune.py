@@ -167,6 +167,22 @@ def test_prompt_answers_are_compared_with_the_exact_models(tiny_lm, tmp_path, sp
         assert history[1]["answer_agreement"] == 1.0
 
 
+def test_precision_floor_evaluates_the_exact_model_in_bfloat16(tiny_lm, tmp_path):
+    """``--precision-floor``: a second step-0 entry, the exact model with bfloat16 weights, its answers compared
+    with the float32 exact model's (the reference of every later entry too); its bits/byte differ by rounding."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("In the beginning\n\nGod created\n")
+    out = tmp_path / "out"
+    assert run(tiny_lm, out, "--steps", "1", "--prompts-file", str(prompts), "--answer-tokens", "8",
+               "--precision-floor") == 0
+    history = json.loads((out / "finetune.json").read_text())["history"]
+    assert [e["setting"] for e in history[:2]] == ["exact (before fine-tuning)", "exact in bfloat16 (the floor)"]
+    exact, floor = history[0]["bits_per_byte"], history[1]["bits_per_byte"]
+    assert floor != exact and abs(floor - exact) < 0.05 * exact
+    assert 0 <= history[1]["answer_agreement"] <= 1 and "answer_agreement" not in history[0]
+    assert len(history) == 4 and all("answer_agreement" in e for e in history[1:])
+
+
 def test_prompt_context_puts_a_disjoint_chunk_before_each_prompt(tiny_lm, tmp_path):
     """``--prompt-context-file``: each prompt is preceded by its own ``prompt_context_tokens`` tokens of the text,
     consecutive chunks; a text too short for every prompt is a one-line error naming the file."""
