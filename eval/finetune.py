@@ -241,8 +241,9 @@ class ImageTask:
 
 
 def _evaluate(task, model, accelerator, label: str, step: int, history: list) -> None:
-    """Append ``{"step", "setting", metrics...}`` to ``history`` and print it. Evals run in float32 (no
-    autocast), so that the exact, drop-in and fine-tuned numbers compare at one precision."""
+    """Append ``{"step", "setting", metrics...}`` to ``history`` and print it. Evals run in the model's float32
+    (no autocast), so that the exact, drop-in and fine-tuned numbers compare at one precision; only the
+    ``--precision-floor`` entry is given a bfloat16 copy, on purpose."""
     if not task.has_eval:
         return
     was_training = model.training

@@ -29,7 +29,9 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from . import cache  # the module, not its names: it may be the import that loaded Transformers and so this one
+# `cache` as a module, not its names: `import hf_distrattn.cache` first loads Transformers, whose post-import
+# hook loads this module while `cache` is still half-initialised
+from . import cache
 from .api import DEFAULT_CONFIG, distr_attention
 from .config import DistrConfig
 
