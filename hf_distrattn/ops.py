@@ -21,7 +21,8 @@ place of the sampled operand (``dX = dX̃ Wtᵀ Wt``, in the kernel's epilogue);
 pre-pass's key bases ``U`` ``(B, Hkv, n_blocks, block, r)`` float32, which the backward takes as ``wt`` to form
 ``K̃_c = U Uᵀ K_c`` without a second pre-pass. Placeholders otherwise. Outputs and gradients take the
 layout of the inputs they belong to (``empty_like``; contiguous when an input's head dim is strided), so
-Transformers' transpose of the output back to ``(B, N, H, d)`` costs nothing.
+Transformers' transpose of the output back to ``(B, N, H, d)`` costs nothing; ``decode``'s are contiguous (a few
+rows: its kernels address them without strides).
 """
 
 from __future__ import annotations
@@ -47,6 +48,16 @@ def config_args(config: DistrConfig, group_size: int | None = None) -> tuple:
     """``config`` as the ops' ``<config>`` arguments (``group_size`` overridden where the plan made it 1)."""
     return (config.group_size if group_size is None else group_size, config.block_size, config.num_hashes,
             config.seed, config.sampled, config.reduce, config.grouping)
+
+
+@functools.cache
+def _kernels():
+    """The Triton kernel modules (:mod:`hf_distrattn.kernels`), imported at their first use: importing
+    ``hf_distrattn`` needs no Triton, and a hot call pays no import statement."""
+    from . import kernels
+    from .kernels import backward, decode, grouping, prefill, subspace  # noqa: F401 - attributes of ``kernels``
+
+    return kernels
 
 
 def _like(t: Tensor, dtype=None) -> Tensor:
@@ -101,8 +112,7 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, hashes
         out, lse = reference.attention(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale, config=config,
                                        causal_grouping=causal_grouping, hashes=hashes, **features)
         return _into(q, out), lse, operand, wt
-    from .kernels import prefill
-
+    prefill = _kernels().prefill
     like = q
     q, k, v = (_unit_stride(t) for t in (q, k, v))
     if path in ("fused", "subspace"):
@@ -112,9 +122,7 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, hashes
             u, wt = pca_reduced(q, config, causal_grouping, width)
             prepared = (u, k, v, wt)
         elif group_size > 1 and grouping == "subspace":
-            from .kernels.subspace import subspace_reduced
-
-            *subspace, basis = subspace_reduced(q, k, config, width)
+            *subspace, basis = _kernels().subspace.subspace_reduced(q, k, config, width)
             if path == "subspace":  # the backward's
                 wt = basis
         out, lse = prefill.distr_attention_triton(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale,
@@ -122,10 +130,8 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, hashes
                                                   prepared=prepared, subspace=subspace, **features)
     elif path == "projected":
         if group_size > 1:
-            from .kernels.grouping import reduce_operand
-
             x = q if sampled == "q" else k
-            operand, wt = reduce_operand(x, hashes, config, padded_width(x.shape[-1] // group_size),
+            operand, wt = _kernels().grouping.reduce_operand(x, hashes, config, padded_width(x.shape[-1] // group_size),
                                         causal_grouping, project=True)
             q, k = (operand, k) if sampled == "q" else (q, operand)
         out, lse = prefill.distr_attention_triton(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale,
@@ -168,8 +174,7 @@ def _attention_backward(dout: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor,
                                              scale=scale, config=config, causal_grouping=causal_grouping,
                                              hashes=hashes, **features)
     elif path == "subspace":
-        from .kernels.backward import attention_backward as kernel_backward
-
+        kernel_backward = _kernels().backward.attention_backward
         q, k = _unit_stride(q), _unit_stride(k)
         k_red = torch.empty_like(k).copy_(subspace_keys(k, wt, config))  # K's layout
         dk_red = torch.empty_like(k)
@@ -177,8 +182,7 @@ def _attention_backward(dout: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor,
                                      scale=scale, subspace=(k_red, dk_red, block_size), **features)
         grads = dq, dk + subspace_keys(dk_red, wt, config).to(dk.dtype), dv
     elif path == "projected":
-        from .kernels.backward import attention_backward as kernel_backward
-
+        kernel_backward = _kernels().backward.attention_backward
         project = None
         if group_size > 1:
             project = (sampled, wt, block_size, causal_grouping)
@@ -231,14 +235,12 @@ def _decode(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, reduced_k
         out, lse = reference.reduced_keys_attention(q, k, v, reduced_keys, fuse_group, fuse_weight,
                                                     block_size=block_size, causal=causal, attn_mask=attn_mask,
                                                     scale=scale, window=window, softcap=softcap)
-        return _into(q, out), lse
+        return out.to(q.dtype, memory_format=torch.contiguous_format), lse
     if path not in ("decode", "reduced-decode"):
         raise ValueError(f"hf_distrattn::decode: unknown path {path!r}")
-    from .kernels import decode
-
     reduced = None if path == "decode" else (reduced_keys, fuse_group, fuse_weight, block_size)
-    return decode.decode_attention(*(_unit_stride(t) for t in (q, k, v)), causal=causal, attn_mask=attn_mask,
-                                   scale=scale, reduced=reduced, window=window, softcap=softcap)
+    return _kernels().decode.decode_attention(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale,
+                                              reduced=reduced, window=window, softcap=softcap)
 
 
 decode = torch.library.custom_op("hf_distrattn::decode", _decode, mutates_args=())
@@ -246,7 +248,7 @@ decode = torch.library.custom_op("hf_distrattn::decode", _decode, mutates_args=(
 
 @decode.register_fake
 def _(q, *args):
-    return _like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _reduce_keys(keys: Tensor, start: Tensor, hashes: Tensor, fuse_group: Tensor, fuse_weight: Tensor, n_new: int,
@@ -261,9 +263,8 @@ def _reduce_keys(keys: Tensor, start: Tensor, hashes: Tensor, fuse_group: Tensor
     that began before ``start`` instead of grouping it again (the reference groups every block: same values)."""
     config = as_config(group_size, block_size, num_hashes, seed, sampled, reduce, grouping)
     if path == "kernel":
-        from .kernels.grouping import reduce_keys as kernel
-
-        return kernel(_unit_stride(keys), start, hashes, n_new, config, fuse_group, fuse_weight, width)
+        return _kernels().grouping.reduce_keys(_unit_stride(keys), start, hashes, n_new, config, fuse_group,
+                                               fuse_weight, width)
     d = keys.shape[-1]
     n_blocks = (n_new - 1) // block_size + 2
     first = start // block_size

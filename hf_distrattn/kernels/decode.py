@@ -50,13 +50,13 @@ def _fuse_query(q, Grp, W, g_base, offs_d, offs_g, IEEE: tl.constexpr):
 
 @cached
 @triton.jit
-def _decode_split(Q, K, V, UK, Grp, W, Mask, Out, Lse, scale, window, softcap, n_q, n_k, heads_kv, rep, start,
-                  chunk,
-                  sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, su_b, su_h, su_n, sg_b, sg_h, sg_blk,
-                  sm_b, sm_h, sm_m, so_b, so_h, so_m, so_s, sl_b, sl_h, sl_m,
+def _decode_split(Q, K, V, UK, Grp, W, Mask, Part, scale, window, softcap, n_q, n_k, heads_kv, rep, start, chunk,
+                  sk_b, sk_h, sv_b, sv_h, su_b, su_h, su_n, sg_b, sg_h, sg_blk, sm_b, sm_h, sm_m,
                   CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr,
                   IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
                   G: tl.constexpr, DG: tl.constexpr):
+    """One program per (split, batch·KV head). ``Q`` contiguous, ``K``/``V`` rows ``D`` apart; ``Part`` holds the
+    partial outputs ``(rows, S, D)`` then their log-sum-exps ``(rows, S)`` (``rows = B·Hq·Nq``, ``S`` splits)."""
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // heads_kv
@@ -69,8 +69,8 @@ def _decode_split(Q, K, V, UK, Grp, W, Mask, Out, Lse, scale, window, softcap, n
     offs_d = tl.arange(0, D)
     offs_g = tl.arange(0, DG)
     offs_t = tl.arange(0, BLOCK_N)
-    q = tl.load(Q + b * sq_b + h[:, None] * sq_h + i[:, None] * sq_m + offs_d[None, :], mask=row_ok[:, None],
-                other=0.0)
+    row = (b * heads_kv * rep + h) * n_q + i  # the query row, of B·Hq·Nq
+    q = tl.load(Q + row[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     qk_scale = score_scale(scale, SOFTCAP)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -88,8 +88,8 @@ def _decode_split(Q, K, V, UK, Grp, W, Mask, Out, Lse, scale, window, softcap, n
         exact_hi = tl.minimum(hi, BLOCK_N)
     for start_n in range(lo, exact_hi, BLOCK_N):
         offs_n = start_n + offs_t
-        kt = tl.load(k_base + offs_n[None, :] * sk_n + offs_d[:, None], mask=offs_n[None, :] < hi, other=0.0)
-        vt = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :], mask=offs_n[:, None] < hi, other=0.0)
+        kt = tl.load(k_base + offs_n[None, :] * D + offs_d[:, None], mask=offs_n[None, :] < hi, other=0.0)
+        vt = tl.load(v_base + offs_n[:, None] * D + offs_d[None, :], mask=offs_n[:, None] < hi, other=0.0)
         acc, l_i, m_i = _fold(acc, l_i, m_i, scores(q, kt, qk_scale, IEEE), vt, offs_n, hi, row_ok, i, mask_ptrs,
                               n_q, n_k, window, softcap, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE)
     if G > 1:  # key block j scores (Wt_j q) · u_s
@@ -98,35 +98,34 @@ def _decode_split(Q, K, V, UK, Grp, W, Mask, Out, Lse, scale, window, softcap, n
             uq = _fuse_query(q, Grp, W, g_base + (start_n // BLOCK_N) * sg_blk, offs_d, offs_g, IEEE)
             ukt = tl.load(UK + b * su_b + hk * su_h + offs_n[None, :] * su_n + offs_g[:, None],
                           mask=offs_n[None, :] < hi, other=0.0)
-            vt = tl.load(v_base + offs_n[:, None] * sv_n + offs_d[None, :], mask=offs_n[:, None] < hi, other=0.0)
+            vt = tl.load(v_base + offs_n[:, None] * D + offs_d[None, :], mask=offs_n[:, None] < hi, other=0.0)
             acc, l_i, m_i = _fold(acc, l_i, m_i, scores(uq, ukt, qk_scale, IEEE), vt, offs_n, hi, row_ok, i,
                                   mask_ptrs, n_q, n_k, window, softcap, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE)
     out, lse = finish(acc, l_i, m_i)
-    o_ptrs = Out + b * so_b + h[:, None] * so_h + i[:, None] * so_m + split * so_s + offs_d[None, :]
-    tl.store(o_ptrs, out, mask=row_ok[:, None])
-    tl.store(Lse + b * sl_b + h * sl_h + i * sl_m + split, lse, mask=row_ok)
+    splits = tl.num_programs(0)
+    tl.store(Part + (row[:, None] * splits + split) * D + offs_d[None, :], out, mask=row_ok[:, None])
+    n_rows = tl.num_programs(1) * rep * n_q
+    tl.store(Part + n_rows * splits * D + row * splits + split, lse, mask=row_ok)
 
 
 @cached
 @triton.jit
-def _merge_splits(Part, PartLse, Out, Lse, splits, n_q, heads, so_b, so_h, so_m, S_PAD: tl.constexpr,
-                  D: tl.constexpr):
-    """One program per (batch, head, query) row: the exact combine of its ``splits`` partials."""
+def _merge_splits(Part, Out, Lse, splits, S_PAD: tl.constexpr, D: tl.constexpr):
+    """One program per query row (of ``B·Hq·Nq``, contiguous ``Out``): the exact combine of its ``splits``
+    partials in ``Part`` (:func:`_decode_split`)."""
     row = tl.program_id(0)
-    m_row = row % n_q
-    b = row // n_q // heads
-    h = row // n_q % heads
     offs_s = tl.arange(0, S_PAD)
     offs_d = tl.arange(0, D)
-    lse = tl.load(PartLse + row * splits + offs_s, mask=offs_s < splits, other=float("-inf"))
+    lse = tl.load(Part + tl.num_programs(0) * splits * D + row * splits + offs_s, mask=offs_s < splits,
+                  other=float("-inf"))
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp(lse - m)
     den = tl.sum(w, 0)
-    part = tl.load(Part + row * splits * D + offs_s[:, None] * D + offs_d[None, :], mask=offs_s[:, None] < splits,
+    part = tl.load(Part + (row * splits + offs_s[:, None]) * D + offs_d[None, :], mask=offs_s[:, None] < splits,
                    other=0.0)
     out = tl.sum(part * w[:, None], 0) / tl.where(den > 0, den, 1.0)
-    tl.store(Out + b * so_b + h * so_h + m_row * so_m + offs_d, out.to(Out.dtype.element_ty))
+    tl.store(Out + row * D + offs_d, out.to(Out.dtype.element_ty))
     tl.store(Lse + row, m + tl.log(den))
 
 
@@ -145,14 +144,19 @@ def num_splits(batch_heads_kv: int, n_k: int, block_n: int, device) -> int:
 def decode_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, reduced=None, window=None,
                      softcap=None, block_n: int = 64, splits=None):
     """Attention for a few queries (``Hq/Hkv · Nq ≤ 128`` rows per KV head); semantics of
-    :func:`hf_distrattn.reference.attention`. Head dim a power of two, unit-stride head dims.
+    :func:`hf_distrattn.reference.attention`. Head dim a power of two. The kernels address ``q``, the output and
+    the rows of ``k``/``v`` without strides (fewer launch arguments: Triton's launch costs host time per argument),
+    so ``q`` is made contiguous and ``k``/``v`` are copied unless their rows lie ``d`` apart (as in every
+    Transformers cache).
 
     ``reduced``: ``None`` (exact), or keys in reduced form (``sampled="k"``, causal grouping; the reference is
     :func:`hf_distrattn.reference.reduced_keys_attention`): ``(uk, grp, w, block_size)`` with ``uk``
     ``(B, Hkv, ≥Nk, DG)``, ``grp`` int32 and ``w`` float32 ``(B, Hkv, ≥n_blocks, d)``. Then the key tiles are the
     grouping blocks: block 0 is read from ``k`` (it is exact), every later key from ``uk`` only (``d/G`` of each
-    key instead of ``d``). The output has ``q``'s layout.
+    key instead of ``d``). Returns ``out`` contiguous in ``q``'s dtype and ``lse`` ``(B, Hq, Nq)`` float32.
     """
+    q = q.contiguous()
+    k, v = (t if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] else t.contiguous() for t in (k, v))
     batch, heads, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     rep = heads // h_kv
@@ -167,20 +171,18 @@ def decode_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, reduc
     splits = splits or num_splits(batch * h_kv, n_k - start, block_n, q.device)
     chunk = cdiv(cdiv(n_k - start, splits), block_n) * block_n
     splits = cdiv(n_k - start, chunk)
-    out = torch.empty(batch, heads, n_q, splits, d, device=q.device, dtype=torch.float32)
-    lse = torch.empty(batch, heads, n_q, splits, device=q.device, dtype=torch.float32)
-    mask, mask_kind, mask_strides = mask_arguments(attn_mask, lse)
+    part = torch.empty(q.numel() * splits + q.numel() // d * splits, device=q.device, dtype=torch.float32)
+    mask, mask_kind, mask_strides = mask_arguments(attn_mask, part)
     _decode_split[(splits, batch * h_kv)](
-        q, k, v, uk, grp, w, mask, out, lse, scale, window or 0, softcap or 1.0, n_q, n_k, h_kv, rep, start, chunk,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *uk.stride()[:3], *grp.stride()[:3], *mask_strides,
-        *out.stride()[:4], *lse.stride()[:3],
+        q, k, v, uk, grp, w, mask, part, scale, window or 0, softcap or 1.0, n_q, n_k, h_kv, rep, start, chunk,
+        *k.stride()[:2], *v.stride()[:2], *uk.stride()[:3], *grp.stride()[:3], *mask_strides,
         CAUSAL=causal, WINDOWED=window is not None, SOFTCAP=softcap is not None, MASK_KIND=mask_kind,
         IEEE=q.dtype == torch.float32, BLOCK_M=max(16, next_power_of_2(rep * n_q)), BLOCK_N=block_n, D=d,
         G=group, DG=dg,
         **LAUNCH,
     )
-    merged = torch.empty_like(q)
-    merged_lse = torch.empty(batch, heads, n_q, device=q.device, dtype=torch.float32)
-    _merge_splits[(batch * heads * n_q,)](out, lse, merged, merged_lse, splits, n_q, heads, *merged.stride()[:3],
-                                          S_PAD=max(2, next_power_of_2(splits)), D=d, num_warps=4)
-    return merged, merged_lse
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, heads, n_q, device=q.device, dtype=torch.float32)
+    _merge_splits[(batch * heads * n_q,)](part, out, lse, splits, S_PAD=max(2, next_power_of_2(splits)), D=d,
+                                          num_warps=4)
+    return out, lse
