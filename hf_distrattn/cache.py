@@ -66,12 +66,8 @@ class ReducedKeys:
         """Reduce the keys ``start .. start + n_new − 1`` just written (``start`` a 0-d int64 device tensor)."""
         config = self.config
         hashes = hash_directions(config.block_size, config.num_hashes, config.seed, self.keys.device)
-        u, group, weight, index = ops.call(ops.reduce_keys, self.keys, start, hashes, self.fuse_group,
-                                           self.fuse_weight, n_new, plan_reduce_keys(self.keys, config),
-                                           *ops.config_args(config), self.reduced_keys.shape[-1])
-        self.reduced_keys.index_copy_(2, start + torch.arange(n_new, device=start.device), u)
-        self.fuse_group.index_copy_(2, index, group)
-        self.fuse_weight.index_copy_(2, index, weight)
+        ops.call(ops.reduce_keys, self.keys, start, hashes, *self.reduced, n_new, plan_reduce_keys(self.keys, config),
+                 *ops.config_args(config))
 
     def _select_batch(self, select) -> None:
         if self.reduced_keys is not None:

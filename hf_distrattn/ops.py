@@ -6,12 +6,13 @@ r"""The registered PyTorch ops, namespace ``hf_distrattn``: every kernel entry p
     attention_backward(dout, dlse?, q, k, v, out, lse, wt, attn_mask?, hashes?, path, ...) -> (dq, dk, dv)
     decode(q, k, v, attn_mask?, reduced_keys?, fuse_group?, fuse_weight?, path, causal, scale, block_size,
         window?, softcap?) -> (out, lse)
-    reduce_keys(keys, start, hashes, fuse_group, fuse_weight, n_new, path, <config>, width)
-        -> (u, fuse_group, fuse_weight, block_index)
+    reduce_keys(keys, start, hashes, reduced_keys!, fuse_group!, fuse_weight!, n_new, path, <config>) -> None
 
 ``<config>`` is a :class:`~hf_distrattn.config.DistrConfig` spelled as its fields (``group_size, block_size,
-num_hashes, seed, sampled, reduce, grouping``). Each op is functional (new tensors out, inputs untouched), has a
-fake implementation (shapes only, for ``torch.compile``), and runs the ``path`` that
+num_hashes, seed, sampled, reduce, grouping``). Each op is functional (new tensors out, inputs untouched), except
+``reduce_keys``, which writes a cache layer's tensors in place (``!``: ``mutates_args``, so a decode step's update
+is one launch with no copies). Each has a fake implementation (shapes only, for ``torch.compile``), and runs the
+``path`` that
 :func:`hf_distrattn.plan.plan` chose: a Triton kernel, or the PyTorch reference of :mod:`hf_distrattn.reference`,
 which is what every CPU tensor runs. ``attention`` is differentiable (``register_autograd``) on the
 ``"reference"``, ``"subspace"`` and ``"projected"`` paths, the log-sum-exp included (attention sinks differentiate
@@ -251,22 +252,22 @@ def _(q, *args):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-def _reduce_keys(keys: Tensor, start: Tensor, hashes: Tensor, fuse_group: Tensor, fuse_weight: Tensor, n_new: int,
-                path: str, group_size: int, block_size: int, num_hashes: int, seed: int, sampled: str, reduce: str,
-                grouping: str, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The reduced form of the keys ``start .. start + n_new − 1`` (``start`` a 0-d int64 tensor) of the cache
-    ``keys`` ``(B, H, N, d)``, block ``j`` grouped by block ``j − 1``: ``u`` ``(B, H, n_new, width)`` (columns past
-    ``d/G`` zero), and for the ``nb = (n_new − 1) // block_size + 2`` blocks from ``start // block_size`` on (the
-    last block repeated where fewer are spanned) each column's group int32 and fuse weight float32
-    ``(B, H, nb, d)`` with the blocks' indices int64 ``(nb,)``: what a cache layer writes at those positions.
-    ``fuse_group``/``fuse_weight``: the cache's compact fuse matrices so far, which the kernel reads for a block
-    that began before ``start`` instead of grouping it again (the reference groups every block: same values)."""
+def _reduce_keys(keys: Tensor, start: Tensor, hashes: Tensor, reduced_keys: Tensor, fuse_group: Tensor,
+                 fuse_weight: Tensor, n_new: int, path: str, group_size: int, block_size: int, num_hashes: int,
+                 seed: int, sampled: str, reduce: str, grouping: str) -> None:
+    """Write the reduced form of the keys ``start .. start + n_new − 1`` (``start`` a 0-d int64 tensor) of the
+    cache ``keys`` ``(B, H, N, d)`` into the cache layer's tensors, in place, block ``j`` grouped by block
+    ``j − 1``: rows ``start ..`` of ``reduced_keys`` ``(B, H, capacity, width)`` (``u``, columns past ``d/G``
+    zero), and for each block the new keys span its columns' groups int32 and fuse weights float32 in
+    ``fuse_group``/``fuse_weight`` ``(B, H, capacity_blocks, d)``. The kernel reads a block that began before
+    ``start`` from them instead of grouping it again; this reference groups every block (same values)."""
     config = as_config(group_size, block_size, num_hashes, seed, sampled, reduce, grouping)
     if path == "kernel":
-        return _kernels().grouping.reduce_keys(_unit_stride(keys), start, hashes, n_new, config, fuse_group,
-                                               fuse_weight, width)
+        _kernels().grouping.reduce_keys(_unit_stride(keys), start, hashes, n_new, config, reduced_keys, fuse_group,
+                                        fuse_weight)
+        return
     d = keys.shape[-1]
-    n_blocks = (n_new - 1) // block_size + 2
+    n_blocks = (n_new - 1) // block_size + 2  # the last block repeated where fewer are spanned
     first = start // block_size
     index = torch.minimum(first + torch.arange(n_blocks, device=keys.device), (start + n_new - 1) // block_size)
     compute = torch.float64 if keys.dtype == torch.float64 else torch.float32
@@ -274,27 +275,25 @@ def _reduce_keys(keys: Tensor, start: Tensor, hashes: Tensor, fuse_group: Tensor
     source = keys.index_select(2, source_rows.clamp_min(0).flatten()).to(compute)
     source = (source * (source_rows >= 0).flatten()[:, None]).unflatten(2, (n_blocks, block_size))  # block 0: zeros
     perm, w, v = block_grouping(source, config, hashes)
-    fuse_group, fuse_weight = compact_fuse(perm, v, group_size)
+    group, weight = compact_fuse(perm, v, group_size)
     rows = start + torch.arange(n_new, device=keys.device)
     block_of_row = rows // block_size - first
     perm_rows, w_rows = perm.index_select(2, block_of_row), w.index_select(2, block_of_row)
     x = keys.index_select(2, rows).to(compute)
     u = (x.gather(-1, perm_rows).unflatten(-1, (-1, group_size)) * w_rows).sum(-1)
-    u = torch.nn.functional.pad(u, (0, width - d // group_size)).to(keys.dtype)
-    return u, fuse_group, fuse_weight.to(keys.dtype).float(), index
+    width = reduced_keys.shape[-1]
+    reduced_keys.index_copy_(2, rows, torch.nn.functional.pad(u, (0, width - d // group_size)).to(keys.dtype))
+    fuse_group.index_copy_(2, index, group)
+    fuse_weight.index_copy_(2, index, weight.to(keys.dtype).float())
 
 
-reduce_keys = torch.library.custom_op("hf_distrattn::reduce_keys", _reduce_keys, mutates_args=())
+reduce_keys = torch.library.custom_op("hf_distrattn::reduce_keys", _reduce_keys,
+                                      mutates_args=("reduced_keys", "fuse_group", "fuse_weight"))
 
 
 @reduce_keys.register_fake
-def _(keys, start, hashes, fuse_group, fuse_weight, n_new, path, group_size, block_size, *args):
-    width = args[-1]
-    batch, heads, _, d = keys.shape
-    n_blocks = (n_new - 1) // block_size + 2
-    return (keys.new_empty(batch, heads, n_new, width), keys.new_empty(batch, heads, n_blocks, d, dtype=torch.int32),
-            keys.new_empty(batch, heads, n_blocks, d, dtype=torch.float32),
-            keys.new_empty(n_blocks, dtype=torch.int64))
+def _(*args) -> None:
+    return None
 
 
 _IMPLEMENTATIONS = {attention: _attention, attention_backward: _attention_backward,

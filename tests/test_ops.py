@@ -94,8 +94,8 @@ def test_opcheck_reduce_keys(path):
     config = DistrConfig(grouping="lsh", group_size=2, block_size=16, sampled="k")
     layer = _reduced_layer(config)  # keys 0-39 reduced; redo 21-32 (a block begun before, a block begun in them)
     start = torch.tensor(21, device=DEVICE)
-    torch.library.opcheck(ops.reduce_keys, (layer.keys, start, hash_directions(16, 8, 0, DEVICE), layer.fuse_group,
-                                            layer.fuse_weight, 12, path, *ops.config_args(config), 16))
+    torch.library.opcheck(ops.reduce_keys, (layer.keys, start, hash_directions(16, 8, 0, DEVICE), *layer.reduced, 12,
+                                            path, *ops.config_args(config)))
 
 
 def tiny_llama(dtype=torch.float32):

@@ -154,22 +154,24 @@ def reduce_operand(x: torch.Tensor, hashes: torch.Tensor, config: DistrConfig, d
 
 
 @triton.jit
-def _store_reduced(x, wu, group, weight, U, Grp, W, u_rows, new, g_base, su_m, DG_PAD: tl.constexpr,
+def _store_reduced(x, wu, group, weight, U, Grp, W, rows, new, g_base, su_m, DG_PAD: tl.constexpr,
                    D: tl.constexpr, PRECISION: tl.constexpr):
     """Store a block's compact fuse matrix and the reduced form ``x Wuᵀ`` of its new rows."""
     offs_d = tl.arange(0, D)
     tl.store(Grp + g_base + offs_d, group)
     tl.store(W + g_base + offs_d, weight)
     u = tl.dot(x, tl.trans(wu), input_precision=PRECISION)  # (BLOCK_M, DG_PAD)
-    tl.store(U + u_rows[:, None] * su_m + tl.arange(0, DG_PAD)[None, :], u.to(U.dtype.element_ty), mask=new[:, None])
+    tl.store(U + rows[:, None] * su_m + tl.arange(0, DG_PAD)[None, :], u.to(U.dtype.element_ty), mask=new[:, None])
 
 
 @cached
 @triton.jit
-def _reduce_keys(K, R, Start, GrpIn, WIn, U, Grp, W, Index, n_new, heads, last, sk_b, sk_h, sk_m, sgi_b, sgi_h,
-                 sgi_blk, su_b, su_h, su_m, sg_b, sg_h, sg_blk, RANK1: tl.constexpr, BLOCK_M: tl.constexpr,
-                 D: tl.constexpr, G: tl.constexpr, DG: tl.constexpr, DG_PAD: tl.constexpr, NH: tl.constexpr,
-                 PRECISION: tl.constexpr):
+def _reduce_keys(K, R, Start, U, Grp, W, n_new, heads, last, sk_b, sk_h, sk_m, su_b, su_h, su_m, sg_b, sg_h,
+                 sg_blk, RANK1: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+                 DG: tl.constexpr, DG_PAD: tl.constexpr, NH: tl.constexpr, PRECISION: tl.constexpr):
+    """One program per (block spanned by the new keys, batch·head): writes the block's compact fuse matrix into
+    ``Grp``/``W`` and its new rows' reduced form into ``U`` (the cache's tensors, in place). Programs past the last
+    block redo it and write the same values."""
     p = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // heads
@@ -183,7 +185,7 @@ def _reduce_keys(K, R, Start, GrpIn, WIn, U, Grp, W, Index, n_new, heads, last, 
     new = (rows >= start) & (rows < n_end)
     x = tl.load(k_base + rows[:, None] * sk_m + offs_d[None, :], mask=new[:, None], other=0.0)
     u_base = U + b * su_b + h * su_h
-    g_base = b * sg_b + h * sg_h + p * sg_blk
+    g_base = b * sg_b + h * sg_h + j * sg_blk
     fresh = j * BLOCK_M >= start  # the block starts among the new keys: group it (once per block)
     if not RANK1:
         fresh = j >= 0  # "sample" keeps no compact form of its first columns: always regroup
@@ -193,42 +195,30 @@ def _reduce_keys(K, R, Start, GrpIn, WIn, U, Grp, W, Index, n_new, heads, last, 
         # compact Wt: column c's group (its bucket position // G) and weight (the value Wt holds)
         group = tl.sum(one_hot.to(tl.float32) * (offs_d // G).to(tl.float32)[None, :], axis=1).to(tl.int32)
         weight = tl.sum(one_hot.to(tl.float32) * fuse[None, :], axis=1).to(xs.dtype).to(tl.float32)
-        _store_reduced(x, wu, group, weight, u_base, Grp, W, rows - start, new, g_base, su_m, DG_PAD, D, PRECISION)
+        _store_reduced(x, wu, group, weight, u_base, Grp, W, rows, new, g_base, su_m, DG_PAD, D, PRECISION)
     else:  # grouped by an earlier update: its stored compact form (rank-1 groups: Wu = Wt)
-        gi_base = b * sgi_b + h * sgi_h + j * sgi_blk
-        group = tl.load(GrpIn + gi_base + offs_d)
-        weight = tl.load(WIn + gi_base + offs_d)
+        group = tl.load(Grp + g_base + offs_d)
+        weight = tl.load(W + g_base + offs_d)
         wt = tl.where(group[None, :] == tl.arange(0, DG_PAD)[:, None], weight[None, :], 0.0).to(x.dtype)
-        _store_reduced(x, wt, group, weight, u_base, Grp, W, rows - start, new, g_base, su_m, DG_PAD, D, PRECISION)
-    if bh == 0:
-        tl.store(Index + p, j.to(tl.int64))
+        _store_reduced(x, wt, group, weight, u_base, Grp, W, rows, new, g_base, su_m, DG_PAD, D, PRECISION)
 
 
 def reduce_keys(keys: torch.Tensor, start: torch.Tensor, hashes: torch.Tensor, n_new: int, config: DistrConfig,
-                fuse_group: torch.Tensor, fuse_weight: torch.Tensor, dg_pad: int):
-    """The reduced form of keys ``start .. start + n_new − 1`` of ``keys`` ``(B, H, N, d)`` (the cache after the
-    update; ``start`` a 0-d int64 tensor on the device), each block grouped by the one before it.
-
-    Returns ``u`` ``(B, H, n_new, dg_pad)``, and for the ``nb = (n_new − 1) // block + 2`` blocks from
-    ``start // block`` on (the last one repeated where fewer are spanned): each column's group int32 and weight
-    float32 ``(B, H, nb, d)``, and the blocks' indices int64 ``(nb,)``. A block that starts before ``start`` was
-    grouped by an earlier call: its compact form is read from ``fuse_group``/``fuse_weight`` (the cache's, read
-    only) instead of grouped again, so a decode step costs one key's ``d/G`` products, not a block's grouping.
-    Semantics of the reference in :func:`hf_distrattn.ops.reduce_keys`.
+                reduced_keys: torch.Tensor, fuse_group: torch.Tensor, fuse_weight: torch.Tensor) -> None:
+    """Write the reduced form of keys ``start .. start + n_new − 1`` of ``keys`` ``(B, H, N, d)`` (the cache after
+    the update; ``start`` a 0-d int64 tensor on the device) into the cache's tensors, in place, each block grouped
+    by the one before it: rows ``start ..`` of ``reduced_keys`` ``(B, H, capacity, dg_pad)``, and for each block
+    the new keys span its column groups and weights in ``fuse_group`` int32 / ``fuse_weight`` float32
+    ``(B, H, capacity_blocks, d)`` (one layout). A block that starts before ``start`` was grouped by an earlier
+    call: its stored compact form is read instead of grouped again, so a decode step costs one key's ``d/G``
+    products, not a block's grouping. One launch, nothing allocated. Semantics of the reference in
+    :func:`hf_distrattn.ops.reduce_keys`.
     """
     batch, heads, _, d = keys.shape
     block = config.block_size
-    n_blocks = (n_new - 1) // block + 2
-    u = torch.empty(batch, heads, n_new, dg_pad, device=keys.device, dtype=keys.dtype)
-    group = torch.empty(batch, heads, n_blocks, d, device=keys.device, dtype=torch.int32)
-    weight = torch.empty(batch, heads, n_blocks, d, device=keys.device, dtype=torch.float32)
-    index = torch.empty(n_blocks, device=keys.device, dtype=torch.int64)
-    _reduce_keys[(n_blocks, batch * heads)](
-        keys, hashes, start, fuse_group, fuse_weight, u, group, weight, index, n_new, heads, n_new - 1,
-        keys.stride(0), keys.stride(1), keys.stride(2), fuse_group.stride(0), fuse_group.stride(1),
-        fuse_group.stride(2), u.stride(0), u.stride(1), u.stride(2), group.stride(0), group.stride(1),
-        group.stride(2),
+    _reduce_keys[((n_new - 1) // block + 2, batch * heads)](
+        keys, hashes, start, reduced_keys, fuse_group, fuse_weight, n_new, heads, n_new - 1,
+        *keys.stride()[:3], *reduced_keys.stride()[:3], *fuse_group.stride()[:3],
         RANK1=config.reduce == "rank1", BLOCK_M=block, D=d, G=config.group_size, DG=d // config.group_size,
-        DG_PAD=dg_pad, NH=hashes.shape[-1], PRECISION=_precision(keys.dtype), num_warps=4,
+        DG_PAD=reduced_keys.shape[-1], NH=hashes.shape[-1], PRECISION=_precision(keys.dtype), num_warps=4,
     )
-    return u, group, weight, index
