@@ -13,12 +13,14 @@ only the query and key projections (what the approximated scores depend on); eve
 
 Evals: held-out bits/byte (LM) or top-1 (images); with ``--prompts-file`` (one instruction per line, in the chat
 template of an instruction model) also the greedy answers, and their agreement with the exact model's at step 0:
-``answer_agreement`` (share of prompts answered identically) and ``token_agreement`` (answer tokens equal position
-by position). ``--prompt-context-file`` puts its own chunk of ``--prompt-context-tokens`` tokens of a held-out
-text before each instruction: short prompts fit in the blocks that every setting scores exactly, so only long
-ones test the approximation (and not only the weights). Equal greedy answers are a strict test, and
-``--precision-floor`` shows how strict: it also evaluates the exact model with bfloat16 weights. On SmolLM2 with
-1,000-token contexts that alone answers 12 of 16 prompts as the float32 model does.
+``answer_agreement`` (share of prompts answered identically), ``token_agreement`` (answer tokens equal position
+by position) and ``forced_agreement`` (share of the exact answers' tokens that the model predicts greedily when fed
+the exact answer so far: per-token agreement without the cascade after a first flipped token, so it varies less
+between settings of equal quality). ``--prompt-context-file`` puts its own chunk of ``--prompt-context-tokens``
+tokens of a held-out text before each instruction: short prompts fit in the blocks that every setting scores
+exactly, so only long ones test the approximation (and not only the weights). Equal greedy answers are a strict
+test, and ``--precision-floor`` shows how strict: it also evaluates the exact model with bfloat16 weights. On
+SmolLM2 with 1,000-token contexts that alone answers 12 of 16 prompts as the float32 model does.
 
 Output folder: ``checkpoint-STEP/`` (accelerate state + ``trainer_state.json``, for ``--resume``), ``final/``
 (``save_pretrained`` of the model and its tokenizer or image processor) and ``finetune.json`` (arguments,
@@ -197,6 +199,22 @@ class LMTask:
                                pad_token_id=pad)[0, ids.numel():].tolist() for ids in self.prompts]
         return metrics
 
+    @torch.no_grad()
+    def forced_agreement(self, model, answers: list[list[int]]) -> float:
+        """Share of the reference ``answers``' tokens that ``model``, fed each prompt and the answer so far (teacher
+        forcing), predicts as its greedy next token: agreement per position, without the cascade of a free-running
+        answer, where one flipped token changes everything after it."""
+        device = next(model.parameters()).device
+        hits = total = 0
+        for ids, answer in zip(self.prompts, answers, strict=True):
+            if not answer:
+                continue
+            sequence = torch.cat([ids, torch.tensor(answer[:-1], dtype=ids.dtype)])[None].to(device)
+            predicted = model(sequence).logits[0, ids.numel() - 1:].argmax(-1).cpu()
+            hits += int((predicted == torch.tensor(answer)).sum())
+            total += len(answer)
+        return hits / max(1, total)
+
     def save(self, model, path: str) -> None:
         model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
@@ -249,13 +267,14 @@ def _evaluate(task, model, accelerator, label: str, step: int, history: list) ->
     was_training = model.training
     model.eval()
     metrics = task.evaluate(accelerator.unwrap_model(model))
-    model.train(was_training)
     if "answers" in metrics and history:  # agreement with the exact model's answers (the first entry's)
         reference = history[0]["answers"]
         pairs = list(zip(metrics["answers"], reference, strict=True))
         metrics["answer_agreement"] = sum(a == b for a, b in pairs) / len(pairs)
         metrics["token_agreement"] = (sum(x == y for a, b in pairs for x, y in zip(a, b, strict=False))
                                       / max(1, sum(max(len(a), len(b)) for a, b in pairs)))
+        metrics["forced_agreement"] = task.forced_agreement(accelerator.unwrap_model(model), reference)
+    model.train(was_training)
     entry = {"step": step, "setting": label, **metrics}
     history.append(entry)
     accelerator.print(json.dumps({k: v for k, v in entry.items() if k != "answers"}))

@@ -139,7 +139,8 @@ def test_finetune_bad_arguments(tiny_lm, tmp_path, capsys, args, message):
                                        ("distr:group_size=2,block_size=16,grouping=lsh", True)])
 def test_prompt_answers_are_compared_with_the_exact_models(tiny_lm, tmp_path, spec, chat):
     """``--prompts-file``: every eval generates greedy answers; after the first (exact) eval, the share of prompts
-    answered identically and of equal answer tokens. G=1 must agree fully with exact. ``chat``: a tokenizer with a
+    answered identically, of equal answer tokens and of exact answer tokens predicted under teacher forcing. G=1
+    must agree fully with exact. ``chat``: a tokenizer with a
     chat template (an instruction model's) wraps each prompt in it."""
     import shutil
 
@@ -163,8 +164,12 @@ def test_prompt_answers_are_compared_with_the_exact_models(tiny_lm, tmp_path, sp
         same = [a == b for a, b in zip(entry["answers"], reference, strict=True)]
         tokens = [x == y for a, b in zip(entry["answers"], reference, strict=True) for x, y in zip(a, b, strict=True)]
         assert entry["answer_agreement"] == sum(same) / 3 and entry["token_agreement"] == sum(tokens) / 24
+        # teacher forced, each answer's tokens before its first difference from the exact one are predicted
+        agreed = sum(next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), 8)
+                     for a, b in zip(entry["answers"], reference, strict=True))
+        assert agreed / 24 <= entry["forced_agreement"] <= 1
     if spec == "distr:group_size=1":
-        assert history[1]["answer_agreement"] == 1.0
+        assert history[1]["answer_agreement"] == 1.0 and history[1]["forced_agreement"] == 1.0
 
 
 def test_precision_floor_evaluates_the_exact_model_in_bfloat16(tiny_lm, tmp_path):
