@@ -20,7 +20,8 @@ between settings of equal quality). ``--prompt-context-file`` puts its own chunk
 tokens of a held-out text before each instruction: short prompts fit in the blocks that every setting scores
 exactly, so only long ones test the approximation (and not only the weights). Equal greedy answers are a strict
 test, and ``--precision-floor`` shows how strict: it also evaluates the exact model with bfloat16 weights. On
-SmolLM2 with 1,000-token contexts that alone answers 12 of 16 prompts as the float32 model does.
+SmolLM2 with 1,000-token contexts that alone answers 29 of 48 prompts as the float32 model does (forced
+agreement 97.9%).
 
 Output folder: ``checkpoint-STEP/`` (accelerate state + ``trainer_state.json``, for ``--resume``), ``final/``
 (``save_pretrained`` of the model and its tokenizer or image processor) and ``finetune.json`` (arguments,
