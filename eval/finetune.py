@@ -23,6 +23,10 @@ test, and ``--precision-floor`` shows how strict: it also evaluates the exact mo
 SmolLM2 with 1,000-token contexts that alone answers 29 of 48 prompts as the float32 model does (forced
 agreement 97.9%).
 
+Self-distillation (``--own-answers-file``, with ``--distill 1``): the training windows become the exact model's own
+greedy answers to instructions, each after a chunk of the training text (:meth:`LMTask.use_own_answers`), the
+kind of text the answer evals score.
+
 Output folder: ``checkpoint-STEP/`` (accelerate state + ``trainer_state.json``, for ``--resume``), ``final/``
 (``save_pretrained`` of the model and its tokenizer or image processor) and ``finetune.json`` (arguments,
 environment, the eval history: exact and drop-in numbers at step 0, then the fine-tuned ones).
@@ -80,6 +84,9 @@ class FinetuneArgs:
     prompt_context_file: str | None = None  # a held-out text: each prompt is preceded by its own chunk of it
     prompt_context_tokens: int = 1000  # tokens of context per prompt (the approximation acts only on long prompts)
     precision_floor: bool = False  # also evaluate the exact model in bfloat16: what a precision change alone moves
+    own_answers_file: str | None = None  # training instructions (not eval prompts): the exact model answers them
+    own_answers: int = 256  # how many such training windows
+    own_answer_tokens: int = 64
 
 
 class TokenWindows(torch.utils.data.Dataset):
@@ -129,6 +136,16 @@ def detect_task(model: str) -> str:
     raise EvalError(f"cannot tell the task of {model!r} (architectures {architectures}); pass --task lm|image")
 
 
+def _lines(path: str) -> list[str]:
+    """The non-empty lines of a prompts file, stripped."""
+    if not Path(path).is_file():
+        raise EvalError(f"prompts file not found: {path}")
+    lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not lines:
+        raise EvalError(f"prompts file {path} holds no prompt")
+    return lines
+
+
 class LMTask:
     """Causal LM: training windows; eval = held-out bits per byte (:func:`.eval.perplexity.evaluate_perplexity`)."""
 
@@ -153,11 +170,7 @@ class LMTask:
 
     def _prompts(self, path: str) -> list[torch.Tensor]:
         """The prompts' token ids, in the tokenizer's chat template where it has one (instruction models)."""
-        if not Path(path).is_file():
-            raise EvalError(f"prompts file not found: {path}")
-        lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-        if not lines:
-            raise EvalError(f"prompts file {path} holds no prompt")
+        lines = _lines(path)
         if self.args.prompt_context_file:
             lines = [f"{context}\n\n{line}" for context, line in zip(self._contexts(len(lines)), lines, strict=True)]
         if getattr(self.tokenizer, "chat_template", None):  # the template's text carries its special tokens
@@ -165,6 +178,42 @@ class LMTask:
                                                         add_generation_prompt=True) for line in lines]
             return [torch.tensor(self.tokenizer(text, add_special_tokens=False).input_ids) for text in texts]
         return [torch.tensor(self.tokenizer(line).input_ids) for line in lines]
+
+    @torch.no_grad()
+    def use_own_answers(self, model) -> None:
+        """Self-distillation data: replace the training windows with ``own_answers`` windows, each a chunk of the
+        training text, then one of ``own_answers_file``'s instructions (in the chat template where there is one),
+        then the exact ``model``'s greedy answer of exactly ``own_answer_tokens`` tokens (EOS suppressed), so
+        that the KL is taught on the kind of text the answers are (instructions after a long context) without any
+        in-domain corpus. The chunks are consecutive and fill each window to ``seq_len``; no instruction may be
+        an eval prompt."""
+        args, tok = self.args, self.tokenizer
+        lines = _lines(args.own_answers_file)
+        if args.prompts_file and set(lines) & set(_lines(args.prompts_file)):
+            raise EvalError(f"{args.own_answers_file} shares instructions with the eval prompts {args.prompts_file}")
+        prefix, suffix = "", ""
+        if getattr(tok, "chat_template", None):
+            prefix, suffix = tok.apply_chat_template([{"role": "user", "content": "\x00"}], tokenize=False,
+                                                     add_generation_prompt=True).split("\x00")
+        text_ids, position, rows = self.train.ids.tolist(), 0, []
+        head = tok(prefix, add_special_tokens=False).input_ids
+        for i in range(args.own_answers):
+            tail = tok("\n\n" + lines[i % len(lines)] + suffix, add_special_tokens=False).input_ids
+            n_context = args.seq_len - args.own_answer_tokens - len(head) - len(tail)
+            if n_context < 1:
+                raise EvalError(f"seq_len={args.seq_len} leaves no context before an instruction and "
+                                f"{args.own_answer_tokens} answer tokens")
+            if position + n_context > len(text_ids):
+                position = 0
+            rows.append(head + text_ids[position:position + n_context] + tail)
+            position += n_context
+        device, pad = next(model.parameters()).device, tok.pad_token_id or 0
+        n, windows = args.own_answer_tokens, []
+        for start in range(0, len(rows), args.batch_size):
+            batch = torch.tensor(rows[start:start + args.batch_size], device=device)
+            windows.append(model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=n,
+                                          min_new_tokens=n, do_sample=False, pad_token_id=pad).cpu())
+        self.train = TokenWindows(torch.cat(windows).flatten(), args.seq_len)
 
     def _contexts(self, count: int) -> list[str]:
         """``count`` consecutive, disjoint chunks of ``prompt_context_tokens`` tokens of the context file, as text."""
@@ -323,6 +372,12 @@ def finetune(args: FinetuneArgs) -> dict:
         if args.precision_floor:
             _evaluate(task, copy.deepcopy(model).to(torch.bfloat16), accelerator, "exact in bfloat16 (the floor)", 0,
                       history)
+    if args.own_answers_file:  # the exact model writes the training windows: their time counts as training time
+        if task_kind != "lm":
+            raise EvalError("--own-answers-file needs a causal LM")
+        started = time.perf_counter()
+        task.use_own_answers(model.eval())
+        elapsed += time.perf_counter() - started
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if args.distill else None  # exact attention
     apply_setting(model, name, config)
     if not checkpoints:

@@ -208,3 +208,32 @@ def test_prompt_context_puts_a_disjoint_chunk_before_each_prompt(tiny_lm, tmp_pa
         assert context.read_text()[i * 100:(i + 1) * 100] in tokenizer.decode(lng)
     with pytest.raises(EvalError, match="context.txt holds 300 tokens"):
         LMTask(FinetuneArgs(**args, prompt_context_file=str(context), prompt_context_tokens=200))
+
+
+def test_own_answers_make_the_training_windows(tiny_lm, tmp_path):
+    """``--own-answers-file``: each training window is a chunk of the training text, one of the instructions and
+    the exact model's greedy answer of ``own_answer_tokens`` tokens, filling ``seq_len``; an instruction that is
+    also an eval prompt is an error naming both files."""
+    from hf_distrattn.eval.common import EvalError
+    from hf_distrattn.eval.finetune import FinetuneArgs, LMTask
+
+    model, text = tiny_lm
+    instructions = tmp_path / "train-prompts.txt"
+    instructions.write_text("Name a colour.\nCount to three.\n")
+    args = dict(model=str(model), output_dir=str(tmp_path / "out"), text_file=str(text), seq_len=40,
+                batch_size=2, own_answers_file=str(instructions), own_answers=3, own_answer_tokens=5)
+    task = LMTask(FinetuneArgs(**args))
+    lm = task.model.eval()
+    task.use_own_answers(lm)
+    assert len(task.train) == 3
+    for i in range(3):
+        window = task.train[i]["input_ids"]
+        assert window.numel() == 40
+        answer = lm.generate(window[None, :35], attention_mask=torch.ones(1, 35, dtype=torch.long), max_new_tokens=5,
+                             min_new_tokens=5, do_sample=False, pad_token_id=0)[0, 35:]
+        assert torch.equal(answer, window[35:])
+        assert ["Name a colour.", "Count to three."][i % 2] in task.tokenizer.decode(window[:35])
+    eval_prompts = tmp_path / "eval-prompts.txt"
+    eval_prompts.write_text("Count to three.\n")
+    with pytest.raises(EvalError, match="shares instructions with the eval prompts"):
+        LMTask(FinetuneArgs(**args, prompts_file=str(eval_prompts))).use_own_answers(lm)
