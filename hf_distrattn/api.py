@@ -118,7 +118,8 @@ def distr_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config
         sinks: ``(Hq,)`` attention-sink logits (gpt-oss's ``s_aux``): each joins its head's softmax as a key with
             value 0 (:func:`with_sinks`).
 
-    Returns ``out`` ``(B, Hq, Nq, d)`` in q's dtype and layout (and ``lse``, sinks included). Rows with every key
+    Returns ``out`` ``(B, Hq, Nq, d)`` in q's dtype and layout (contiguous on the decode paths: a few rows) and, with
+    ``return_lse``, ``lse`` (sinks included). Rows with every key
     masked give zeros.
     Under autocast, float32 inputs are cast to the autocast dtype first, as SDPA does (so that mixed-precision
     training of a float32 model runs the half-precision kernels). Which implementation runs is
