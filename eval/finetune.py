@@ -195,10 +195,11 @@ class LMTask:
         if getattr(tok, "chat_template", None):
             prefix, suffix = tok.apply_chat_template([{"role": "user", "content": "\x00"}], tokenize=False,
                                                      add_generation_prompt=True).split("\x00")
-        text_ids, position, rows = self.train.ids.tolist(), 0, []
         head = tok(prefix, add_special_tokens=False).input_ids
+        tails = [tok("\n\n" + line + suffix, add_special_tokens=False).input_ids for line in lines]
+        text_ids, position, rows = self.train.ids.tolist(), 0, []
         for i in range(args.own_answers):
-            tail = tok("\n\n" + lines[i % len(lines)] + suffix, add_special_tokens=False).input_ids
+            tail = tails[i % len(tails)]
             n_context = args.seq_len - args.own_answer_tokens - len(head) - len(tail)
             if n_context < 1:
                 raise EvalError(f"seq_len={args.seq_len} leaves no context before an instruction and "
@@ -316,14 +317,15 @@ def _evaluate(task, model, accelerator, label: str, step: int, history: list) ->
         return
     was_training = model.training
     model.eval()
-    metrics = task.evaluate(accelerator.unwrap_model(model))
+    bare = accelerator.unwrap_model(model)
+    metrics = task.evaluate(bare)
     if "answers" in metrics and history:  # agreement with the exact model's answers (the first entry's)
         reference = history[0]["answers"]
         pairs = list(zip(metrics["answers"], reference, strict=True))
         metrics["answer_agreement"] = sum(a == b for a, b in pairs) / len(pairs)
         metrics["token_agreement"] = (sum(x == y for a, b in pairs for x, y in zip(a, b, strict=False))
                                       / max(1, sum(max(len(a), len(b)) for a, b in pairs)))
-        metrics["forced_agreement"] = task.forced_agreement(accelerator.unwrap_model(model), reference)
+        metrics["forced_agreement"] = task.forced_agreement(bare, reference)
     model.train(was_training)
     entry = {"step": step, "setting": label, **metrics}
     history.append(entry)
