@@ -13,13 +13,21 @@ from hf_distrattn.kernels import launch
 
 
 class FakeKernel:
-    """A compiled kernel: ``kernel[grid](*args)`` records a direct launch."""
+    """A compiled kernel: its launcher ``run(gx, gy, gz, stream, function, metadata, launch_metadata, enter_hook,
+    exit_hook, *args)`` records a direct launch; ``kernel[grid](*args)`` (Triton's runner) one with hooks."""
+
+    function, packed_metadata = "function", "metadata"
 
     def __init__(self, calls):
         self.calls = calls
 
+    def run(self, gx, gy, gz, stream, function, metadata, launch_metadata, enter, exit, *args):
+        assert (stream, function, metadata, launch_metadata, enter, exit) == (7, "function", "metadata", None, None,
+                                                                              None)
+        self.calls.append(("direct", (gx, gy, gz), args))
+
     def __getitem__(self, grid):
-        return lambda *args: self.calls.append(("direct", grid, args))
+        return lambda *args: self.calls.append(("runner", grid, args))
 
 
 class FakeJit:
@@ -40,7 +48,7 @@ class FakeJit:
 @pytest.fixture
 def fake(monkeypatch):
     monkeypatch.setattr(launch, "driver", types.SimpleNamespace(active=types.SimpleNamespace(
-        get_current_device=lambda: 0)))
+        get_current_device=lambda: 0, get_current_stream=lambda device: 7)))
     fn = FakeJit()
     return fn, launch._Cached(fn)
 
@@ -52,6 +60,18 @@ def test_repeated_signature_launches_directly_in_signature_order(fake):
     kernel[(3, 2)](y, 16, 0.5, B=2, A=1, num_warps=4)
     assert [c[0] for c in fn.calls] == ["triton", "direct"]
     assert fn.calls[1][1:] == ((3, 2, 1), (y, 16, 0.5, 1, 2))
+
+
+def test_launch_hooks_see_every_launch(fake, monkeypatch):
+    """With a Triton launch hook set (a profiler), a repeated signature launches through the compiled kernel's own
+    runner, which calls the hooks, not through its bare launcher."""
+    fn, kernel = fake
+    x = torch.zeros(64)
+    kernel[(3,)](x, 16, 0.5, B=2, A=1, num_warps=4)
+    monkeypatch.setattr(launch.knobs.runtime, "launch_enter_hook", lambda metadata: None)
+    kernel[(3,)](x, 16, 0.5, B=2, A=1, num_warps=4)
+    assert [c[0] for c in fn.calls] == ["triton", "runner"]
+    assert fn.calls[1][1:] == ((3, 1, 1), (x, 16, 0.5, 1, 2))
 
 
 @pytest.mark.parametrize("change", ["divisibility", "one", "int64", "dtype", "alignment", "constexpr", "num_warps"])

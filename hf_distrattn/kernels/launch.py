@@ -4,7 +4,11 @@
 the cache key, launch metadata), which shows where eager calls are bound by the host (docs/design.md, B13-B17;
 inside a CUDA graph it does not matter). :func:`cached` wraps a ``@triton.jit`` function so that
 ``kernel[grid](*args, **meta)`` goes through Triton the first time it sees a *signature*, keeps the compiled
-kernel Triton returns, and afterwards launches it through the compiled kernel's own ``kernel[grid](*args)``.
+kernel Triton returns, and afterwards calls its launcher directly: ``compiled.run(grid, stream, function,
+metadata, hooks, *args)``, the call Triton's own ``compiled[grid](*args)`` makes after looking up the current
+device and stream, building a closure and the launch metadata for its launch hooks (Triton ≥ 3.5 keeps an empty
+hook chain, so it builds them at every launch, and its launcher calls the empty chains): host time per launch.
+Where a launch hook is set (a profiler), launches go through ``compiled[grid]`` so that the hooks see them.
 
 The signature holds everything Triton specializes on: of an integer, whether it equals 1, whether 16 divides it
 and its integer type's range (Triton's ``i32``/``i64``/``u64``); of a float, its type only (Triton passes it as
@@ -18,6 +22,7 @@ are not wrapped.
 from __future__ import annotations
 
 import torch
+from triton import knobs
 from triton.runtime import JITFunction, driver
 
 MAX_SIGNATURES = 1024
@@ -50,16 +55,26 @@ def _signature(args) -> tuple:
     return tuple(key)
 
 
+def _hooked() -> bool:
+    """Whether a Triton launch hook is set: a function, or (Triton ≥ 3.5) a chain of hooks that is not empty."""
+    return any(hook is not None and bool(getattr(hook, "calls", True))
+               for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook))
+
+
 class _Cached:
     def __init__(self, fn):
         self.fn = fn
         self.compiled = {}
+        self.device = self.stream = None  # the driver's functions, looked up at the first launch
 
     def __getitem__(self, grid):
         return lambda *args, **meta: self._launch(grid, args, meta)
 
     def _launch(self, grid, args, meta):
-        key = (driver.active.get_current_device(), _signature(args), *meta.items())
+        if self.device is None:
+            self.device, self.stream = driver.active.get_current_device, driver.active.get_current_stream
+        device = self.device()
+        key = (device, _signature(args), *meta.items())
         entry = self.compiled.get(key)
         if entry is None:
             kernel = self.fn[grid](*args, **meta)
@@ -69,7 +84,12 @@ class _Cached:
             self.compiled[key] = kernel, tuple(meta[name] for name in names)
             return
         kernel, constexprs = entry
-        kernel[(*grid, 1, 1)[:3]](*args, *constexprs)
+        grid = (*grid, 1, 1)[:3]
+        if not _hooked():
+            kernel.run(*grid, self.stream(device), kernel.function, kernel.packed_metadata, None, None, None, *args,
+                       *constexprs)
+        else:
+            kernel[grid](*args, *constexprs)
 
 
 def cached(fn):
