@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import platform
 
@@ -16,7 +17,8 @@ def environment(device: str | None = None) -> dict:
     import transformers
 
     env = {"torch": torch.__version__, "transformers": transformers.__version__,
-           "python": platform.python_version(), "device": device or "cpu"}
+           "python": platform.python_version(), "device": device or "cpu",
+           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     try:
         import triton
 
@@ -55,7 +57,8 @@ def write_results(json_path: str | None, markdown_path: str | None, header: str,
     write_json(json_path, {"environment": env, "rows": rows})
     if markdown_path:
         with open(markdown_path, "w") as f:
-            f.write(f"{env.get('gpu')}, torch {env['torch']}, triton {env['triton']}, {header}\n\n{table}\n")
+            f.write(f"{env.get('gpu')}, torch {env['torch']}, triton {env['triton']}, {env['date']}, {header}\n\n"
+                    f"{table}\n")
     print(table)
 
 

@@ -21,6 +21,23 @@ def test_windows_score_every_token_once(n, seq_len, stride):
     assert scored == [t for t in range(n) if t not in starts]
 
 
+def test_benchmark_tables_name_their_software_and_date(tmp_path):
+    """A benchmark's Markdown table starts with the GPU, torch and triton versions and the UTC date it was made,
+    the same as its JSON environment, so that a table copied to the README says where it came from."""
+    import datetime
+
+    import torch
+
+    from hf_distrattn.eval.common import write_results
+
+    write_results(str(tmp_path / "r.json"), str(tmp_path / "r.md"), "bf16", [{"ms": 1.0}], "| ms |\n|---|\n| 1.0 |")
+    env = json.loads((tmp_path / "r.json").read_text())["environment"]
+    header = (tmp_path / "r.md").read_text().splitlines()[0]
+    today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    assert env["date"].startswith(today) and env["date"] in header
+    assert f"torch {torch.__version__}" in header and header.endswith("bf16")
+
+
 def test_ppl_exact_and_schema(shared, tmp_path):
     out = tmp_path / "ppl.json"
     assert main(["ppl", "--model", str(shared / "models/ref-llama-bytes"), "--text-file",
@@ -30,7 +47,7 @@ def test_ppl_exact_and_schema(shared, tmp_path):
     payload = json.loads(out.read_text())
     assert set(payload) == {"task", "model", "text_file", "dataset", "split", "seq_len", "stride", "windows",
                             "environment", "results"}
-    assert {"torch", "transformers", "triton", "device"} <= set(payload["environment"])
+    assert {"torch", "transformers", "triton", "device", "date"} <= set(payload["environment"])
     sdpa, exact, approx = payload["results"]
     assert set(sdpa) == {"attn", "perplexity", "bits_per_token", "bits_per_byte", "nats_per_token", "tokens", "bytes"}
     assert sdpa["tokens"] == 255 + 128 and sdpa["bytes"] == sdpa["tokens"]  # byte-level tokenizer
