@@ -9,7 +9,9 @@ and attend. Two times per step, medians of ``triton.testing.do_bench``: ``us``, 
 Python-driven generation pays, host launch overhead included), and ``graph_us``, ten steps captured in one CUDA
 graph and replayed (device time only, what a CUDA-graph decoder pays). ``host_us`` / ``call_host_us``: host time
 to issue one step / the attention call alone (eager, :func:`host_us`). ``bytes`` is what the attention must read
-(K and V, or reduced K, fuse data and V) and ``GB/s`` that over the graph time.
+(K and V, or reduced K, fuse data and V) and ``GB/s`` that over the graph time. ``layer_host_us`` (``sdpa`` and
+``distr-G1``): host time of one exact decode-layer call through Transformers' attention interface
+(``sdpa_attention_forward`` / ``distr_attention_forward``), what eager generation pays per layer.
 
     python -m hf_distrattn.eval.bench_decode --json results/decode.json --markdown results/decode.md
 """
@@ -88,12 +90,38 @@ def _step(q, k, v, config, attend):
         return attend(q, keys, values, layer)
 
     step()
-    return step, lambda: attend(q, layer.keys, layer.values, layer)
+    return step, lambda: attend(q, layer.keys, layer.values, layer), layer
 
 
 def _distr(q, keys, values, layer, config):
     reduced = getattr(layer, "reduced", None)
     return distr_attention(q, keys, values, config=config, causal_grouping=True, reduced_keys=reduced)
+
+
+class _Attention(torch.nn.Module):
+    """What Transformers' attention functions read of a Llama attention module (no weights)."""
+
+    is_causal = True
+    layer_idx = 0
+
+    def __init__(self, groups: int, d: int):
+        super().__init__()
+        self.num_key_value_groups, self.scaling = groups, d**-0.5
+        self.distr_config = DistrConfig(group_size=1, backend="triton")
+
+
+def layer_call(name: str, q, layer):
+    """One decode-layer attention call through Transformers' attention interface, for ``"sdpa"`` or
+    ``"distr-G1"`` (else ``None``), on the filled cache ``layer``."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from ..integration import distr_attention_forward
+
+    forward = {"sdpa": sdpa_attention_forward, "distr-G1": distr_attention_forward}.get(name)
+    if forward is None:
+        return None
+    module = _Attention(q.shape[1] // layer.keys.shape[1], q.shape[-1]).eval()
+    return lambda: forward(module, q, layer.keys, layer.values, None, scaling=module.scaling)
 
 
 def graph_us(fn, steps: int = 10) -> float:
@@ -131,13 +159,16 @@ def bench(cache_lens, head_dims, groups, batch=1, heads=(32, 8), block_size=64):
                 row = {"method": name, "d": d, "cache": n, "batch": batch, "heads": list(heads), "bytes": nbytes}
                 try:
                     if isinstance(setting, DistrConfig):
-                        fn, call = _step(q, k, v, setting, partial(_distr, config=setting))
+                        fn, call, layer = _step(q, k, v, setting, partial(_distr, config=setting))
                     else:
                         attend = _sdpa(q, k, v, setting)
-                        fn, call = _step(q, k, v, setting,
-                                         lambda q, keys, values, _, attend=attend: attend(q, keys, values))
+                        fn, call, layer = _step(q, k, v, setting,
+                                                lambda q, keys, values, _, attend=attend: attend(q, keys, values))
                     row["us"] = median_ms(fn) * 1000
                     row["host_us"], row["call_host_us"] = host_us(fn), host_us(call)
+                    layer_fn = layer_call(name, q, layer)
+                    if layer_fn is not None:
+                        row["layer_host_us"] = host_us(layer_fn)
                     row["graph_us"] = graph_us(fn)
                     row["gb_per_s"] = nbytes / row["graph_us"] / 1e3
                 except Exception as error:  # noqa: BLE001 - a peer that cannot run this shape is reported
@@ -165,6 +196,14 @@ def markdown(rows) -> str:
             cell = f"{r['us']:.1f} / {r['graph_us']:.1f}" + (f" ({base / r['graph_us']:.2f}×)" if base else "")
             cells.append(cell + f" [{r['call_host_us']:.0f}]")
         lines.append(f"| {d} | {n} | " + " | ".join(cells) + " |")
+    layers = [(d, n, by["sdpa"]["layer_host_us"], by["distr-G1"]["layer_host_us"]) for d, n in keys
+              for by in [{r["method"]: r for r in rows if (r["d"], r["cache"]) == (d, n)}]
+              if "layer_host_us" in by.get("sdpa", {}) and "layer_host_us" in by.get("distr-G1", {})]
+    if layers:
+        lines += ["", "Eager host µs of one exact decode-layer call through Transformers' attention interface", "",
+                  "| d | cached tokens | sdpa_attention_forward | distr_attention_forward (G=1) | ratio |",
+                  "|---|---|---:|---:|---:|"]
+        lines += [f"| {d} | {n} | {sdpa:.1f} | {distr:.1f} | {distr / sdpa:.2f}× |" for d, n, sdpa, distr in layers]
     return "\n".join(lines)
 
 

@@ -38,6 +38,30 @@ def test_benchmark_tables_name_their_software_and_date(tmp_path):
     assert f"torch {torch.__version__}" in header and header.endswith("bf16")
 
 
+def test_decode_benchmark_layer_calls_compute_the_same_attention():
+    """The decode benchmark times one decode-layer call of ``sdpa`` and of exact ``distr`` through Transformers'
+    attention interface: both must compute the same attention over the cache (GQA, one query), so that their host
+    times compare like with like; its table puts them side by side with their ratio."""
+    import types
+
+    import torch
+
+    from hf_distrattn.eval.bench_decode import layer_call, markdown
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 8, 1, 32, generator=g)
+    layer = types.SimpleNamespace(keys=torch.randn(1, 2, 70, 32, generator=g),
+                                  values=torch.randn(1, 2, 70, 32, generator=g))
+    sdpa, _ = layer_call("sdpa", q, layer)()
+    distr, _ = layer_call("distr-G1", q, layer)()
+    assert sdpa.shape == distr.shape == (1, 1, 8, 32)
+    torch.testing.assert_close(distr, sdpa, atol=1e-5, rtol=1e-5)
+    assert layer_call("distr-G2-k", q, layer) is None
+    rows = [{"method": m, "d": 64, "cache": 8192, "us": 1.0, "graph_us": 1.0, "call_host_us": 1.0,
+             "layer_host_us": us} for m, us in (("sdpa", 24.0), ("distr-G1", 60.0))]
+    assert "| 64 | 8192 | 24.0 | 60.0 | 2.50× |" in markdown(rows)
+
+
 def test_ppl_exact_and_schema(shared, tmp_path):
     out = tmp_path / "ppl.json"
     assert main(["ppl", "--model", str(shared / "models/ref-llama-bytes"), "--text-file",
