@@ -104,15 +104,14 @@ class _Attention(torch.nn.Module):
     is_causal = True
     layer_idx = 0
 
-    def __init__(self, groups: int, d: int):
+    def __init__(self, groups: int, d: int, config: DistrConfig | None):
         super().__init__()
-        self.num_key_value_groups, self.scaling = groups, d**-0.5
-        self.distr_config = DistrConfig(group_size=1, backend="triton")
+        self.num_key_value_groups, self.scaling, self.distr_config = groups, d**-0.5, config
 
 
-def layer_call(name: str, q, layer):
+def layer_call(name: str, q, layer, setting=None):
     """One decode-layer attention call through Transformers' attention interface, for ``"sdpa"`` or
-    ``"distr-G1"`` (else ``None``), on the filled cache ``layer``."""
+    ``"distr-G1"`` (its ``setting``; else ``None``), on the filled cache ``layer``."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from ..integration import distr_attention_forward
@@ -120,7 +119,8 @@ def layer_call(name: str, q, layer):
     forward = {"sdpa": sdpa_attention_forward, "distr-G1": distr_attention_forward}.get(name)
     if forward is None:
         return None
-    module = _Attention(q.shape[1] // layer.keys.shape[1], q.shape[-1]).eval()
+    config = setting if isinstance(setting, DistrConfig) else None
+    module = _Attention(q.shape[1] // layer.keys.shape[1], q.shape[-1], config).eval()
     return lambda: forward(module, q, layer.keys, layer.values, None, scaling=module.scaling)
 
 
@@ -166,7 +166,7 @@ def bench(cache_lens, head_dims, groups, batch=1, heads=(32, 8), block_size=64):
                                                 lambda q, keys, values, _, attend=attend: attend(q, keys, values))
                     row["us"] = median_ms(fn) * 1000
                     row["host_us"], row["call_host_us"] = host_us(fn), host_us(call)
-                    layer_fn = layer_call(name, q, layer)
+                    layer_fn = layer_call(name, q, layer, setting)
                     if layer_fn is not None:
                         row["layer_host_us"] = host_us(layer_fn)
                     row["graph_us"] = graph_us(fn)
@@ -181,6 +181,7 @@ def bench(cache_lens, head_dims, groups, batch=1, heads=(32, 8), block_size=64):
 def markdown(rows) -> str:
     keys = sorted({(r["d"], r["cache"]) for r in rows})
     names = list(dict.fromkeys(r["method"] for r in rows))
+    layers = []  # (d, cached, sdpa's and distr's decode-layer host µs)
     lines = ["Decode step (cache update + attention), µs: eager calls / CUDA graph (graph speed-up over sdpa's) "
              "[host µs of the attention call]", "",
              "| d | cached tokens | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
@@ -196,9 +197,8 @@ def markdown(rows) -> str:
             cell = f"{r['us']:.1f} / {r['graph_us']:.1f}" + (f" ({base / r['graph_us']:.2f}×)" if base else "")
             cells.append(cell + f" [{r['call_host_us']:.0f}]")
         lines.append(f"| {d} | {n} | " + " | ".join(cells) + " |")
-    layers = [(d, n, by["sdpa"]["layer_host_us"], by["distr-G1"]["layer_host_us"]) for d, n in keys
-              for by in [{r["method"]: r for r in rows if (r["d"], r["cache"]) == (d, n)}]
-              if "layer_host_us" in by.get("sdpa", {}) and "layer_host_us" in by.get("distr-G1", {})]
+        if "layer_host_us" in by.get("sdpa", {}) and "layer_host_us" in by.get("distr-G1", {}):
+            layers.append((d, n, by["sdpa"]["layer_host_us"], by["distr-G1"]["layer_host_us"]))
     if layers:
         lines += ["", "Eager host µs of one exact decode-layer call through Transformers' attention interface", "",
                   "| d | cached tokens | sdpa_attention_forward | distr_attention_forward (G=1) | ratio |",

@@ -46,6 +46,7 @@ def test_decode_benchmark_layer_calls_compute_the_same_attention():
 
     import torch
 
+    from hf_distrattn import DistrConfig
     from hf_distrattn.eval.bench_decode import layer_call, markdown
 
     g = torch.Generator().manual_seed(0)
@@ -53,7 +54,7 @@ def test_decode_benchmark_layer_calls_compute_the_same_attention():
     layer = types.SimpleNamespace(keys=torch.randn(1, 2, 70, 32, generator=g),
                                   values=torch.randn(1, 2, 70, 32, generator=g))
     sdpa, _ = layer_call("sdpa", q, layer)()
-    distr, _ = layer_call("distr-G1", q, layer)()
+    distr, _ = layer_call("distr-G1", q, layer, DistrConfig(group_size=1, backend="triton"))()
     assert sdpa.shape == distr.shape == (1, 1, 8, 32)
     torch.testing.assert_close(distr, sdpa, atol=1e-5, rtol=1e-5)
     assert layer_call("distr-G2-k", q, layer) is None
