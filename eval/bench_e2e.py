@@ -1,15 +1,18 @@
 """End-to-end latency with random weights of real geometries, ``sdpa`` against ``distr`` settings, one GPU:
 
-- Llama-3.2-1B shape (16 layers, hidden 2048, 32 query / 8 KV heads, head_dim 64): prefill at each
-  ``--prefill`` length (batch 1, last-token logits only), greedy decode tokens/s after each ``--decode-prompt``
-  (``(n − 1) / (T(n new tokens) − T(1 new token))``, so the prefill cancels), and a training step (forward +
+- Llama-3.2-1B shape (16 layers, hidden 2048, 32 query / 8 KV heads, head_dim 64) or with ``--llama 8b`` the
+  Llama-3.1-8B shape (32 layers, hidden 4096, 32 / 8 heads, head_dim 128): prefill at each ``--prefill`` length
+  (batch 1, last-token logits only), greedy decode tokens/s after each ``--decode-prompt`` (``(n − 1) /
+  (T(n new tokens) − T(1 new token))``, so the prefill cancels), and a training step (forward +
   backward) at ``--train-seq-len``;
 - ViT-B/16 shape (12 layers, hidden 768, 197 tokens): batch-256 inference.
 
 ``--compile``: both sides compiled the same way: ``torch.compile(model, fullgraph=True)`` for prefill, ViT and
 the training step, and for decode a static cache with Transformers' compiled decode step
 (``fullgraph=True, mode="reduce-overhead"``: CUDA graphs). Without it, eager with the dynamic cache. Times are
-medians over ``--reps`` CUDA-event-timed runs after warm-up (compilation included in the warm-up).
+medians over ``--reps`` CUDA-event-timed runs after warm-up (compilation included in the warm-up; one warm-up
+generation after prompts past 32k tokens, whose prefill alone takes seconds at 8B: the compiled decode step is
+compiled and its CUDA graphs recorded within the first generation's steps).
 
     python -m hf_distrattn.eval.bench_e2e --compile --json results/e2e.json --markdown results/e2e.md
 """
@@ -28,6 +31,20 @@ from .common import cuda_ms, write_results
 LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
                 rope_theta=500000.0, tie_word_embeddings=True)
+LLAMA_SHAPES = {"1b": ("llama-3.2-1b-shape", LLAMA_1B),
+                "8b": ("llama-3.1-8b-shape", LLAMA_1B | dict(hidden_size=4096, intermediate_size=14336,
+                                                             num_hidden_layers=32, head_dim=128,
+                                                             tie_word_embeddings=False))}
+
+
+def llama(shape: str, train: bool = False):
+    """A random-weight bf16 Llama of ``shape`` (:data:`LLAMA_SHAPES`), made on the GPU (an 8B model initialised on
+    the host takes minutes), its name and config."""
+    name, geometry = LLAMA_SHAPES[shape]
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM._from_config(LlamaConfig(**geometry), dtype=torch.bfloat16)
+    return model.train(train), name, geometry
 
 
 def use(model, spec: str) -> None:
@@ -52,39 +69,37 @@ def _decode_kwargs(compile: bool) -> dict:
 
 
 @torch.no_grad()
-def bench_llama(specs, prefill_lens, decode_prompts, decode_tokens, reps, compile):
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**LLAMA_1B)).to("cuda", torch.bfloat16).eval()
+def bench_llama(specs, prefill_lens, decode_prompts, decode_tokens, reps, compile, shape="1b"):
+    model, model_name, geometry = llama(shape)
     rows = []
     for spec in specs:
         use(model, spec)
         run = compiled(model, compile)
         for n in prefill_lens:
-            ids = torch.randint(0, LLAMA_1B["vocab_size"], (1, n), device="cuda")
+            ids = torch.randint(0, geometry["vocab_size"], (1, n), device="cuda")
             ms = cuda_ms(lambda ids=ids, run=run: run(ids, use_cache=False, logits_to_keep=1), reps, warmup=2)
-            rows.append({"model": "llama-3.2-1b-shape", "attn": spec, "task": f"prefill {n}", "ms": ms})
+            rows.append({"model": model_name, "attn": spec, "task": f"prefill {n}", "ms": ms})
             print(json.dumps(rows[-1]), flush=True)
         for n in decode_prompts:
-            prompt = torch.randint(0, LLAMA_1B["vocab_size"], (1, n), device="cuda")
+            prompt = torch.randint(0, geometry["vocab_size"], (1, n), device="cuda")
 
             def generate(tokens, prompt=prompt):
                 model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
                                pad_token_id=0, **_decode_kwargs(compile))
 
             torch._dynamo.reset()
-            whole = cuda_ms(lambda: generate(decode_tokens), max(1, reps // 2), warmup=2)
+            whole = cuda_ms(lambda: generate(decode_tokens), max(1, reps // 2), warmup=1 if n > 32768 else 2)
             first = cuda_ms(lambda: generate(1), max(1, reps // 2))
-            rows.append({"model": "llama-3.2-1b-shape", "attn": spec, "task": f"decode after {n}", "ms": whole,
+            rows.append({"model": model_name, "attn": spec, "task": f"decode after {n}", "ms": whole,
                          "tokens_per_s": (decode_tokens - 1) / ((whole - first) / 1000)})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
-def bench_train_step(specs, seq_len, reps, compile):
-    """Forward + backward of the Llama-3.2-1B-shaped model (bf16) on one sequence of ``seq_len`` tokens."""
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**LLAMA_1B)).to("cuda", torch.bfloat16).train()
-    ids = torch.randint(0, LLAMA_1B["vocab_size"], (1, seq_len), device="cuda")
+def bench_train_step(specs, seq_len, reps, compile, shape="1b"):
+    """Forward + backward of the Llama-shaped model (bf16) on one sequence of ``seq_len`` tokens."""
+    model, model_name, geometry = llama(shape, train=True)
+    ids = torch.randint(0, geometry["vocab_size"], (1, seq_len), device="cuda")
     rows = []
     for spec in specs:
         use(model, spec)
@@ -95,7 +110,7 @@ def bench_train_step(specs, seq_len, reps, compile):
             run(ids, labels=ids).loss.backward()
 
         ms = cuda_ms(step, reps, warmup=3)
-        rows.append({"model": "llama-3.2-1b-shape", "attn": spec, "task": f"train step {seq_len}", "ms": ms,
+        rows.append({"model": model_name, "attn": spec, "task": f"train step {seq_len}", "ms": ms,
                      "tokens_per_s": seq_len / ms * 1000})
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -138,6 +153,7 @@ def main(argv=None):
                                                       "distr:group_size=2,sampled=k,grouping=lsh",
                                                       "distr:group_size=4,sampled=k,grouping=lsh"])
     parser.add_argument("--compile", action="store_true", help="compile both sides (static cache for decode)")
+    parser.add_argument("--llama", choices=sorted(LLAMA_SHAPES), default="1b", help="the Llama shape")
     parser.add_argument("--prefill", type=int, nargs="*", default=[4096, 16384])
     parser.add_argument("--decode-prompt", type=int, nargs="*", default=[4096, 32768])
     parser.add_argument("--decode-tokens", type=int, default=64)
@@ -147,9 +163,10 @@ def main(argv=None):
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     args = parser.parse_args(argv)
-    rows = bench_llama(args.attn, args.prefill, args.decode_prompt, args.decode_tokens, args.reps, args.compile)
+    rows = bench_llama(args.attn, args.prefill, args.decode_prompt, args.decode_tokens, args.reps, args.compile,
+                       args.llama)
     if args.train_seq_len:
-        rows += bench_train_step(args.attn, args.train_seq_len, args.reps, args.compile)
+        rows += bench_train_step(args.attn, args.train_seq_len, args.reps, args.compile, args.llama)
     if args.vit_batch:
         rows += bench_vit(args.attn, args.vit_batch, args.reps, args.compile)
     write_results(args.json, args.markdown, "bf16, random weights" + (", compiled" if args.compile else ", eager"),

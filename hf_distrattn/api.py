@@ -147,7 +147,7 @@ def distr_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config
     batch, heads, n_q, d = q.shape
     mask = normalize_mask(attn_mask, batch, heads, n_q, k.shape[2])
     causal_grouping = causal if causal_grouping is None else bool(causal_grouping)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     chosen = plan(q, k, config, causal_grouping=causal_grouping, needs_grad=needs_grad, dropout_p=dropout_p,
                   mask_needs_grad=mask is not None and mask.requires_grad, reduced_keys=reduced_keys is not None,
                   window=window)

@@ -304,9 +304,9 @@ def call(op, *args):
     """``op(*args)``, or in eager code that needs no gradient its implementation called directly: the same
     function, without the ~25 µs of Python that the dispatcher's custom-op path adds to every call (measured on a
     CPU; a kernel launch costs a few µs). Traced code (``torch.compile``) and autograd always go through the op.
-    The differentiable inputs of every op are its first three (``q, k, v``; a mask that needs a gradient never
-    reaches an op: :func:`hf_distrattn.plan.plan`)."""
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
-            isinstance(a, Tensor) and a.requires_grad for a in args[:3])):
+    The differentiable inputs of every op are its first three, tensors (``q, k, v``; ``reduce_keys``'s ``keys,
+    start, hashes``; a mask that needs a gradient never reaches an op: :func:`hf_distrattn.plan.plan`)."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
+            args[0].requires_grad or args[1].requires_grad or args[2].requires_grad)):
         return op(*args)
     return _IMPLEMENTATIONS[op](*args)

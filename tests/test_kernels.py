@@ -250,20 +250,24 @@ def test_models_through_the_kernel_match_sdpa(arch):
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("n_q,n_k,heads,causal,mask_kind,splits,strided", [
-    (1, 300, (8, 2), False, None, None, False), (1, 300, (8, 2), False, None, 3, True),
-    (5, 200, (4, 1), True, None, 2, True), (16, 77, (2, 2), True, "bool", 2, False),
-    (3, 130, (6, 3), False, "additive", 4, False), (1, 10, (4, 4), False, None, 1, False),
+@pytest.mark.parametrize("n_q,n_k,heads,causal,mask_kind,splits,view", [
+    (1, 300, (8, 2), False, None, None, None), (1, 300, (8, 2), False, None, 3, "transposed"),
+    (5, 200, (4, 1), True, None, 2, "transposed"), (16, 77, (2, 2), True, "bool", 2, None),
+    (3, 130, (6, 3), False, "additive", 4, None), (1, 10, (4, 4), False, None, 1, None),
+    (2, 90, (4, 2), False, None, 2, "sliced"),
 ])
-def test_decode_kernel(n_q, n_k, heads, causal, mask_kind, splits, strided):
-    """Against the reference; ``strided``: q, k, v as transposed views of ``(B, N, H, d)`` tensors (rows not
-    ``d`` apart), which the kernel's contiguous addressing must not misread."""
+def test_decode_kernel(n_q, n_k, heads, causal, mask_kind, splits, view):
+    """Against the reference. ``view``: q, k, v as transposed views of ``(B, N, H, d)`` tensors (rows not ``d``
+    apart), or the first ``N`` rows of longer ones (rows ``d`` apart, heads not ``N·d``): the kernel's strides,
+    derived from the shapes, must not misread them."""
     from hf_distrattn.kernels.decode import decode_attention
 
     q = rand(2, heads[0], n_q, 64, seed=20)
     k, v = rand(2, heads[1], n_k, 64, seed=21), rand(2, heads[1], n_k, 64, seed=22)
-    if strided:
+    if view == "transposed":
         q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    elif view == "sliced":
+        k, v = (torch.cat([t, rand(*t.shape, seed=25)], dim=2)[:, :, :n_k] for t in (k, v))
     mask = None
     if mask_kind == "bool":
         mask = rand(2, 1, n_q, n_k, seed=23) > -0.5

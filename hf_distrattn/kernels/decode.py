@@ -51,12 +51,13 @@ def _fuse_query(q, Grp, W, g_base, offs_d, offs_g, IEEE: tl.constexpr):
 @cached
 @triton.jit
 def _decode_split(Q, K, V, UK, Grp, W, Mask, Part, scale, window, softcap, n_q, n_k, heads_kv, rep, start, chunk,
-                  sk_b, sk_h, sv_b, sv_h, su_b, su_h, su_n, sg_b, sg_h, sg_blk, sm_b, sm_h, sm_m,
-                  CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr,
-                  IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                  G: tl.constexpr, DG: tl.constexpr):
-    """One program per (split, batch·KV head). ``Q`` contiguous, ``K``/``V`` rows ``D`` apart; ``Part`` holds the
-    partial outputs ``(rows, S, D)`` then their log-sum-exps ``(rows, S)`` (``rows = B·Hq·Nq``, ``S`` splits)."""
+                  capacity, sm_b, sm_h, sm_m, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
+                  MASK_KIND: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  D: tl.constexpr, G: tl.constexpr, DG: tl.constexpr):
+    """One program per (split, batch·KV head). ``Q``, ``K``, ``V`` ``(B, H, N, D)`` and the reduced keys ``UK``
+    ``(B, Hkv, capacity, DG)``, ``Grp``/``W`` ``(B, Hkv, ⌈capacity / BLOCK_N⌉, D)`` contiguous, their strides derived
+    here (fewer launch arguments); ``Part`` holds the partial outputs ``(rows, S, D)`` then their log-sum-exps
+    ``(rows, S)`` (``rows = B·Hq·Nq``, ``S`` splits)."""
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // heads_kv
@@ -75,9 +76,11 @@ def _decode_split(Q, K, V, UK, Grp, W, Mask, Part, scale, window, softcap, n_q, 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    k_base = K + b * sk_b + hk * sk_h
-    v_base = V + b * sv_b + hk * sv_h
-    g_base = b * sg_b + hk * sg_h
+    kv_head = b.to(tl.int64) * heads_kv + hk  # int64: a batch of long caches passes 2³¹ elements
+    k_base = K + kv_head * n_k * D
+    v_base = V + kv_head * n_k * D
+    u_base = UK + kv_head * capacity * DG
+    g_base = kv_head * tl.cdiv(capacity, BLOCK_N) * D
     mask_ptrs = Mask + b * sm_b + h[:, None] * sm_h + i[:, None] * sm_m
     lo = start + split * chunk
     hi = tl.minimum(lo + chunk, n_k)
@@ -95,9 +98,8 @@ def _decode_split(Q, K, V, UK, Grp, W, Mask, Part, scale, window, softcap, n_q, 
     if G > 1:  # key block j scores (Wt_j q) · u_s
         for start_n in range(tl.maximum(lo, BLOCK_N), hi, BLOCK_N):
             offs_n = start_n + offs_t
-            uq = _fuse_query(q, Grp, W, g_base + (start_n // BLOCK_N) * sg_blk, offs_d, offs_g, IEEE)
-            ukt = tl.load(UK + b * su_b + hk * su_h + offs_n[None, :] * su_n + offs_g[:, None],
-                          mask=offs_n[None, :] < hi, other=0.0)
+            uq = _fuse_query(q, Grp, W, g_base + (start_n // BLOCK_N) * D, offs_d, offs_g, IEEE)
+            ukt = tl.load(u_base + offs_n[None, :] * DG + offs_g[:, None], mask=offs_n[None, :] < hi, other=0.0)
             vt = tl.load(v_base + offs_n[:, None] * D + offs_d[None, :], mask=offs_n[:, None] < hi, other=0.0)
             acc, l_i, m_i = _fold(acc, l_i, m_i, scores(uq, ukt, qk_scale, IEEE), vt, offs_n, hi, row_ok, i,
                                   mask_ptrs, n_q, n_k, window, softcap, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE)
@@ -130,13 +132,13 @@ def _merge_splits(Part, Out, Lse, splits, S_PAD: tl.constexpr, D: tl.constexpr):
 
 
 @functools.lru_cache
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+def _multiprocessors(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device >= 0 else 4
 
 
-def num_splits(batch_heads_kv: int, n_k: int, block_n: int, device) -> int:
-    """Enough splits for about :data:`PROGRAMS_PER_SM` programs per multiprocessor, each with at least 4 key
-    tiles."""
+def num_splits(batch_heads_kv: int, n_k: int, block_n: int, device: int) -> int:
+    """Enough splits for about :data:`PROGRAMS_PER_SM` programs per multiprocessor of CUDA device ``device``
+    (``-1``: a CPU under the interpreter), each with at least 4 key tiles."""
     sms = _multiprocessors(device)
     return max(1, min(cdiv(PROGRAMS_PER_SM * sms, batch_heads_kv), cdiv(n_k, 4 * block_n)))
 
@@ -144,10 +146,9 @@ def num_splits(batch_heads_kv: int, n_k: int, block_n: int, device) -> int:
 def decode_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, reduced=None, window=None,
                      softcap=None, block_n: int = 64, splits=None):
     """Attention for a few queries (``Hq/Hkv · Nq ≤ 128`` rows per KV head); semantics of
-    :func:`hf_distrattn.reference.attention`. Head dim a power of two. The kernels address ``q``, the output and
-    the rows of ``k``/``v`` without strides (fewer launch arguments: Triton's launch costs host time per argument),
-    so ``q`` is made contiguous and ``k``/``v`` are copied unless their rows lie ``d`` apart (as in every
-    Transformers cache).
+    :func:`hf_distrattn.reference.attention`. Head dim a power of two. The kernels address every tensor but the
+    mask without strides (Triton's launch costs host time per argument), so ``q``, ``k`` and ``v`` are copied
+    where they are not contiguous (every Transformers cache layer's are).
 
     ``reduced``: ``None`` (exact), or keys in reduced form (``sampled="k"``, causal grouping; the reference is
     :func:`hf_distrattn.reference.reduced_keys_attention`): ``(uk, grp, w, block_size)`` with ``uk``
@@ -155,8 +156,7 @@ def decode_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, reduc
     grouping blocks: block 0 is read from ``k`` (it is exact), every later key from ``uk`` only (``d/G`` of each
     key instead of ``d``). Returns ``out`` contiguous in ``q``'s dtype and ``lse`` ``(B, Hq, Nq)`` float32.
     """
-    q = q.contiguous()
-    k, v = (t if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] else t.contiguous() for t in (k, v))
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     batch, heads, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     rep = heads // h_kv
@@ -165,17 +165,18 @@ def decode_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, reduc
         uk = grp = w = k
         group, dg = 1, d
     else:
-        uk, grp, w, block_n = reduced
+        *tensors, block_n = reduced
+        uk, grp, w = (t.contiguous() for t in tensors)
         group, dg = 2, uk.shape[-1]  # any G > 1: the kernel only needs to know the keys are reduced
     start = 0 if window is None else max(n_k - n_q - window + 1, 0) // block_n * block_n  # row 0's first key
-    splits = splits or num_splits(batch * h_kv, n_k - start, block_n, q.device)
+    splits = splits or num_splits(batch * h_kv, n_k - start, block_n, q.get_device())
     chunk = cdiv(cdiv(n_k - start, splits), block_n) * block_n
     splits = cdiv(n_k - start, chunk)
     part = torch.empty(q.numel() * splits + q.numel() // d * splits, device=q.device, dtype=torch.float32)
     mask, mask_kind, mask_strides = mask_arguments(attn_mask, part)
     _decode_split[(splits, batch * h_kv)](
         q, k, v, uk, grp, w, mask, part, scale, window or 0, softcap or 1.0, n_q, n_k, h_kv, rep, start, chunk,
-        *k.stride()[:2], *v.stride()[:2], *uk.stride()[:3], *grp.stride()[:3], *mask_strides,
+        uk.shape[2], *mask_strides,
         CAUSAL=causal, WINDOWED=window is not None, SOFTCAP=softcap is not None, MASK_KIND=mask_kind,
         IEEE=q.dtype == torch.float32, BLOCK_M=max(16, next_power_of_2(rep * n_q)), BLOCK_N=block_n, D=d,
         G=group, DG=dg,

@@ -57,8 +57,9 @@ def _signature(args) -> tuple:
 
 def _hooked() -> bool:
     """Whether a Triton launch hook is set: a function, or (Triton ≥ 3.5) a chain of hooks that is not empty."""
-    return any(hook is not None and bool(getattr(hook, "calls", True))
-               for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook))
+    enter, exit = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    return (enter is not None and bool(getattr(enter, "calls", True))) or (
+        exit is not None and bool(getattr(exit, "calls", True)))
 
 
 class _Cached:
