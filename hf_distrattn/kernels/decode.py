@@ -136,11 +136,17 @@ def _multiprocessors(device: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device >= 0 else 4
 
 
-def num_splits(batch_heads_kv: int, n_k: int, block_n: int, device: int) -> int:
-    """Enough splits for about :data:`PROGRAMS_PER_SM` programs per multiprocessor of CUDA device ``device``
-    (``-1``: a CPU under the interpreter), each with at least 4 key tiles."""
-    sms = _multiprocessors(device)
-    return max(1, min(cdiv(PROGRAMS_PER_SM * sms, batch_heads_kv), cdiv(n_k, 4 * block_n)))
+@functools.lru_cache(maxsize=1024)
+def split_keys(batch_heads_kv: int, n_k: int, block_n: int, device: int, splits: int | None = None) -> tuple:
+    """``(S, chunk)``: ``n_k`` keys cut into ``S`` splits of ``chunk`` keys (a multiple of ``block_n``; the last
+    split shorter). Unless ``splits`` is given, enough splits for about :data:`PROGRAMS_PER_SM` programs per
+    multiprocessor of CUDA device ``device`` (``-1``: a CPU under the interpreter), each with at least 4 key
+    tiles. Cached: every layer of a decode step asks the same."""
+    if splits is None:
+        sms = _multiprocessors(device)
+        splits = max(1, min(cdiv(PROGRAMS_PER_SM * sms, batch_heads_kv), cdiv(n_k, 4 * block_n)))
+    chunk = cdiv(cdiv(n_k, splits), block_n) * block_n
+    return cdiv(n_k, chunk), chunk
 
 
 def decode_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, reduced=None, window=None,
@@ -169,9 +175,7 @@ def decode_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, reduc
         uk, grp, w = (t.contiguous() for t in tensors)
         group, dg = 2, uk.shape[-1]  # any G > 1: the kernel only needs to know the keys are reduced
     start = 0 if window is None else max(n_k - n_q - window + 1, 0) // block_n * block_n  # row 0's first key
-    splits = splits or num_splits(batch * h_kv, n_k - start, block_n, q.get_device())
-    chunk = cdiv(cdiv(n_k - start, splits), block_n) * block_n
-    splits = cdiv(n_k - start, chunk)
+    splits, chunk = split_keys(batch * h_kv, n_k - start, block_n, q.get_device(), splits)
     part = torch.empty(q.numel() * splits + q.numel() // d * splits, device=q.device, dtype=torch.float32)
     mask, mask_kind, mask_strides = mask_arguments(attn_mask, part)
     _decode_split[(splits, batch * h_kv)](
