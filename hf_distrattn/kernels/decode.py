@@ -56,8 +56,8 @@ def _decode_split(Q, K, V, UK, Grp, W, Mask, Part, scale, window, softcap, n_q, 
                   D: tl.constexpr, G: tl.constexpr, DG: tl.constexpr):
     """One program per (split, batch·KV head). ``Q``, ``K``, ``V`` ``(B, H, N, D)`` and the reduced keys ``UK``
     ``(B, Hkv, capacity, DG)``, ``Grp``/``W`` ``(B, Hkv, ⌈capacity / BLOCK_N⌉, D)`` contiguous, their strides derived
-    here (fewer launch arguments); ``Part`` holds the partial outputs ``(rows, S, D)``, their log-sum-exps
-    ``(rows, S)`` and room for the merged log-sum-exps ``(rows,)`` (``rows = B·Hq·Nq``, ``S`` splits)."""
+    here (fewer launch arguments); ``Part`` holds the partial outputs ``(rows, S, D)`` then their log-sum-exps
+    ``(rows, S)`` (``rows = B·Hq·Nq``, ``S`` splits)."""
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // heads_kv
@@ -112,14 +112,14 @@ def _decode_split(Q, K, V, UK, Grp, W, Mask, Part, scale, window, softcap, n_q, 
 
 @cached
 @triton.jit
-def _merge_splits(Part, Out, splits, S_PAD: tl.constexpr, D: tl.constexpr):
+def _merge_splits(Part, Out, Lse, splits, S_PAD: tl.constexpr, D: tl.constexpr):
     """One program per query row (of ``B·Hq·Nq``, contiguous ``Out``): the exact combine of its ``splits``
-    partials in ``Part`` (:func:`_decode_split`), whose log-sum-exp goes to ``Part``'s tail ``(rows,)``."""
+    partials in ``Part`` (:func:`_decode_split`)."""
     row = tl.program_id(0)
     offs_s = tl.arange(0, S_PAD)
     offs_d = tl.arange(0, D)
-    lse_ptr = Part + tl.num_programs(0) * splits * D
-    lse = tl.load(lse_ptr + row * splits + offs_s, mask=offs_s < splits, other=float("-inf"))
+    lse = tl.load(Part + tl.num_programs(0) * splits * D + row * splits + offs_s, mask=offs_s < splits,
+                  other=float("-inf"))
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp(lse - m)
@@ -128,7 +128,7 @@ def _merge_splits(Part, Out, splits, S_PAD: tl.constexpr, D: tl.constexpr):
                    other=0.0)
     out = tl.sum(part * w[:, None], 0) / tl.where(den > 0, den, 1.0)
     tl.store(Out + row * D + offs_d, out.to(Out.dtype.element_ty))
-    tl.store(lse_ptr + tl.num_programs(0) * splits + row, m + tl.log(den))
+    tl.store(Lse + row, m + tl.log(den))
 
 
 @functools.lru_cache
@@ -176,8 +176,7 @@ def decode_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, reduc
         group, dg = 2, uk.shape[-1]  # any G > 1: the kernel only needs to know the keys are reduced
     start = 0 if window is None else max(n_k - n_q - window + 1, 0) // block_n * block_n  # row 0's first key
     splits, chunk = split_keys(batch * h_kv, n_k - start, block_n, q.get_device(), splits)
-    rows = q.numel() // d
-    part = torch.empty(rows * splits * (d + 1) + rows, device=q.device, dtype=torch.float32)  # partials, lse
+    part = torch.empty(q.numel() * splits + q.numel() // d * splits, device=q.device, dtype=torch.float32)
     mask, mask_kind, mask_strides = mask_arguments(attn_mask, part)
     _decode_split[(splits, batch * h_kv)](
         q, k, v, uk, grp, w, mask, part, scale, window or 0, softcap or 1.0, n_q, n_k, h_kv, rep, start, chunk,
@@ -188,6 +187,7 @@ def decode_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, reduc
         **LAUNCH,
     )
     out = torch.empty_like(q)
-    _merge_splits[(rows,)](part, out, splits, S_PAD=max(2, next_power_of_2(splits)), D=d, num_warps=4)
-    lse = part.as_strided((batch, heads, n_q), (heads * n_q, n_q, 1), rows * splits * (d + 1))
+    lse = torch.empty(batch, heads, n_q, device=q.device, dtype=torch.float32)
+    _merge_splits[(batch * heads * n_q,)](part, out, lse, splits, S_PAD=max(2, next_power_of_2(splits)), D=d,
+                                          num_warps=4)
     return out, lse
