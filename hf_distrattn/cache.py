@@ -14,7 +14,8 @@ key costs ``2·d/G + 8·d/block_size`` bytes (bf16) instead of ``2·d``; values 
 ``u_s`` depends only on key ``s`` and the block before it, which is complete when ``s`` arrives: each update
 reduces exactly the keys it writes, at the positions it writes them, grouping a block when its first key arrives
 and reading the stored grouping otherwise; no branch on the cache's length runs on the host, so a static cache's
-update replays in a CUDA graph.
+update replays in a CUDA graph. A static layer's update is one launch: the new keys and values written into the
+cache and the keys reduced (:func:`hf_distrattn.ops.reduce_keys`).
 :class:`ReducedStaticLayer` preallocates everything to ``max_cache_len``; :class:`ReducedDynamicLayer` grows by
 doubling. Unfilled slots of a static cache hold zeros and are masked by the attention mask.
 
@@ -62,12 +63,13 @@ class ReducedKeys:
             if previous is not None:
                 new[:, :, : previous.shape[2]] = previous
 
-    def _reduce(self, start: torch.Tensor, n_new: int) -> None:
-        """Reduce the keys ``start .. start + n_new − 1`` just written (``start`` a 0-d int64 device tensor)."""
+    def _reduce(self, start: torch.Tensor, n_new: int, key_states=None, value_states=None) -> None:
+        """Reduce the keys ``start .. start + n_new − 1`` (``start`` a 0-d int64 device tensor): already written,
+        or written here from ``key_states``/``value_states`` with the values, in the same launch."""
         config = self.config
         hashes = hash_directions(config.block_size, config.num_hashes, config.seed, self.keys.device)
-        ops.call(ops.reduce_keys, self.keys, start, hashes, *self.reduced, n_new, plan_reduce_keys(self.keys, config),
-                 *ops.config_args(config))
+        ops.call(ops.reduce_keys, self.keys, self.values, start, hashes, *self.reduced, key_states, value_states,
+                 n_new, plan_reduce_keys(self.keys, config), *ops.config_args(config))
 
     def _select_batch(self, select) -> None:
         if self.reduced_keys is not None:
@@ -123,12 +125,14 @@ class ReducedStaticLayer(ReducedKeys, StaticLayer):
                 torch._dynamo.mark_static_address(t)
 
     def update(self, key_states, value_states, *args, **kwargs):
-        keys, values = super().update(key_states, value_states, *args, **kwargs)
-        if self.reduced_keys is None:
-            self._allocate(keys, self.max_cache_len)
+        """``StaticLayer.update`` (new rows at ``cumulative_length``) and the key reduction in one launch, then the
+        length's increment: two kernels per step instead of seven."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
         n_new = key_states.shape[-2]
-        self._reduce(self.cumulative_length - n_new, n_new)
-        return keys, values
+        self._reduce(self.cumulative_length, n_new, key_states, value_states)
+        self.cumulative_length.add_(n_new)
+        return self.keys, self.values
 
     def reset(self) -> None:
         super().reset()

@@ -6,22 +6,22 @@ r"""The registered PyTorch ops, namespace ``hf_distrattn``: every kernel entry p
     attention_backward(dout, dlse?, q, k, v, out, lse, wt, attn_mask?, hashes?, path, ...) -> (dq, dk, dv)
     decode(q, k, v, attn_mask?, reduced_keys?, fuse_group?, fuse_weight?, path, causal, scale, block_size,
         window?, softcap?) -> (out, lse)
-    reduce_keys(keys, start, hashes, reduced_keys!, fuse_group!, fuse_weight!, n_new, path, <config>) -> None
+    reduce_keys(keys!, values!, start, hashes, reduced_keys!, fuse_group!, fuse_weight!, key_states?, value_states?,
+        n_new, path, <config>) -> None
 
 ``<config>`` is a :class:`~hf_distrattn.config.DistrConfig` spelled as its fields (``group_size, block_size,
 num_hashes, seed, sampled, reduce, grouping``). Each op is functional (new tensors out, inputs untouched), except
 ``reduce_keys``, which writes a cache layer's tensors in place (``!``: ``mutates_args``, so a decode step's update
-is one launch with no copies). Each has a fake implementation (shapes only, for ``torch.compile``), and runs the
-``path`` that
-:func:`hf_distrattn.plan.plan` chose: a Triton kernel, or the PyTorch reference of :mod:`hf_distrattn.reference`,
-which is what every CPU tensor runs. ``attention`` is differentiable (``register_autograd``) on the
-``"reference"``, ``"subspace"`` and ``"projected"`` paths, the log-sum-exp included (attention sinks differentiate
-through it). With ``G > 1`` on ``"projected"`` its third and fourth outputs are the
-projected operand ``X̃ = X Wtᵀ Wt`` and the fuse matrices ``Wt``, which the backward takes in
-place of the sampled operand (``dX = dX̃ Wtᵀ Wt``, in the kernel's epilogue); on ``"subspace"`` the fourth is the
-pre-pass's key bases ``U`` ``(B, Hkv, n_blocks, block, r)`` float32, which the backward takes as ``wt`` to form
-``K̃_c = U Uᵀ K_c`` without a second pre-pass. Placeholders otherwise. Outputs and gradients take the
-layout of the inputs they belong to (``empty_like``; contiguous when an input's head dim is strided), so
+of a static cache, new keys and values included, is one launch with no copies). Each has a fake implementation
+(shapes only, for ``torch.compile``), and runs the ``path`` that :func:`hf_distrattn.plan.plan` chose: a Triton
+kernel, or the PyTorch reference of :mod:`hf_distrattn.reference`, which is what every CPU tensor runs.
+``attention`` is differentiable (``register_autograd``) on the ``"reference"``, ``"subspace"`` and ``"projected"``
+paths, the log-sum-exp included (attention sinks differentiate through it). With ``G > 1`` on ``"projected"`` its
+third and fourth outputs are the projected operand ``X̃ = X Wtᵀ Wt`` and the fuse matrices ``Wt``, which the
+backward takes in place of the sampled operand (``dX = dX̃ Wtᵀ Wt``, in the kernel's epilogue); on ``"subspace"``
+the fourth is the pre-pass's key bases ``U`` ``(B, Hkv, n_blocks, block, r)`` float32, which the backward takes as
+``wt`` to form ``K̃_c = U Uᵀ K_c`` without a second pre-pass. Placeholders otherwise. Outputs and gradients take
+the layout of the inputs they belong to (``empty_like``; contiguous when an input's head dim is strided), so
 Transformers' transpose of the output back to ``(B, N, H, d)`` costs nothing; ``decode``'s are contiguous (a few
 rows: its kernels address them without strides).
 """
@@ -252,20 +252,29 @@ def _(q, *args):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-def _reduce_keys(keys: Tensor, start: Tensor, hashes: Tensor, reduced_keys: Tensor, fuse_group: Tensor,
-                 fuse_weight: Tensor, n_new: int, path: str, group_size: int, block_size: int, num_hashes: int,
-                 seed: int, sampled: str, reduce: str, grouping: str) -> None:
+def _reduce_keys(keys: Tensor, values: Tensor, start: Tensor, hashes: Tensor, reduced_keys: Tensor,
+                 fuse_group: Tensor, fuse_weight: Tensor, key_states: Tensor | None, value_states: Tensor | None,
+                 n_new: int, path: str, group_size: int, block_size: int, num_hashes: int, seed: int, sampled: str,
+                 reduce: str, grouping: str) -> None:
     """Write the reduced form of the keys ``start .. start + n_new − 1`` (``start`` a 0-d int64 tensor) of the
     cache ``keys`` ``(B, H, N, d)`` into the cache layer's tensors, in place, block ``j`` grouped by block
     ``j − 1``: rows ``start ..`` of ``reduced_keys`` ``(B, H, capacity, width)`` (``u``, columns past ``d/G``
     zero), and for each block the new keys span its columns' groups int32 and fuse weights float32 in
-    ``fuse_group``/``fuse_weight`` ``(B, H, capacity_blocks, d)``. The kernel reads a block that began before
-    ``start`` from them instead of grouping it again; this reference groups every block (same values)."""
+    ``fuse_group``/``fuse_weight`` ``(B, H, capacity_blocks, d)``. With ``key_states``/``value_states``
+    ``(B, H, n_new, d)``, first write them into rows ``start ..`` of ``keys``/``values`` (a static cache's update, in
+    the same launch: the kernel writes no row past ``N``, this reference raises), else ``keys`` holds them already.
+    The kernel reads a block that began before ``start`` from the compact form instead of grouping it again; this
+    reference groups every block (same values)."""
     config = as_config(group_size, block_size, num_hashes, seed, sampled, reduce, grouping)
     if path == "kernel":
-        _kernels().grouping.reduce_keys(_unit_stride(keys), start, hashes, n_new, config, reduced_keys, fuse_group,
-                                        fuse_weight)
+        states = (None, None) if key_states is None else (_unit_stride(key_states), _unit_stride(value_states))
+        _kernels().grouping.reduce_keys(keys, values, start, hashes, *states, n_new, config, reduced_keys,
+                                        fuse_group, fuse_weight)  # a cache's tensors: unit-stride head dim
         return
+    if key_states is not None:
+        written = start + torch.arange(n_new, device=keys.device)
+        keys.index_copy_(2, written, key_states.to(keys.dtype))
+        values.index_copy_(2, written, value_states.to(values.dtype))
     d = keys.shape[-1]
     n_blocks = (n_new - 1) // block_size + 2  # the last block repeated where fewer are spanned
     first = start // block_size
@@ -288,7 +297,7 @@ def _reduce_keys(keys: Tensor, start: Tensor, hashes: Tensor, reduced_keys: Tens
 
 
 reduce_keys = torch.library.custom_op("hf_distrattn::reduce_keys", _reduce_keys,
-                                      mutates_args=("reduced_keys", "fuse_group", "fuse_weight"))
+                                      mutates_args=("keys", "values", "reduced_keys", "fuse_group", "fuse_weight"))
 
 
 @reduce_keys.register_fake
@@ -305,7 +314,7 @@ def call(op, *args):
     function, without the ~25 µs of Python that the dispatcher's custom-op path adds to every call (measured on a
     CPU; a kernel launch costs a few µs). Traced code (``torch.compile``) and autograd always go through the op.
     The differentiable inputs of every op are its first three, tensors (``q, k, v``; ``reduce_keys``'s ``keys,
-    start, hashes``; a mask that needs a gradient never reaches an op: :func:`hf_distrattn.plan.plan`)."""
+    values, start``; a mask that needs a gradient never reaches an op: :func:`hf_distrattn.plan.plan`)."""
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
             args[0].requires_grad or args[1].requires_grad or args[2].requires_grad)):
         return op(*args)

@@ -302,11 +302,12 @@ def reduced_cache(k, v, config, steps=(1,), static=False):
 
 @pytest.mark.parametrize("group,block,n_k,reduce,steps,static", [
     (2, 16, 75, "rank1", (30, 1), False), (4, 32, 70, "rank1", (30, 1, 1), True), (2, 16, 50, "sample", (7,), False),
-    (2, 16, 12, "rank1", (12,), True),
+    (2, 16, 12, "rank1", (12,), True), (2, 16, 75, "rank1", (40, 1), True),
 ])
 def test_reduce_keys_kernel_matches_reference(group, block, n_k, reduce, steps, static):
     """The cache layer's reduced keys, by the kernel and by the reference op, filled in steps that cross block
-    boundaries: the same groups, weights and reduced keys (unfilled static slots stay zero)."""
+    boundaries: the same groups, weights and reduced keys (unfilled static slots stay zero). A static layer's update
+    writes its keys and values in the same launch, a block grouped by the one before it when both are new."""
     k, v = rand(2, 3, n_k, 64, seed=70), rand(2, 3, n_k, 64, seed=71)
     config = DistrConfig(grouping="lsh", group_size=group, block_size=block, reduce=reduce)
     mine = reduced_cache(k, v, triton_config(group_size=group, block_size=block, reduce=reduce, sampled="k"),
@@ -317,8 +318,11 @@ def test_reduce_keys_kernel_matches_reference(group, block, n_k, reduce, steps, 
     tol = dict(atol=1e-4, rtol=1e-4) if reduce == "rank1" else dict(atol=1e-5, rtol=1e-5)  # power iteration
     torch.testing.assert_close(mine.fuse_weight[:, :, 1:n_blocks], ref.fuse_weight[:, :, 1:n_blocks], **tol)
     torch.testing.assert_close(mine.reduced_keys[:, :, block:n_k], ref.reduced_keys[:, :, block:n_k], **tol)
-    if static:
+    if static:  # the kernel wrote the keys and values into the cache too
         assert (mine.reduced_keys[:, :, n_k:] == 0).all()
+        for cached, new in ((mine.keys, k), (mine.values, v), (ref.keys, k), (ref.values, v)):
+            assert torch.equal(cached[:, :, :n_k], new) and (cached[:, :, n_k:] == 0).all()
+        assert int(mine.cumulative_length) == int(ref.cumulative_length) == n_k
     _, u, _ = group_blocks(k, config, causal=True, hashes=hash_directions(block, 8, 0, DEVICE))
     torch.testing.assert_close(ref.reduced_keys[:, :, block:n_k, :64 // group], u[:, :, block:n_k], atol=1e-5,
                                rtol=1e-5)

@@ -90,12 +90,16 @@ def test_opcheck_decode(path, window):
 
 
 @pytest.mark.parametrize("path", ["reference", "kernel"] if CUDA else ["reference"])
-def test_opcheck_reduce_keys(path):
+@pytest.mark.parametrize("write", [False, True])
+def test_opcheck_reduce_keys(path, write):
+    """Keys 0-39 reduced; redo 21-32 (a block begun before, a block begun in them), with ``write`` from new key and
+    value rows that the op writes into the cache first."""
     config = DistrConfig(grouping="lsh", group_size=2, block_size=16, sampled="k")
-    layer = _reduced_layer(config)  # keys 0-39 reduced; redo 21-32 (a block begun before, a block begun in them)
+    layer = _reduced_layer(config)
     start = torch.tensor(21, device=DEVICE)
-    torch.library.opcheck(ops.reduce_keys, (layer.keys, start, hash_directions(16, 8, 0, DEVICE), *layer.reduced, 12,
-                                            path, *ops.config_args(config)))
+    states = (rand(1, 2, 12, 32, seed=4), rand(1, 2, 12, 32, seed=5)) if write else (None, None)
+    torch.library.opcheck(ops.reduce_keys, (layer.keys, layer.values, start, hash_directions(16, 8, 0, DEVICE),
+                                            *layer.reduced, *states, 12, path, *ops.config_args(config)))
 
 
 def tiny_llama(dtype=torch.float32):

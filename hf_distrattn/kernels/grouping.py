@@ -23,7 +23,8 @@ Two kernels use it. :func:`reduce_operand` (a program per block): ``U`` and ``Wt
 projection ``X̃ = (X Wtᵀ) Wt`` of the block (the training path's ``Q̃``; its backward applies the same map to
 ``dQ̃`` with :func:`project_block`). :func:`reduce_keys` (a program per block that new keys fall in, the first
 block read from a tensor so that a CUDA graph can replay it): the compact ``Wt`` of each block and ``U`` of the
-new rows only, for the reduced-key cache.
+new rows only, for the reduced-key cache, and for a static cache the new keys and values written into it in the
+same launch.
 """
 
 from __future__ import annotations
@@ -164,14 +165,32 @@ def _store_reduced(x, wu, group, weight, U, Grp, W, rows, new, g_base, su_m, DG_
     tl.store(U + rows[:, None] * su_m + tl.arange(0, DG_PAD)[None, :], u.to(U.dtype.element_ty), mask=new[:, None])
 
 
+@triton.jit
+def _key_rows(k_base, ks_base, first, start, n_end, sk_m, sks_m, WRITE: tl.constexpr, BLOCK_M: tl.constexpr,
+              D: tl.constexpr):
+    """Rows ``first ..`` (``BLOCK_M``) of the keys as this update leaves them, zeros outside ``0 .. n_end − 1``: those
+    before ``start`` from the cache, the new ones from the update's keys when it writes them (``WRITE``; then no
+    program reads a cache row that another writes), else from the cache."""
+    rows = first + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)[None, :]
+    old = (rows >= 0) & (rows < (start if WRITE else n_end))
+    x = tl.load(k_base + rows[:, None] * sk_m + offs_d, mask=old[:, None], other=0.0)
+    if WRITE:
+        new = (rows >= start) & (rows < n_end)
+        x += tl.load(ks_base + (rows - start)[:, None] * sks_m + offs_d, mask=new[:, None], other=0.0)
+    return x
+
+
 @cached
 @triton.jit
-def _reduce_keys(K, R, Start, U, Grp, W, n_new, heads, last, sk_b, sk_h, sk_m, su_b, su_h, su_m, sg_b, sg_h,
-                 sg_blk, RANK1: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+def _reduce_keys(K, V, KS, VS, R, Start, U, Grp, W, n_new, heads, last, capacity, sk_b, sk_h, sk_m, sv_b, sv_h,
+                 sv_m, sks_b, sks_h, sks_m, svs_b, svs_h, svs_m, su_b, su_h, su_m, sg_b, sg_h, sg_blk,
+                 WRITE: tl.constexpr, RANK1: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
                  DG: tl.constexpr, DG_PAD: tl.constexpr, NH: tl.constexpr, PRECISION: tl.constexpr):
-    """One program per (block spanned by the new keys, batch·head): writes the block's compact fuse matrix into
-    ``Grp``/``W`` and its new rows' reduced form into ``U`` (the cache's tensors, in place). Programs past the last
-    block redo it and write the same values."""
+    """One program per (block spanned by the new keys, batch·head): with ``WRITE`` copies its new rows of ``KS``/``VS``
+    into the cache ``K``/``V`` (rows below ``capacity``); writes the block's compact fuse matrix into ``Grp``/``W``
+    and its new rows' reduced form into ``U`` (the cache's tensors, in place). Programs past the last block redo it
+    and write the same values."""
     p = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // heads
@@ -179,18 +198,25 @@ def _reduce_keys(K, R, Start, U, Grp, W, n_new, heads, last, sk_b, sk_h, sk_m, s
     start = tl.load(Start)
     j = tl.minimum(start // BLOCK_M + p, (start + last) // BLOCK_M)  # programs past the last block redo it
     k_base = K + b * sk_b + h * sk_h
+    ks_base = KS + b * sks_b + h * sks_h
     n_end = start + n_new
     offs_d = tl.arange(0, D)
     rows = j * BLOCK_M + tl.arange(0, BLOCK_M)
     new = (rows >= start) & (rows < n_end)
-    x = tl.load(k_base + rows[:, None] * sk_m + offs_d[None, :], mask=new[:, None], other=0.0)
+    x = _key_rows(k_base, ks_base, j * BLOCK_M, start, n_end, sk_m, sks_m, WRITE, BLOCK_M, D)
+    if WRITE:
+        written = (new & (rows < capacity))[:, None]
+        tl.store(k_base + rows[:, None] * sk_m + offs_d[None, :], x, mask=written)
+        values = tl.load(VS + b * svs_b + h * svs_h + (rows - start)[:, None] * svs_m + offs_d[None, :],
+                         mask=new[:, None], other=0.0)
+        tl.store(V + b * sv_b + h * sv_h + rows[:, None] * sv_m + offs_d[None, :], values, mask=written)
     u_base = U + b * su_b + h * su_h
     g_base = b * sg_b + h * sg_h + j * sg_blk
     fresh = j * BLOCK_M >= start  # the block starts among the new keys: group it (once per block)
     if not RANK1:
         fresh = j >= 0  # "sample" keeps no compact form of its first columns: always regroup
-    if fresh:
-        xs = _load_rows(k_base, (j - 1) * BLOCK_M, n_end, sk_m, BLOCK_M, D)  # block j - 1: complete, or zeros
+    if fresh:  # by block j - 1: complete, or zeros
+        xs = _key_rows(k_base, ks_base, (j - 1) * BLOCK_M, start, n_end, sk_m, sks_m, WRITE, BLOCK_M, D)
         wt, wu, one_hot, fuse = _fuse_matrix(xs, R, RANK1, BLOCK_M, D, G, DG, DG_PAD, NH, PRECISION)
         # compact Wt: column c's group (its bucket position // G) and weight (the value Wt holds)
         group = tl.sum(one_hot.to(tl.float32) * (offs_d // G).to(tl.float32)[None, :], axis=1).to(tl.int32)
@@ -203,22 +229,29 @@ def _reduce_keys(K, R, Start, U, Grp, W, n_new, heads, last, sk_b, sk_h, sk_m, s
         _store_reduced(x, wt, group, weight, u_base, Grp, W, rows, new, g_base, su_m, DG_PAD, D, PRECISION)
 
 
-def reduce_keys(keys: torch.Tensor, start: torch.Tensor, hashes: torch.Tensor, n_new: int, config: DistrConfig,
+def reduce_keys(keys: torch.Tensor, values: torch.Tensor, start: torch.Tensor, hashes: torch.Tensor,
+                key_states: torch.Tensor | None, value_states: torch.Tensor | None, n_new: int, config: DistrConfig,
                 reduced_keys: torch.Tensor, fuse_group: torch.Tensor, fuse_weight: torch.Tensor) -> None:
-    """Write the reduced form of keys ``start .. start + n_new − 1`` of ``keys`` ``(B, H, N, d)`` (the cache after
-    the update; ``start`` a 0-d int64 tensor on the device) into the cache's tensors, in place, each block grouped
-    by the one before it: rows ``start ..`` of ``reduced_keys`` ``(B, H, capacity, dg_pad)``, and for each block
-    the new keys span its column groups and weights in ``fuse_group`` int32 / ``fuse_weight`` float32
-    ``(B, H, capacity_blocks, d)`` (one layout). A block that starts before ``start`` was grouped by an earlier
-    call: its stored compact form is read instead of grouped again, so a decode step costs one key's ``d/G``
-    products, not a block's grouping. One launch, nothing allocated. Semantics of the reference in
+    """Write the reduced form of keys ``start .. start + n_new − 1`` of the cache ``keys`` ``(B, H, N, d)``
+    (``start`` a 0-d int64 tensor on the device) into the cache's tensors, in place, each block grouped by the one
+    before it: rows ``start ..`` of ``reduced_keys`` ``(B, H, capacity, dg_pad)``, and for each block the new keys
+    span its column groups and weights in ``fuse_group`` int32 / ``fuse_weight`` float32
+    ``(B, H, capacity_blocks, d)`` (one layout). With ``key_states``/``value_states`` ``(B, H, n_new, d)`` the new
+    rows are written into ``keys``/``values`` first, in the same launch (a static cache's whole update; rows past
+    ``N`` are not written), else ``keys`` holds them already. A block that starts before ``start`` was grouped by an
+    earlier call: its stored compact form is read instead of grouped again, so a decode step costs one key's
+    ``d/G`` products, not a block's grouping. One launch, nothing allocated. Semantics of the reference in
     :func:`hf_distrattn.ops.reduce_keys`.
     """
-    batch, heads, _, d = keys.shape
+    write = key_states is not None
+    if not write:
+        key_states = value_states = keys  # placeholders, never read
+    batch, heads, capacity, d = keys.shape
     block = config.block_size
     _reduce_keys[((n_new - 1) // block + 2, batch * heads)](
-        keys, hashes, start, reduced_keys, fuse_group, fuse_weight, n_new, heads, n_new - 1,
-        *keys.stride()[:3], *reduced_keys.stride()[:3], *fuse_group.stride()[:3],
+        keys, values, key_states, value_states, hashes, start, reduced_keys, fuse_group, fuse_weight, n_new, heads,
+        n_new - 1, capacity, *keys.stride()[:3], *values.stride()[:3], *key_states.stride()[:3],
+        *value_states.stride()[:3], *reduced_keys.stride()[:3], *fuse_group.stride()[:3], WRITE=write,
         RANK1=config.reduce == "rank1", BLOCK_M=block, D=d, G=config.group_size, DG=d // config.group_size,
         DG_PAD=reduced_keys.shape[-1], NH=hashes.shape[-1], PRECISION=_precision(keys.dtype), num_warps=4,
     )
