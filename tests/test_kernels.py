@@ -328,6 +328,22 @@ def test_reduce_keys_kernel_matches_reference(group, block, n_k, reduce, steps, 
                                rtol=1e-5)
 
 
+def test_static_update_past_capacity_writes_the_rows_that_fit():
+    """An update that runs past a static layer's capacity (Transformers' own update raises there) writes and reduces
+    the rows that fit, as an update of those rows alone would, and nothing past them."""
+    from hf_distrattn.cache import ReducedStaticLayer
+
+    config = triton_config(group_size=2, block_size=16, sampled="k")
+    k, v = rand(1, 2, 48, 32, seed=80), rand(1, 2, 48, 32, seed=81)
+    layer = ReducedStaticLayer(40, config)
+    layer.update(k[:, :, :30], v[:, :, :30])
+    layer.update(k[:, :, 30:], v[:, :, 30:])  # 18 new rows, 10 fit
+    assert torch.equal(layer.keys, k[:, :, :40]) and torch.equal(layer.values, v[:, :, :40])
+    fits = reduced_cache(k[:, :, :40], v[:, :, :40], config, steps=(30, 10), static=True)
+    assert torch.equal(layer.fuse_group, fits.fuse_group[:, :, :3])
+    torch.testing.assert_close(layer.reduced_keys, fits.reduced_keys[:, :, :40], atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("group,block,n_q,n_k,heads,dtype,mask_kind", [
     (2, 16, 1, 75, (8, 2), torch.float32, None), (4, 16, 3, 64, (4, 2), torch.float32, "bool"),
     (2, 32, 2, 100, (2, 2), torch.float32, "additive"), (2, 16, 1, 50, (8, 2), torch.float16, None),

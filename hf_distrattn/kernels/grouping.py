@@ -183,33 +183,32 @@ def _key_rows(k_base, ks_base, first, start, n_end, sk_m, sks_m, WRITE: tl.const
 
 @cached
 @triton.jit
-def _reduce_keys(K, V, KS, VS, R, Start, U, Grp, W, n_new, heads, last, capacity, sk_b, sk_h, sk_m, sv_b, sv_h,
+def _reduce_keys(K, V, KS, VS, R, Start, U, Grp, W, n_new, heads, capacity, sk_b, sk_h, sk_m, sv_b, sv_h,
                  sv_m, sks_b, sks_h, sks_m, svs_b, svs_h, svs_m, su_b, su_h, su_m, sg_b, sg_h, sg_blk,
                  WRITE: tl.constexpr, RANK1: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
                  DG: tl.constexpr, DG_PAD: tl.constexpr, NH: tl.constexpr, PRECISION: tl.constexpr):
     """One program per (block spanned by the new keys, batch·head): with ``WRITE`` copies its new rows of ``KS``/``VS``
-    into the cache ``K``/``V`` (rows below ``capacity``); writes the block's compact fuse matrix into ``Grp``/``W``
-    and its new rows' reduced form into ``U`` (the cache's tensors, in place). Programs past the last block redo it
-    and write the same values."""
+    into the cache ``K``/``V``; writes the block's compact fuse matrix into ``Grp``/``W`` and its new rows' reduced
+    form into ``U`` (the cache's tensors, in place). Rows from ``capacity`` on (the cache's) are neither written nor
+    reduced. Programs past the last block redo it and write the same values."""
     p = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // heads
     h = bh % heads
     start = tl.load(Start)
-    j = tl.minimum(start // BLOCK_M + p, (start + last) // BLOCK_M)  # programs past the last block redo it
+    n_end = tl.minimum(start + n_new, capacity)
+    j = tl.minimum(start // BLOCK_M + p, (n_end - 1) // BLOCK_M)  # programs past the last block redo it
     k_base = K + b * sk_b + h * sk_h
     ks_base = KS + b * sks_b + h * sks_h
-    n_end = start + n_new
     offs_d = tl.arange(0, D)
     rows = j * BLOCK_M + tl.arange(0, BLOCK_M)
     new = (rows >= start) & (rows < n_end)
     x = _key_rows(k_base, ks_base, j * BLOCK_M, start, n_end, sk_m, sks_m, WRITE, BLOCK_M, D)
     if WRITE:
-        written = (new & (rows < capacity))[:, None]
-        tl.store(k_base + rows[:, None] * sk_m + offs_d[None, :], x, mask=written)
+        tl.store(k_base + rows[:, None] * sk_m + offs_d[None, :], x, mask=new[:, None])
         values = tl.load(VS + b * svs_b + h * svs_h + (rows - start)[:, None] * svs_m + offs_d[None, :],
                          mask=new[:, None], other=0.0)
-        tl.store(V + b * sv_b + h * sv_h + rows[:, None] * sv_m + offs_d[None, :], values, mask=written)
+        tl.store(V + b * sv_b + h * sv_h + rows[:, None] * sv_m + offs_d[None, :], values, mask=new[:, None])
     u_base = U + b * su_b + h * su_h
     g_base = b * sg_b + h * sg_h + j * sg_blk
     fresh = j * BLOCK_M >= start  # the block starts among the new keys: group it (once per block)
@@ -250,7 +249,7 @@ def reduce_keys(keys: torch.Tensor, values: torch.Tensor, start: torch.Tensor, h
     block = config.block_size
     _reduce_keys[((n_new - 1) // block + 2, batch * heads)](
         keys, values, key_states, value_states, hashes, start, reduced_keys, fuse_group, fuse_weight, n_new, heads,
-        n_new - 1, capacity, *keys.stride()[:3], *values.stride()[:3], *key_states.stride()[:3],
+        capacity, *keys.stride()[:3], *values.stride()[:3], *key_states.stride()[:3],
         *value_states.stride()[:3], *reduced_keys.stride()[:3], *fuse_group.stride()[:3], WRITE=write,
         RANK1=config.reduce == "rank1", BLOCK_M=block, D=d, G=config.group_size, DG=d // config.group_size,
         DG_PAD=reduced_keys.shape[-1], NH=hashes.shape[-1], PRECISION=_precision(keys.dtype), num_warps=4,
