@@ -14,6 +14,9 @@ medians over ``--reps`` CUDA-event-timed runs after warm-up (compilation include
 generation after prompts past 32k tokens, whose prefill alone takes seconds at 8B: the compiled decode step is
 compiled and its CUDA graphs recorded within the first generation's steps).
 
+``--profile``: each prefill row also holds its top CUDA kernels by device time (:func:`top_kernels`), to see
+where a setting loses.
+
     python -m hf_distrattn.eval.bench_e2e --compile --json results/e2e.json --markdown results/e2e.md
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from functools import partial
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, ViTConfig, ViTForImageClassification
@@ -47,6 +51,20 @@ def llama(shape: str, train: bool = False):
     return model.train(train), name, geometry
 
 
+def top_kernels(fn, calls: int = 3, top: int = 10) -> list:
+    """The ``top`` CUDA kernels by device time over ``calls`` calls of ``fn`` (``torch.profiler``): ``[ms per call,
+    launches per call, name]``, longest first: where a row's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [[e.device_time_total / calls / 1000, e.count // calls, e.key[:100]]
+               for e in prof.key_averages() if e.device_time_total > 0]
+    return sorted(kernels, reverse=True)[:top]
+
+
 def use(model, spec: str) -> None:
     (_, name, config), = parse_settings([spec])
     apply_setting(model, name, config)
@@ -69,7 +87,7 @@ def _decode_kwargs(compile: bool) -> dict:
 
 
 @torch.no_grad()
-def bench_llama(specs, prefill_lens, decode_prompts, decode_tokens, reps, compile, shape="1b"):
+def bench_llama(specs, prefill_lens, decode_prompts, decode_tokens, reps, compile, shape="1b", profile=False):
     model, model_name, geometry = llama(shape)
     rows = []
     for spec in specs:
@@ -77,8 +95,10 @@ def bench_llama(specs, prefill_lens, decode_prompts, decode_tokens, reps, compil
         run = compiled(model, compile)
         for n in prefill_lens:
             ids = torch.randint(0, geometry["vocab_size"], (1, n), device="cuda")
-            ms = cuda_ms(lambda ids=ids, run=run: run(ids, use_cache=False, logits_to_keep=1), reps, warmup=2)
-            rows.append({"model": model_name, "attn": spec, "task": f"prefill {n}", "ms": ms})
+            prefill = partial(run, ids, use_cache=False, logits_to_keep=1)
+            rows.append({"model": model_name, "attn": spec, "task": f"prefill {n}", "ms": cuda_ms(prefill, reps, 2)})
+            if profile:
+                rows[-1]["kernels"] = top_kernels(prefill)
             print(json.dumps(rows[-1]), flush=True)
         for n in decode_prompts:
             prompt = torch.randint(0, geometry["vocab_size"], (1, n), device="cuda")
@@ -154,6 +174,7 @@ def main(argv=None):
                                                       "distr:group_size=4,sampled=k,grouping=lsh"])
     parser.add_argument("--compile", action="store_true", help="compile both sides (static cache for decode)")
     parser.add_argument("--llama", choices=sorted(LLAMA_SHAPES), default="1b", help="the Llama shape")
+    parser.add_argument("--profile", action="store_true", help="prefill rows: the top CUDA kernels (torch.profiler)")
     parser.add_argument("--prefill", type=int, nargs="*", default=[4096, 16384])
     parser.add_argument("--decode-prompt", type=int, nargs="*", default=[4096, 32768])
     parser.add_argument("--decode-tokens", type=int, default=64)
@@ -164,7 +185,7 @@ def main(argv=None):
     parser.add_argument("--markdown")
     args = parser.parse_args(argv)
     rows = bench_llama(args.attn, args.prefill, args.decode_prompt, args.decode_tokens, args.reps, args.compile,
-                       args.llama)
+                       args.llama, args.profile)
     if args.train_seq_len:
         rows += bench_train_step(args.attn, args.train_seq_len, args.reps, args.compile, args.llama)
     if args.vit_batch:
