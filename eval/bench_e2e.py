@@ -96,7 +96,8 @@ def bench_llama(specs, prefill_lens, decode_prompts, decode_tokens, reps, compil
         for n in prefill_lens:
             ids = torch.randint(0, geometry["vocab_size"], (1, n), device="cuda")
             prefill = partial(run, ids, use_cache=False, logits_to_keep=1)
-            rows.append({"model": model_name, "attn": spec, "task": f"prefill {n}", "ms": cuda_ms(prefill, reps, 2)})
+            ms = cuda_ms(prefill, reps, warmup=2)
+            rows.append({"model": model_name, "attn": spec, "task": f"prefill {n}", "ms": ms})
             if profile:
                 rows[-1]["kernels"] = top_kernels(prefill)
             print(json.dumps(rows[-1]), flush=True)

@@ -171,13 +171,9 @@ def _key_rows(k_base, ks_base, first, start, n_end, sk_m, sks_m, WRITE: tl.const
     """Rows ``first ..`` (``BLOCK_M``) of the keys as this update leaves them, zeros outside ``0 .. n_end − 1``: those
     before ``start`` from the cache, the new ones from the update's keys when it writes them (``WRITE``; then no
     program reads a cache row that another writes), else from the cache."""
-    rows = first + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)[None, :]
-    old = (rows >= 0) & (rows < (start if WRITE else n_end))
-    x = tl.load(k_base + rows[:, None] * sk_m + offs_d, mask=old[:, None], other=0.0)
-    if WRITE:
-        new = (rows >= start) & (rows < n_end)
-        x += tl.load(ks_base + (rows - start)[:, None] * sks_m + offs_d, mask=new[:, None], other=0.0)
+    x = _load_rows(k_base, first, start if WRITE else n_end, sk_m, BLOCK_M, D)
+    if WRITE:  # the update's row r is the cache's row start + r
+        x += _load_rows(ks_base, first - start, n_end - start, sks_m, BLOCK_M, D)
     return x
 
 
@@ -206,8 +202,7 @@ def _reduce_keys(K, V, KS, VS, R, Start, U, Grp, W, n_new, heads, capacity, sk_b
     x = _key_rows(k_base, ks_base, j * BLOCK_M, start, n_end, sk_m, sks_m, WRITE, BLOCK_M, D)
     if WRITE:
         tl.store(k_base + rows[:, None] * sk_m + offs_d[None, :], x, mask=new[:, None])
-        values = tl.load(VS + b * svs_b + h * svs_h + (rows - start)[:, None] * svs_m + offs_d[None, :],
-                         mask=new[:, None], other=0.0)
+        values = _load_rows(VS + b * svs_b + h * svs_h, j * BLOCK_M - start, n_end - start, svs_m, BLOCK_M, D)
         tl.store(V + b * sv_b + h * sv_h + rows[:, None] * sv_m + offs_d[None, :], values, mask=new[:, None])
     u_base = U + b * su_b + h * su_h
     g_base = b * sg_b + h * sg_h + j * sg_blk

@@ -55,11 +55,14 @@ def _signature(args) -> tuple:
     return tuple(key)
 
 
+def _set(hook) -> bool:
+    """A launch hook is set: a function, or (Triton ≥ 3.5) a chain of hooks that is not empty."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 def _hooked() -> bool:
-    """Whether a Triton launch hook is set: a function, or (Triton ≥ 3.5) a chain of hooks that is not empty."""
-    enter, exit = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
-    return (enter is not None and bool(getattr(enter, "calls", True))) or (
-        exit is not None and bool(getattr(exit, "calls", True)))
+    """Whether a Triton launch hook is set (no generator: this runs at every launch)."""
+    return _set(knobs.runtime.launch_enter_hook) or _set(knobs.runtime.launch_exit_hook)
 
 
 class _Cached:
