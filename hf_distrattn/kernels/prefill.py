@@ -33,6 +33,7 @@ import triton.language as tl
 
 from ..config import DistrConfig
 from ..grouping import padded_width
+from ..plan import sm90_refusal
 from .grouping import reduce_operand
 from .launch import cached, cdiv
 from .softmax import (
@@ -199,7 +200,7 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: DistrConf
 
 def distr_attention_triton(q, k, v, *, causal=False, attn_mask=None, scale=None, config: DistrConfig,
                            causal_grouping=False, hashes=None, prepared=None, subspace=None, window=None,
-                           softcap=None, **launch):
+                           softcap=None, portable=False, **launch):
     """Shapes and semantics of :func:`hf_distrattn.reference.attention`; ``attn_mask`` already 4-D; unit-stride
     head dims; the output has ``q``'s layout.
 
@@ -207,6 +208,8 @@ def distr_attention_triton(q, k, v, *, causal=False, attn_mask=None, scale=None,
     is exact, computed by a second, ``G = 1`` launch of the kernel into the same output. ``prepared``: the
     output of :func:`prepare` for these inputs, to time the kernel alone; ``launch`` overrides
     :func:`launch_params` (``block_n``, ``num_warps``, ``num_stages``, ``fold_scale``) of the ``G``-launch.
+    On a Hopper GPU the calls that :func:`hf_distrattn.plan.sm90_refusal` accepts run the Hopper kernel
+    (:mod:`.hopper`) instead, unless ``portable``.
     ``subspace``: ``grouping="subspace"``'s ``(K̃, F)`` (:func:`hf_distrattn.kernels.subspace.subspace_reduced`);
     ``Q``, ``K`` and ``V`` then go in whole, key tiles never straddle a key block, and there is one launch.
     """
@@ -224,7 +227,18 @@ def distr_attention_triton(q, k, v, *, causal=False, attn_mask=None, scale=None,
     mask, mask_kind, mask_strides = mask_arguments(attn_mask, out)
     n_blocks = cdiv(n_q, config.block_size)
 
+    sm90 = not portable and subspace is None and sm90_refusal(q, k, config.group_size, config.block_size, causal,
+                                                              attn_mask is not None, window, softcap) is None
+
     def run(u, kk, vv, group, first_block, count, params):
+        if sm90:  # its programs take 128 queries: first_block is 0 or config.block_size is 128
+            from . import hopper  # Gluon: only where plan.sm90_refusal found it
+
+            rows = first_block * config.block_size
+            hopper.attention(u, kk, vv, wt if group > 1 else None, out, lse, causal=causal, scale=scale,
+                             group_size=group, first_block=rows // 128,
+                             count=cdiv(min(n_q, rows + count * config.block_size) - rows, 128))
+            return
         _distr_fwd[(count * batch * heads,)](
             u, kk, vv, wt, reduced, factors, mask, out, lse, scale, window or 0, softcap or 1.0, first_block, count,
             n_q, n_k, heads, heads // h_kv,

@@ -1,0 +1,151 @@
+"""The Hopper (Gluon) forward kernel, ``kernels/hopper.py``.
+
+On any machine: the kernel builds for sm_90 (offline, in a subprocess without ``TRITON_INTERPRET``, which Gluon
+cannot compile under), with its shared memory within an H100's 227 KB, no register spills, TMA loads, ``wgmma`` and
+the register reallocation between partitions. On a Hopper GPU: its outputs and log-sum-exps against float64 exact
+attention (``G = 1``) and against the portable kernel on the same grouping (``G > 1``), over odd lengths, GQA,
+causal calls with fewer or more queries than keys (rows that see no key), float16 and bfloat16, head dims 64
+and 128.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from kernel_inputs import DEVICE, rand
+
+VARIANTS = [(64, 1, False), (128, 1, True), (128, 2, True), (64, 4, False)]  # (d, G, causal)
+H100_SHARED = 227 * 1024
+
+
+def _build(d: int, group: int, causal: bool) -> dict:
+    """Compile the kernel for sm_90 and report what the tests check."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    from hf_distrattn.kernels import hopper
+
+    dg, n = d // group, 256
+    u = torch.empty(1, 4, n, dg, dtype=torch.bfloat16)
+    kv = torch.empty(1, 2, n, d, dtype=torch.bfloat16)
+    wt = hopper._desc(torch.empty(1, 4, 2, dg, d, dtype=torch.bfloat16), [1, 1, 1, dg, d]) if group > 1 else \
+        hopper._desc(kv, [1, 1, 16, 16])
+    values = dict(u_desc=hopper._desc(u, [1, 1, 64, dg]), k_desc=hopper._desc(kv, [1, 1, 128, d]),
+                  v_desc=hopper._desc(kv, [1, 1, 128, d]), wt_desc=wt, out_ptr=kv, lse_ptr=u.float(),
+                  qk_scale=0.1, n_q=n, n_k=n, heads=4, kv_group=2, first_block=0, n_blocks=2, so_b=n, so_h=n,
+                  so_m=n, sl_b=n, sl_h=n)
+    constants = dict(CAUSAL=causal, BLOCK_N=128, D=d, DG=dg, STAGES=2, G=group, GROUP_BLOCK=128)
+    fn = hopper._distr_fwd_sm90
+    signature = {name: "constexpr" if name in constants else "fp32" if isinstance(values[name], float)
+                 else "i32" if isinstance(values[name], int) else mangle_type(values[name]) for name in fn.arg_names}
+    source = GluonASTSource(fn, signature, {(fn.arg_names.index(k),): v for k, v in constants.items()})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=168))
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"hf_distrattn_sm90_{os.getpid()}.cubin")
+    with open(path, "wb") as f:
+        f.write(kernel.asm["cubin"])
+    sass = subprocess.run([os.path.join(tools, "nvdisasm"), "-c", path], capture_output=True, text=True).stdout
+    os.remove(path)
+    ops = sass.splitlines()
+    return dict(shared=kernel.metadata.shared, spills=sum(" STL" in o or " LDL" in o for o in ops),
+                wgmma=sum("HGMMA" in o for o in ops), tma=sum("UTMALDG" in o for o in ops),
+                setmaxnreg=sum("SETMAXREG" in o for o in ops))
+
+
+@pytest.fixture(scope="module")
+def builds():
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {tuple(r["variant"]): r for r in map(json.loads, done.stdout.splitlines())}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_builds_for_sm90_within_shared_memory_without_spills(builds, variant):
+    r = builds[variant]
+    assert r["shared"] <= H100_SHARED
+    assert r["spills"] == 0
+    assert r["wgmma"] > 0 and r["tma"] > 0 and r["setmaxnreg"] > 0
+
+
+HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9
+
+
+def _exact64(q, k, v, causal):
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1).double(), v.repeat_interleave(rep, 1).double()
+    s = q.double() @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if causal:
+        n_q, n_k = q.shape[2], k.shape[2]
+        keep = torch.arange(n_k, device=q.device) <= torch.arange(n_q, device=q.device)[:, None] + n_k - n_q
+        s = s.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    return torch.softmax(s, -1).nan_to_num() @ v, lse
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("b,hq,hk,n_q,n_k,d,causal,dtype", [
+    (2, 4, 2, 1000, 1000, 64, False, torch.bfloat16), (2, 4, 2, 1000, 1000, 128, True, torch.bfloat16),
+    (1, 4, 4, 515, 515, 128, False, torch.float16), (1, 8, 2, 300, 1100, 64, True, torch.float16),
+    (1, 2, 1, 200, 100, 64, True, torch.bfloat16)])
+def test_matches_float64_and_the_portable_kernel(group, b, hq, hk, n_q, n_k, d, causal, dtype):
+    from hf_distrattn.config import DistrConfig
+    from hf_distrattn.grouping import hash_directions
+    from hf_distrattn.kernels import hopper, prefill
+
+    q = rand(b, n_q, hq, d, dtype=dtype, seed=1).transpose(1, 2)  # Transformers' layout
+    k, v = rand(b, hk, n_k, d, dtype=dtype, seed=2), rand(b, hk, n_k, d, dtype=dtype, seed=3)
+    out, lse = torch.empty_like(q), torch.empty(b, hq, n_q, device=DEVICE)
+    if group == 1:
+        hopper.attention(q, k, v, None, out, lse, causal=causal, scale=d ** -0.5, group_size=1)
+        want, want_lse = _exact64(q, k, v, causal)
+        tol = 1e-2
+    else:
+        config = DistrConfig(group_size=group, block_size=128, grouping="lsh", sampled="q")
+        prepared = prefill.prepare(q, k, v, config, hashes=hash_directions(128, config.num_hashes, 0, DEVICE))
+        hopper.attention(*prepared[:3], prepared[3], out, lse, causal=causal, scale=d ** -0.5, group_size=group)
+        want, want_lse = prefill.distr_attention_triton(q, k, v, causal=causal, config=config, prepared=prepared,
+                                                          portable=True)
+        tol = 2e-2
+    assert not out.isnan().any()
+    assert ((out.double() - want).norm() / want.norm()).item() < tol
+    seen = torch.isfinite(want_lse)
+    assert torch.equal(torch.isfinite(lse), seen)  # rows that see no key: -inf and a zero output
+    assert (out[~seen] == 0).all()
+    assert (lse[seen] - want_lse[seen].float()).abs().max().item() < 2e-2
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("group,block,n", [(1, 64, 700), (2, 128, 700), (4, 128, 129)])
+def test_fused_path_runs_it_with_causal_grouping(monkeypatch, group, block, n):
+    """Through the fused path's function: causal grouping's exact first block and the grouped rest are two
+    launches into one output; the portable kernel computes the same."""
+    from hf_distrattn import plan
+    from hf_distrattn.config import DistrConfig
+    from hf_distrattn.grouping import hash_directions
+    from hf_distrattn.kernels import prefill
+
+    monkeypatch.setattr(plan, "SM90", True)
+    q, k, v = (rand(1, 4, n, 128, dtype=torch.bfloat16, seed=s) for s in (4, 5, 6))
+    config = DistrConfig(group_size=group, block_size=block, grouping="lsh", sampled="q")
+    call = dict(causal=True, config=config, causal_grouping=True,
+                hashes=hash_directions(block, config.num_hashes, 0, DEVICE))
+    assert plan.sm90_refusal(q, k, group, block, True, False, None, None) is None
+    out, lse = prefill.distr_attention_triton(q, k, v, **call)
+    want, want_lse = prefill.distr_attention_triton(q, k, v, portable=True, **call)
+    assert ((out.float() - want.float()).norm() / want.float().norm()).item() < 2e-2
+    assert (lse - want_lse).abs().max().item() < 2e-2
+
+
+if __name__ == "__main__":  # the build report, one JSON line per variant (run by the ``builds`` fixture)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for variant in VARIANTS:
+        print(json.dumps(dict(variant=variant) | _build(*variant)), flush=True)
