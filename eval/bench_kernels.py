@@ -2,7 +2,8 @@
 the ``sageattention`` wheel, in one run on one GPU.
 
 Times are medians of ``triton.testing.do_bench`` after warm-up, on random normal inputs; distr is timed whole
-(pre-pass + kernel) and kernel-only. Effective TFLOP/s = 4·B·H·Nq·Nk·d / t, halved when causal. The error
+(pre-pass + kernel) and kernel-only, and where the Hopper kernel runs (``HF_DISTRATTN_SM90=1`` on an sm_90 GPU)
+the portable kernel alone as well. Effective TFLOP/s = 4·B·H·Nq·Nk·d / t, halved when causal. The error
 column is ‖out − exact‖/‖exact‖ against float32 SDPA on the same inputs.
 
     python -m hf_distrattn.eval.bench_kernels --json results/kernels.json --markdown results/kernels.md
@@ -23,6 +24,7 @@ from ..config import DistrConfig
 from ..grouping import hash_directions, padded_width
 from ..kernels import prefill
 from ..kernels.subspace import subspace_reduced
+from ..plan import sm90_refusal
 from .common import write_results
 
 
@@ -48,7 +50,8 @@ def _prepass(q, k, v, causal, config):
 
 
 def _kernel(q, k, v, causal, config, prepared, **launch):
-    """The attention kernel alone, on the pre-pass's output ``prepared``."""
+    """The attention kernel alone, on the pre-pass's output ``prepared`` (``portable=True``: the portable kernel
+    where the Hopper one would run)."""
     ready = dict(subspace=prepared) if config.grouping == "subspace" else dict(prepared=prepared)
     return prefill.distr_attention_triton(q, k, v, causal=causal, config=config, causal_grouping=causal,
                                           **ready, **launch)[0]
@@ -114,6 +117,10 @@ def bench(seq_lens, head_dims, causals, groups, block_sizes, dtype=torch.bfloat1
                             ready = _prepass(q, k, v, causal, cfg)
                             row["prepass_ms"] = median_ms(partial(_prepass, q, k, v, causal, cfg))
                             row["kernel_ms"] = median_ms(partial(_kernel, q, k, v, causal, cfg, ready))
+                            if cfg.grouping != "subspace" and sm90_refusal(q, k, cfg.group_size, cfg.block_size,
+                                                                           causal, False, None, None) is None:
+                                row["portable_kernel_ms"] = median_ms(partial(_kernel, q, k, v, causal, cfg, ready,
+                                                                              portable=True))
                             if n in tune:
                                 row["launches"] = [
                                     launch | {"kernel_ms": median_ms(partial(_kernel, q, k, v, causal, cfg, ready,

@@ -175,14 +175,16 @@ def layer_configs(model: torch.nn.Module) -> list[DistrConfig]:
 def layer_plans(model: torch.nn.Module, seq_len: int, *, device=None, dtype=None, needs_grad: bool = False,
                 decode: bool = True) -> list[dict]:
     """Which path (:func:`hf_distrattn.plan.plan`) each attention layer takes for a prefill of ``seq_len``
-    tokens (batch 1) and, for causal layers with ``decode``, a one-token step after it; with the reasons. Shapes
+    tokens (batch 1) and, for causal layers with ``decode``, a one-token step after it; with the reasons, and on a
+    GPU which kernel a fused or projected prefill runs (:func:`hf_distrattn.plan.sm90_refusal`, no mask). Shapes
     come from the model's config; the device and dtype default to the model's."""
-    from .plan import plan
+    from .plan import plan, sm90_refusal
 
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    softcap = getattr(config, "attn_logit_softcapping", None)
     parameter = next(model.parameters())
     device, dtype = device or parameter.device, dtype or parameter.dtype
     rows = []
@@ -201,6 +203,12 @@ def layer_plans(model: torch.nn.Module, seq_len: int, *, device=None, dtype=None
                           reduced_keys=reduced, window=window)
             row[name] = chosen.path
             row[f"{name}_reason"] = chosen.reason
+            if (name == "prefill" and q.is_cuda and chosen.path in ("fused", "projected")
+                    and not (chosen.group_size > 1 and layer_config.grouping == "subspace")):
+                refusal = sm90_refusal(q, keys, chosen.group_size, layer_config.block_size, causal, False, window,
+                                       softcap)
+                row[f"{name}_reason"] += ", sm_90 kernel" if refusal is None else (
+                    ", portable kernel: " + refusal[0].format(*refusal[1:]))
         rows.append(row)
     return rows
 
