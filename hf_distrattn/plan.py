@@ -42,9 +42,9 @@ MAX_DECODE_QUERIES = 16
 MAX_DECODE_ROWS = 128
 """The decode kernel packs a KV head's ``Hq/Hkv · Nq`` query rows in one tile of at most this many rows."""
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-SM90 = os.environ.get("HF_DISTRATTN_SM90", "0") != "0"
+SM90 = os.environ.get("HF_DISTRATTN_SM90", "1") != "0"
 """Whether the ``"fused"`` and ``"projected"`` paths run the Hopper kernel (:mod:`.kernels.hopper`) on the calls it
-takes (:func:`sm90_refusal`); ``HF_DISTRATTN_SM90=1`` turns it on."""
+takes (:func:`sm90_refusal`); ``HF_DISTRATTN_SM90=0`` keeps the portable kernel everywhere."""
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
@@ -135,28 +135,27 @@ def triton_refusal(q: torch.Tensor, backend: str) -> Note | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hopper(device: int) -> bool:
     """An sm_90 GPU and a Triton with Gluon's Hopper dialect."""
     return (torch.cuda.get_device_capability(device) == (9, 0)
             and importlib.util.find_spec("triton.experimental.gluon.language.nvidia.hopper") is not None)
 
 
-def sm90_refusal(q: torch.Tensor, k: torch.Tensor, group: int, block_size: int, causal: bool, masked: bool,
+def sm90_refusal(q: torch.Tensor, k: torch.Tensor, group: int, block_size: int, masked: bool,
                  window: int | None, softcap: float | None) -> Note | None:
     """``None`` if the Hopper kernel computes a fused-kernel call, else why the portable kernel does. It takes
     16-bit inputs on an sm_90 GPU, grouping blocks of 128 queries (its programs' rows) at ``G > 1``, rows
     16-byte aligned, no mask tensor, sliding window or softcap; and it runs where it measured faster than the
-    portable kernel (H200, 16k tokens, docs/design.md P1): head dim 128, and head dim 64 at ``G = 1`` without a
-    causal mask."""
+    portable kernel (H100, 16k tokens, docs/design.md P3): ``G = 1``, and ``G > 1`` at head dim 128."""
     if not SM90:
-        return ("HF_DISTRATTN_SM90 is not set",)
+        return ("HF_DISTRATTN_SM90=0",)
     if q.device.type != "cuda" or not _hopper(q.get_device()):
         return ("not an sm_90 GPU",)
     if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in (64, 128):
         return ("dtype {}, head_dim {} (the sm_90 kernel takes 16-bit, 64 or 128)", q.dtype, q.shape[-1])
-    if q.shape[-1] == 64 and (group > 1 or causal):
-        return ("head_dim 64 with G={}, causal={}: the portable kernel is faster", group, causal)
+    if q.shape[-1] == 64 and group > 1:
+        return ("head_dim 64 with G={}: the portable kernel is faster", group)
     if group > 1 and block_size != 128:
         return ("block_size {} (the sm_90 kernel groups 128 queries)", block_size)
     if masked or window is not None or softcap is not None:

@@ -5,10 +5,11 @@ One program per block of ``BLOCK_M = 2 · 64`` queries of one (batch, head). Thr
 * a one-warp **loader** streams the key and value tiles of ``BLOCK_N`` rows by TMA through a ring of ``STAGES``
   shared-memory buffers (an mbarrier pair per buffer and operand: *ready* when the bytes land, *empty* once both
   consumers are done with it); it first loads the two query tiles;
-* two **consumer** warpgroups, 64 query rows each (``wgmma``'s M), run the FlashAttention loop. While the softmax
-  of tile ``j`` runs on the CUDA cores, the score GEMM of tile ``j + 1`` runs on the tensor cores (issued before
-  it, asynchronously), and each warpgroup's GEMMs overlap the other's softmax (the warp schedulers interleave
-  them). Per key tile, for a warpgroup's rows ``i`` and keys ``c``:
+* two **consumer** warpgroups, 64 query rows each (``wgmma``'s M), run the FlashAttention loop in
+  FlashAttention-3's order: for key tile ``j`` a warpgroup issues the score GEMM of ``j`` and ``P·V`` of ``j − 1``
+  together, in turns with the other warpgroup (an mbarrier pair), then computes the softmax of ``j`` on the CUDA
+  cores while its ``P·V`` and the other warpgroup's GEMMs run on the tensor cores. Per key tile, for a
+  warpgroup's rows ``i`` and keys ``c``:
 
       S = U · K̃ᵀ                              (score GEMM, inner size DG = D / G; wgmma, operands in shared memory)
       m' = max(m, rowmax(S)·s),  P = 2^(S·s − m'),  l = l·2^(m − m') + rowsum(P)     (s = scale · log₂e)
@@ -131,11 +132,10 @@ def _softmax(s, m_i, l_i, start_n, rows, n_q, n_k, qk_scale, masked, CAUSAL: gl.
 @gluon.jit
 def _consumer(descs, bufs, bars, coords, n_tiles, n_q, n_k, qk_scale, out_ptr, lse_ptr, so_b, so_h, so_m, sl_b,
               sl_h, WG: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
-              DG: gl.constexpr, STAGES: gl.constexpr, G: gl.constexpr, PINGPONG: gl.constexpr):
-    """One warpgroup's 64 query rows: the FlashAttention loop over the key tiles, the score GEMM of tile ``i + 1``
-    in flight during the softmax of tile ``i``; then ``out`` and ``lse``. ``PINGPONG`` (FlashAttention-3's
-    order): per tile ``j`` the score GEMM of ``j`` and ``P·V`` of ``j − 1`` are issued together, in turns with the
-    other warpgroup (``turn``), and the softmax of ``j`` runs while ``P·V`` does."""
+              DG: gl.constexpr, STAGES: gl.constexpr, G: gl.constexpr):
+    """One warpgroup's 64 query rows: the FlashAttention loop over the key tiles in FlashAttention-3's order
+    (per tile ``j``, the score GEMM of ``j`` and ``P·V`` of ``j − 1`` issued together, in turns with the other
+    warpgroup, then the softmax of ``j`` while ``P·V`` runs); then ``out`` and ``lse``."""
     u_bufs, k_bufs, v_bufs, wt_buf, kt_buf = bufs
     q_ready, k_ready, k_empty, v_ready, v_empty, kt_ready, turn = bars
     b, h, hk, start_m, blk = coords
@@ -159,46 +159,26 @@ def _consumer(descs, bufs, bars, coords, n_tiles, n_q, n_k, qk_scale, out_ptr, l
         s = warpgroup_mma(u, _keys(k_bufs.index(0), wt_buf, kt_buf, kt_ready, 0, WG, BLOCK_N, D, DG, G), s_zero,
                           use_acc=False)
         mbarrier.arrive(k_empty.index(0), count=1)
-        if PINGPONG:
-            p, alpha, m_i, l_i = _softmax(s, m_i, l_i, 0, rows, n_q, n_k, qk_scale, 0 >= first_masked, CAUSAL,
-                                          BLOCK_N, dtype, s_layout, o_layout)
-            for j in range(1, n_tiles):
-                i = j - 1
-                sj = j % STAGES
-                si = i % STAGES
-                mbarrier.wait(k_ready.index(sj), (j // STAGES) & 1)
-                keys = _keys(k_bufs.index(sj), wt_buf, kt_buf, kt_ready, j, WG, BLOCK_N, D, DG, G)
-                mbarrier.wait(turn.index(WG), (i + 1 - WG) & 1)  # warpgroup 0 goes first
-                s = warpgroup_mma(u, keys, s_zero, use_acc=False, is_async=True)
-                mbarrier.wait(v_ready.index(si), (i // STAGES) & 1)
-                acc = warpgroup_mma(p, v_bufs.index(si).reshape([BLOCK_N, D]), acc * alpha[:, None], is_async=True)
-                mbarrier.arrive(turn.index(1 - WG), count=1)
-                s = warpgroup_mma_wait(1, deps=(s,))
-                mbarrier.arrive(k_empty.index(sj), count=1)
-                start_n = j * BLOCK_N
-                p, alpha, m_i, l_i = _softmax(s, m_i, l_i, start_n, rows, n_q, n_k, qk_scale,
-                                              start_n >= first_masked, CAUSAL, BLOCK_N, dtype, s_layout, o_layout)
-                acc, p = warpgroup_mma_wait(0, deps=(acc, p))  # p as a dependence: the softmax runs before it
-                mbarrier.arrive(v_empty.index(si), count=1)
-        else:
-            for i in range(n_tiles - 1):
-                j = i + 1
-                sj = j % STAGES
-                mbarrier.wait(k_ready.index(sj), (j // STAGES) & 1)
-                s_next = warpgroup_mma(u, _keys(k_bufs.index(sj), wt_buf, kt_buf, kt_ready, j, WG, BLOCK_N, D, DG,
-                                                G), s_zero, use_acc=False, is_async=True)
-                si = i % STAGES
-                start_n = i * BLOCK_N
-                p, alpha, m_i, l_i = _softmax(s, m_i, l_i, start_n, rows, n_q, n_k, qk_scale,
-                                              start_n >= first_masked, CAUSAL, BLOCK_N, dtype, s_layout, o_layout)
-                mbarrier.wait(v_ready.index(si), (i // STAGES) & 1)
-                acc = warpgroup_mma(p, v_bufs.index(si).reshape([BLOCK_N, D]), acc * alpha[:, None], is_async=True)
-                s, acc = warpgroup_mma_wait(0, deps=(s_next, acc))
-                mbarrier.arrive(v_empty.index(si), count=1)
-                mbarrier.arrive(k_empty.index(sj), count=1)
-            start_n = (n_tiles - 1) * BLOCK_N
-            p, alpha, m_i, l_i = _softmax(s, m_i, l_i, start_n, rows, n_q, n_k, qk_scale, start_n >= first_masked,
-                                          CAUSAL, BLOCK_N, dtype, s_layout, o_layout)
+        p, alpha, m_i, l_i = _softmax(s, m_i, l_i, 0, rows, n_q, n_k, qk_scale, 0 >= first_masked, CAUSAL,
+                                      BLOCK_N, dtype, s_layout, o_layout)
+        for j in range(1, n_tiles):
+            i = j - 1
+            sj = j % STAGES
+            si = i % STAGES
+            mbarrier.wait(k_ready.index(sj), (j // STAGES) & 1)
+            keys = _keys(k_bufs.index(sj), wt_buf, kt_buf, kt_ready, j, WG, BLOCK_N, D, DG, G)
+            mbarrier.wait(turn.index(WG), (i + 1 - WG) & 1)  # warpgroup 0 goes first
+            s = warpgroup_mma(u, keys, s_zero, use_acc=False, is_async=True)
+            mbarrier.wait(v_ready.index(si), (i // STAGES) & 1)
+            acc = warpgroup_mma(p, v_bufs.index(si).reshape([BLOCK_N, D]), acc * alpha[:, None], is_async=True)
+            mbarrier.arrive(turn.index(1 - WG), count=1)
+            s = warpgroup_mma_wait(1, deps=(s,))
+            mbarrier.arrive(k_empty.index(sj), count=1)
+            start_n = j * BLOCK_N
+            p, alpha, m_i, l_i = _softmax(s, m_i, l_i, start_n, rows, n_q, n_k, qk_scale,
+                                          start_n >= first_masked, CAUSAL, BLOCK_N, dtype, s_layout, o_layout)
+            acc, p = warpgroup_mma_wait(0, deps=(acc, p))
+            mbarrier.arrive(v_empty.index(si), count=1)
         last = n_tiles - 1
         sl = last % STAGES
         mbarrier.wait(v_ready.index(sl), (last // STAGES) & 1)
@@ -221,7 +201,7 @@ def _consumer(descs, bufs, bars, coords, n_tiles, n_q, n_k, qk_scale, out_ptr, l
 def _distr_fwd_sm90(u_desc, k_desc, v_desc, wt_desc, out_ptr, lse_ptr, qk_scale, n_q, n_k, heads, kv_group,
                     first_block, n_blocks, so_b, so_h, so_m, sl_b, sl_h, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr,
                     D: gl.constexpr, DG: gl.constexpr, STAGES: gl.constexpr, G: gl.constexpr,
-                    GROUP_BLOCK: gl.constexpr, PINGPONG: gl.constexpr):
+                    GROUP_BLOCK: gl.constexpr):
     pid = gl.program_id(0)
     bh = pid // n_blocks
     m_blk = pid % n_blocks
@@ -265,9 +245,9 @@ def _distr_fwd_sm90(u_desc, k_desc, v_desc, wt_desc, out_ptr, lse_ptr, qk_scale,
     coords = (b, h, hk, start_m, start_m // GROUP_BLOCK)
     gl.warp_specialize([
         (_consumer, (descs, bufs, bars, coords, n_tiles, n_q, n_k, qk_scale, out_ptr, lse_ptr, so_b, so_h, so_m,
-                     sl_b, sl_h, 0, CAUSAL, BLOCK_N, D, DG, STAGES, G, PINGPONG)),
+                     sl_b, sl_h, 0, CAUSAL, BLOCK_N, D, DG, STAGES, G)),
         (_consumer, (descs, bufs, bars, coords, n_tiles, n_q, n_k, qk_scale, out_ptr, lse_ptr, so_b, so_h, so_m,
-                     sl_b, sl_h, 1, CAUSAL, BLOCK_N, D, DG, STAGES, G, PINGPONG)),
+                     sl_b, sl_h, 1, CAUSAL, BLOCK_N, D, DG, STAGES, G)),
         (_loader, (descs, bufs, bars, coords, n_tiles, BLOCK_N, STAGES, G)),
     ], [4, 1], [240, 24])
 
@@ -290,7 +270,7 @@ def supports(q: torch.Tensor, k: torch.Tensor, attn_mask, window, softcap, group
 
 def attention(u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wt: torch.Tensor | None, out: torch.Tensor,
               lse: torch.Tensor, *, causal: bool, scale: float, group_size: int, first_block: int = 0,
-              count: int | None = None, block_n: int = 128, stages: int = 2, pingpong: bool = False) -> None:
+              count: int | None = None, block_n: int = 128, stages: int = 2) -> None:
     """Writes ``out`` ``(B, H, Nq, D)`` (any strides, unit last) and ``lse`` ``(B, H, Nq)`` (float32, natural log)
     for query blocks ``first_block … first_block + count − 1`` (blocks of 128; all by default). ``u``
     ``(B, H, ≥ Nq, DG)``: the queries at ``G = 1``, the grouping's ``U`` otherwise, with ``wt``
@@ -304,4 +284,4 @@ def attention(u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wt: torch.Tenso
         _desc(u, [1, 1, 64, dg]), _desc(k, [1, 1, block_n, d]), _desc(v, [1, 1, block_n, d]), wt_desc, out, lse,
         scale * math.log2(math.e), n_q, n_k, heads, heads // h_kv, first_block, count, out.stride(0), out.stride(1),
         out.stride(2), lse.stride(0), lse.stride(1), CAUSAL=causal, BLOCK_N=block_n, D=d, DG=dg, STAGES=stages,
-        G=group_size, GROUP_BLOCK=128, PINGPONG=pingpong, num_warps=4, maxnreg=168)
+        G=group_size, GROUP_BLOCK=128, num_warps=4, maxnreg=168)
