@@ -40,7 +40,7 @@ def _build(d: int, group: int, causal: bool) -> dict:
                   v_desc=hopper._desc(kv, [1, 1, 128, d]), wt_desc=wt, out_ptr=kv, lse_ptr=u.float(),
                   qk_scale=0.1, n_q=n, n_k=n, heads=4, kv_group=2, first_block=0, n_blocks=2, so_b=n, so_h=n,
                   so_m=n, sl_b=n, sl_h=n)
-    constants = dict(CAUSAL=causal, BLOCK_N=128, D=d, DG=dg, STAGES=2, G=group, GROUP_BLOCK=128)
+    constants = dict(CAUSAL=causal, BLOCK_N=128, D=d, DG=dg, STAGES=2, G=group)
     fn = hopper._distr_fwd_sm90
     signature = {name: "constexpr" if name in constants else "fp32" if isinstance(values[name], float)
                  else "i32" if isinstance(values[name], int) else mangle_type(values[name]) for name in fn.arg_names}

@@ -27,7 +27,8 @@ at ``BLOCK_M = 128`` the factor ``(D + 128) / (128 · G)``, e.g. 0.75 at ``D=64,
 
 Tensors are addressed by 4-D TMA descriptors over ``(B, H, N, D)`` (any strides with a unit last one), so rows past
 ``N`` of a head read as zero and a head's tiles never touch its neighbour's. Inputs: bfloat16 or float16, ``D`` of
-64 or 128 (``DG ≥ 16``), no mask tensor, no window, no softcap: :func:`supports` says which calls it takes.
+64 or 128 (``DG ≥ 16``), no mask tensor, no window, no softcap: :func:`hf_distrattn.plan.sm90_refusal` decides
+which calls it takes.
 """
 
 from __future__ import annotations
@@ -200,8 +201,9 @@ def _consumer(descs, bufs, bars, coords, n_tiles, n_q, n_k, qk_scale, out_ptr, l
 @gluon.jit
 def _distr_fwd_sm90(u_desc, k_desc, v_desc, wt_desc, out_ptr, lse_ptr, qk_scale, n_q, n_k, heads, kv_group,
                     first_block, n_blocks, so_b, so_h, so_m, sl_b, sl_h, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr,
-                    D: gl.constexpr, DG: gl.constexpr, STAGES: gl.constexpr, G: gl.constexpr,
-                    GROUP_BLOCK: gl.constexpr):
+                    D: gl.constexpr, DG: gl.constexpr, STAGES: gl.constexpr, G: gl.constexpr):
+    """One program per (batch·head, block of 128 queries), causal blocks longest first: shared memory, barriers,
+    then the three partitions."""
     pid = gl.program_id(0)
     bh = pid // n_blocks
     m_blk = pid % n_blocks
@@ -242,7 +244,7 @@ def _distr_fwd_sm90(u_desc, k_desc, v_desc, wt_desc, out_ptr, lse_ptr, qk_scale,
     descs = (u_desc, k_desc, v_desc, wt_desc)
     bufs = (u_bufs, k_bufs, v_bufs, wt_buf, kt_buf)
     bars = (q_ready, k_ready, k_empty, v_ready, v_empty, kt_ready, turn)
-    coords = (b, h, hk, start_m, start_m // GROUP_BLOCK)
+    coords = (b, h, hk, start_m, m_blk)  # m_blk: the grouping block of Wt
     gl.warp_specialize([
         (_consumer, (descs, bufs, bars, coords, n_tiles, n_q, n_k, qk_scale, out_ptr, lse_ptr, so_b, so_h, so_m,
                      sl_b, sl_h, 0, CAUSAL, BLOCK_N, D, DG, STAGES, G)),
@@ -255,17 +257,6 @@ def _distr_fwd_sm90(u_desc, k_desc, v_desc, wt_desc, out_ptr, lse_ptr, qk_scale,
 def _desc(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
     gdtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[t.dtype]
     return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, gdtype))
-
-
-def supports(q: torch.Tensor, k: torch.Tensor, attn_mask, window, softcap, group_size: int, block_size: int) -> bool:
-    """Whether :func:`attention` takes the call: a Hopper GPU, 16-bit inputs, ``D`` of 64 or 128, grouping
-    blocks of 128 queries (a program's rows) at ``G > 1``, 16-byte-aligned rows, no mask tensor, window or
-    softcap."""
-    d = q.shape[-1]
-    return (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9 and q.dtype in (torch.bfloat16,
-            torch.float16) and d in (64, 128) and (group_size == 1 or block_size == 128) and d // group_size >= 16
-            and attn_mask is None and window is None and softcap is None
-            and all(t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:-1]) for t in (q, k)))
 
 
 def attention(u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wt: torch.Tensor | None, out: torch.Tensor,
@@ -284,4 +275,4 @@ def attention(u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wt: torch.Tenso
         _desc(u, [1, 1, 64, dg]), _desc(k, [1, 1, block_n, d]), _desc(v, [1, 1, block_n, d]), wt_desc, out, lse,
         scale * math.log2(math.e), n_q, n_k, heads, heads // h_kv, first_block, count, out.stride(0), out.stride(1),
         out.stride(2), lse.stride(0), lse.stride(1), CAUSAL=causal, BLOCK_N=block_n, D=d, DG=dg, STAGES=stages,
-        G=group_size, GROUP_BLOCK=128, num_warps=4, maxnreg=168)
+        G=group_size, num_warps=4, maxnreg=168)
