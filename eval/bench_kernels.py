@@ -117,8 +117,8 @@ def bench(seq_lens, head_dims, causals, groups, block_sizes, dtype=torch.bfloat1
                             ready = _prepass(q, k, v, causal, cfg)
                             row["prepass_ms"] = median_ms(partial(_prepass, q, k, v, causal, cfg))
                             row["kernel_ms"] = median_ms(partial(_kernel, q, k, v, causal, cfg, ready))
-                            if cfg.grouping != "subspace" and sm90_refusal(q, k, cfg.group_size, cfg.block_size, False,
-                                                                           None, None) is None:
+                            sm90 = sm90_refusal(q, k, v, cfg.group_size, cfg.block_size, False, None, None) is None
+                            if cfg.grouping != "subspace" and sm90:
                                 row["portable_kernel_ms"] = median_ms(partial(_kernel, q, k, v, causal, cfg, ready,
                                                                               portable=True))
                             if n in tune:

@@ -205,7 +205,8 @@ def layer_plans(model: torch.nn.Module, seq_len: int, *, device=None, dtype=None
             row[f"{name}_reason"] = chosen.reason
             if (name == "prefill" and q.is_cuda and chosen.path in ("fused", "projected")
                     and not (chosen.group_size > 1 and layer_config.grouping == "subspace")):
-                refusal = sm90_refusal(q, keys, chosen.group_size, layer_config.block_size, False, window, softcap)
+                refusal = sm90_refusal(q, keys, keys, chosen.group_size, layer_config.block_size, False, window,
+                                       softcap)
                 row[f"{name}_reason"] += ", sm_90 kernel" if refusal is None else (
                     ", portable kernel: " + refusal[0].format(*refusal[1:]))
         rows.append(row)

@@ -137,20 +137,25 @@ def triton_refusal(q: torch.Tensor, backend: str) -> Note | None:
 
 @functools.cache
 def _hopper(device: int) -> bool:
-    """An sm_90 GPU and a Triton with Gluon's Hopper dialect."""
     return (torch.cuda.get_device_capability(device) == (9, 0)
             and importlib.util.find_spec("triton.experimental.gluon.language.nvidia.hopper") is not None)
 
 
-def sm90_refusal(q: torch.Tensor, k: torch.Tensor, group: int, block_size: int, masked: bool,
+def _on_hopper(q: torch.Tensor) -> bool:
+    """``q`` is on an sm_90 GPU and Triton has Gluon's Hopper dialect."""
+    return q.device.type == "cuda" and _hopper(q.get_device())
+
+
+def sm90_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int, block_size: int, masked: bool,
                  window: int | None, softcap: float | None) -> Note | None:
     """``None`` if the Hopper kernel computes a fused-kernel call, else why the portable kernel does. It takes
-    16-bit inputs on an sm_90 GPU, grouping blocks of 128 queries (its programs' rows) at ``G > 1``, rows
-    16-byte aligned, no mask tensor, sliding window or softcap; and it runs where it measured faster than the
-    portable kernel (H100, 16k tokens, docs/design.md P3): ``G = 1``, and ``G > 1`` at head dim 128."""
+    16-bit inputs on an sm_90 GPU, grouping blocks of 128 queries (its programs' rows) at ``G > 1``, strides and
+    addresses in 16-byte multiples (TMA's), no mask tensor, sliding window or softcap; and it runs where it measured
+    faster than the portable kernel (H100, 16k tokens, docs/design.md P3): ``G = 1``, and ``G > 1`` at head dim
+    128."""
     if not SM90:
         return ("HF_DISTRATTN_SM90=0",)
-    if q.device.type != "cuda" or not _hopper(q.get_device()):
+    if not _on_hopper(q):
         return ("not an sm_90 GPU",)
     if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in (64, 128):
         return ("dtype {}, head_dim {} (the sm_90 kernel takes 16-bit, 64 or 128)", q.dtype, q.shape[-1])
@@ -160,8 +165,10 @@ def sm90_refusal(q: torch.Tensor, k: torch.Tensor, group: int, block_size: int, 
         return ("block_size {} (the sm_90 kernel groups 128 queries)", block_size)
     if masked or window is not None or softcap is not None:
         return ("a mask, window or softcap (the sm_90 kernel takes none)",)
-    if any(s % 8 for t in (q, k) for s in t.stride()[:-1]):
-        return ("strides that TMA cannot address",)
+    if 0 in q.shape or 0 in k.shape:
+        return ("an empty input",)
+    if any(t.data_ptr() % 16 or any(s % 8 for s in t.stride()[:-1]) for t in (q, k, v)):
+        return ("strides or addresses that TMA cannot take (16-byte multiples)",)
     return None
 
 

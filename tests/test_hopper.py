@@ -2,7 +2,7 @@
 
 On any machine: the kernel builds for sm_90 (offline, in a subprocess without ``TRITON_INTERPRET``, which Gluon
 cannot compile under), with its shared memory within an H100's 227 KB, no register spills, TMA loads, ``wgmma`` and
-the register reallocation between partitions. On a Hopper GPU: its outputs and log-sum-exps against float64 exact
+the register reallocation between partitions; and the planner's rule for which calls it takes. On a Hopper GPU: its outputs and log-sum-exps against float64 exact
 attention (``G = 1``) and against the portable kernel on the same grouping (``G > 1``), over odd lengths, GQA,
 causal calls with fewer or more queries than keys (rows that see no key), float16 and bfloat16, head dims 64
 and 128.
@@ -75,6 +75,31 @@ def test_builds_for_sm90_within_shared_memory_without_spills(builds, variant):
     assert r["wgmma"] > 0 and r["tma"] > 0 and r["setmaxnreg"] > 0
 
 
+def test_plan_sends_it_the_calls_it_takes(monkeypatch):
+    """The rule of ``plan.sm90_refusal`` (on any machine, the GPU check stubbed): 16-bit, head dim 64 or 128,
+    ``G > 1`` only at 128 and with blocks of 128, no mask, window or softcap, TMA-addressable tensors."""
+    from hf_distrattn import plan
+
+    monkeypatch.setattr(plan, "_on_hopper", lambda q: True)
+    monkeypatch.setattr(plan, "SM90", True)
+    q, k = (torch.zeros(1, 4, 256, 128, dtype=torch.bfloat16) for _ in range(2))
+
+    def takes(q=q, k=k, group=1, block=64, masked=False, window=None, softcap=None):
+        return plan.sm90_refusal(q, k, k, group, block, masked, window, softcap) is None
+
+    assert takes() and takes(group=2, block=128) and takes(group=4, block=128)
+    assert takes(q=q[..., :64].contiguous(), k=k[..., :64].contiguous())  # head dim 64, exact
+    assert not takes(q=q[..., :64].contiguous(), k=k[..., :64].contiguous(), group=2, block=128)
+    assert not takes(group=2, block=64)
+    assert not takes(q=q.float(), k=k.float()) and not takes(q=q[..., :96].contiguous(), k=k[..., :96].contiguous())
+    assert not takes(masked=True) and not takes(window=64) and not takes(softcap=30.0)
+    assert not takes(q=q[:, :, :0])
+    assert takes(q=torch.zeros(1, 256, 4, 128, dtype=torch.bfloat16).transpose(1, 2))  # Transformers' layout
+    assert not takes(k=torch.zeros(4 * 256 * 128 + 1, dtype=torch.bfloat16)[1:].view(1, 4, 256, 128))  # 2-byte offset
+    monkeypatch.setattr(plan, "SM90", False)
+    assert not takes()
+
+
 HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9
 
 
@@ -138,7 +163,7 @@ def test_fused_path_runs_it_with_causal_grouping(monkeypatch, group, block, n):
     config = DistrConfig(group_size=group, block_size=block, grouping="lsh", sampled="q")
     call = dict(causal=True, config=config, causal_grouping=True,
                 hashes=hash_directions(block, config.num_hashes, 0, DEVICE))
-    assert plan.sm90_refusal(q, k, group, block, False, None, None) is None
+    assert plan.sm90_refusal(q, k, v, group, block, False, None, None) is None
     out, lse = prefill.distr_attention_triton(q, k, v, **call)
     want, want_lse = prefill.distr_attention_triton(q, k, v, portable=True, **call)
     assert ((out.float() - want.float()).norm() / want.float().norm()).item() < 2e-2

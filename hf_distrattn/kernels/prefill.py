@@ -227,7 +227,7 @@ def distr_attention_triton(q, k, v, *, causal=False, attn_mask=None, scale=None,
     mask, mask_kind, mask_strides = mask_arguments(attn_mask, out)
     n_blocks = cdiv(n_q, config.block_size)
 
-    sm90 = not portable and subspace is None and sm90_refusal(q, k, config.group_size, config.block_size,
+    sm90 = not portable and subspace is None and sm90_refusal(q, k, v, config.group_size, config.block_size,
                                                               attn_mask is not None, window, softcap) is None
 
     def run(u, kk, vv, group, first_block, count, params):
