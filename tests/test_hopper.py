@@ -2,10 +2,10 @@
 
 On any machine: the kernel builds for sm_90 (offline, in a subprocess without ``TRITON_INTERPRET``, which Gluon
 cannot compile under), with its shared memory within an H100's 227 KB, no register spills, TMA loads, ``wgmma`` and
-the register reallocation between partitions; and the planner's rule for which calls it takes. On a Hopper GPU: its outputs and log-sum-exps against float64 exact
-attention (``G = 1``) and against the portable kernel on the same grouping (``G > 1``), over odd lengths, GQA,
-causal calls with fewer or more queries than keys (rows that see no key), float16 and bfloat16, head dims 64
-and 128.
+the register reallocation between partitions; and the planner's rule for which calls it takes. On a Hopper GPU:
+its outputs and log-sum-exps against float64 exact attention (``G = 1``) and against the portable kernel on the
+same grouping (``G > 1``), over odd lengths, GQA, causal calls with fewer or more queries than keys (rows that see
+no key), float16 and bfloat16, head dims 64 and 128.
 """
 
 import json
