@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device calls for the native ops and torch.compile, one stage per call (each fits a 10-minute call):
 #   tests   opcheck of every op on the kernel paths, models compiled with Inductor (CUDA graphs for a static-cache
-#           generation), the reduced-key, decode, subspace and head-dim kernel tests, then the decode benchmark
+#           generation), the reduced-key, decode, subspace, head-dim and Hopper-kernel tests, then the decode benchmark
 #           (device and host time);
 #           `bash eval/gpu_compile.sh kernels` runs the rest of the kernel and backward tests compiled (~6 minutes)
 #   models  the model-family matrix (Llama ... gpt-oss, ViT ... SigLIP: windows, softcap, sinks) on the kernels
@@ -20,7 +20,7 @@ shift || true
 case "$stage" in
   tests)
     $PYTEST tests/test_ops.py 2>&1 | tee "$OUT/gpu_ops.log" | tail -n 15
-    $PYTEST tests/test_kernels.py -k "reduce or decode or subspace or head_dim" \
+    $PYTEST tests/test_kernels.py tests/test_hopper.py -k "reduce or decode or subspace or head_dim or hopper" \
       2>&1 | tee "$OUT/gpu_kernels.log" | tail -n 15
     python3 -m hf_distrattn.eval.bench_decode --json "$OUT/decode.json" --markdown "$OUT/decode.md" "$@"
     ;;
