@@ -141,16 +141,32 @@ def markdown(rows) -> str:
     for d, n, causal in keys:
         cells = []
         by = {r["method"]: r for r in rows if (r["d"], r["n"], r["causal"]) == (d, n, causal)}
-        flash = by.get("sdpa-flash", {}).get("ms")
+        peers = [by.get(peer, {}).get("ms") for peer in ("sdpa-flash", "sdpa-cudnn")]
         for name in names:
             r = by.get(name, {})
             if "ms" not in r:
                 cells.append("—")
             else:
-                ratio = f" ({flash / r['ms']:.2f}×)" if flash else ""
-                cells.append(f"{r['tflops']:.0f}{ratio}")
+                ratios = ", ".join(f"{peer / r['ms']:.2f}×" if peer else "—" for peer in peers)
+                cells.append(f"{r['tflops']:.0f} ({ratios})")
         lines.append(f"| {d} | {n} | {causal} | " + " | ".join(cells) + " |")
-    return "TFLOP/s (speed-up over sdpa-flash)\n\n" + "\n".join(lines)
+    return "TFLOP/s (speed-up over sdpa-flash, over sdpa-cudnn)\n\n" + "\n".join(lines) + _kernels_alone(rows)
+
+
+def _kernels_alone(rows) -> str:
+    """Where the Hopper kernel ran: the attention kernel alone (no pre-pass), Hopper against portable, TFLOP/s
+    (speed-up over sdpa-cudnn)."""
+    ran = [r for r in rows if "portable_kernel_ms" in r]
+    if not ran:
+        return ""
+    cudnn = {(r["d"], r["n"], r["causal"]): r["ms"] for r in rows if r["method"] == "sdpa-cudnn" and "ms" in r}
+    lines = ["| d | N | causal | setting | sm90 kernel | portable kernel |", "|---|---|---|---|---:|---:|"]
+    for r in ran:
+        peer = cudnn.get((r["d"], r["n"], r["causal"]))
+        cells = [f"{r['tflops'] * r['ms'] / ms:.0f}" + (f" ({peer / ms:.2f}×)" if peer else "")
+                 for ms in (r["kernel_ms"], r["portable_kernel_ms"])]
+        lines.append(f"| {r['d']} | {r['n']} | {r['causal']} | {r['method']} | " + " | ".join(cells) + " |")
+    return "\n\nKernel alone where the Hopper kernel runs, TFLOP/s (speed-up over sdpa-cudnn)\n\n" + "\n".join(lines)
 
 
 def plot(rows, path) -> None:

@@ -179,6 +179,20 @@ def test_captured_calls_carry_the_layer_causality(shared):
     assert model.config._attn_implementation != activation_error.CAPTURE
 
 
+def test_kernel_table_gives_speed_ups_over_both_sdpa_peers():
+    """Issue targets are stated against FlashAttention-2 and cuDNN: each cell carries both ratios."""
+    from hf_distrattn.eval.bench_kernels import markdown
+
+    rows = [{"method": m, "d": 128, "n": 4096, "causal": True, "ms": ms, "tflops": 100 / ms}
+            for m, ms in (("sdpa-flash", 2.0), ("sdpa-cudnn", 1.0), ("distr-G1-b128", 0.8))]
+    rows.append({"method": "sageattn-1", "d": 128, "n": 4096, "causal": True, "error": "unavailable"})
+    table = markdown(rows)
+    assert "| 128 | 4096 | True | 50 (1.00×, 0.50×) | 100 (2.00×, 1.00×) | 125 (2.50×, 1.25×) | — |" in table
+    assert "Kernel alone" not in table
+    rows[2] |= {"kernel_ms": 0.5, "portable_kernel_ms": 1.25}  # the Hopper kernel ran: both kernels alone
+    assert "| 128 | 4096 | True | distr-G1-b128 | 200 (2.00×) | 80 (0.80×) |" in markdown(rows)
+
+
 def test_speed_plot_from_benchmark_rows(tmp_path):
     """bench_kernels --replot draws the speed plot from an earlier run's JSON (no GPU needed)."""
     from hf_distrattn.eval import bench_kernels
