@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -170,6 +171,16 @@ def sm90_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int, 
     if any(t.data_ptr() % 16 or any(s % 8 for s in t.stride()[:-1]) for t in (q, k, v)):
         return ("strides or addresses that TMA cannot take (16-byte multiples)",)
     return None
+
+
+def sm90_failed(error: Exception) -> None:
+    """The Hopper kernel raised (a Triton whose Gluon it does not build on, say): one warning, and the portable
+    kernel for this and every later call."""
+    global SM90
+    SM90 = False
+    first = (str(error).strip().splitlines() or [""])[0][:200]
+    warnings.warn(f"hf_distrattn: the sm_90 kernel failed ({type(error).__name__}: {first}); the portable kernel "
+                  "runs instead (HF_DISTRATTN_SM90=0 skips the sm_90 kernel)", stacklevel=3)
 
 
 def _refuse(config: DistrConfig, note: Note) -> None:

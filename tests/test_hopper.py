@@ -13,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -98,6 +99,34 @@ def test_plan_sends_it_the_calls_it_takes(monkeypatch):
     assert not takes(k=torch.zeros(4 * 256 * 128 + 1, dtype=torch.bfloat16)[1:].view(1, 4, 256, 128))  # 2-byte offset
     monkeypatch.setattr(plan, "SM90", False)
     assert not takes()
+
+
+@pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1", reason="needs the interpreter")
+def test_a_failing_sm90_kernel_falls_back_to_the_portable_one_with_one_warning(monkeypatch):
+    """A Triton whose Gluon the kernel does not build on, say: the call still returns the portable kernel's
+    result, one warning names the error, and later calls go to the portable kernel without another."""
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+    from hf_distrattn import plan
+    from hf_distrattn.config import DistrConfig
+    from hf_distrattn.kernels import hopper, prefill
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no such Gluon op\ndetails")
+
+    monkeypatch.setattr(plan, "_on_hopper", lambda q: True)
+    monkeypatch.setattr(plan, "SM90", True)
+    monkeypatch.setattr(hopper, "attention", broken)
+    q, k, v = (rand(1, 2, 70, 64, dtype=torch.bfloat16, seed=s) for s in (1, 2, 3))
+    call = dict(causal=True, config=DistrConfig(group_size=1, block_size=64))
+    with pytest.warns(UserWarning, match=r"sm_90 kernel failed \(RuntimeError: no such Gluon op\)"):
+        out, lse = prefill.distr_attention_triton(q, k, v, **call)
+    want, want_lse = prefill.distr_attention_triton(q, k, v, portable=True, **call)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    assert not plan.SM90
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert torch.equal(prefill.distr_attention_triton(q, k, v, **call)[0], want)
+    assert not [w for w in caught if "sm_90" in str(w.message)]
 
 
 HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] == 9

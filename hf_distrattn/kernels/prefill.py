@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ..config import DistrConfig
 from ..grouping import padded_width
-from ..plan import sm90_refusal
+from ..plan import sm90_failed, sm90_refusal
 from .grouping import reduce_operand
 from .launch import cached, cdiv
 from .softmax import (
@@ -209,7 +209,7 @@ def distr_attention_triton(q, k, v, *, causal=False, attn_mask=None, scale=None,
     output of :func:`prepare` for these inputs, to time the kernel alone; ``launch`` overrides
     :func:`launch_params` (``block_n``, ``num_warps``, ``num_stages``, ``fold_scale``) of the ``G``-launch.
     On a Hopper GPU the calls that :func:`hf_distrattn.plan.sm90_refusal` accepts run the Hopper kernel
-    (:mod:`.hopper`) instead, unless ``portable``.
+    (:mod:`.hopper`) instead, unless ``portable``; should it raise, one warning, and the portable kernel from then on.
     ``subspace``: ``grouping="subspace"``'s ``(K̃, F)`` (:func:`hf_distrattn.kernels.subspace.subspace_reduced`);
     ``Q``, ``K`` and ``V`` then go in whole, key tiles never straddle a key block, and there is one launch.
     """
@@ -231,14 +231,19 @@ def distr_attention_triton(q, k, v, *, causal=False, attn_mask=None, scale=None,
                                                               attn_mask is not None, window, softcap) is None
 
     def run(u, kk, vv, group, first_block, count, params):
+        nonlocal sm90
         if sm90:  # its programs take 128 queries: first_block is 0 or config.block_size is 128
             from . import hopper  # Gluon: only where plan.sm90_refusal found it
 
             rows = first_block * config.block_size
-            hopper.attention(u, kk, vv, wt if group > 1 else None, out, lse, causal=causal, scale=scale,
-                             group_size=group, first_block=rows // 128,
-                             count=cdiv(min(n_q, rows + count * config.block_size) - rows, 128))
-            return
+            try:
+                hopper.attention(u, kk, vv, wt if group > 1 else None, out, lse, causal=causal, scale=scale,
+                                 group_size=group, first_block=rows // 128,
+                                 count=cdiv(min(n_q, rows + count * config.block_size) - rows, 128))
+                return
+            except Exception as error:  # noqa: BLE001 - any failure to build or launch it: the portable kernel
+                sm90 = False
+                sm90_failed(error)
         _distr_fwd[(count * batch * heads,)](
             u, kk, vv, wt, reduced, factors, mask, out, lse, scale, window or 0, softcap or 1.0, first_block, count,
             n_q, n_k, heads, heads // h_kv,
