@@ -2,7 +2,7 @@
 the ``sageattention`` wheel, in one run on one GPU.
 
 Times are medians of ``triton.testing.do_bench`` after warm-up, on random normal inputs; distr is timed whole
-(pre-pass + kernel) and kernel-only, and where the Hopper kernel runs (``HF_DISTRATTN_SM90=1`` on an sm_90 GPU)
+(pre-pass + kernel) and kernel-only, and where the Hopper kernel runs (an sm_90 GPU, ``hf_distrattn.plan.sm90_refusal``)
 the portable kernel alone as well. Effective TFLOP/s = 4·B·H·Nq·Nk·d / t, halved when causal. The error
 column is ‖out − exact‖/‖exact‖ against float32 SDPA on the same inputs.
 
