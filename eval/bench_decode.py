@@ -55,19 +55,23 @@ def _sdpa(q, k, v, backend=None):
         return repeated
 
 
-def host_us(fn, calls: int = 100) -> float:
-    """Host time per call: ``calls`` eager calls issued back to back, timed on the host before synchronizing
-    (fewer launches than the GPU queue holds, so the host never waits for the GPU)."""
+def host_us(fn, calls: int = 100, rounds: int = 7) -> float:
+    """Host time per call: the median over ``rounds`` of ``calls`` eager calls issued back to back, timed on the
+    host before synchronizing (fewer launches than the GPU queue holds, so the host never waits for the GPU; the
+    median, because one round that meets a garbage collection or a page fault says nothing of the call)."""
+    import statistics
     import time
 
     fn()
+    times = []
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append(time.perf_counter() - start)
     torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    seconds = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return seconds / calls * 1e6
+    return statistics.median(times) / calls * 1e6
 
 
 def _step(q, k, v, config, attend):

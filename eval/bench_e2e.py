@@ -153,17 +153,33 @@ def bench_vit(specs, batch, reps, compile):
     return rows
 
 
+def label(spec: str) -> str:
+    """A setting as a column heading: ``distr:group_size=4,sampled=k`` → ``distr G=4 sampled=k``."""
+    return spec.replace("distr:", "distr ").replace("group_size=", "G=").replace(",", " ")
+
+
 def markdown(rows) -> str:
-    lines = ["| model | task | attention | ms | vs sdpa |", "|---|---|---|---:|---:|"]
-    base = {(r["model"], r["task"]): r for r in rows if r["attn"] == "sdpa"}
-    for r in rows:
-        ref = base.get((r["model"], r["task"]))
-        if "tokens_per_s" in r and r["task"].startswith("decode"):
-            speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}×" if ref else "—"
-            lines.append(f"| {r['model']} | {r['task']} | {r['attn']} | {r['tokens_per_s']:.0f} tok/s | {speed} |")
-            continue
-        speed = f"{ref['ms'] / r['ms']:.2f}×" if ref else "—"
-        lines.append(f"| {r['model']} | {r['task']} | {r['attn']} | {r['ms']:.2f} | {speed} |")
+    """One row per (model, task), one column per setting: ``sdpa``'s time (ms, or tokens/s for decode), then each
+    setting's time with its speed-up over ``sdpa`` (> 1: faster)."""
+    specs = list(dict.fromkeys(r["attn"] for r in rows))
+    tasks = list(dict.fromkeys((r["model"], r["task"]) for r in rows))
+    by = {(r["model"], r["task"], r["attn"]): r for r in rows}
+    lines = ["| model | task | " + " | ".join(label(s) for s in specs) + " |", "|---|---|" + "---:|" * len(specs)]
+    for model, task in tasks:
+        ref = by.get((model, task, "sdpa"))
+        cells = []
+        for spec in specs:
+            r = by.get((model, task, spec))
+            if r is None:
+                cells.append("")
+                continue
+            decode = task.startswith("decode")
+            value = f"{r['tokens_per_s']:.0f} tok/s" if decode else f"{r['ms']:.2f} ms"
+            if ref is not None and r is not ref:
+                speedup = r["tokens_per_s"] / ref["tokens_per_s"] if decode else ref["ms"] / r["ms"]
+                value += f" ({speedup:.2f}×)"
+            cells.append(value)
+        lines.append(f"| {model} | {task} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

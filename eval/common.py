@@ -5,6 +5,9 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+import shlex
+import sys
+from pathlib import Path
 
 import torch
 
@@ -53,13 +56,25 @@ def cuda_ms(fn, reps: int, warmup: int = 1, before=None) -> float:
 def write_results(json_path: str | None, markdown_path: str | None, header: str, rows: list, table: str,
                   **extra) -> None:
     """A benchmark's rows as JSON (with the environment) and its table as Markdown under a one-line header."""
-    env = environment("cuda") | extra
+    env = environment("cuda") | extra | {"command": command()}
     write_json(json_path, {"environment": env, "rows": rows})
     if markdown_path:
         with open(markdown_path, "w") as f:
-            f.write(f"{env.get('gpu')}, torch {env['torch']}, triton {env['triton']}, {env['date']}, {header}\n\n"
-                    f"{table}\n")
+            f.write(f"{stamp(env)}, {header}: `{env['command']}`\n\n{table}\n")
     print(table)
+
+
+def command() -> str:
+    """The command line that ran this process, as a user would type it (``python -m hf_distrattn.eval.X ...``)."""
+    module = getattr(sys.modules["__main__"], "__spec__", None)
+    program = f"python -m {module.name}" if module is not None else Path(sys.argv[0]).name
+    return " ".join([program, *(shlex.quote(arg) for arg in sys.argv[1:])])
+
+
+def stamp(env: dict) -> str:
+    """One line naming where and when a table was made: GPU, torch / triton / transformers versions, date (UTC)."""
+    return (f"{env.get('gpu')}, torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, "
+            f"{env['date']}")
 
 
 def write_json(path: str | None, payload: dict) -> None:

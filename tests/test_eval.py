@@ -193,6 +193,32 @@ def test_kernel_table_gives_speed_ups_over_both_sdpa_peers():
     assert "| 128 | 4096 | True | distr-G1-b128 | 200 (2.00×) | 80 (0.80×) |" in markdown(rows)
 
 
+def test_e2e_table_is_the_readme_table(tmp_path, monkeypatch):
+    """bench_e2e's Markdown is the README's speed table as it stands: one row per task, ``sdpa``'s time, each
+    setting's time with its speed-up (decode in tokens/s, higher is faster; prefill in ms, lower is faster), under
+    a line naming the GPU, the versions, the date and the command that made it."""
+    import sys
+
+    from hf_distrattn.eval import bench_e2e, common
+
+    rows = [{"model": "llama", "attn": "sdpa", "task": "prefill 4096", "ms": 20.0},
+            {"model": "llama", "attn": "sdpa", "task": "decode after 4096", "ms": 9.0, "tokens_per_s": 200.0},
+            {"model": "llama", "attn": "distr:group_size=1", "task": "prefill 4096", "ms": 25.0},
+            {"model": "llama", "attn": "distr:group_size=1", "task": "decode after 4096", "ms": 9.0,
+             "tokens_per_s": 300.0}]
+    table = bench_e2e.markdown(rows)
+    assert table.splitlines()[0] == "| model | task | sdpa | distr G=1 |"
+    assert "| llama | prefill 4096 | 20.00 ms | 25.00 ms (0.80×) |" in table
+    assert "| llama | decode after 4096 | 200 tok/s | 300 tok/s (1.50×) |" in table
+    monkeypatch.setattr(sys, "argv", ["bench_e2e.py", "--compile", "--attn", "sdpa", "distr:group_size=1"])
+    out = tmp_path / "e2e.md"
+    common.write_results(None, str(out), "bf16", rows, table)
+    head = out.read_text().splitlines()[0]
+    env = common.environment()
+    assert f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}" in head
+    assert env["date"][:10] in head and head.endswith("--compile --attn sdpa distr:group_size=1`")
+
+
 def test_speed_plot_from_benchmark_rows(tmp_path):
     """bench_kernels --replot draws the speed plot from an earlier run's JSON (no GPU needed)."""
     from hf_distrattn.eval import bench_kernels
