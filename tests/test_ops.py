@@ -132,6 +132,34 @@ def test_llama_compiles_whole_and_matches_eager(config):
 
 
 @torch.no_grad()
+def test_compiled_causal_prefill_reaches_attention_without_a_mask(monkeypatch):
+    """While tracing, Transformers (5.17 with torch < 2.14) builds the causal mask even for a causal prefill with no
+    padding: an ``N × N`` boolean that sends every call to the kernels' masked path, off the Hopper kernel.
+    ``distr_mask`` drops it where Python values show causality alone, with eager's logits; a padding mask stays."""
+    from hf_distrattn import integration
+
+    seen = []
+    real = integration.distr_attention
+
+    def spy(*args, attn_mask=None, **kwargs):
+        seen.append(attn_mask is None)
+        return real(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(integration, "distr_attention", spy)
+    model = tiny_llama(torch.bfloat16 if CUDA else torch.float32)
+    model.set_attn_implementation("distr")
+    configure(model, LSH)
+    ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    eager = model(ids).logits
+    for padding, unmasked in ((None, True), (torch.ones_like(ids), False)):
+        seen.clear()
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend=BACKEND)(ids, attention_mask=padding).logits
+        assert seen and all(unmasked == s for s in seen)
+        torch.testing.assert_close(compiled, eager, **TOL)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("family", ["gemma2", "gpt_oss"])
 def test_windows_softcap_and_sinks_compile_whole(family):
     """Gemma 2 (sliding windows, softcapping) and gpt-oss (sliding windows, sinks) at G=2: no graph break, eager's

@@ -170,15 +170,18 @@ def _distr_fwd(U, K, V, Wt, KR, F, Mask, Out, Lse, scale, window, softcap, first
     tl.store(Lse + b * sl_b + h * sl_h + offs_m, lse, mask=row_ok)
 
 
-def launch_params(block_m: int, d: int, group: int) -> dict:
+def launch_params(block_m: int, d: int, group: int, masked: bool = False) -> dict:
     """Key-tile size, warps, pipeline depth and where the score scale goes (from the H100 launch sweeps
-    recorded in docs/design.md: variants 6 and 8; head dims above 128 take key tiles of 32, unmeasured)."""
+    recorded in docs/design.md: variants 6 and 8; head dims above 128 take key tiles of 32, unmeasured). A mask
+    tile is one more pipelined operand: the exact 128 × 128 tiles at ``d = 128`` keep two stages with it (three
+    need 256 KB of shared memory with Triton 3.6, past the 227 KB of an H100)."""
     fold = dict(fold_scale=group > 1 or d < 128)
     if d > 128:
         return dict(block_n=32, num_warps=8 if block_m >= 128 else 4, num_stages=2) | fold
     if block_m >= 128:
         if group == 1:
-            return dict(block_n=128 if d >= 128 else 64, num_warps=8, num_stages=3) | fold
+            return dict(block_n=128 if d >= 128 else 64, num_warps=8,
+                        num_stages=2 if masked and d >= 128 else 3) | fold
         return dict(block_n=64, num_warps=4, num_stages=2 if d >= 128 and group == 2 else 3) | fold
     return dict(block_n=64, num_warps=4, num_stages=3 if block_m == 64 else 2) | fold
 
@@ -261,9 +264,9 @@ def distr_attention_triton(q, k, v, *, causal=False, attn_mask=None, scale=None,
 
     first_block = int(causal_grouping and config.group_size > 1 and subspace is None)
     if first_block:
-        run(q, k, v, 1, 0, 1, launch_params(config.block_size, d, 1))
+        run(q, k, v, 1, 0, 1, launch_params(config.block_size, d, 1, attn_mask is not None))
     if n_blocks > first_block:
-        params = launch_params(config.block_size, d, config.group_size) | launch
+        params = launch_params(config.block_size, d, config.group_size, attn_mask is not None) | launch
         if subspace is not None:
             params["block_n"] = min(params["block_n"], config.block_size)
         run(u, kk, vv, config.group_size, first_block, n_blocks - first_block, params)
