@@ -14,6 +14,11 @@ medians over ``--reps`` CUDA-event-timed runs after warm-up (compilation include
 generation after prompts past 32k tokens, whose prefill alone takes seconds at 8B: the compiled decode step is
 compiled and its CUDA graphs recorded within the first generation's steps).
 
+``sdpa_causal`` (a setting this module registers): SDPA with ``distr``'s mask function. Compiled, Transformers
+(5.17, torch < 2.14) hands ``sdpa`` a dense causal mask even for a prefill with no padding, which keeps SDPA off
+its FlashAttention path; ``distr_mask`` drops that mask (:mod:`hf_distrattn.integration`), so ``sdpa_causal`` is
+the peer given the same: SDPA at its best. Eager, the two are one.
+
 ``--profile``: each prefill row also holds its top CUDA kernels by device time (:func:`top_kernels`), to see
 where a setting loses.
 
@@ -39,6 +44,21 @@ LLAMA_SHAPES = {"1b": ("llama-3.2-1b-shape", LLAMA_1B),
                 "8b": ("llama-3.1-8b-shape", LLAMA_1B | dict(hidden_size=4096, intermediate_size=14336,
                                                              num_hidden_layers=32, head_dim=128,
                                                              tie_word_embeddings=False))}
+
+
+SDPA_CAUSAL = "sdpa_causal"
+
+
+def register_peers() -> None:
+    """Register :data:`SDPA_CAUSAL`: Transformers' SDPA attention function with ``distr``'s mask function."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from ..integration import distr_mask
+
+    AttentionInterface.register(SDPA_CAUSAL, sdpa_attention_forward)
+    AttentionMaskInterface.register(SDPA_CAUSAL, distr_mask)
 
 
 def llama(shape: str, train: bool = False):
@@ -201,6 +221,7 @@ def main(argv=None):
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     args = parser.parse_args(argv)
+    register_peers()
     rows = bench_llama(args.attn, args.prefill, args.decode_prompt, args.decode_tokens, args.reps, args.compile,
                        args.llama, args.profile)
     if args.train_seq_len:

@@ -6,9 +6,10 @@
 #           `bash eval/gpu_compile.sh kernels` runs the rest of the kernel and backward tests compiled (~6 minutes)
 #   models  the model-family matrix (Llama ... gpt-oss, ViT ... SigLIP: windows, softcap, sinks) on the kernels
 #   decode  bench_e2e --compile: decode tokens/s after 4k and 32k prompts, static cache, compiled decode step
-#   rest    bench_e2e --compile: prefill at 4k and 16k, the training step at 4k, ViT-B/16 at batch 256
+#   rest    bench_e2e --compile: prefill at 4k and 16k, the training step at 4k, ViT-B/16 at batch 256 (sdpa as
+#           Transformers compiles it, with a dense causal mask, and sdpa_causal, without: bench_e2e's notes)
 #   decode8b  bench_e2e --compile --llama 8b: decode tokens/s after a 128k prompt (sdpa, G=1, G=4 keys reduced)
-#   prefill8b bench_e2e --compile --llama 8b: prefill at 64k (sdpa, G=1, G=4 LSH)
+#   prefill8b bench_e2e --compile --llama 8b: prefill at 64k (sdpa, sdpa_causal, G=1, G=4 LSH)
 #   subspace  bench_e2e --compile for grouping="subspace" (G=2, G=4) beside sdpa: prefill at 4k and 16k, training step
 #   speed   grouping="subspace" compiled (kernel, backward and op tests), then bench_kernels: LSH and subspace against
 #           SDPA flash / cuDNN and sageattention, pre-pass and kernel timed apart, the speed plot
@@ -51,7 +52,7 @@ case "$stage" in
     ;;
   rest)
     python3 -m hf_distrattn.eval.bench_e2e --compile --decode-prompt \
-      --attn sdpa distr:group_size=1,block_size=128 distr:group_size=2,block_size=128,grouping=lsh \
+      --attn sdpa sdpa_causal distr:group_size=1,block_size=128 distr:group_size=2,block_size=128,grouping=lsh \
       --json "$OUT/e2e_rest.json" --markdown "$OUT/e2e_rest.md" "$@"
     ;;
   decode8b)
@@ -63,7 +64,7 @@ case "$stage" in
   prefill8b)
     python3 -m hf_distrattn.eval.bench_e2e --compile --llama 8b --prefill 65536 --decode-prompt --reps 3 \
       --train-seq-len 0 --vit-batch 0 \
-      --attn sdpa distr:group_size=1,block_size=128 distr:group_size=4,block_size=128,grouping=lsh \
+      --attn sdpa sdpa_causal distr:group_size=1,block_size=128 distr:group_size=4,block_size=128,grouping=lsh \
       --json "$OUT/e2e_8b_prefill.json" --markdown "$OUT/e2e_8b_prefill.md" "$@"
     ;;
   *)

@@ -219,6 +219,41 @@ def test_e2e_table_is_the_readme_table(tmp_path, monkeypatch):
     assert env["date"][:10] in head and head.endswith("--compile --attn sdpa distr:group_size=1`")
 
 
+def test_e2e_causal_sdpa_peer_is_sdpa_without_the_traced_mask():
+    """bench_e2e's ``sdpa_causal`` peer: compiled, it computes ``sdpa``'s logits, and its attention gets no mask
+    for a causal prefill without padding (``sdpa`` itself, traced by Transformers 5.17, gets a dense one)."""
+    import torch
+    from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+    from transformers.integrations import sdpa_attention
+
+    from hf_distrattn.eval import bench_e2e
+
+    bench_e2e.register_peers()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)).eval()
+    ids = torch.randint(0, 97, (1, 24))
+    with torch.no_grad():
+        want = model(ids).logits
+    masks = []
+    real = sdpa_attention.sdpa_attention_forward
+
+    def spy(module, q, k, v, attention_mask, **kwargs):
+        masks.append(attention_mask is None)
+        return real(module, q, k, v, attention_mask, **kwargs)
+
+    AttentionInterface.register(bench_e2e.SDPA_CAUSAL, spy)
+    try:
+        model.set_attn_implementation(bench_e2e.SDPA_CAUSAL)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            got = torch.compile(model, fullgraph=True, backend="aot_eager")(ids).logits
+    finally:
+        bench_e2e.register_peers()
+    assert masks and all(masks)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_speed_plot_from_benchmark_rows(tmp_path):
     """bench_kernels --replot draws the speed plot from an earlier run's JSON (no GPU needed)."""
     from hf_distrattn.eval import bench_kernels
