@@ -67,7 +67,7 @@ def write_results(json_path: str | None, markdown_path: str | None, header: str,
 def command() -> str:
     """The command line that ran this process, as a user would type it (``python -m hf_distrattn.eval.X ...``)."""
     module = getattr(sys.modules["__main__"], "__spec__", None)
-    program = f"python -m {module.name}" if module is not None else Path(sys.argv[0]).name
+    program = f"python -m {module.name.removesuffix('.__main__')}" if module is not None else Path(sys.argv[0]).name
     return " ".join([program, *(shlex.quote(arg) for arg in sys.argv[1:])])
 
 

@@ -21,21 +21,24 @@ def test_windows_score_every_token_once(n, seq_len, stride):
     assert scored == [t for t in range(n) if t not in starts]
 
 
-def test_benchmark_tables_name_their_software_and_date(tmp_path):
-    """A benchmark's Markdown table starts with the GPU, torch and triton versions and the UTC date it was made,
-    the same as its JSON environment, so that a table copied to the README says where it came from."""
+def test_benchmark_tables_name_their_software_date_and_command(tmp_path, monkeypatch):
+    """A benchmark's Markdown table starts with the GPU, the torch, triton and transformers versions, the UTC date
+    and the command that made it, the same as its JSON environment, so that a table copied to the README says
+    where it came from and how to make it again."""
     import datetime
+    import sys
 
-    import torch
+    from hf_distrattn.eval.common import environment, write_results
 
-    from hf_distrattn.eval.common import write_results
-
+    monkeypatch.setattr(sys, "argv", ["bench_e2e.py", "--compile", "--attn", "sdpa", "distr:group_size=1"])
     write_results(str(tmp_path / "r.json"), str(tmp_path / "r.md"), "bf16", [{"ms": 1.0}], "| ms |\n|---|\n| 1.0 |")
     env = json.loads((tmp_path / "r.json").read_text())["environment"]
     header = (tmp_path / "r.md").read_text().splitlines()[0]
     today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     assert env["date"].startswith(today) and env["date"] in header
-    assert f"torch {torch.__version__}" in header and header.endswith("bf16")
+    local = environment()
+    assert f"torch {local['torch']}, triton {local['triton']}, transformers {local['transformers']}" in header
+    assert header.endswith(f"bf16: `{env['command']}`") and env["command"].endswith("--attn sdpa distr:group_size=1")
 
 
 def test_decode_benchmark_layer_calls_compute_the_same_attention():
@@ -193,13 +196,10 @@ def test_kernel_table_gives_speed_ups_over_both_sdpa_peers():
     assert "| 128 | 4096 | True | distr-G1-b128 | 200 (2.00×) | 80 (0.80×) |" in markdown(rows)
 
 
-def test_e2e_table_is_the_readme_table(tmp_path, monkeypatch):
+def test_e2e_table_is_the_readme_table():
     """bench_e2e's Markdown is the README's speed table as it stands: one row per task, ``sdpa``'s time, each
-    setting's time with its speed-up (decode in tokens/s, higher is faster; prefill in ms, lower is faster), under
-    a line naming the GPU, the versions, the date and the command that made it."""
-    import sys
-
-    from hf_distrattn.eval import bench_e2e, common
+    setting's time with its speed-up (decode in tokens/s, higher is faster; prefill in ms, lower is faster)."""
+    from hf_distrattn.eval import bench_e2e
 
     rows = [{"model": "llama", "attn": "sdpa", "task": "prefill 4096", "ms": 20.0},
             {"model": "llama", "attn": "sdpa", "task": "decode after 4096", "ms": 9.0, "tokens_per_s": 200.0},
@@ -210,13 +210,6 @@ def test_e2e_table_is_the_readme_table(tmp_path, monkeypatch):
     assert table.splitlines()[0] == "| model | task | sdpa | distr G=1 |"
     assert "| llama | prefill 4096 | 20.00 ms | 25.00 ms (0.80×) |" in table
     assert "| llama | decode after 4096 | 200 tok/s | 300 tok/s (1.50×) |" in table
-    monkeypatch.setattr(sys, "argv", ["bench_e2e.py", "--compile", "--attn", "sdpa", "distr:group_size=1"])
-    out = tmp_path / "e2e.md"
-    common.write_results(None, str(out), "bf16", rows, table)
-    head = out.read_text().splitlines()[0]
-    env = common.environment()
-    assert f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}" in head
-    assert env["date"][:10] in head and head.endswith("--compile --attn sdpa distr:group_size=1`")
 
 
 def test_e2e_causal_sdpa_peer_is_sdpa_without_the_traced_mask():
