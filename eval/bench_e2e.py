@@ -107,7 +107,8 @@ def _decode_kwargs(compile: bool) -> dict:
 
 
 @torch.no_grad()
-def bench_llama(specs, prefill_lens, decode_prompts, decode_tokens, reps, compile, shape="1b", profile=False):
+def bench_llama(specs, prefill_lens, decode_prompts, decode_tokens, reps, compile, shape="1b", profile=False,
+                prefill_chunk=None):
     model, model_name, geometry = llama(shape)
     rows = []
     for spec in specs:
@@ -126,7 +127,7 @@ def bench_llama(specs, prefill_lens, decode_prompts, decode_tokens, reps, compil
 
             def generate(tokens, prompt=prompt):
                 model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                               pad_token_id=0, **_decode_kwargs(compile))
+                               pad_token_id=0, prefill_chunk_size=prefill_chunk, **_decode_kwargs(compile))
 
             torch._dynamo.reset()
             whole = cuda_ms(lambda: generate(decode_tokens), max(1, reps // 2), warmup=1 if n > 32768 else 2)
@@ -215,6 +216,8 @@ def main(argv=None):
     parser.add_argument("--prefill", type=int, nargs="*", default=[4096, 16384])
     parser.add_argument("--decode-prompt", type=int, nargs="*", default=[4096, 32768])
     parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--prefill-chunk", type=int, help="decode: prefill the prompt in chunks of this many tokens "
+                        "(Transformers' prefill_chunk_size; it cancels in tokens/s)")
     parser.add_argument("--train-seq-len", type=int, default=4096, help="0: no training step")
     parser.add_argument("--vit-batch", type=int, default=256, help="0: no ViT")
     parser.add_argument("--reps", type=int, default=5)
@@ -223,7 +226,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     register_peers()
     rows = bench_llama(args.attn, args.prefill, args.decode_prompt, args.decode_tokens, args.reps, args.compile,
-                       args.llama, args.profile)
+                       args.llama, args.profile, args.prefill_chunk)
     if args.train_seq_len:
         rows += bench_train_step(args.attn, args.train_seq_len, args.reps, args.compile, args.llama)
     if args.vit_batch:

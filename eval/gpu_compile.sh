@@ -8,7 +8,9 @@
 #   decode  bench_e2e --compile: decode tokens/s after 4k and 32k prompts, static cache, compiled decode step
 #   rest    bench_e2e --compile: prefill at 4k and 16k, the training step at 4k, ViT-B/16 at batch 256 (sdpa as
 #           Transformers compiles it, with a dense causal mask, and sdpa_causal, without: bench_e2e's notes)
-#   decode8b  bench_e2e --compile --llama 8b: decode tokens/s after a 128k prompt (sdpa, G=1, G=4 keys reduced)
+#   decode8b  bench_e2e --compile --llama 8b: decode tokens/s after a 128k prompt (sdpa, G=1, G=4 keys reduced),
+#           prefilled in chunks of 16k (in one piece, sdpa's prefill into the static cache fell to the math kernel
+#           and asked for 32 GiB on an H100)
 #   prefill8b bench_e2e --compile --llama 8b: prefill at 64k (sdpa, sdpa_causal, G=1, G=4 LSH)
 #   subspace  bench_e2e --compile for grouping="subspace" (G=2, G=4) beside sdpa: prefill at 4k and 16k, training step
 #   speed   grouping="subspace" compiled (kernel, backward and op tests), then bench_kernels: LSH and subspace against
@@ -57,6 +59,7 @@ case "$stage" in
     ;;
   decode8b)
     python3 -m hf_distrattn.eval.bench_e2e --compile --llama 8b --prefill --decode-prompt 131072 --decode-tokens 32 \
+      --prefill-chunk 16384 \
       --reps 2 --train-seq-len 0 --vit-batch 0 \
       --attn sdpa distr:group_size=4,sampled=k,grouping=lsh distr:group_size=1,block_size=128 \
       --json "$OUT/e2e_8b_decode.json" --markdown "$OUT/e2e_8b_decode.md" "$@"
