@@ -87,8 +87,8 @@ def _absent(t: Tensor) -> Tensor:
 
 
 def _exact_kernel_config(dtype: torch.dtype, d: int) -> DistrConfig:
-    """Tiles of the exact forward on the ``"projected"`` path: 128 query rows, 64 for head dims above 128, 32 in
-    float32 (twice the bytes)."""
+    """Tiles of every exact forward (``G = 1``, and the ``"projected"`` path's): 128 query rows, 64 for head dims
+    above 128, 32 in float32 (twice the bytes); exact attention has no blocks, so ``block_size`` plays no part."""
     return DistrConfig(group_size=1, block_size=32 if dtype == torch.float32 else 64 if d > 128 else 128)
 
 
@@ -126,6 +126,8 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, hashes
             *subspace, basis = _kernels().subspace.subspace_reduced(q, k, config, width)
             if path == "subspace":  # the backward's
                 wt = basis
+        if group_size == 1:
+            config = _exact_kernel_config(q.dtype, q.shape[-1])
         out, lse = prefill.distr_attention_triton(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale,
                                                   config=config, causal_grouping=causal_grouping, hashes=hashes,
                                                   prepared=prepared, subspace=subspace, **features)

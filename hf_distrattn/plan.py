@@ -233,17 +233,17 @@ def plan(q: torch.Tensor, k: torch.Tensor, config: DistrConfig, *, causal_groupi
         return Plan("approximated", group, (why, ("gradients",), grouping or ("reduce={!r}", config.reduce)))
     if reduced and decodes and grouping is None:
         return Plan("reduced-decode", group, (why, ("{} queries over keys held reduced", n_q)))
-    if group == 1 and decodes:
-        return Plan("decode", group, (why, ("{} queries: split-KV", n_q)))
+    if group == 1:
+        return Plan("decode", 1, (why, ("{} queries: split-KV", n_q))) if decodes else \
+            Plan("fused", 1, (why, ("exact kernel",)))
     if config.sampled == "q" and grouping is None and config.block_size in BLOCK_SIZES:
-        return Plan("fused", group, (why, ("fused d/G kernel",) if group > 1 else ("exact kernel",)))
+        return Plan("fused", group, (why, ("fused d/G kernel",)))
     if (config.sampled == "q" and config.grouping == "pca" and config.block_size in BLOCK_SIZES
             and _power_of_two(d)):
         return Plan("fused", group, (why, ("pca bases by PyTorch subspace iteration, fused d/G kernel",)))
     if group > 1 and grouping is None and config.reduce == "rank1":
         return Plan("projected", group, (why, ("sampled='k': K̃ = K·M by the grouping kernel, exact kernel",)))
-    note = grouping or (("block_size {} (the kernels take {})", config.block_size, BLOCK_SIZES) if group == 1
-                        else ("reduce={!r}", config.reduce))
+    note = grouping or ("reduce={!r}", config.reduce)
     return Plan("approximated", group, (why, note, ("X̃ by the PyTorch grouping, exact kernel",)))
 
 

@@ -154,14 +154,17 @@ def test_kernel_half_precision(dtype, group):
 
 
 def test_plan_names_why_the_fused_kernel_cannot_take_a_call():
-    """Settings the grouping kernel does not take run with X̃ from the PyTorch grouping, the reason given;
-    ``backend="triton"`` raises where no kernel runs at all."""
+    """Settings the grouping kernel does not take run with X̃ from the PyTorch grouping, the reason given (at
+    ``G = 1`` none of them matters); ``backend="triton"`` raises where no kernel runs at all."""
     q = rand(1, 2, 40, 64)
     for config, why in ((triton_config(block_size=24), "block_size 24"),
                         (triton_config(num_hashes=20), "num_hashes 20"),
                         (triton_config(grouping="random"), "reference only")):
         chosen = plan(q, q, config)
         assert chosen.path == "approximated" and why in chosen.reason, chosen
+    for sampled in ("q", "k"):  # exact calls take the exact kernel whatever the grouping settings say
+        chosen = plan(q, q, triton_config(group_size=1, sampled=sampled, block_size=24))
+        assert chosen.path == "fused" and chosen.reason == "group_size=1, exact kernel", chosen
     q96 = rand(1, 2, 40, 96)
     assert "power of two" in plan(q96, q96, triton_config(group_size=2)).reason
     with pytest.raises(ValueError, match="dtype torch.float64"):
