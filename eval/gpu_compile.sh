@@ -12,9 +12,10 @@
 #           prefilled in chunks of 16k (in one piece, sdpa's prefill into the static cache fell to the math kernel
 #           and asked for 32 GiB on an H100)
 #   prefill8b bench_e2e --compile --llama 8b: prefill at 64k (sdpa, sdpa_causal, G=1, G=4 LSH)
-#   subspace  bench_e2e --compile for grouping="subspace" (G=2, G=4) beside sdpa: prefill at 4k and 16k, training step
-#   speed   grouping="subspace" compiled (kernel, backward and op tests), then bench_kernels: LSH and subspace against
-#           SDPA flash / cuDNN and sageattention, pre-pass and kernel timed apart, the speed plot
+#   subspace  grouping="subspace" compiled (kernel, backward and op tests), then bench_e2e --compile for it (G=2, G=4)
+#           beside sdpa: prefill at 4k and 16k, training step
+#   speed   README's kernel table: bench_kernels, LSH blocks of 128 (the Hopper kernel's) against SDPA flash / cuDNN
+#           and sageattention at 4k and 16k tokens, pre-pass and kernel timed apart, both kernels alone, the plot
 # Usage (from the repository root on the GPU machine): bash eval/gpu_compile.sh STAGE [extra bench_e2e arguments]
 set -uo pipefail
 source eval/gpu_setup.sh
@@ -32,15 +33,15 @@ case "$stage" in
       2>&1 | tee "$OUT/gpu_kernels.log" | tail -n 15
     ;;
   subspace)
+    $PYTEST tests/test_ops.py tests/test_kernels.py tests/test_backward.py -k subspace \
+      2>&1 | tee "$OUT/gpu_subspace.log" | tail -n 15
     python3 -m hf_distrattn.eval.bench_e2e --compile --decode-prompt --vit-batch 0 \
       --attn sdpa distr:group_size=2,grouping=subspace,sampled=k distr:group_size=4,grouping=subspace,sampled=k \
       --json "$OUT/e2e_subspace.json" --markdown "$OUT/e2e_subspace.md" "$@"
     ;;
   speed)
     nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader
-    $PYTEST tests/test_ops.py tests/test_kernels.py tests/test_backward.py -k subspace \
-      2>&1 | tee "$OUT/gpu_subspace.log" | tail -n 15
-    python3 -m hf_distrattn.eval.bench_kernels --seq-lens 1024 4096 16384 32768 --block-sizes 64 \
+    python3 -m hf_distrattn.eval.bench_kernels --seq-lens 4096 16384 --block-sizes 128 --groupings lsh \
       --json "$OUT/kernels.json" --markdown "$OUT/kernels.md" --plot "$OUT/speed_vs_seq_len.png" "$@"
     ;;
   models)

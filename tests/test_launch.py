@@ -53,6 +53,45 @@ def fake(monkeypatch):
     return fn, launch._Cached(fn)
 
 
+class SmallGpuJit(FakeJit):
+    """Refuses launches deeper than ``fits`` pipeline stages as Triton does on a GPU with too little shared memory
+    (``error``: what it runs out of)."""
+
+    def __init__(self, fits, error="shared memory"):
+        super().__init__()
+        self.fits, self.error = fits, error
+
+    def __getitem__(self, grid):
+        def run(*args, **meta):
+            if meta["num_stages"] > self.fits:
+                from triton.runtime.errors import OutOfResources
+
+                self.calls.append(("refused", meta["num_stages"]))
+                raise OutOfResources(65536 * meta["num_stages"], 101376, self.error)
+            return super(SmallGpuJit, self).__getitem__(grid)(*args, **meta)
+        return run
+
+
+@pytest.mark.parametrize("fits,error", [(1, "shared memory"), (0, "shared memory"), (1, "registers")])
+def test_too_little_shared_memory_compiles_again_with_fewer_stages(fake, fits, error):
+    """A GPU with less shared memory than the launch parameters were tuned for (an A100, an L4) refuses the first
+    launch: it compiles again with one stage fewer until it fits, and the kernel it keeps launches directly under
+    the asked-for signature. Running out of something else, or of shared memory at one stage, stays an error."""
+    from triton.runtime.errors import OutOfResources
+
+    fn = SmallGpuJit(fits, error)
+    kernel = launch._Cached(fn)
+    x = torch.zeros(64)
+    if fits == 0 or error != "shared memory":
+        with pytest.raises(OutOfResources, match=error):
+            kernel[(1,)](x, 16, 0.5, A=1, B=2, num_stages=3)
+        return
+    kernel[(1,)](x, 16, 0.5, A=1, B=2, num_stages=3)
+    kernel[(1,)](x, 16, 0.5, A=1, B=2, num_stages=3)
+    assert [c[0] for c in fn.calls] == ["refused", "refused", "triton", "direct"]
+    assert fn.calls[2][3]["num_stages"] == 1 and fn.calls[3][2] == (x, 16, 0.5, 1, 2)
+
+
 def test_repeated_signature_launches_directly_in_signature_order(fake):
     fn, kernel = fake
     x, y = torch.zeros(64), torch.ones(64)

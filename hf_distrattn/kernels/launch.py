@@ -17,6 +17,11 @@ fp32, unspecialized); of a tensor, its dtype and whether 16 divides its address;
 would pick, with this call's values: a decode step whose key count grew by one launches directly (an exact-value
 key missed at every step). The table is emptied past :data:`MAX_SIGNATURES`. Under ``TRITON_INTERPRET=1`` kernels
 are not wrapped.
+
+Shared memory: launch parameters are tuned on an H100 (227 KB per block); a GPU with less (an A100's 163 KB, the
+99 KB of an L4 or RTX 4090) refuses a deep pipeline with Triton's ``OutOfResources`` before anything runs. The
+launch then compiles again with one pipeline stage fewer (the same computation, less overlap of loads) until it
+fits, and keeps that kernel under the asked-for signature, so later calls go straight to it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import torch
 from triton import knobs
 from triton.runtime import JITFunction, driver
+from triton.runtime.errors import OutOfResources
 
 MAX_SIGNATURES = 1024
 
@@ -81,7 +87,7 @@ class _Cached:
         key = (device, _signature(args), *meta.items())
         entry = self.compiled.get(key)
         if entry is None:
-            kernel = self.fn[grid](*args, **meta)
+            kernel, meta = self._first_launch(grid, args, meta)
             if len(self.compiled) >= MAX_SIGNATURES:
                 self.compiled.clear()
             names = self.fn.arg_names[len(args):]  # the parameters given by keyword, in signature order
@@ -94,6 +100,19 @@ class _Cached:
                        *constexprs)
         else:
             kernel[grid](*args, *constexprs)
+
+
+    def _first_launch(self, grid, args, meta):
+        """Launch through Triton, with one pipeline stage fewer while the GPU's shared memory is too small (module
+        notes); returns the compiled kernel and the keyword arguments it was launched with."""
+        while True:
+            try:
+                return self.fn[grid](*args, **meta), meta
+            except OutOfResources as error:
+                stages = meta.get("num_stages", 3)  # Triton's default
+                if "shared memory" not in str(error) or stages <= 1:
+                    raise
+                meta = meta | {"num_stages": stages - 1}
 
 
 def cached(fn):
