@@ -45,20 +45,14 @@ def next_power_of_2(n: int) -> int:
 
 
 def _signature(args) -> tuple:
-    """What Triton's launch specializes on, for the positional arguments: one loop with the common types first
-    (most arguments are strides), no call per argument."""
-    key = []
-    for arg in args:
-        kind = type(arg)
-        if kind is int:
-            key.append((arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31, arg < 2**63))
-        elif isinstance(arg, torch.Tensor):
-            key.append((arg.dtype, arg.data_ptr() % 16 == 0))
-        elif kind is float:
-            key.append(float)
-        else:
-            key.append((kind, arg))  # bool, None, and the rest by value
-    return tuple(key)
+    """What Triton's launch specializes on, for the positional arguments, in one comprehension (most arguments are
+    strides): an ``int`` in ``i32`` range other than 1 keys on its divisibility by 16 alone, any other ``int`` on
+    all four facts; a tensor on its dtype, wrapped in a tuple when its address is not 16-aligned; a ``float`` on
+    its type; anything else (``bool``, ``None``) on its type and value."""
+    return tuple([(a % 16 == 0 if a != 1 and -2147483648 <= a < 2147483648
+                   else (a == 1, a % 16 == 0, -2147483648 <= a < 2147483648, a < 2**63)) if type(a) is int
+                  else (a.dtype if a.data_ptr() % 16 == 0 else (a.dtype,)) if isinstance(a, torch.Tensor)
+                  else float if type(a) is float else (type(a), a) for a in args])
 
 
 def _set(hook) -> bool:
