@@ -95,7 +95,6 @@ class _Cached:
         else:
             kernel[grid](*args, *constexprs)
 
-
     def _first_launch(self, grid, args, meta):
         """Launch through Triton, with one pipeline stage fewer while the GPU's shared memory is too small (module
         notes); returns the compiled kernel and the keyword arguments it was launched with."""
