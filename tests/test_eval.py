@@ -212,11 +212,12 @@ def test_e2e_table_is_the_readme_table():
     assert "| llama | decode after 4096 | 200 tok/s | 300 tok/s (1.50×) |" in table
 
 
-def test_e2e_causal_sdpa_peer_is_sdpa_without_the_traced_mask():
+def test_e2e_causal_sdpa_peer_is_sdpa_without_the_traced_mask(monkeypatch):
     """bench_e2e's ``sdpa_causal`` peer: compiled, it computes ``sdpa``'s logits, and its attention gets no mask
-    for a causal prefill without padding (``sdpa`` itself, traced by Transformers 5.17, gets a dense one)."""
+    for a causal prefill without padding (``sdpa`` itself, traced by Transformers 5.17, gets a dense one: that
+    version's skip, off while tracing, is turned off here too)."""
     import torch
-    from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+    from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM, masking_utils
     from transformers.integrations import sdpa_attention
 
     from hf_distrattn.eval import bench_e2e
@@ -230,6 +231,7 @@ def test_e2e_causal_sdpa_peer_is_sdpa_without_the_traced_mask():
         want = model(ids).logits
     masks = []
     real = sdpa_attention.sdpa_attention_forward
+    monkeypatch.setattr(masking_utils, "_ignore_causal_mask_sdpa", lambda *args, **kwargs: False)
 
     def spy(module, q, k, v, attention_mask, **kwargs):
         masks.append(attention_mask is None)

@@ -135,9 +135,13 @@ def test_llama_compiles_whole_and_matches_eager(config):
 def test_compiled_causal_prefill_reaches_attention_without_a_mask(monkeypatch):
     """While tracing, Transformers (5.17 with torch < 2.14) builds the causal mask even for a causal prefill with no
     padding: an ``N × N`` boolean that sends every call to the kernels' masked path, off the Hopper kernel.
-    ``distr_mask`` drops it where Python values show causality alone, with eager's logits; a padding mask stays."""
+    ``distr_mask`` drops it where Python values show causality alone, with eager's logits; a padding mask stays.
+    Newer Transformers skip that mask themselves, so their skip is turned off here, as 5.17's is while tracing."""
+    from transformers import masking_utils
+
     from hf_distrattn import integration
 
+    monkeypatch.setattr(masking_utils, "_ignore_causal_mask_sdpa", lambda *args, **kwargs: False)
     seen = []
     real = integration.distr_attention
 
