@@ -188,13 +188,13 @@ def markdown(rows) -> str:
     lines = ["| model | task | " + " | ".join(label(s) for s in specs) + " |", "|---|---|" + "---:|" * len(specs)]
     for model, task in tasks:
         ref = by.get((model, task, "sdpa"))
+        decode = task.startswith("decode")
         cells = []
         for spec in specs:
             r = by.get((model, task, spec))
             if r is None:
                 cells.append("")
                 continue
-            decode = task.startswith("decode")
             value = f"{r['tokens_per_s']:.0f} tok/s" if decode else f"{r['ms']:.2f} ms"
             if ref is not None and r is not ref:
                 speedup = r["tokens_per_s"] / ref["tokens_per_s"] if decode else ref["ms"] / r["ms"]

@@ -103,7 +103,7 @@ class _Cached:
                 return self.fn[grid](*args, **meta), meta
             except OutOfResources as error:
                 stages = meta.get("num_stages", 3)  # Triton's default
-                if "shared memory" not in str(error) or stages <= 1:
+                if error.name != "shared memory" or stages <= 1:
                     raise
                 meta = meta | {"num_stages": stages - 1}
 
