@@ -2,7 +2,7 @@
 
 - Llama-3.2-1B shape (16 layers, hidden 2048, 32 query / 8 KV heads, head_dim 64) or with ``--llama 8b`` the
   Llama-3.1-8B shape (32 layers, hidden 4096, 32 / 8 heads, head_dim 128): prefill at each ``--prefill`` length
-  (batch 1, last-token logits only), greedy decode tokens/s after each ``--decode-prompt`` (``(n − 1) /
+  (batch 1, last-token logits only, into the dynamic cache that a plain ``model(ids)`` makes), greedy decode tokens/s after each ``--decode-prompt`` (``(n − 1) /
   (T(n new tokens) − T(1 new token))``, so the prefill cancels), and a training step (forward +
   backward) at ``--train-seq-len``;
 - ViT-B/16 shape (12 layers, hidden 768, 197 tokens): batch-256 inference.
@@ -17,7 +17,9 @@ compiled and its CUDA graphs recorded within the first generation's steps).
 ``sdpa_causal`` (a setting this module registers): SDPA with ``distr``'s mask function. Compiled, Transformers
 (5.17, torch < 2.14) hands ``sdpa`` a dense causal mask even for a prefill with no padding, which keeps SDPA off
 its FlashAttention path; ``distr_mask`` drops that mask (:mod:`hf_distrattn.integration`), so ``sdpa_causal`` is
-the peer given the same: SDPA at its best. Eager, the two are one.
+the peer given the same: SDPA at its best. Eager, the two are one. A compiled call without a cache (the training
+step; a prefill with ``use_cache=False``) gets the dense mask on every side: Transformers' check for packed
+sequences in ``position_ids`` cannot run while tracing, so its mask function stays data-dependent.
 
 ``--profile``: each prefill row also holds its top CUDA kernels by device time (:func:`top_kernels`), to see
 where a setting loses.
@@ -116,7 +118,7 @@ def bench_llama(specs, prefill_lens, decode_prompts, decode_tokens, reps, compil
         run = compiled(model, compile)
         for n in prefill_lens:
             ids = torch.randint(0, geometry["vocab_size"], (1, n), device="cuda")
-            prefill = partial(run, ids, use_cache=False, logits_to_keep=1)
+            prefill = partial(run, ids, logits_to_keep=1)
             ms = cuda_ms(prefill, reps, warmup=2)
             rows.append({"model": model_name, "attn": spec, "task": f"prefill {n}", "ms": ms})
             if profile:

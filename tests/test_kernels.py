@@ -530,3 +530,46 @@ def test_head_dim_256_and_padded_head_dims_forward_and_backward(d, group):
     ref_out = distr_attention(*exact, causal=True, config=config.replace(backend="reference"))
     for got, want in zip(grads, torch.autograd.grad(ref_out, exact, dout.double()), strict=True):
         torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+
+def far_apart(shape: tuple, dim: int, stride: int) -> torch.Tensor:
+    """A random boolean mask of ``shape`` whose slices along ``dim`` lie ``stride`` elements apart (the keys
+    contiguous), so that the later ones sit past element ``2³¹``, as in a dense causal mask of 46,341 tokens or
+    more, or a per-head mask of a long cache (the storage between them is never written, so never in memory)."""
+    strides = [0] * 4
+    strides[dim], strides[3] = stride, 1
+    storage = torch.empty(stride * (shape[dim] - 1) + shape[3], dtype=torch.bool, device=DEVICE)
+    return storage.as_strided(shape, strides).copy_(rand(*shape, seed=60) > -0.5)
+
+
+@pytest.mark.parametrize("n_q", [40, 1])
+def test_masks_past_2_31_elements(n_q):
+    """Prefill forward and backward (``n_q = 40``, rows ``2²⁶`` apart) and decode (``n_q = 1``, heads ``2³⁰``
+    apart) read such a mask where it is: 32-bit offsets wrapped (a crash under the interpreter, an illegal address
+    on a GPU)."""
+    q, k, v = rand(1, 4, n_q, 32, seed=61), rand(1, 2, 40, 32, seed=62), rand(1, 2, 40, 32, seed=63)
+    mask = far_apart((1, 1, 40, 40), 2, 2 ** 26) if n_q > 1 else far_apart((1, 4, 1, 40), 1, 2 ** 30)
+    config = triton_config(group_size=1, block_size=16)
+    assert plan(q, k, config, needs_grad=n_q > 1).path == ("projected" if n_q > 1 else "decode")
+    leaves = [t.clone().requires_grad_(n_q > 1) for t in (q, k, v)]
+    out = distr_attention(*leaves, attn_mask=mask, config=config)
+    exact = [t.double().requires_grad_(n_q > 1) for t in (q, k, v)]
+    ref = distr_attention(*exact, attn_mask=mask.contiguous(), config=config.replace(backend="reference"))
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    if n_q > 1:
+        dout = rand(*q.shape, seed=64)
+        got = torch.autograd.grad(out, leaves, dout)
+        for g, want in zip(got, torch.autograd.grad(ref, exact, dout.double()), strict=True):
+            torch.testing.assert_close(g.double(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_head_slice_past_2_31_elements_is_refused_by_name():
+    """Rows within one (batch, head) are addressed in 32 bits: a ``k`` whose 40 rows span ``2³¹`` elements gets
+    an error naming it, not a wrapped offset."""
+    q, v = (rand(1, 2, 40, 32, dtype=torch.bfloat16, seed=s) for s in (65, 66))
+    stride = 2 ** 31 // 39 + 32
+    storage = torch.empty(39 * stride + 64, dtype=torch.bfloat16, device=DEVICE)
+    k = storage.as_strided((1, 2, 40, 32), (0, 32, stride, 1)).copy_(rand(1, 2, 40, 32, seed=67))
+    with pytest.raises(ValueError, match=r"^k of shape \(1, 2, 40, 32\).*2³¹"):
+        distr_attention(q, k, v, config=triton_config(group_size=1, block_size=16))

@@ -110,7 +110,7 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, s
     do = tl.load(do_base + offs_m[:, None] * sdo_m + offs_d[None, :], mask=rows[:, None], other=0.0)
     lse2 = tl.load(lse_base + offs_m, mask=rows, other=0.0)
     delta = tl.load(delta_base + offs_m, mask=rows, other=0.0)
-    pt, tt = _probs_t(k, qt, lse2, mask_base + offs_m[None, :] * sm_m, offs_m, offs_n, n_q, n_k, qk_scale,
+    pt, tt = _probs_t(k, qt, lse2, mask_base + offs_m.to(tl.int64)[None, :] * sm_m, offs_m, offs_n, n_q, n_k, qk_scale,
                       window, softcap, True, MASKED, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE)
     if IEEE:
         dv += tl.dot(pt, do, input_precision="ieee")
@@ -163,6 +163,7 @@ def _dkdv(Q, K, V, DO, Lse, Delta, Mask, DK, DV, Wt, KR, DKR, scale, window, sof
           SUB_BLOCK: tl.constexpr):
     pid_n, bh = tile_order(tl.cdiv(n_k, BLOCK_N), HEAD_GROUP)  # causal: key tile 0 is seen by most queries
     h_kv = heads // kv_group
+    bh = bh.to(tl.int64)  # batch and head offsets in 64 bits (prefill's notes)
     b = bh // h_kv
     hk = bh % h_kv
     start_n = pid_n * BLOCK_N
@@ -278,6 +279,7 @@ def _dq(Q, K, V, DO, Lse, Delta, Lse2, Mask, DQ, Wt, KR, Out, DLse, scale, windo
     n_tiles = tl.cdiv(n_q, BLOCK_M)
     rank, bh = tile_order(n_tiles, HEAD_GROUP)
     pid_m = n_tiles - 1 - rank if CAUSAL else rank  # causal: the last query tile sees most keys
+    bh = bh.to(tl.int64)  # batch and head offsets in 64 bits (prefill's notes)
     b = bh // heads
     h = bh % heads
     hk = h // kv_group
@@ -298,7 +300,7 @@ def _dq(Q, K, V, DO, Lse, Delta, Lse2, Mask, DQ, Wt, KR, Out, DLse, scale, windo
     k_base = K + b * sk_b + hk * sk_h
     kr_base = KR + b * sk_b + hk * sk_h
     v_base = V + b * sv_b + hk * sv_h
-    mask_base = Mask + b * sm_b + h * sm_h + offs_m[:, None] * sm_m
+    mask_base = Mask + b * sm_b + h * sm_h + offs_m.to(tl.int64)[:, None] * sm_m
     qk_scale = score_scale(scale, SOFTCAP)
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     lo, mid_lo, mid_hi, hi = key_range(pid_m, n_q, n_k, window, CAUSAL, WINDOWED, MASK_KIND, BLOCK_M, BLOCK_N)

@@ -81,7 +81,7 @@ def _decode_split(Q, K, V, UK, Grp, W, Mask, Part, scale, window, softcap, n_q, 
     v_base = V + kv_head * n_k * D
     u_base = UK + kv_head * capacity * DG
     g_base = kv_head * tl.cdiv(capacity, BLOCK_N) * D
-    mask_ptrs = Mask + b * sm_b + h[:, None] * sm_h + i[:, None] * sm_m
+    mask_ptrs = Mask + b.to(tl.int64) * sm_b + h[:, None].to(tl.int64) * sm_h + i[:, None] * sm_m
     lo = start + split * chunk
     hi = tl.minimum(lo + chunk, n_k)
     # two loops without branches inside, so that their loads pipeline: exact keys (all of them at G = 1, else

@@ -193,9 +193,10 @@ def _consumer(descs, bufs, bars, coords, n_tiles, n_q, n_k, qk_scale, out_ptr, l
     o_rows = row0 + gl.arange(0, WG_M, layout=gl.SliceLayout(1, o_layout))
     o_cols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
     b64 = b.to(gl.int64)  # offsets past 2³¹ elements
-    o_ptrs = out_ptr + b64 * so_b + h * so_h + o_rows.to(gl.int64)[:, None] * so_m + o_cols[None, :]
+    h64 = h.to(gl.int64)
+    o_ptrs = out_ptr + b64 * so_b + h64 * so_h + o_rows.to(gl.int64)[:, None] * so_m + o_cols[None, :]
     gl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=o_rows[:, None] < n_q)
-    gl.store(lse_ptr + b64 * sl_b + h * sl_h + rows, lse, mask=rows < n_q)
+    gl.store(lse_ptr + b64 * sl_b + h64 * sl_h + rows, lse, mask=rows < n_q)
 
 
 @gluon.jit

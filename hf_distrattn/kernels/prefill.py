@@ -21,6 +21,10 @@ split into off-diagonal and diagonal tiles); tiles outside a causal or sliding w
 no fuse; head dims that are not a power of two are zero-padded there. With causal grouping, query block 0 is
 exact: a ``G = 1`` launch of one block beside the ``G`` launch of the others. GQA maps query head ``h`` to key
 head ``h // (Hq / Hkv)``; K and V are never repeated.
+
+Offsets: batch and head offsets, and a mask's row offsets, are 64-bit (a dense ``N × N`` mask passes 2³¹ elements
+from ``N = 46,341``, a batch of long sequences soon after); a row's offset within one head, ``row · stride``, stays
+32-bit, so one (batch, head) slice of ``q``, ``k``, ``v`` or ``out`` must span under 2³¹ elements.
 """
 
 from __future__ import annotations
@@ -129,6 +133,7 @@ def _distr_fwd(U, K, V, Wt, KR, F, Mask, Out, Lse, scale, window, softcap, first
                DR: tl.constexpr):
     rank, bh = tile_order(n_tiles, HEAD_GROUP)
     pid_m = first_block + (n_tiles - 1 - rank if CAUSAL else rank)  # causal: the last block has most keys
+    bh = bh.to(tl.int64)  # batch and head offsets in 64 bits (module notes)
     b = bh // heads
     h = bh % heads
     hk = h // kv_group
@@ -145,7 +150,7 @@ def _distr_fwd(U, K, V, Wt, KR, F, Mask, Out, Lse, scale, window, softcap, first
     v_base = V + b * sv_b + hk * sv_h
     kr_base = KR + b * skr_b + hk * skr_h
     f_base = F + b * sf_b + hk * sf_h
-    mask_base = Mask + b * sm_b + h * sm_h + offs_m[:, None] * sm_m
+    mask_base = Mask + b * sm_b + h * sm_h + offs_m.to(tl.int64)[:, None] * sm_m
     qk_scale = score_scale(scale, SOFTCAP)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -218,6 +223,10 @@ def distr_attention_triton(q, k, v, *, causal=False, attn_mask=None, scale=None,
     """
     batch, heads, n_q, d = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
+    for name, t in (("q", q), ("k", k), ("v", v)):  # 32-bit row offsets (module notes)
+        if (t.shape[2] - 1) * t.stride(2) + t.shape[3] > 2 ** 31:
+            raise ValueError(f"{name} of shape {tuple(t.shape)} and strides {t.stride()}: one (batch, head) slice "
+                             "spans over 2³¹ elements, past the kernels' 32-bit row offsets")
     scale = 1 / math.sqrt(d) if scale is None else scale
     u, kk, vv, wt = (q, k, v, None) if subspace is not None else prepared or prepare(q, k, v, config,
                                                                                       causal_grouping, hashes)
@@ -245,6 +254,8 @@ def distr_attention_triton(q, k, v, *, causal=False, attn_mask=None, scale=None,
                                  count=cdiv(min(n_q, rows + count * config.block_size) - rows, 128))
                 return
             except Exception as error:  # noqa: BLE001 - any failure to build or launch it: the portable kernel
+                if q.is_cuda:  # a fault on the device is no build failure: it raises here, not in the fallback
+                    torch.cuda.synchronize(q.device)
                 sm90 = False
                 sm90_failed(error)
         _distr_fwd[(count * batch * heads,)](
