@@ -2,9 +2,9 @@
 
 - Llama-3.2-1B shape (16 layers, hidden 2048, 32 query / 8 KV heads, head_dim 64) or with ``--llama 8b`` the
   Llama-3.1-8B shape (32 layers, hidden 4096, 32 / 8 heads, head_dim 128): prefill at each ``--prefill`` length
-  (batch 1, last-token logits only, into the dynamic cache that a plain ``model(ids)`` makes), greedy decode tokens/s after each ``--decode-prompt`` (``(n − 1) /
-  (T(n new tokens) − T(1 new token))``, so the prefill cancels), and a training step (forward +
-  backward) at ``--train-seq-len``;
+  (batch 1, last-token logits only, into the dynamic cache that a plain ``model(ids)`` makes), greedy decode
+  tokens/s after each ``--decode-prompt`` (``(n − 1) / (T(n new tokens) − T(1 new token))``, so the prefill
+  cancels), and a training step (forward + backward) at ``--train-seq-len``;
 - ViT-B/16 shape (12 layers, hidden 768, 197 tokens): batch-256 inference.
 
 ``--compile``: both sides compiled the same way: ``torch.compile(model, fullgraph=True)`` for prefill, ViT and
