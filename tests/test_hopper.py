@@ -76,7 +76,7 @@ def _build_portable(d: int, group: int, block_m: int, mask_kind: int) -> dict:
                      FOLD_SCALE=params["fold_scale"], SUBSPACE=False, BLOCK_M=block_m, BLOCK_N=params["block_n"],
                      D=d, G=group, DG=d // group, DR=d)
     fn = prefill._distr_fwd.fn  # the @triton.jit function inside the launch wrapper
-    types = dict(Mask="*i1" if mask_kind == 1 else "*bf16", Lse="*fp32", scale="fp32", softcap="fp32")
+    types = dict(Mask="*i1" if mask_kind == 1 else "*bf16", Ranges="*i32", Lse="*fp32", scale="fp32", softcap="fp32")
     signature = {name: "constexpr" if name in constants else types.get(name, "*bf16" if name[0].isupper() else "i32")
                  for name in fn.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)

@@ -573,3 +573,66 @@ def test_a_head_slice_past_2_31_elements_is_refused_by_name():
     k = storage.as_strided((1, 2, 40, 32), (0, 32, stride, 1)).copy_(rand(1, 2, 40, 32, seed=67))
     with pytest.raises(ValueError, match=r"^k of shape \(1, 2, 40, 32\).*2³¹"):
         distr_attention(q, k, v, config=triton_config(group_size=1, block_size=16))
+
+
+def packed_mask(n: int, starts: list[int], keys: int) -> torch.Tensor:
+    """Transformers' mask for sequences packed in one row, ``(1, 1, n, n)`` boolean: causal within each sequence
+    (starting at ``starts``), and only the first ``keys`` keys at all (padding after them)."""
+    pos = torch.arange(n, device=DEVICE)
+    seq = (pos[:, None] >= torch.tensor(starts, device=DEVICE)).sum(-1)
+    mask = (pos[None, :] <= pos[:, None]) & (seq[None, :] == seq[:, None]) & (pos[None, :] < keys)
+    return mask[None, None]
+
+
+@pytest.mark.parametrize("kind", ["causal", "packed", "additive", "empty_rows"])
+@pytest.mark.parametrize("by_key", [False, True])
+def test_mask_ranges_hold_every_visible_tile_and_leave_unmasked_only_whole_ones(kind, by_key):
+    """``mask_ranges``: every tile with a visible key lies in ``[lo, hi)``, every tile in ``[mid_lo, mid_hi)`` has
+    every key in range visible and unbiased, and a causal mask made dense costs ``causal``'s tiles: the lower
+    triangle and the diagonal."""
+    from hf_distrattn.kernels.softmax import mask_ranges
+
+    n_q, n_k, block_m, block_n = 100, 100, 32, 16
+    causal = torch.ones(n_q, n_k, dtype=torch.bool, device=DEVICE).tril()[None, None]
+    mask = {"causal": causal, "packed": packed_mask(n_q, [0, 37, 64], 90),
+            "additive": torch.where(causal, torch.where(causal.roll(1, -1), 0.0, -2.0), float("-inf")),
+            "empty_rows": causal & (torch.arange(n_q, device=DEVICE) % 40 > 5)[:, None]}[kind]
+    ranges, _ = mask_ranges(mask, n_q, n_k, block_m, block_n, by_key=by_key)
+    seen = mask[0, 0] if mask.dtype == torch.bool else mask[0, 0] > float("-inf")
+    free = mask[0, 0] if mask.dtype == torch.bool else mask[0, 0] == 0
+    if by_key:
+        seen, free, n_q, n_k, block_m, block_n = seen.T, free.T, n_k, n_q, block_n, block_m
+    visited = 0
+    for i, (lo, mid_lo, mid_hi, hi) in enumerate(ranges[0, 0].tolist()):
+        assert lo <= mid_lo <= mid_hi <= hi <= n_k and lo % block_n == 0
+        rows = slice(i * block_m, (i + 1) * block_m)
+        cols = seen[rows].any(0).nonzero().flatten().tolist()
+        assert not cols or (lo <= cols[0] and cols[-1] < hi)
+        assert free[rows, mid_lo:mid_hi].all()
+        visited += -(-(hi - lo) // block_n)
+    if kind == "causal":  # query blocks of 32 see 2, 4, 6, 7 key tiles of 16; those are seen by 4, 4, 3, 3, 2, 2, 1
+        assert visited == 19
+
+
+def test_masked_kernels_skip_the_tiles_no_query_sees():
+    """Packed sequences with padding as one dense mask (``causal=False``, as Transformers passes it compiled
+    without a cache): NaN keys and values past the padding cannot reach the output or the gradients, so their
+    tiles are skipped, not masked (masking leaves ``0 · NaN``); the rest matches the reference."""
+    n, keys = 192, 128
+    q, k, v = rand(1, 2, n, 32, seed=70), rand(1, 2, n, 32, seed=71), rand(1, 2, n, 32, seed=72)
+    k[:, :, keys:], v[:, :, keys:] = float("nan"), float("nan")
+    mask = packed_mask(n, [0, 64], keys)
+    config = triton_config(group_size=1, block_size=32)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = distr_attention(*leaves, attn_mask=mask, config=config)
+    dout = rand(*q.shape, seed=73)
+    grads = torch.autograd.grad(out, leaves, dout)
+    clean = [t[:, :, :keys].double().requires_grad_() for t in (k, v)]
+    exact = [q.double().requires_grad_(), *clean]
+    ref = distr_attention(*exact, attn_mask=mask[..., :keys], config=config.replace(backend="reference"))
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    want = torch.autograd.grad(ref, exact, dout.double())
+    torch.testing.assert_close(grads[0].double(), want[0], atol=1e-4, rtol=1e-4)
+    for got, w in zip(grads[1:], want[1:], strict=True):
+        torch.testing.assert_close(got[:, :, :keys].double(), w, atol=1e-4, rtol=1e-4)
+        assert (got[:, :, keys:] == 0).all()

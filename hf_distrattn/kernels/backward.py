@@ -47,6 +47,7 @@ from .softmax import (
     HEAD_GROUP,
     key_range,
     mask_arguments,
+    mask_ranges,
     masked_scores,
     score_scale,
     scores,
@@ -54,6 +55,7 @@ from .softmax import (
     subspace_exact,
     tile_order,
     visible,
+    within_mask,
 )
 
 
@@ -153,9 +155,9 @@ def _dkdv_pair(dk, dv, dk_red, k, v, k_red, q_base, do_base, lse_base, delta_bas
 
 @cached
 @triton.jit
-def _dkdv(Q, K, V, DO, Lse, Delta, Mask, DK, DV, Wt, KR, DKR, scale, window, softcap, n_q, n_k, heads, kv_group,
-          sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_m, sl_b, sl_h,
-          sm_b, sm_h, sm_m, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n,
+def _dkdv(Q, K, V, DO, Lse, Delta, Mask, Ranges, DK, DV, Wt, KR, DKR, scale, window, softcap, n_q, n_k, heads,
+          kv_group, sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_m, sl_b, sl_h,
+          sm_b, sm_h, sm_m, sr_b, sr_h, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n,
           CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr,
           IEEE: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
@@ -193,27 +195,28 @@ def _dkdv(Q, K, V, DO, Lse, Delta, Mask, DK, DV, Wt, KR, DKR, scale, window, sof
         mid_hi = tl.maximum(start_n + window - (n_k - n_q), 0) // BLOCK_M * BLOCK_M
     mid_lo = tl.minimum(tl.maximum(mid_lo, lo), hi)
     mid_hi = tl.maximum(tl.minimum(mid_hi, hi), mid_lo)
-    if MASK_KIND != 0:
-        mid_lo = hi
-        mid_hi = hi
     for r in range(0, kv_group):
         h = hk * kv_group + r
+        q_lo, q_mid_lo, q_mid_hi, q_hi = lo, mid_lo, mid_hi, hi
+        if MASK_KIND != 0:  # the query tiles that see these keys under this head's mask
+            q_lo, q_mid_lo, q_mid_hi, q_hi = within_mask(lo, mid_lo, mid_hi, hi,
+                                                         Ranges + b * sr_b + h * sr_h + pid_n * 4)
         q_base = Q + b * sq_b + h * sq_h
         do_base = DO + b * sdo_b + h * sdo_h
         lse_base = Lse + b * sl_b + h * sl_h
         delta_base = Delta + b * sl_b + h * sl_h
         mask_base = Mask + b * sm_b + h * sm_h
-        for start_m in range(lo, mid_lo, BLOCK_M):
+        for start_m in range(q_lo, q_mid_lo, BLOCK_M):
             dk, dv, dk_red = _dkdv_pair(dk, dv, dk_red, k, v, k_red, q_base, do_base, lse_base, delta_base,
                                         mask_base, start_m, start_n, offs_n, n_q, n_k, sq_m, sdo_m, sm_m, qk_scale,
                                         window, softcap, True, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE, BLOCK_M,
                                         D, SUB_BLOCK)
-        for start_m in range(mid_lo, mid_hi, BLOCK_M):
+        for start_m in range(q_mid_lo, q_mid_hi, BLOCK_M):
             dk, dv, dk_red = _dkdv_pair(dk, dv, dk_red, k, v, k_red, q_base, do_base, lse_base, delta_base,
                                         mask_base, start_m, start_n, offs_n, n_q, n_k, sq_m, sdo_m, sm_m, qk_scale,
                                         window, softcap, False, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE, BLOCK_M,
                                         D, SUB_BLOCK)
-        for start_m in range(mid_hi, hi, BLOCK_M):
+        for start_m in range(q_mid_hi, q_hi, BLOCK_M):
             dk, dv, dk_red = _dkdv_pair(dk, dv, dk_red, k, v, k_red, q_base, do_base, lse_base, delta_base,
                                         mask_base, start_m, start_n, offs_n, n_q, n_k, sq_m, sdo_m, sm_m, qk_scale,
                                         window, softcap, True, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE, BLOCK_M,
@@ -268,9 +271,9 @@ def _dq_tile(dq, q, do, lse2, delta, k_base, kr_base, v_base, mask_base, start_n
 
 @cached
 @triton.jit
-def _dq(Q, K, V, DO, Lse, Delta, Lse2, Mask, DQ, Wt, KR, Out, DLse, scale, window, softcap, n_q, n_k, heads,
-        kv_group, sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_m, sl_b, sl_h,
-        sm_b, sm_h, sm_m, sdq_b, sdq_h, sdq_m, so_b, so_h, so_m,
+def _dq(Q, K, V, DO, Lse, Delta, Lse2, Mask, Ranges, DQ, Wt, KR, Out, DLse, scale, window, softcap, n_q, n_k,
+        heads, kv_group, sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_m, sl_b, sl_h,
+        sm_b, sm_h, sm_m, sr_b, sr_h, sdq_b, sdq_h, sdq_m, so_b, so_h, so_m,
         CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, HAS_DLSE: tl.constexpr,
         MASK_KIND: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
@@ -303,7 +306,8 @@ def _dq(Q, K, V, DO, Lse, Delta, Lse2, Mask, DQ, Wt, KR, Out, DLse, scale, windo
     mask_base = Mask + b * sm_b + h * sm_h + offs_m.to(tl.int64)[:, None] * sm_m
     qk_scale = score_scale(scale, SOFTCAP)
     dq = tl.zeros([BLOCK_M, D], tl.float32)
-    lo, mid_lo, mid_hi, hi = key_range(pid_m, n_q, n_k, window, CAUSAL, WINDOWED, MASK_KIND, BLOCK_M, BLOCK_N)
+    lo, mid_lo, mid_hi, hi = key_range(pid_m, n_q, n_k, window, Ranges + b * sr_b + h * sr_h + pid_m * 4, CAUSAL,
+                                       WINDOWED, MASK_KIND, BLOCK_M, BLOCK_N)
     for start_n in range(lo, mid_lo, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse2, delta, k_base, kr_base, v_base, mask_base, start_n, pid_m * BLOCK_M, offs_m,
                       n_q, n_k, sk_n, sv_n, qk_scale, window, softcap, True, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND,
@@ -389,13 +393,16 @@ def attention_backward(q, k, v, out, lse, dout, *, causal: bool, attn_mask, scal
                     PROJECT_CAUSAL=projected and project[3], DG_PAD=wt.shape[-2] if projected else 16,
                     SUB_BLOCK=sub_block) | common
 
+    by_query, by_key = ((mask, (0, 0)),) * 2 if attn_mask is None else (  # the mask's tiles each kernel visits
+        mask_ranges(mask, n_q, n_k, p["block_m"], p["block_n"], by_key=p is p_kv) for p in (p_q, p_kv))
     _dq[(cdiv(n_q, p_q["block_m"]) * batch * heads,)](
-        q, k, v, dout, lse, delta, lse2, mask, dq_, wt, k_red, out, dlse, scale, window or 0, softcap or 1.0, n_q, n_k,
-        heads, heads // h_kv, *strides, *dq_.stride()[:3], *out.stride()[:3], HAS_DLSE=has_dlse,
-        **launch(p_q, "q"))
+        q, k, v, dout, lse, delta, lse2, mask, by_query[0], dq_, wt, k_red, out, dlse, scale, window or 0,
+        softcap or 1.0, n_q, n_k, heads, heads // h_kv, *strides, *by_query[1], *dq_.stride()[:3], *out.stride()[:3],
+        HAS_DLSE=has_dlse, **launch(p_q, "q"))
     _dkdv[(cdiv(n_k, p_kv["block_n"]) * batch * h_kv,)](
-        q, k, v, dout, lse2, delta, mask, dk, dv, wt, k_red, dk_red, scale, window or 0, softcap or 1.0, n_q, n_k,
-        heads, heads // h_kv, *strides, *dk.stride()[:3], *dv.stride()[:3], **launch(p_kv, "k"))
+        q, k, v, dout, lse2, delta, mask, by_key[0], dk, dv, wt, k_red, dk_red, scale, window or 0, softcap or 1.0,
+        n_q, n_k, heads, heads // h_kv, *strides, *by_key[1], *dk.stride()[:3], *dv.stride()[:3],
+        **launch(p_kv, "k"))
     if d_pad == d:
         return dq_, dk, dv
     return dq_[..., :d], dk[..., :d], dv[..., :d]

@@ -45,6 +45,7 @@ from .softmax import (
     finish,
     key_range,
     mask_arguments,
+    mask_ranges,
     masked_scores,
     online_softmax,
     score_scale,
@@ -124,9 +125,9 @@ def _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, kr_base, f_base, star
 
 @cached
 @triton.jit
-def _distr_fwd(U, K, V, Wt, KR, F, Mask, Out, Lse, scale, window, softcap, first_block, n_tiles, n_q, n_k, heads,
-               kv_group, su_b, su_h, su_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sw_b, sw_h, sw_blk, sw_j,
-               skr_b, skr_h, skr_n, sf_b, sf_h, sf_blk, sm_b, sm_h, sm_m, so_b, so_h, so_m, sl_b, sl_h,
+def _distr_fwd(U, K, V, Wt, KR, F, Mask, Ranges, Out, Lse, scale, window, softcap, first_block, n_tiles, n_q, n_k,
+               heads, kv_group, su_b, su_h, su_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sw_b, sw_h, sw_blk, sw_j,
+               skr_b, skr_h, skr_n, sf_b, sf_h, sf_blk, sm_b, sm_h, sm_m, sr_b, sr_h, so_b, so_h, so_m, sl_b, sl_h,
                CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr,
                IEEE: tl.constexpr, FOLD_SCALE: tl.constexpr, SUBSPACE: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, G: tl.constexpr, DG: tl.constexpr,
@@ -155,7 +156,8 @@ def _distr_fwd(U, K, V, Wt, KR, F, Mask, Out, Lse, scale, window, softcap, first
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    lo, mid_lo, mid_hi, hi = key_range(pid_m, n_q, n_k, window, CAUSAL, WINDOWED, MASK_KIND, BLOCK_M, BLOCK_N)
+    lo, mid_lo, mid_hi, hi = key_range(pid_m, n_q, n_k, window, Ranges + b * sr_b + h * sr_h + pid_m * 4, CAUSAL,
+                                       WINDOWED, MASK_KIND, BLOCK_M, BLOCK_N)
     for start_n in range(lo, mid_lo, BLOCK_N):
         acc, l_i, m_i = _tile(acc, l_i, m_i, u, wt, k_base, v_base, mask_base, kr_base, f_base, start_m, start_n,
                               offs_m, n_q, n_k, sk_n, sv_n, skr_n, sf_blk, qk_scale, window, softcap, True, CAUSAL,
@@ -258,15 +260,18 @@ def distr_attention_triton(q, k, v, *, causal=False, attn_mask=None, scale=None,
                     torch.cuda.synchronize(q.device)
                 sm90 = False
                 sm90_failed(error)
+        ranges, range_strides = (mask, (0, 0)) if attn_mask is None else mask_ranges(
+            mask, n_q, n_k, config.block_size, params["block_n"])  # the mask's tiles this launch visits
         _distr_fwd[(count * batch * heads,)](
-            u, kk, vv, wt, reduced, factors, mask, out, lse, scale, window or 0, softcap or 1.0, first_block, count,
+            u, kk, vv, wt, reduced, factors, mask, ranges, out, lse, scale, window or 0, softcap or 1.0, first_block,
+            count,
             n_q, n_k, heads, heads // h_kv,
             u.stride(0), u.stride(1), u.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
             vv.stride(0), vv.stride(1), vv.stride(2), *wt.stride()[:4],
             reduced.stride(0), reduced.stride(1), reduced.stride(2), factors.stride(0), factors.stride(1),
             factors.stride(2),
-            *mask_strides, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-            CAUSAL=causal, WINDOWED=window is not None, SOFTCAP=softcap is not None, MASK_KIND=mask_kind,
+            *mask_strides, *range_strides, out.stride(0), out.stride(1), out.stride(2), lse.stride(0),
+            lse.stride(1), CAUSAL=causal, WINDOWED=window is not None, SOFTCAP=softcap is not None, MASK_KIND=mask_kind,
             IEEE=q.dtype == torch.float32, FOLD_SCALE=params["fold_scale"] and softcap is None,
             SUBSPACE=subspace is not None, BLOCK_M=config.block_size,
             BLOCK_N=params["block_n"], D=d_pad, G=group, DG=u.shape[-1], DR=reduced.shape[-1],

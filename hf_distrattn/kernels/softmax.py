@@ -1,5 +1,5 @@
-"""Pieces shared by the attention kernels: the mask arguments, the tile order, the key range of a query tile,
-softcapping and masking a score tile, the online softmax.
+"""Pieces shared by the attention kernels: the mask arguments and the mask's tile ranges, the tile order, the key
+range of a query tile, softcapping and masking a score tile, the online softmax.
 
 Positions: query ``i`` of ``n_q`` sits at ``i + n_k − n_q`` (bottom-right, as after a KV cache). ``CAUSAL`` hides
 keys after it; ``WINDOWED`` hides keys ``window`` or more positions before it (a sliding window of ``window``
@@ -25,6 +25,59 @@ def mask_arguments(attn_mask: torch.Tensor | None, placeholder: torch.Tensor):
 
 
 @triton.jit
+def _mask_tiles(Mask, Flags, n_q, n_k, heads, sm_b, sm_h, sm_m, n_tiles, ADDITIVE: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``Flags[b·heads + h, i·n_tiles + j]`` of the mask's tile (query block ``i``, key tile ``j``): 0 no key
+    visible, 1 every key in range, visible and (additive) unbiased, so the tile needs no masking, 2 otherwise."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    rows = pid // n_tiles * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid % n_tiles * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_in = rows[:, None] < n_q
+    inside = row_in & (cols[None, :] < n_k)
+    ptrs = Mask + bh // heads * sm_b + bh % heads * sm_h + rows.to(tl.int64)[:, None] * sm_m + cols[None, :]
+    if ADDITIVE:
+        m = tl.load(ptrs, mask=inside, other=float("-inf"))
+        seen = m > float("-inf")
+        free = m == 0
+    else:
+        seen = tl.load(ptrs, mask=inside, other=0) != 0
+        free = seen
+    any_seen = tl.max(seen.to(tl.int32))
+    all_free = tl.min(tl.where(row_in, (free & inside).to(tl.int32), 1))  # rows past n_q are never stored
+    tl.store(Flags + bh * tl.num_programs(0) + pid, tl.where(all_free == 1, 1, 2 * any_seen).to(tl.int8))
+
+
+def _runs(flags: torch.Tensor, block: int, n: int) -> torch.Tensor:
+    """``(..., 4)`` int32 ``[lo, mid_lo, mid_hi, hi)`` per row of ``flags`` ``(..., tiles)`` in positions (tiles of
+    ``block``, capped at ``n``): the tiles from the first to the last with a visible key, and the first run of
+    tiles that need no masking (empty at ``hi`` if none)."""
+    tiles = flags.shape[-1]
+    idx = torch.arange(tiles, device=flags.device, dtype=torch.int32)
+    seen, free = flags > 0, flags == 1
+    hi = torch.where(seen, idx + 1, 0).amax(-1)
+    lo = torch.minimum(torch.where(seen, idx, tiles).amin(-1), hi)
+    mid_lo = torch.minimum(torch.where(free, idx, tiles).amin(-1), hi)
+    mid_hi = torch.where(~free & (idx >= mid_lo[..., None]), idx, tiles).amin(-1).clamp(mid_lo, hi)
+    return (torch.stack([lo, mid_lo, mid_hi, hi], -1) * block).clamp_(max=n).to(torch.int32)
+
+
+def mask_ranges(mask: torch.Tensor, n_q: int, n_k: int, block_m: int, block_n: int, by_key: bool = False):
+    """The tiles of a 4-D ``mask`` ``(1|B, 1|H, n_q, n_k)`` a kernel visits, one pass over it: ``(ranges, (batch,
+    head) strides)``, ``ranges`` ``(1|B, 1|H, ⌈n_q / block_m⌉, 4)`` int32 key positions ``[lo, mid_lo, mid_hi,
+    hi)`` per query block (:func:`key_range`), or with ``by_key`` ``(.., ⌈n_k / block_n⌉, 4)`` query positions per
+    key tile. A causal mask made dense (as Transformers makes it) so costs half the tiles, as ``causal`` does."""
+    batch, heads = mask.shape[:2]
+    n_m, n_n = triton.cdiv(n_q, block_m), triton.cdiv(n_k, block_n)
+    flags = torch.empty(batch, heads, n_m, n_n, device=mask.device, dtype=torch.int8)
+    _mask_tiles[(n_m * n_n, batch * heads)](mask, flags, n_q, n_k, heads, *mask.stride()[:3], n_n,
+                                           ADDITIVE=mask.dtype != torch.bool, BLOCK_M=block_m, BLOCK_N=block_n)
+    ranges = _runs(flags.transpose(-1, -2), block_m, n_q) if by_key else _runs(flags, block_n, n_k)
+    ranges = ranges.contiguous()
+    return ranges, tuple(0 if ranges.shape[i] == 1 else ranges.stride(i) for i in range(2))
+
+
+@triton.jit
 def tile_order(n_tiles, GROUP: tl.constexpr):
     """``(rank, head)`` of this program in a 1-D grid of ``n_tiles`` tiles per head: heads in groups of
     ``GROUP``, and within a group rank ``r`` of every head before rank ``r + 1``. Callers map rank 0 to their
@@ -40,11 +93,12 @@ def tile_order(n_tiles, GROUP: tl.constexpr):
 
 
 @triton.jit
-def key_range(pid_m, n_q, n_k, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK_KIND: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def key_range(pid_m, n_q, n_k, window, ranges, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+              MASK_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """``(lo, mid_lo, mid_hi, hi)`` for query tile ``pid_m``: its rows see keys in ``[lo, hi)`` only, and every
     row sees every key of the tiles in ``[mid_lo, mid_hi)`` (no masking needed there). ``lo`` is a multiple of
-    ``BLOCK_N``, ``mid_lo`` and ``mid_hi`` too unless equal to ``hi``. Tiles outside ``[lo, hi)`` are skipped."""
+    ``BLOCK_N``, ``mid_lo`` and ``mid_hi`` too unless equal to ``hi``. Tiles outside ``[lo, hi)`` are skipped.
+    With a mask, ``ranges`` points at this tile's four from :func:`mask_ranges` (:func:`within_mask`)."""
     first = pid_m * BLOCK_M + n_k - n_q  # position of the tile's first row
     lo = 0
     hi = n_k
@@ -58,7 +112,18 @@ def key_range(pid_m, n_q, n_k, window, CAUSAL: tl.constexpr, WINDOWED: tl.conste
         mid_lo = tl.minimum(tl.cdiv(tl.maximum(first + BLOCK_M - window, 0), BLOCK_N) * BLOCK_N, hi)
     mid_hi = tl.maximum(tl.maximum(mid_hi, 0) // BLOCK_N * BLOCK_N, mid_lo)
     if MASK_KIND != 0:
-        mid_hi = mid_lo
+        lo, mid_lo, mid_hi, hi = within_mask(lo, mid_lo, mid_hi, hi, ranges)
+    return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def within_mask(lo, mid_lo, mid_hi, hi, ranges):
+    """``[lo, hi)`` and ``[mid_lo, mid_hi)`` narrowed to the mask's four at ``ranges`` (:func:`mask_ranges`): the
+    tiles visited see a key under both, those left unmasked need no masking under either."""
+    hi = tl.minimum(hi, tl.load(ranges + 3))
+    lo = tl.minimum(tl.maximum(lo, tl.load(ranges)), hi)
+    mid_lo = tl.minimum(tl.maximum(tl.maximum(mid_lo, tl.load(ranges + 1)), lo), hi)
+    mid_hi = tl.maximum(tl.minimum(tl.minimum(mid_hi, tl.load(ranges + 2)), hi), mid_lo)
     return lo, mid_lo, mid_hi, hi
 
 
