@@ -636,3 +636,21 @@ def test_masked_kernels_skip_the_tiles_no_query_sees():
     for got, w in zip(grads[1:], want[1:], strict=True):
         torch.testing.assert_close(got[:, :, :keys].double(), w, atol=1e-4, rtol=1e-4)
         assert (got[:, :, keys:] == 0).all()
+
+
+@pytest.mark.parametrize("grouping", ["lsh", "subspace"])
+def test_batches_past_2_31_elements(grouping):
+    """Batch offsets in 64 bits in the grouping pre-passes and the fused kernel: ``q``, ``k``, ``v`` as views whose
+    batches lie ``2³⁰`` elements apart (batch 2 at ``2³¹``; the storage between them never written) give what
+    contiguous copies give."""
+    stride = 2 ** 30
+    views = []
+    for seed in (80, 81, 82):
+        storage = torch.empty(2 * stride + 2 * 64 * 32, dtype=torch.bfloat16, device=DEVICE)
+        views.append(storage.as_strided((3, 2, 64, 32), (stride, 64 * 32, 32, 1)).copy_(
+            rand(3, 2, 64, 32, dtype=torch.bfloat16, seed=seed)))
+    config = triton_config(group_size=2, block_size=32, grouping=grouping)
+    assert plan(views[0], views[1], config, causal_grouping=True).path in ("fused", "subspace")
+    out = distr_attention(*views, causal=True, config=config)
+    want = distr_attention(*(t.contiguous() for t in views), causal=True, config=config)
+    torch.testing.assert_close(out, want, atol=0, rtol=0)

@@ -103,7 +103,7 @@ def _group_block(Q, R, U, Wt, n, heads, sq_b, sq_h, sq_m, su_b, su_h, su_m, sw_b
                  G: tl.constexpr, DG: tl.constexpr, DG_PAD: tl.constexpr, NH: tl.constexpr,
                  PRECISION: tl.constexpr, PROJECT: tl.constexpr):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # batch and head offsets in 64 bits (prefill's notes)
     b = bh // heads
     h = bh % heads
     q_base = Q + b * sq_b + h * sq_h
@@ -188,7 +188,7 @@ def _reduce_keys(K, V, KS, VS, R, Start, U, Grp, W, n_new, heads, capacity, sk_b
     form into ``U`` (the cache's tensors, in place). Rows from ``capacity`` on (the cache's) are neither written nor
     reduced. Programs past the last block redo it and write the same values."""
     p = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # batch and head offsets in 64 bits (prefill's notes)
     b = bh // heads
     h = bh % heads
     start = tl.load(Start)

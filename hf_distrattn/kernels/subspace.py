@@ -51,7 +51,7 @@ def _basis(Q, K, U, KR, F, ridge, n, h_kv, kv_group, n_blocks, sq_b, sq_h, sq_n,
            STEPS: tl.constexpr, FINISH: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     c = pid % n_blocks
-    bh = pid // n_blocks
+    bh = (pid // n_blocks).to(tl.int64)  # batch and head offsets in 64 bits (prefill's notes)
     b = bh // h_kv
     hk = bh % h_kv
     rows = c * BLOCK + tl.arange(0, BLOCK)
