@@ -243,6 +243,27 @@ def test_static_cache_generates_the_dynamic_cache_tokens(group, sampled):
         assert torch.equal(model.generate(**single), sdpa)
 
 
+
+@torch.no_grad()
+@pytest.mark.parametrize("group,sampled", [(1, "q"), (2, "k")])
+def test_a_prefill_in_chunks_generates_the_whole_prefill_tokens(group, sampled):
+    """``prefill_chunk_size`` (how the 8B decode benchmark fills a 128k static cache): chunks of 13 queries, across
+    blocks of 16, each against the cache so far and its unfilled slots under a mask, then decoding from keys
+    reduced chunk by chunk (``sampled="k"``), give the tokens of one whole prefill; G=1 gives ``sdpa``'s."""
+    model, _ = tiny_llama()
+    ids = torch.randint(1, 97, (1, 40), generator=torch.Generator().manual_seed(5))
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0, cache_implementation="static",
+                  output_logits=True, return_dict_in_generate=True)
+    sdpa = model.generate(ids, **kwargs)
+    model.set_attn_implementation("distr")
+    configure(model, DistrConfig(grouping="lsh", group_size=group, block_size=16, sampled=sampled))
+    whole = model.generate(ids, **kwargs)
+    chunked = model.generate(ids, **kwargs, prefill_chunk_size=13)
+    assert torch.equal(chunked.sequences, whole.sequences)
+    torch.testing.assert_close(torch.stack(chunked.logits), torch.stack(whole.logits), atol=1e-5, rtol=1e-5)
+    if group == 1:
+        assert torch.equal(whole.sequences, sdpa.sequences)
+
 def test_calibrate_keeps_the_budget_with_the_least_sensitive_layers(kjv_llama):
     """ref-llama-bytes, one window, LSH groups (the default ``subspace`` keeps every layer of this model within
     2%): the chosen layers are the least sensitive ones, the measured loss stays within the budget, one more layer
