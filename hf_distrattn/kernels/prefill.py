@@ -264,8 +264,7 @@ def distr_attention_triton(q, k, v, *, causal=False, attn_mask=None, scale=None,
             mask, n_q, n_k, config.block_size, params["block_n"])  # the mask's tiles this launch visits
         _distr_fwd[(count * batch * heads,)](
             u, kk, vv, wt, reduced, factors, mask, ranges, out, lse, scale, window or 0, softcap or 1.0, first_block,
-            count,
-            n_q, n_k, heads, heads // h_kv,
+            count, n_q, n_k, heads, heads // h_kv,
             u.stride(0), u.stride(1), u.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
             vv.stride(0), vv.stride(1), vv.stride(2), *wt.stride()[:4],
             reduced.stride(0), reduced.stride(1), reduced.stride(2), factors.stride(0), factors.stride(1),
