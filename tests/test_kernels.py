@@ -654,3 +654,34 @@ def test_batches_past_2_31_elements(grouping):
     out = distr_attention(*views, causal=True, config=config)
     want = distr_attention(*(t.contiguous() for t in views), causal=True, config=config)
     torch.testing.assert_close(out, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("n_q,n_k,window,kind", [(70, 90, None, "bool"), (96, 96, 40, "bool"), (64, 80, 40, "ones"),
+                                                 (80, 80, None, "additive"), (64, 100, 50, "additive")])
+def test_tile_structured_masks_with_causality_and_windows(n_q, n_k, window, kind):
+    """Masks made of whole visible, whole hidden and mixed 16 × 16 tiles (``ones``: all visible, so its whole
+    tiles cross the causal diagonal and the window's edge), with causality (queries at the end of the keys) and a
+    window, the ranges of all three intersected: forward and gradients against float64."""
+    g = torch.Generator().manual_seed(n_q + n_k)
+    tiles = torch.randint(0, 3, (2, -(-n_q // 16), -(-n_k // 16)), generator=g)  # 0 hidden, 1 visible, 2 mixed
+    if kind == "ones":
+        tiles.fill_(1)
+    mixed = torch.rand(2, n_q, n_k, generator=g) > 0.4
+    mask = torch.where(tiles.repeat_interleave(16, 1).repeat_interleave(16, 2)[:, :n_q, :n_k] == 2, mixed,
+                       tiles.repeat_interleave(16, 1).repeat_interleave(16, 2)[:, :n_q, :n_k] == 1)[None].to(DEVICE)
+    if kind == "additive":
+        mask = torch.where(mask, rand(1, 2, n_q, n_k, seed=90) * (tiles.repeat_interleave(16, 1).repeat_interleave(
+            16, 2)[:, :n_q, :n_k] == 2).to(DEVICE), float("-inf"))
+    q, k, v = rand(1, 2, n_q, 32, seed=91), rand(1, 1, n_k, 32, seed=92), rand(1, 1, n_k, 32, seed=93)
+    config = triton_config(group_size=1, block_size=16)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = distr_attention(*leaves, causal=True, attn_mask=mask, window=window, config=config)
+    exact = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = distr_attention(*exact, causal=True, window=window, config=config.replace(backend="reference"),
+                          attn_mask=mask.double() if kind == "additive" else mask)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    dout = rand(*q.shape, seed=94)
+    for got, want in zip(torch.autograd.grad(out, leaves, dout), torch.autograd.grad(ref, exact, dout.double()),
+                         strict=True):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
