@@ -62,29 +62,54 @@ PORTABLE = [(128, 1, 128, 1), (128, 1, 128, 2), (128, 1, 128, 0), (128, 2, 128, 
             (64, 1, 128, 1), (128, 1, 64, 1)]  # the portable kernel: (d, G, block_size, MASK_KIND)
 
 
-def _build_portable(d: int, group: int, block_m: int, mask_kind: int) -> dict:
-    """Compile the portable kernel for sm_90 with :func:`prefill.launch_params`, every pointer and integer
-    16-divisible as Triton specializes a real call's (which changes its shared-memory plan)."""
+def _compile_sm90(fn, constants: dict, types: dict, **options) -> dict:
+    """Compile a ``@triton.jit`` kernel for sm_90: pointers ``*bf16`` and integers ``i32`` unless ``types`` says
+    otherwise, every pointer and integer 16-divisible as Triton specializes a real call's (which changes its
+    shared-memory plan)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    types = dict(Lse="*fp32", scale="fp32", softcap="fp32", Ranges="*i32") | types
+    signature = {name: "constexpr" if name in constants else types.get(name, "*bf16" if name[0].isupper() else "i32")
+                 for name in fn.arg_names}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+               if signature[name] not in ("constexpr", "fp32")}
+    source = ASTSource(fn, signature, {(fn.arg_names.index(k),): v for k, v in constants.items()}, aligned)
+    return dict(shared=triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).metadata.shared)
+
+
+def _build_portable(d: int, group: int, block_m: int, mask_kind: int) -> dict:
+    """The portable forward with :func:`prefill.launch_params`."""
     from hf_distrattn.kernels import prefill
 
     params = prefill.launch_params(block_m, d, group, mask_kind > 0)
     constants = dict(CAUSAL=False, WINDOWED=False, SOFTCAP=False, MASK_KIND=mask_kind, IEEE=False,
                      FOLD_SCALE=params["fold_scale"], SUBSPACE=False, BLOCK_M=block_m, BLOCK_N=params["block_n"],
                      D=d, G=group, DG=d // group, DR=d)
-    fn = prefill._distr_fwd.fn  # the @triton.jit function inside the launch wrapper
-    types = dict(Mask="*i1" if mask_kind == 1 else "*bf16", Ranges="*i32", Lse="*fp32", scale="fp32", softcap="fp32")
-    signature = {name: "constexpr" if name in constants else types.get(name, "*bf16" if name[0].isupper() else "i32")
-                 for name in fn.arg_names}
-    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-               if signature[name] not in ("constexpr", "fp32")}
-    source = ASTSource(fn, signature, {(fn.arg_names.index(k),): v for k, v in constants.items()}, aligned)
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=params["num_warps"], num_stages=params["num_stages"]))
-    return dict(shared=kernel.metadata.shared)
+    return _compile_sm90(prefill._distr_fwd.fn, constants, dict(Mask="*i1" if mask_kind == 1 else "*bf16"),
+                         num_warps=params["num_warps"], num_stages=params["num_stages"])
+
+
+MASKED = [("tiles", 1), ("tiles", 2), ("_dq", 1), ("_dkdv", 1), ("_dkdv", 2)]  # (kernel, MASK_KIND)
+
+
+def _build_masked(name: str, mask_kind: int) -> dict:
+    """The dense-mask pass (:func:`softmax.mask_ranges`' flag kernel) and the masked backward kernels at head dim
+    128 with :func:`backward.launch_params`."""
+    from hf_distrattn.kernels import backward, softmax
+
+    mask = dict(Mask="*i1" if mask_kind == 1 else "*bf16")
+    if name == "tiles":
+        constants = dict(ADDITIVE=mask_kind == 2, BLOCK_M=128, BLOCK_N=128)
+        return _compile_sm90(softmax._mask_tiles, constants, mask | dict(Flags="*i8"), num_warps=4)
+    params = backward.launch_params(128, torch.bfloat16)[name[1:]]
+    constants = dict(CAUSAL=False, WINDOWED=False, SOFTCAP=False, MASK_KIND=mask_kind, IEEE=False,
+                     BLOCK_M=params["block_m"], BLOCK_N=params["block_n"], D=128, PROJECT_BLOCK=0,
+                     PROJECT_CAUSAL=False, DG_PAD=16, SUB_BLOCK=0) | ({"HAS_DLSE": False} if name == "_dq" else {})
+    floats = dict(Delta="*fp32", Lse2="*fp32", DLse="*fp32")
+    return _compile_sm90(getattr(backward, name).fn, constants, mask | floats, num_warps=params["num_warps"],
+                         num_stages=params["num_stages"])
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +136,13 @@ def test_portable_kernel_launches_fit_an_h100(builds, variant):
     more pipelined operand: three stages of 128 × 128 tiles at ``d = 128`` with it need 256 KB, which a compiled
     8B-shape prefill (Transformers builds the causal mask while tracing) met on an H100."""
     assert builds[("portable", *variant)]["shared"] <= H100_SHARED
+
+
+@pytest.mark.parametrize("variant", MASKED)
+def test_masked_kernels_build_for_an_h100(builds, variant):
+    """What the interpreter cannot show: the dense-mask pass and the backward kernels with a mask (and the mask's
+    tile ranges) compile for sm_90 and fit 227 KB of shared memory."""
+    assert builds[("masked", *variant)]["shared"] <= H100_SHARED
 
 
 def test_plan_sends_it_the_calls_it_takes(monkeypatch):
@@ -231,3 +263,5 @@ if __name__ == "__main__":  # the build report, one JSON line per variant (run b
         print(json.dumps(dict(variant=variant) | _build(*variant)), flush=True)
     for variant in PORTABLE:
         print(json.dumps(dict(variant=("portable", *variant)) | _build_portable(*variant)), flush=True)
+    for variant in MASKED:
+        print(json.dumps(dict(variant=("masked", *variant)) | _build_masked(*variant)), flush=True)
