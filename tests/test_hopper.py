@@ -102,7 +102,7 @@ def _build_masked(name: str, mask_kind: int) -> dict:
     mask = dict(Mask="*i1" if mask_kind == 1 else "*bf16")
     if name == "tiles":
         constants = dict(ADDITIVE=mask_kind == 2, BLOCK_M=128, BLOCK_N=128)
-        return _compile_sm90(softmax._mask_tiles, constants, mask | dict(Flags="*i8"), num_warps=4)
+        return _compile_sm90(softmax._mask_tiles.fn, constants, mask | dict(Flags="*i8"), num_warps=4)
     params = backward.launch_params(128, torch.bfloat16)[name[1:]]
     constants = dict(CAUSAL=False, WINDOWED=False, SOFTCAP=False, MASK_KIND=mask_kind, IEEE=False,
                      BLOCK_M=params["block_m"], BLOCK_N=params["block_n"], D=128, PROJECT_BLOCK=0,

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import cached, cdiv
+
 HEAD_GROUP = tl.constexpr(8)
 """Heads per group in :func:`tile_order`."""
 
@@ -24,6 +26,7 @@ def mask_arguments(attn_mask: torch.Tensor | None, placeholder: torch.Tensor):
     return mask, 1 if mask.dtype == torch.bool else 2, strides
 
 
+@cached
 @triton.jit
 def _mask_tiles(Mask, Flags, n_q, n_k, heads, sm_b, sm_h, sm_m, n_tiles, ADDITIVE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -68,7 +71,7 @@ def mask_ranges(mask: torch.Tensor, n_q: int, n_k: int, block_m: int, block_n: i
     hi)`` per query block (:func:`key_range`), or with ``by_key`` ``(.., ⌈n_k / block_n⌉, 4)`` query positions per
     key tile. A causal mask made dense (as Transformers makes it) so costs half the tiles, as ``causal`` does."""
     batch, heads = mask.shape[:2]
-    n_m, n_n = triton.cdiv(n_q, block_m), triton.cdiv(n_k, block_n)
+    n_m, n_n = cdiv(n_q, block_m), cdiv(n_k, block_n)
     flags = torch.empty(batch, heads, n_m, n_n, device=mask.device, dtype=torch.int8)
     _mask_tiles[(n_m * n_n, batch * heads)](mask, flags, n_q, n_k, heads, *mask.stride()[:3], n_n,
                                            ADDITIVE=mask.dtype != torch.bool, BLOCK_M=block_m, BLOCK_N=block_n)
