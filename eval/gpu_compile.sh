@@ -7,7 +7,8 @@
 #   models  the model-family matrix (Llama ... gpt-oss, ViT ... SigLIP: windows, softcap, sinks) on the kernels
 #   decode  bench_e2e --compile: decode tokens/s after 4k and 32k prompts, static cache, compiled decode step
 #   rest    bench_e2e --compile: prefill at 4k and 16k, the training step at 4k, ViT-B/16 at batch 256 (sdpa as
-#           Transformers compiles it, with a dense causal mask, and sdpa_causal, without: bench_e2e's notes)
+#           Transformers compiles it, with a dense causal mask, and sdpa_causal, without: bench_e2e's notes); each
+#           prefill row names its top CUDA kernels (--profile), so which attention kernel ran is on record
 #   decode8b  bench_e2e --compile --llama 8b: decode tokens/s after a 128k prompt (sdpa, G=1, G=4 keys reduced),
 #           prefilled in chunks of 16k (in one piece, sdpa's prefill into the static cache fell to the math kernel
 #           and asked for 32 GiB on an H100)
@@ -54,7 +55,7 @@ case "$stage" in
       --json "$OUT/e2e_decode.json" --markdown "$OUT/e2e_decode.md" "$@"
     ;;
   rest)
-    python3 -m hf_distrattn.eval.bench_e2e --compile --decode-prompt \
+    python3 -m hf_distrattn.eval.bench_e2e --compile --decode-prompt --profile \
       --attn sdpa sdpa_causal distr:group_size=1,block_size=128 distr:group_size=2,block_size=128,grouping=lsh \
       --json "$OUT/e2e_rest.json" --markdown "$OUT/e2e_rest.md" "$@"
     ;;
