@@ -95,7 +95,7 @@ MASKED = [("tiles", 1), ("tiles", 2), ("_dq", 1), ("_dkdv", 1), ("_dkdv", 2)]  #
 
 
 def _build_masked(name: str, mask_kind: int) -> dict:
-    """The dense-mask pass (:func:`softmax.mask_ranges`' flag kernel) and the masked backward kernels at head dim
+    """The dense-mask pass (:func:`softmax.mask_tiles`' kernel) and the masked backward kernels at head dim
     128 with :func:`backward.launch_params`."""
     from hf_distrattn.kernels import backward, softmax
 

@@ -590,14 +590,14 @@ def test_mask_ranges_hold_every_visible_tile_and_leave_unmasked_only_whole_ones(
     """``mask_ranges``: every tile with a visible key lies in ``[lo, hi)``, every tile in ``[mid_lo, mid_hi)`` has
     every key in range visible and unbiased, and a causal mask made dense costs ``causal``'s tiles: the lower
     triangle and the diagonal."""
-    from hf_distrattn.kernels.softmax import mask_ranges
+    from hf_distrattn.kernels.softmax import mask_ranges, mask_tiles
 
     n_q, n_k, block_m, block_n = 100, 100, 32, 16
     causal = torch.ones(n_q, n_k, dtype=torch.bool, device=DEVICE).tril()[None, None]
     mask = {"causal": causal, "packed": packed_mask(n_q, [0, 37, 64], 90),
             "additive": torch.where(causal, torch.where(causal.roll(1, -1), 0.0, -2.0), float("-inf")),
             "empty_rows": causal & (torch.arange(n_q, device=DEVICE) % 40 > 5)[:, None]}[kind]
-    ranges, _ = mask_ranges(mask, n_q, n_k, block_m, block_n, by_key=by_key)
+    ranges, _ = mask_ranges(mask_tiles(mask, n_q, n_k, block_m, block_n), n_q, n_k, block_m, block_n, by_key=by_key)
     seen = mask[0, 0] if mask.dtype == torch.bool else mask[0, 0] > float("-inf")
     free = mask[0, 0] if mask.dtype == torch.bool else mask[0, 0] == 0
     if by_key:

@@ -48,6 +48,7 @@ from .softmax import (
     key_range,
     mask_arguments,
     mask_ranges,
+    mask_tiles,
     masked_scores,
     score_scale,
     scores,
@@ -393,8 +394,13 @@ def attention_backward(q, k, v, out, lse, dout, *, causal: bool, attn_mask, scal
                     PROJECT_CAUSAL=projected and project[3], DG_PAD=wt.shape[-2] if projected else 16,
                     SUB_BLOCK=sub_block) | common
 
-    by_query, by_key = ((mask, (0, 0)),) * 2 if attn_mask is None else (  # the mask's tiles each kernel visits
-        mask_ranges(mask, n_q, n_k, p["block_m"], p["block_n"], by_key=p is p_kv) for p in (p_q, p_kv))
+    by_query = by_key = (mask, (0, 0))
+    if attn_mask is not None:  # the mask's tiles each kernel visits: one pass over it where their tiles agree
+        tiles_q, tiles_kv = ((p["block_m"], p["block_n"]) for p in (p_q, p_kv))
+        flags_q = mask_tiles(mask, n_q, n_k, *tiles_q)
+        flags_kv = flags_q if tiles_kv == tiles_q else mask_tiles(mask, n_q, n_k, *tiles_kv)
+        by_query = mask_ranges(flags_q, n_q, n_k, *tiles_q)
+        by_key = mask_ranges(flags_kv, n_q, n_k, *tiles_kv, by_key=True)
     _dq[(cdiv(n_q, p_q["block_m"]) * batch * heads,)](
         q, k, v, dout, lse, delta, lse2, mask, by_query[0], dq_, wt, k_red, out, dlse, scale, window or 0,
         softcap or 1.0, n_q, n_k, heads, heads // h_kv, *strides, *by_query[1], *dq_.stride()[:3], *out.stride()[:3],

@@ -46,6 +46,7 @@ from .softmax import (
     key_range,
     mask_arguments,
     mask_ranges,
+    mask_tiles,
     masked_scores,
     online_softmax,
     score_scale,
@@ -208,6 +209,12 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: DistrConf
     return u, k, v, wt
 
 
+def _launch_ranges(mask, rows: int, n_k: int, block_m: int, block_n: int):
+    """The mask's tile ranges for a launch over its first ``rows`` query rows (causal grouping's exact first block
+    reads one block of the mask, not all of it)."""
+    return mask_ranges(mask_tiles(mask[:, :, :rows], rows, n_k, block_m, block_n), rows, n_k, block_m, block_n)
+
+
 def distr_attention_triton(q, k, v, *, causal=False, attn_mask=None, scale=None, config: DistrConfig,
                            causal_grouping=False, hashes=None, prepared=None, subspace=None, window=None,
                            softcap=None, portable=False, **launch):
@@ -260,8 +267,8 @@ def distr_attention_triton(q, k, v, *, causal=False, attn_mask=None, scale=None,
                     torch.cuda.synchronize(q.device)
                 sm90 = False
                 sm90_failed(error)
-        ranges, range_strides = (mask, (0, 0)) if attn_mask is None else mask_ranges(
-            mask, n_q, n_k, config.block_size, params["block_n"])  # the mask's tiles this launch visits
+        ranges, range_strides = (mask, (0, 0)) if attn_mask is None else _launch_ranges(
+            mask, min(n_q, (first_block + count) * config.block_size), n_k, config.block_size, params["block_n"])
         _distr_fwd[(count * batch * heads,)](
             u, kk, vv, wt, reduced, factors, mask, ranges, out, lse, scale, window or 0, softcap or 1.0, first_block,
             count, n_q, n_k, heads, heads // h_kv,

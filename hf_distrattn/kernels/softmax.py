@@ -65,16 +65,22 @@ def _runs(flags: torch.Tensor, block: int, n: int) -> torch.Tensor:
     return (torch.stack([lo, mid_lo, mid_hi, hi], -1) * block).clamp_(max=n).to(torch.int32)
 
 
-def mask_ranges(mask: torch.Tensor, n_q: int, n_k: int, block_m: int, block_n: int, by_key: bool = False):
-    """The tiles of a 4-D ``mask`` ``(1|B, 1|H, n_q, n_k)`` a kernel visits, one pass over it: ``(ranges, (batch,
-    head) strides)``, ``ranges`` ``(1|B, 1|H, ⌈n_q / block_m⌉, 4)`` int32 key positions ``[lo, mid_lo, mid_hi,
-    hi)`` per query block (:func:`key_range`), or with ``by_key`` ``(.., ⌈n_k / block_n⌉, 4)`` query positions per
-    key tile. A causal mask made dense (as Transformers makes it) so costs half the tiles, as ``causal`` does."""
+def mask_tiles(mask: torch.Tensor, n_q: int, n_k: int, block_m: int, block_n: int) -> torch.Tensor:
+    """The one pass over a 4-D ``mask`` ``(1|B, 1|H, n_q, n_k)`` (its first ``n_q`` rows): int8 flags ``(1|B, 1|H,
+    ⌈n_q / block_m⌉, ⌈n_k / block_n⌉)`` of its tiles, as :func:`_mask_tiles` writes them."""
     batch, heads = mask.shape[:2]
     n_m, n_n = cdiv(n_q, block_m), cdiv(n_k, block_n)
     flags = torch.empty(batch, heads, n_m, n_n, device=mask.device, dtype=torch.int8)
     _mask_tiles[(n_m * n_n, batch * heads)](mask, flags, n_q, n_k, heads, *mask.stride()[:3], n_n,
                                            ADDITIVE=mask.dtype != torch.bool, BLOCK_M=block_m, BLOCK_N=block_n)
+    return flags
+
+
+def mask_ranges(flags: torch.Tensor, n_q: int, n_k: int, block_m: int, block_n: int, by_key: bool = False):
+    """The tiles a kernel visits, from :func:`mask_tiles`' ``flags`` of the same tiles: ``(ranges, (batch, head)
+    strides)``, ``ranges`` ``(1|B, 1|H, ⌈n_q / block_m⌉, 4)`` int32 key positions ``[lo, mid_lo, mid_hi, hi)`` per
+    query block (:func:`key_range`), or with ``by_key`` ``(.., ⌈n_k / block_n⌉, 4)`` query positions per key tile.
+    A causal mask made dense (as Transformers makes it) so costs half the tiles, as ``causal`` does."""
     ranges = _runs(flags.transpose(-1, -2), block_m, n_q) if by_key else _runs(flags, block_n, n_k)
     ranges = ranges.contiguous()
     return ranges, tuple(0 if ranges.shape[i] == 1 else ranges.stride(i) for i in range(2))
