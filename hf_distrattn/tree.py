@@ -73,9 +73,17 @@ def _check_consistent(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor |
         raise ValueError("tree attention: " + "; ".join(problems))
 
 
+@torch.compiler.assume_constant_result
+def _default_group_name() -> str:
+    """The default group's name, a constant to ``torch.compile``: traced, ``dist.group.WORLD`` would enter the graph
+    as an object, and the compiled code (kept in this module's globals) would keep the group and gloo's threads
+    alive past ``destroy_process_group``, to be torn down at the interpreter's exit, where that can abort."""
+    return dist.group.WORLD.group_name
+
+
 def _collective(name: str, tensor: torch.Tensor, group, *args) -> torch.Tensor:
     """``torch.ops._c10d_functional.<name>(tensor, *args, group)``, waited for."""
-    group_name = (group or dist.group.WORLD).group_name
+    group_name = _default_group_name() if group is None else group.group_name
     functional = torch.ops._c10d_functional
     return functional.wait_tensor(getattr(functional, name)(tensor, *args, group_name))
 
@@ -124,7 +132,9 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | No
     query ``i`` iff ``k_positions[j] <= q_positions[i]``); without them every key is visible. A shard may be
     empty (``n_r = 0``). ``world_size``: the number of ranks the caller expects. ``check``: first compare
     shapes, dtypes, devices, shards and world size across ranks (one small all-gather and a host sync), so that
-    a mismatch raises on every rank instead of hanging in the merge. ``method``: :func:`merge`'s.
+    a mismatch raises on every rank instead of hanging in the merge. ``method``: :func:`merge`'s. ``group``: the
+    process group (default: the default group). Under ``torch.compile`` an explicit group becomes a graph input,
+    which the compiled code keeps alive for the rest of the process; the default group does not.
     """
     if check:
         _check_consistent(q, k, v, group, world_size)
