@@ -194,5 +194,5 @@ def _run(chosen, q, k, v, causal, mask, scale, config, dropout_p, causal_groupin
             k = approximate_operand(k, config, causal_grouping, hashes).to(k.dtype)
         path, group = "projected", 1
     out, lse, _, _ = ops.call(ops.attention, q, k, v, mask, hashes, path, causal, scale,
-                              *ops.config_args(config, group), causal_grouping, *features)
+                              *ops.config_args(config, exact=group < config.group_size), causal_grouping, *features)
     return out, lse

@@ -43,6 +43,8 @@ class DistrConfig:
             ``"lsh"``); calls with fewer queries than keys (decode steps) run exact.
         exact_layers: layer indices that :func:`hf_distrattn.configure` keeps exact (``G = 1``) when it applies
             this config to a whole model; written ``exact_layers=0+1`` in a spec. Ignored by single calls.
+        op_spec: (derived, not a field) the fields the kernels read, as the registered ops' one ``config``
+            string (:func:`hf_distrattn.ops.config_args`).
     """
 
     group_size: int = 2
@@ -82,6 +84,10 @@ class DistrConfig:
         if self.grouping == "subspace" and self.sampled != "k":
             raise ValueError("DistrConfig.grouping='subspace' (the default) reduces the keys: it needs sampled='k', "
                              f"got sampled={self.sampled!r}; the paper's LSH grouping is grouping='lsh'")
+        # the fields the kernels read, as the ops' one ``config`` string (hf_distrattn.ops.config_args): made here,
+        # so that torch.compile reads a constant string (it cannot format an int it traces as symbolic)
+        object.__setattr__(self, "op_spec", f"{self.group_size},{self.block_size},{self.num_hashes},{self.seed},"
+                                            f"{self.sampled},{self.reduce},{self.grouping}")
 
     @property
     def exact(self) -> bool:

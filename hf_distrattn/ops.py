@@ -9,12 +9,13 @@ r"""The registered PyTorch ops, namespace ``hf_distrattn``: every kernel entry p
     reduce_keys(keys!, values!, start, hashes, reduced_keys!, fuse_group!, fuse_weight!, key_states?, value_states?,
         n_new, path, <config>) -> None
 
-``<config>`` is a :class:`~hf_distrattn.config.DistrConfig` spelled as its fields (``group_size, block_size,
-num_hashes, seed, sampled, reduce, grouping``). Each op is functional (new tensors out, inputs untouched), except
-``reduce_keys``, which writes a cache layer's tensors in place (``!``: ``mutates_args``, so a decode step's update
-of a static cache, new keys and values included, is one launch with no copies). Each has a fake implementation
-(shapes only, for ``torch.compile``), and runs the ``path`` that :func:`hf_distrattn.plan.plan` chose: a Triton
-kernel, or the PyTorch reference of :mod:`hf_distrattn.reference`, which is what every CPU tensor runs.
+``<config>`` is a :class:`~hf_distrattn.config.DistrConfig` spelled as one string of its fields,
+``"group_size,block_size,num_hashes,seed,sampled,reduce,grouping"`` (:func:`config_args`). Each op is functional
+(new tensors out, inputs untouched), except ``reduce_keys``, which writes a cache layer's tensors in place (``!``:
+``mutates_args``, so a decode step's update of a static cache, new keys and values included, is one launch with no
+copies). Each has a fake implementation (shapes only, for ``torch.compile``), and runs the ``path`` that
+:func:`hf_distrattn.plan.plan` chose: a Triton kernel, or the PyTorch reference of :mod:`hf_distrattn.reference`,
+which is what every CPU tensor runs.
 ``attention`` is differentiable (``register_autograd``) on the ``"reference"``, ``"subspace"`` and ``"projected"``
 paths, the log-sum-exp included (attention sinks differentiate through it). With ``G > 1`` on ``"projected"`` its
 third and fourth outputs are the projected operand ``X̃ = X Wtᵀ Wt`` and the fuse matrices ``Wt``, which the
@@ -39,16 +40,19 @@ from .grouping import block_grouping, compact_fuse, padded_width, pca_reduced, s
 
 
 @functools.lru_cache(maxsize=256)
-def as_config(group_size: int, block_size: int, num_hashes: int, seed: int, sampled: str, reduce: str,
-              grouping: str) -> DistrConfig:
-    return DistrConfig(group_size=group_size, block_size=block_size, num_hashes=num_hashes, seed=seed,
-                       sampled=sampled, reduce=reduce, grouping=grouping)
+def as_config(spec: str) -> DistrConfig:
+    """The :class:`DistrConfig` that an op's ``config`` argument spells (:func:`config_args`)."""
+    group_size, block_size, num_hashes, seed, sampled, reduce, grouping = spec.split(",")
+    return DistrConfig(group_size=int(group_size), block_size=int(block_size), num_hashes=int(num_hashes),
+                       seed=int(seed), sampled=sampled, reduce=reduce, grouping=grouping)
 
 
-def config_args(config: DistrConfig, group_size: int | None = None) -> tuple:
-    """``config`` as the ops' ``<config>`` arguments (``group_size`` overridden where the plan made it 1)."""
-    return (config.group_size if group_size is None else group_size, config.block_size, config.num_hashes,
-            config.seed, config.sampled, config.reduce, config.grouping)
+def config_args(config: DistrConfig, exact: bool = False) -> tuple[str]:
+    """``config`` as the ops' ``<config>`` argument, ``("G,block_size,num_hashes,seed,sampled,reduce,grouping",)``
+    (``G = 1`` where the plan made the call exact). One string rather than seven arguments: at every differentiable
+    call, PyTorch's custom-op autograd refills the op's defaults in time quadratic in its argument count (a
+    trivial op: 98 µs at 18 arguments, 57 µs at 12, on a CPU)."""
+    return ("1," + config.op_spec.partition(",")[2] if exact else config.op_spec,)
 
 
 @functools.cache
@@ -102,11 +106,11 @@ def _wt_shape(x: Tensor, group_size: int, block_size: int) -> tuple:
 
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, hashes: Tensor | None, path: str,
-              causal: bool, scale: float, group_size: int, block_size: int, num_hashes: int, seed: int,
-              sampled: str, reduce: str, grouping: str, causal_grouping: bool, window: int | None,
+              causal: bool, scale: float, config: str, causal_grouping: bool, window: int | None,
               softcap: float | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(out, lse, x̃, wt)`` of :func:`hf_distrattn.distr_attention` on ``path`` (module notes); ``attn_mask`` 4-D."""
-    config = as_config(group_size, block_size, num_hashes, seed, sampled, reduce, grouping)
+    config = as_config(config)
+    group_size, sampled, grouping = config.group_size, config.sampled, config.grouping
     operand, wt = _absent(q), _absent(q)
     features = dict(window=window, softcap=softcap)
     if path == "reference":
@@ -148,8 +152,9 @@ attention = torch.library.custom_op("hf_distrattn::attention", _attention, mutat
 
 
 @attention.register_fake
-def _(q, k, v, attn_mask, hashes, path, causal, scale, group_size, block_size, num_hashes, seed, sampled, reduce,
-      grouping, causal_grouping, window, softcap):
+def _(q, k, v, attn_mask, hashes, path, causal, scale, config, causal_grouping, window, softcap):
+    config = as_config(config)
+    group_size, block_size, sampled = config.group_size, config.block_size, config.sampled
     lse = q.new_empty(q.shape[:3], dtype=torch.float32)
     if path == "projected" and group_size > 1:
         x = q if sampled == "q" else k
@@ -164,13 +169,13 @@ def _(q, k, v, attn_mask, hashes, path, causal, scale, group_size, block_size, n
 
 def _attention_backward(dout: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                        lse: Tensor, wt: Tensor, attn_mask: Tensor | None, hashes: Tensor | None, path: str,
-                       causal: bool, scale: float, group_size: int, block_size: int, num_hashes: int, seed: int,
-                       sampled: str, reduce: str, grouping: str, causal_grouping: bool, window: int | None,
+                       causal: bool, scale: float, config: str, causal_grouping: bool, window: int | None,
                        softcap: float | None) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` of :func:`attention` given the gradients of its ``out`` and ``lse`` (``None``: zero). On
     ``"projected"`` with ``G > 1`` the sampled one of ``q``/``k`` is the forward's ``x̃`` and ``wt`` its fuse
     matrices; on ``"subspace"`` ``wt`` is the forward's key bases ``U``."""
-    config = as_config(group_size, block_size, num_hashes, seed, sampled, reduce, grouping)
+    config = as_config(config)
+    group_size, block_size = config.group_size, config.block_size
     features = dict(window=window, softcap=softcap, dlse=dlse)
     if path == "reference":
         grads = reference.attention_backward(q, k, v, out, dout, causal=causal, attn_mask=attn_mask,
@@ -188,7 +193,7 @@ def _attention_backward(dout: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor,
         kernel_backward = _kernels().backward.attention_backward
         project = None
         if group_size > 1:
-            project = (sampled, wt, block_size, causal_grouping)
+            project = (config.sampled, wt, block_size, causal_grouping)
         grads = kernel_backward(*(_unit_stride(t) for t in (q, k, v)), out, lse, dout, causal=causal,
                                 attn_mask=attn_mask, scale=scale, project=project, **features)
     else:
@@ -206,10 +211,10 @@ def _(dout, dlse, q, k, v, *args):
 
 def _setup_context(ctx, inputs, output):
     q, k, v, attn_mask, hashes, path, *rest = inputs
-    group_size, sampled = rest[2], rest[6]
+    config = as_config(rest[2])
     out, lse, operand, wt = output
-    if path == "projected" and group_size > 1:  # the backward kernels work on X̃
-        q, k = (operand, k) if sampled == "q" else (q, operand)
+    if path == "projected" and config.group_size > 1:  # the backward kernels work on X̃
+        q, k = (operand, k) if config.sampled == "q" else (q, operand)
     ctx.save_for_backward(q, k, v, out, lse, wt, attn_mask, hashes)
     ctx.arguments = (path, *rest)
 
@@ -256,8 +261,7 @@ def _(q, *args):
 
 def _reduce_keys(keys: Tensor, values: Tensor, start: Tensor, hashes: Tensor, reduced_keys: Tensor,
                  fuse_group: Tensor, fuse_weight: Tensor, key_states: Tensor | None, value_states: Tensor | None,
-                 n_new: int, path: str, group_size: int, block_size: int, num_hashes: int, seed: int, sampled: str,
-                 reduce: str, grouping: str) -> None:
+                 n_new: int, path: str, config: str) -> None:
     """Write the reduced form of the keys ``start .. start + n_new − 1`` (``start`` a 0-d int64 tensor) of the
     cache ``keys`` ``(B, H, N, d)`` into the cache layer's tensors, in place, block ``j`` grouped by block
     ``j − 1``: rows ``start ..`` of ``reduced_keys`` ``(B, H, capacity, width)`` (``u``, columns past ``d/G``
@@ -267,7 +271,8 @@ def _reduce_keys(keys: Tensor, values: Tensor, start: Tensor, hashes: Tensor, re
     the same launch: the kernel writes no row past ``N``, this reference raises), else ``keys`` holds them already.
     The kernel reads a block that began before ``start`` from the compact form instead of grouping it again; this
     reference groups every block (same values)."""
-    config = as_config(group_size, block_size, num_hashes, seed, sampled, reduce, grouping)
+    config = as_config(config)
+    group_size, block_size = config.group_size, config.block_size
     if path == "kernel":
         states = (None, None) if key_states is None else (_unit_stride(key_states), _unit_stride(value_states))
         _kernels().grouping.reduce_keys(keys, values, start, hashes, *states, n_new, config, reduced_keys,

@@ -19,7 +19,6 @@ from hf_distrattn.grouping import hash_directions
 
 BACKEND = "inductor" if DEVICE == "cuda" else "aot_eager"
 CUDA = DEVICE == "cuda"
-CONFIG_ARGS = ops.config_args(DistrConfig(grouping="lsh", group_size=2, block_size=16))
 
 
 def _attention_args(path, sampled="q", mask=False, grad=True, causal=True, window=None, softcap=None,
@@ -30,6 +29,17 @@ def _attention_args(path, sampled="q", mask=False, grad=True, causal=True, windo
     config = DistrConfig(group_size=2, block_size=block_size, sampled=sampled, grouping=grouping)
     return (q, k, v, attn_mask, hash_directions(block_size, 8, 0, DEVICE), path, causal and not mask, 32**-0.5,
             *ops.config_args(config), True, window, softcap)
+
+
+@pytest.mark.parametrize("config", [DistrConfig(), DistrConfig(grouping="lsh", group_size=4, block_size=32,
+                                                               num_hashes=12, seed=7, sampled="k", reduce="sample",
+                                                               backend="triton")])
+def test_the_config_argument_spells_every_field_the_ops_read(config):
+    """An op's ``config`` string gives back the settings (all but ``backend`` and ``exact_layers``, which only
+    the plan and :func:`hf_distrattn.configure` read), with ``G`` overridden where the plan made the call exact."""
+    carried = config.replace(backend="auto", exact_layers=())
+    assert ops.as_config(*ops.config_args(config)) == carried
+    assert ops.as_config(*ops.config_args(config, exact=True)) == carried.replace(group_size=1)
 
 
 OPCHECK_ATTENTION = [("reference", "q", False, None), ("reference", "k", True, None), ("reference", "q", False, 20),
