@@ -90,6 +90,7 @@ def _absent(t: Tensor) -> Tensor:
     return t.new_zeros(1)
 
 
+@functools.lru_cache(maxsize=64)
 def _exact_kernel_config(dtype: torch.dtype, d: int) -> DistrConfig:
     """Tiles of every exact forward (``G = 1``, and the ``"projected"`` path's): 128 query rows, 64 for head dims
     above 128, 32 in float32 (twice the bytes); exact attention has no blocks, so ``block_size`` plays no part."""
