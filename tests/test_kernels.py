@@ -532,7 +532,6 @@ def test_head_dim_256_and_padded_head_dims_forward_and_backward(d, group):
         torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
 
 
-
 def far_apart(shape: tuple, dim: int, stride: int) -> torch.Tensor:
     """A random boolean mask of ``shape`` whose slices along ``dim`` lie ``stride`` elements apart (the keys
     contiguous), so that the later ones sit past element ``2³¹``, as in a dense causal mask of 46,341 tokens or
@@ -667,11 +666,10 @@ def test_tile_structured_masks_with_causality_and_windows(n_q, n_k, window, kind
     if kind == "ones":
         tiles.fill_(1)
     mixed = torch.rand(2, n_q, n_k, generator=g) > 0.4
-    mask = torch.where(tiles.repeat_interleave(16, 1).repeat_interleave(16, 2)[:, :n_q, :n_k] == 2, mixed,
-                       tiles.repeat_interleave(16, 1).repeat_interleave(16, 2)[:, :n_q, :n_k] == 1)[None].to(DEVICE)
+    per_key = tiles.repeat_interleave(16, 1).repeat_interleave(16, 2)[:, :n_q, :n_k]  # each score's tile kind
+    mask = torch.where(per_key == 2, mixed, per_key == 1)[None].to(DEVICE)
     if kind == "additive":
-        mask = torch.where(mask, rand(1, 2, n_q, n_k, seed=90) * (tiles.repeat_interleave(16, 1).repeat_interleave(
-            16, 2)[:, :n_q, :n_k] == 2).to(DEVICE), float("-inf"))
+        mask = torch.where(mask, rand(1, 2, n_q, n_k, seed=90) * (per_key == 2).to(DEVICE), float("-inf"))
     q, k, v = rand(1, 2, n_q, 32, seed=91), rand(1, 1, n_k, 32, seed=92), rand(1, 1, n_k, 32, seed=93)
     config = triton_config(group_size=1, block_size=16)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
