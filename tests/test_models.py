@@ -243,7 +243,6 @@ def test_static_cache_generates_the_dynamic_cache_tokens(group, sampled):
         assert torch.equal(model.generate(**single), sdpa)
 
 
-
 @torch.no_grad()
 @pytest.mark.parametrize("group,sampled", [(1, "q"), (2, "k")])
 def test_a_prefill_in_chunks_generates_the_whole_prefill_tokens(group, sampled):
@@ -263,6 +262,7 @@ def test_a_prefill_in_chunks_generates_the_whole_prefill_tokens(group, sampled):
     torch.testing.assert_close(torch.stack(chunked.logits), torch.stack(whole.logits), atol=1e-5, rtol=1e-5)
     if group == 1:
         assert torch.equal(whole.sequences, sdpa.sequences)
+
 
 def test_calibrate_keeps_the_budget_with_the_least_sensitive_layers(kjv_llama):
     """ref-llama-bytes, one window, LSH groups (the default ``subspace`` keeps every layer of this model within
