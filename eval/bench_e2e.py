@@ -22,8 +22,8 @@ the peer given the same: SDPA at its best. Eager, the two are one. A compiled ca
 ``position_ids`` cannot run while tracing, so its mask function stays data-dependent. Every row here has a cache:
 prefill and training step make the dynamic one (``config.use_cache``), decode the static one.
 
-``--profile``: each prefill row also holds its top CUDA kernels by device time (:func:`top_kernels`), to see
-where a setting loses.
+``--profile``: each prefill and ViT row also holds its top CUDA kernels by device time (:func:`top_kernels`), to
+see where a setting loses. A row also holds hf_distrattn's warnings while it ran (:func:`noted`).
 
     python -m hf_distrattn.eval.bench_e2e --compile --json results/e2e.json --markdown results/e2e.md
 """
@@ -31,7 +31,9 @@ where a setting loses.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import warnings
 from functools import partial
 
 import torch
@@ -50,6 +52,10 @@ LLAMA_SHAPES = {"1b": ("llama-3.2-1b-shape", LLAMA_1B),
 
 
 SDPA_CAUSAL = "sdpa_causal"
+SDPA_EAGER = "sdpa_eager"
+"""The label of ViT's ``sdpa`` row timed eager in a compiled run: compiled, Inductor (torch 2.11) ran ViT-B/16's
+SDPA as its fp32 math decomposition (47 ms against 25 ms eager on an H100), so the eager row is the peer at its
+best there."""
 
 
 def register_peers() -> None:
@@ -88,6 +94,19 @@ def top_kernels(fn, calls: int = 3, top: int = 10) -> list:
     return sorted(kernels, reverse=True)[:top]
 
 
+@contextlib.contextmanager
+def noted(row: dict):
+    """Measure ``row`` (a dict to fill) under this: hf_distrattn's warnings meanwhile land in ``row["warnings"]``
+    (the sm_90 kernel falling back to the portable one, say), so that which kernel a row timed is on record."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield row
+    ours = [str(w.message) for w in caught if str(w.message).startswith(("hf_distrattn", "distr_attention"))]
+    if ours:
+        row["warnings"] = list(dict.fromkeys(ours))
+    print(json.dumps(row), flush=True)
+
+
 def use(model, spec: str) -> None:
     (_, name, config), = parse_settings([spec])
     apply_setting(model, name, config)
@@ -120,11 +139,11 @@ def bench_llama(specs, prefill_lens, decode_prompts, decode_tokens, reps, compil
         for n in prefill_lens:
             ids = torch.randint(0, geometry["vocab_size"], (1, n), device="cuda")
             prefill = partial(run, ids, logits_to_keep=1)
-            ms = cuda_ms(prefill, reps, warmup=2)
-            rows.append({"model": model_name, "attn": spec, "task": f"prefill {n}", "ms": ms})
-            if profile:
-                rows[-1]["kernels"] = top_kernels(prefill)
-            print(json.dumps(rows[-1]), flush=True)
+            with noted({"model": model_name, "attn": spec, "task": f"prefill {n}"}) as row:
+                row["ms"] = cuda_ms(prefill, reps, warmup=2)
+                if profile:
+                    row["kernels"] = top_kernels(prefill)
+            rows.append(row)
         for n in decode_prompts:
             prompt = torch.randint(0, geometry["vocab_size"], (1, n), device="cuda")
 
@@ -133,11 +152,11 @@ def bench_llama(specs, prefill_lens, decode_prompts, decode_tokens, reps, compil
                                pad_token_id=0, prefill_chunk_size=prefill_chunk, **_decode_kwargs(compile))
 
             torch._dynamo.reset()
-            whole = cuda_ms(lambda: generate(decode_tokens), max(1, reps // 2), warmup=1 if n > 32768 else 2)
-            first = cuda_ms(lambda: generate(1), max(1, reps // 2))
-            rows.append({"model": model_name, "attn": spec, "task": f"decode after {n}", "ms": whole,
-                         "tokens_per_s": (decode_tokens - 1) / ((whole - first) / 1000)})
-            print(json.dumps(rows[-1]), flush=True)
+            with noted({"model": model_name, "attn": spec, "task": f"decode after {n}"}) as row:
+                whole = cuda_ms(lambda: generate(decode_tokens), max(1, reps // 2), warmup=1 if n > 32768 else 2)
+                first = cuda_ms(lambda: generate(1), max(1, reps // 2))
+                row |= {"ms": whole, "tokens_per_s": (decode_tokens - 1) / ((whole - first) / 1000)}
+            rows.append(row)
     return rows
 
 
@@ -154,26 +173,33 @@ def bench_train_step(specs, seq_len, reps, compile, shape="1b"):
             model.zero_grad(set_to_none=True)
             run(ids, labels=ids).loss.backward()
 
-        ms = cuda_ms(step, reps, warmup=3)
-        rows.append({"model": model_name, "attn": spec, "task": f"train step {seq_len}", "ms": ms,
-                     "tokens_per_s": seq_len / ms * 1000})
-        print(json.dumps(rows[-1]), flush=True)
+        with noted({"model": model_name, "attn": spec, "task": f"train step {seq_len}"}) as row:
+            row["ms"] = cuda_ms(step, reps, warmup=3)
+            row["tokens_per_s"] = seq_len / row["ms"] * 1000
+        rows.append(row)
     return rows
 
 
 @torch.no_grad()
-def bench_vit(specs, batch, reps, compile):
+def bench_vit(specs, batch, reps, compile, profile=False):
+    """ViT-B/16 inference at ``batch``; compiled, ``sdpa`` is also timed eager (:data:`SDPA_EAGER`)."""
     torch.manual_seed(0)
     model = ViTForImageClassification(ViTConfig()).to("cuda", torch.bfloat16).eval()
     pixels = torch.randn(batch, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
     rows = []
-    for spec in specs:
+    runs = [(spec, compile) for spec in specs]
+    if compile and "sdpa" in specs:
+        runs.append(("sdpa", False))
+    for spec, compile_it in runs:
         use(model, spec)
-        run = compiled(model, compile)
-        ms = cuda_ms(lambda run=run: run(pixel_values=pixels), reps, warmup=2)
-        rows.append({"model": "vit-b16-shape", "attn": spec, "task": f"batch {batch}", "ms": ms,
-                     "images_per_s": batch / ms * 1000})
-        print(json.dumps(rows[-1]), flush=True)
+        forward = partial(compiled(model, compile_it), pixel_values=pixels)
+        name = spec if compile_it == compile else SDPA_EAGER
+        with noted({"model": "vit-b16-shape", "attn": name, "task": f"batch {batch}"}) as row:
+            row["ms"] = cuda_ms(forward, reps, warmup=2)
+            row["images_per_s"] = batch / row["ms"] * 1000
+            if profile:
+                row["kernels"] = top_kernels(forward)
+        rows.append(row)
     return rows
 
 
@@ -215,7 +241,8 @@ def main(argv=None):
                                                       "distr:group_size=4,sampled=k,grouping=lsh"])
     parser.add_argument("--compile", action="store_true", help="compile both sides (static cache for decode)")
     parser.add_argument("--llama", choices=sorted(LLAMA_SHAPES), default="1b", help="the Llama shape")
-    parser.add_argument("--profile", action="store_true", help="prefill rows: the top CUDA kernels (torch.profiler)")
+    parser.add_argument("--profile", action="store_true",
+                        help="prefill and ViT rows: the top CUDA kernels (torch.profiler)")
     parser.add_argument("--prefill", type=int, nargs="*", default=[4096, 16384])
     parser.add_argument("--decode-prompt", type=int, nargs="*", default=[4096, 32768])
     parser.add_argument("--decode-tokens", type=int, default=64)
@@ -233,7 +260,7 @@ def main(argv=None):
     if args.train_seq_len:
         rows += bench_train_step(args.attn, args.train_seq_len, args.reps, args.compile, args.llama)
     if args.vit_batch:
-        rows += bench_vit(args.attn, args.vit_batch, args.reps, args.compile)
+        rows += bench_vit(args.attn, args.vit_batch, args.reps, args.compile, args.profile)
     write_results(args.json, args.markdown, "bf16, random weights" + (", compiled" if args.compile else ", eager"),
                   rows, markdown(rows))
 

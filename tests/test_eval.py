@@ -212,6 +212,23 @@ def test_e2e_table_is_the_readme_table():
     assert "| llama | decode after 4096 | 200 tok/s | 300 tok/s (1.50×) |" in table
 
 
+def test_e2e_rows_keep_our_warnings_and_only_ours():
+    """A row measured under bench_e2e's ``noted`` holds each distinct hf_distrattn warning raised meanwhile (a
+    Hopper kernel that fell back, say) and no one else's; a quiet row has no ``warnings`` key."""
+    import warnings
+
+    from hf_distrattn.eval import bench_e2e
+
+    with bench_e2e.noted({"attn": "distr"}) as row:
+        for _ in range(2):
+            warnings.warn("hf_distrattn: the sm_90 kernel failed (X); the portable kernel runs instead")
+        warnings.warn("TensorFloat32 tensor cores for float32 matrix multiplication available")
+    with bench_e2e.noted({"attn": "sdpa"}) as quiet:
+        pass
+    assert row["warnings"] == ["hf_distrattn: the sm_90 kernel failed (X); the portable kernel runs instead"]
+    assert "warnings" not in quiet
+
+
 def test_e2e_causal_sdpa_peer_is_sdpa_without_the_traced_mask(monkeypatch):
     """bench_e2e's ``sdpa_causal`` peer: compiled, it computes ``sdpa``'s logits, and its attention gets no mask
     for a causal prefill without padding (``sdpa`` itself, traced by Transformers 5.17, gets a dense one: that
