@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Device calls for the native ops and torch.compile, one stage per call (each fits a 10-minute call):
 #   tests   opcheck of every op on the kernel paths, models compiled with Inductor (CUDA graphs for a static-cache
-#           generation), the reduced-key, decode, subspace, head-dim and Hopper-kernel tests, then the decode benchmark
-#           (device and host time);
+#           generation), the reduced-key, decode, subspace, head-dim and Hopper-kernel tests (~9 minutes);
+#   decodebench  the decode kernel benchmark: device time (CUDA graphs) and host time, 8k-128k cached tokens;
 #           `bash eval/gpu_compile.sh kernels` runs the rest of the kernel and backward tests compiled (~6 minutes)
 #   models  the model-family matrix (Llama ... gpt-oss, ViT ... SigLIP: windows, softcap, sinks) on the kernels
 #   decode  bench_e2e --compile: decode tokens/s after 4k and 32k prompts, static cache, compiled decode step
@@ -27,6 +27,8 @@ case "$stage" in
     $PYTEST tests/test_ops.py 2>&1 | tee "$OUT/gpu_ops.log" | tail -n 15
     $PYTEST tests/test_kernels.py tests/test_hopper.py -k "reduce or decode or subspace or head_dim or hopper" \
       2>&1 | tee "$OUT/gpu_kernels.log" | tail -n 15
+    ;;
+  decodebench)
     python3 -m hf_distrattn.eval.bench_decode --json "$OUT/decode.json" --markdown "$OUT/decode.md" "$@"
     ;;
   kernels)
@@ -73,7 +75,7 @@ case "$stage" in
       --json "$OUT/e2e_8b_prefill.json" --markdown "$OUT/e2e_8b_prefill.md" "$@"
     ;;
   *)
-    echo "unknown stage $stage (tests, kernels, speed, subspace, models, decode, rest, decode8b, prefill8b)" >&2
+    echo "unknown stage $stage (tests, kernels, decodebench, speed, subspace, models, decode, rest, decode8b, prefill8b)" >&2
     exit 2
     ;;
 esac
