@@ -19,6 +19,7 @@ to issue one step / the attention call alone (eager, :func:`host_us`). ``bytes``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from functools import partial
 
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 
 from ..api import distr_attention
 from ..config import DistrConfig
+from ..kernels import decode
 from .bench_kernels import median_ms, sdpa_backend
 from .common import write_results
 
@@ -142,7 +144,23 @@ def graph_us(fn, steps: int = 10) -> float:
     return median_ms(graph.replay) * 1000 / steps
 
 
-def bench(cache_lens, head_dims, groups, batch=1, heads=(32, 8), block_size=64):
+@contextlib.contextmanager
+def programs_per_sm(count: int | None):
+    """Our split-KV kernel cut into splits for ``count`` programs per multiprocessor inside (``None``: the
+    default, :data:`hf_distrattn.kernels.decode.PROGRAMS_PER_SM`)."""
+    default = decode.PROGRAMS_PER_SM
+    decode.PROGRAMS_PER_SM = default if count is None else count
+    decode.split_keys.cache_clear()
+    try:
+        yield
+    finally:
+        decode.PROGRAMS_PER_SM = default
+        decode.split_keys.cache_clear()
+
+
+def bench(cache_lens, head_dims, groups, batch=1, heads=(32, 8), block_size=64, sm_counts=(None,)):
+    """The rows; ``sm_counts``: our kernels once per programs-per-multiprocessor count (``None``: the default),
+    labelled ``@N/SM`` where given."""
     rows = []
     for d in head_dims:
         for n in cache_lens:
@@ -151,30 +169,33 @@ def bench(cache_lens, head_dims, groups, batch=1, heads=(32, 8), block_size=64):
             k, v = (torch.randn(batch, heads[1], n, d, device="cuda", generator=g, dtype=torch.bfloat16)
                     for _ in range(2))
             kv_bytes = 2 * k.numel() * k.element_size()
-            cases = {"sdpa": (None, kv_bytes)}
-            cases |= {f"sdpa-{name}": (name, kv_bytes) for name in ("flash", "cudnn", "efficient")}
-            cases["distr-G1"] = (DistrConfig(group_size=1, backend="triton"), kv_bytes)
-            for group in groups:
-                config = DistrConfig(group_size=group, block_size=block_size, grouping="lsh", sampled="k",
-                                     backend="triton")
-                reduced = batch * heads[1] * n * (d // group) * 2 + n // block_size * batch * heads[1] * d * 8
-                cases[f"distr-G{group}-k"] = (config, reduced + kv_bytes // 2)
-            for name, (setting, nbytes) in cases.items():
+            cases = {"sdpa": (None, kv_bytes, None)}
+            cases |= {f"sdpa-{name}": (name, kv_bytes, None) for name in ("flash", "cudnn", "efficient")}
+            for count in sm_counts:
+                tag = "" if count is None else f"@{count}/SM"
+                cases["distr-G1" + tag] = (DistrConfig(group_size=1, backend="triton"), kv_bytes, count)
+                for group in groups:
+                    config = DistrConfig(group_size=group, block_size=block_size, grouping="lsh", sampled="k",
+                                         backend="triton")
+                    reduced = batch * heads[1] * n * (d // group) * 2 + n // block_size * batch * heads[1] * d * 8
+                    cases[f"distr-G{group}-k" + tag] = (config, reduced + kv_bytes // 2, count)
+            for name, (setting, nbytes, count) in cases.items():
                 row = {"method": name, "d": d, "cache": n, "batch": batch, "heads": list(heads), "bytes": nbytes}
                 try:
-                    if isinstance(setting, DistrConfig):
-                        fn, call, layer = _step(q, k, v, setting, partial(_distr, config=setting))
-                    else:
-                        attend = _sdpa(q, k, v, setting)
-                        fn, call, layer = _step(q, k, v, setting,
-                                                lambda q, keys, values, _, attend=attend: attend(q, keys, values))
-                    row["us"] = median_ms(fn) * 1000
-                    row["host_us"], row["call_host_us"] = host_us(fn), host_us(call)
-                    layer_fn = layer_call(name, q, layer, setting)
-                    if layer_fn is not None:
-                        row["layer_host_us"] = host_us(layer_fn)
-                    row["graph_us"] = graph_us(fn)
-                    row["gb_per_s"] = nbytes / row["graph_us"] / 1e3
+                    with programs_per_sm(count):
+                        if isinstance(setting, DistrConfig):
+                            fn, call, layer = _step(q, k, v, setting, partial(_distr, config=setting))
+                        else:
+                            attend = _sdpa(q, k, v, setting)
+                            fn, call, layer = _step(q, k, v, setting,
+                                                    lambda q, keys, values, _, attend=attend: attend(q, keys, values))
+                        row["us"] = median_ms(fn) * 1000
+                        row["host_us"], row["call_host_us"] = host_us(fn), host_us(call)
+                        layer_fn = layer_call(name, q, layer, setting)
+                        if layer_fn is not None:
+                            row["layer_host_us"] = host_us(layer_fn)
+                        row["graph_us"] = graph_us(fn)
+                        row["gb_per_s"] = nbytes / row["graph_us"] / 1e3
                 except Exception as error:  # noqa: BLE001 - a peer that cannot run this shape is reported
                     row["error"] = str(error).splitlines()[0][:200]
                 rows.append(row)
@@ -217,10 +238,13 @@ def main(argv=None):
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--groups", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--programs-per-sm", type=int, nargs="+", metavar="N",
+                        help="our kernels once per count of split-KV programs per multiprocessor, rows labelled "
+                        "@N/SM (default: once, at the kernel's own count)")
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     args = parser.parse_args(argv)
-    rows = bench(args.cache_lens, args.head_dims, args.groups, args.batch)
+    rows = bench(args.cache_lens, args.head_dims, args.groups, args.batch, sm_counts=args.programs_per_sm or (None,))
     write_results(args.json, args.markdown, "bf16 decode", rows, markdown(rows))
 
 

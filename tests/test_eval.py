@@ -66,6 +66,21 @@ def test_decode_benchmark_layer_calls_compute_the_same_attention():
     assert "| 64 | 8192 | 24.0 | 60.0 | 2.50× |" in markdown(rows)
 
 
+def test_decode_bench_sets_the_programs_per_multiprocessor_and_restores_them():
+    """bench_decode's ``--programs-per-sm`` sweep: inside, the split-KV kernel's splits follow the count given (the
+    cached split sizes recomputed); afterwards the kernel's own count and splits are back."""
+    from hf_distrattn.eval.bench_decode import programs_per_sm
+    from hf_distrattn.kernels import decode
+
+    default = decode.PROGRAMS_PER_SM
+    before = decode.split_keys(8, 1 << 20, 64, -1)
+    with programs_per_sm(4 * default):
+        assert decode.split_keys(8, 1 << 20, 64, -1)[0] == 4 * before[0]
+    with programs_per_sm(None):
+        assert decode.split_keys(8, 1 << 20, 64, -1) == before
+    assert decode.PROGRAMS_PER_SM == default and decode.split_keys(8, 1 << 20, 64, -1) == before
+
+
 def test_ppl_exact_and_schema(shared, tmp_path):
     out = tmp_path / "ppl.json"
     assert main(["ppl", "--model", str(shared / "models/ref-llama-bytes"), "--text-file",
