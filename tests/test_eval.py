@@ -236,8 +236,8 @@ def test_e2e_rows_keep_our_warnings_and_only_ours():
 
     with bench_e2e.noted({"attn": "distr"}) as row:
         for _ in range(2):
-            warnings.warn("hf_distrattn: the sm_90 kernel failed (X); the portable kernel runs instead")
-        warnings.warn("TensorFloat32 tensor cores for float32 matrix multiplication available")
+            warnings.warn("hf_distrattn: the sm_90 kernel failed (X); the portable kernel runs instead", stacklevel=1)
+        warnings.warn("TensorFloat32 tensor cores for float32 matrix multiplication available", stacklevel=1)
     with bench_e2e.noted({"attn": "sdpa"}) as quiet:
         pass
     assert row["warnings"] == ["hf_distrattn: the sm_90 kernel failed (X); the portable kernel runs instead"]
