@@ -13,6 +13,10 @@ to issue one step / the attention call alone (eager, :func:`host_us`). ``bytes``
 ``distr-G1``): host time of one exact decode-layer call through Transformers' attention interface
 (``sdpa_attention_forward`` / ``distr_attention_forward``), what eager generation pays per layer.
 
+``--batch B --ragged``: sequences of different lengths, a left-padded static cache's mask given to every side
+(:func:`ragged_mask`). ``--programs-per-sm N ...``: our kernels at each count of split-KV programs per
+multiprocessor (rows ``@N/SM``), to tune the split.
+
     python -m hf_distrattn.eval.bench_decode --json results/decode.json --markdown results/decode.md
 """
 
@@ -33,21 +37,20 @@ from .bench_kernels import median_ms, sdpa_backend
 from .common import write_results
 
 
-def _sdpa(q, k, v, backend=None):
+def _sdpa(q, k, v, backend=None, mask=None):
     """SDPA for one decode step, ``fn(q, keys, values)``: GQA by ``enable_gqa`` or, where the backend refuses it,
-    K/V repeated to the query heads in the call (as Transformers' ``repeat_kv`` does)."""
-    from contextlib import nullcontext
-
-    context = sdpa_backend(backend) if backend else nullcontext
+    K/V repeated to the query heads in the call (as Transformers' ``repeat_kv`` does); ``mask`` its ``attn_mask``."""
+    context = sdpa_backend(backend) if backend else contextlib.nullcontext
 
     def gqa(q, k, v):
         with context():
-            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
     def repeated(q, k, v):
         rep = q.shape[1] // k.shape[1]
         with context():
-            return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1))
+            return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                                                  attn_mask=mask)
 
     try:
         gqa(q, k, v)
@@ -99,9 +102,20 @@ def _step(q, k, v, config, attend):
     return step, lambda: attend(q, layer.keys, layer.values, layer), layer
 
 
-def _distr(q, keys, values, layer, config):
+def _distr(q, keys, values, layer, config, mask=None):
     reduced = getattr(layer, "reduced", None)
-    return distr_attention(q, keys, values, config=config, causal_grouping=True, reduced_keys=reduced)
+    return distr_attention(q, keys, values, config=config, attn_mask=mask, causal_grouping=True,
+                           reduced_keys=reduced)
+
+
+def ragged_mask(batch: int, n: int, device) -> torch.Tensor | None:
+    """A left-padded batch's mask over a static cache of ``n`` slots, ``(B, 1, 1, n)`` boolean (True = attend), as
+    Transformers builds for SDPA: sequence ``i`` holds the last ``n − i·⌊n / 2B⌋`` slots, from all ``n`` down to
+    about half. ``None`` for one sequence."""
+    if batch == 1:
+        return None
+    lengths = n - torch.arange(batch, device=device) * (n // (2 * batch))
+    return (torch.arange(n, device=device) >= n - lengths[:, None])[:, None, None, :]
 
 
 class _Attention(torch.nn.Module):
@@ -158,9 +172,11 @@ def programs_per_sm(count: int | None):
         decode.split_keys.cache_clear()
 
 
-def bench(cache_lens, head_dims, groups, batch=1, heads=(32, 8), block_size=64, sm_counts=(None,)):
+def bench(cache_lens, head_dims, groups, batch=1, heads=(32, 8), block_size=64, sm_counts=(None,),
+          ragged=False):
     """The rows; ``sm_counts``: our kernels once per programs-per-multiprocessor count (``None``: the default),
-    labelled ``@N/SM`` where given."""
+    labelled ``@N/SM`` where given; ``ragged``: every side gets :func:`ragged_mask`, a batch of sequences of
+    different lengths (all ``n`` slots are still read: ``bytes`` stays that of the whole cache)."""
     rows = []
     for d in head_dims:
         for n in cache_lens:
@@ -169,6 +185,7 @@ def bench(cache_lens, head_dims, groups, batch=1, heads=(32, 8), block_size=64, 
             k, v = (torch.randn(batch, heads[1], n, d, device="cuda", generator=g, dtype=torch.bfloat16)
                     for _ in range(2))
             kv_bytes = 2 * k.numel() * k.element_size()
+            mask = ragged_mask(batch, n, q.device) if ragged else None
             cases = {"sdpa": (None, kv_bytes, None)}
             cases |= {f"sdpa-{name}": (name, kv_bytes, None) for name in ("flash", "cudnn", "efficient")}
             for count in sm_counts:
@@ -180,18 +197,19 @@ def bench(cache_lens, head_dims, groups, batch=1, heads=(32, 8), block_size=64, 
                     reduced = batch * heads[1] * n * (d // group) * 2 + n // block_size * batch * heads[1] * d * 8
                     cases[f"distr-G{group}-k" + tag] = (config, reduced + kv_bytes // 2, count)
             for name, (setting, nbytes, count) in cases.items():
-                row = {"method": name, "d": d, "cache": n, "batch": batch, "heads": list(heads), "bytes": nbytes}
+                row = {"method": name, "d": d, "cache": n, "batch": batch, "heads": list(heads), "bytes": nbytes,
+                       "ragged": mask is not None}
                 try:
                     with programs_per_sm(count):
                         if isinstance(setting, DistrConfig):
-                            fn, call, layer = _step(q, k, v, setting, partial(_distr, config=setting))
+                            fn, call, layer = _step(q, k, v, setting, partial(_distr, config=setting, mask=mask))
                         else:
-                            attend = _sdpa(q, k, v, setting)
+                            attend = _sdpa(q, k, v, setting, mask)
                             fn, call, layer = _step(q, k, v, setting,
                                                     lambda q, keys, values, _, attend=attend: attend(q, keys, values))
                         row["us"] = median_ms(fn) * 1000
                         row["host_us"], row["call_host_us"] = host_us(fn), host_us(call)
-                        layer_fn = layer_call(name, q, layer, setting)
+                        layer_fn = None if mask is not None else layer_call(name, q, layer, setting)
                         if layer_fn is not None:
                             row["layer_host_us"] = host_us(layer_fn)
                         row["graph_us"] = graph_us(fn)
@@ -238,14 +256,18 @@ def main(argv=None):
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--groups", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--ragged", action="store_true",
+                        help="batch > 1: sequences of different lengths (a left-padded static cache's mask)")
     parser.add_argument("--programs-per-sm", type=int, nargs="+", metavar="N",
                         help="our kernels once per count of split-KV programs per multiprocessor, rows labelled "
                         "@N/SM (default: once, at the kernel's own count)")
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     args = parser.parse_args(argv)
-    rows = bench(args.cache_lens, args.head_dims, args.groups, args.batch, sm_counts=args.programs_per_sm or (None,))
-    write_results(args.json, args.markdown, "bf16 decode", rows, markdown(rows))
+    rows = bench(args.cache_lens, args.head_dims, args.groups, args.batch, sm_counts=args.programs_per_sm or (None,),
+                 ragged=args.ragged)
+    shape = f"batch {args.batch}" + (", sequences of different lengths (masked)" if args.ragged else "")
+    write_results(args.json, args.markdown, f"bf16 decode, {shape}", rows, markdown(rows))
 
 
 if __name__ == "__main__":

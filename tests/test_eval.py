@@ -81,6 +81,29 @@ def test_decode_bench_sets_the_programs_per_multiprocessor_and_restores_them():
     assert decode.PROGRAMS_PER_SM == default and decode.split_keys(8, 1 << 20, 64, -1) == before
 
 
+def test_decode_bench_ragged_batch_masks_each_sequence_left_padded_on_every_side():
+    """bench_decode --ragged: sequence ``i`` of a batch attends to the last ``n − i·⌊n/2B⌋`` slots only (a
+    left-padded static cache), and SDPA and distr get the same mask, so they agree on what they compute."""
+    import torch
+
+    from hf_distrattn import DistrConfig
+    from hf_distrattn.eval.bench_decode import _distr, _sdpa, ragged_mask
+
+    mask = ragged_mask(4, 64, "cpu")
+    assert ragged_mask(1, 64, "cpu") is None and mask.shape == (4, 1, 1, 64)
+    assert mask.sum(-1).flatten().tolist() == [64, 56, 48, 40]
+    assert mask[:, 0, 0, -1].all() and not mask[3, 0, 0, :24].any()
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(4, 8, 1, 32, generator=g)
+    k, v = (torch.randn(4, 2, 64, 32, generator=g) for _ in range(2))
+    want = _sdpa(q, k, v, mask=mask)(q, k, v)
+    got = _distr(q, k, v, None, DistrConfig(group_size=1, backend="triton"), mask=mask)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    unmasked = _sdpa(q, k, v)(q, k, v)
+    torch.testing.assert_close(got[0], unmasked[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got[3], unmasked[3], atol=1e-3)
+
+
 def test_ppl_exact_and_schema(shared, tmp_path):
     out = tmp_path / "ppl.json"
     assert main(["ppl", "--model", str(shared / "models/ref-llama-bytes"), "--text-file",
