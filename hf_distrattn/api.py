@@ -147,6 +147,8 @@ def distr_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     batch, heads, n_q, d = q.shape
     mask = normalize_mask(attn_mask, batch, heads, n_q, k.shape[2])
+    if mask is not None and mask.device != q.device:
+        raise ValueError(f"attn_mask is on {mask.device} but q is on {q.device}")
     causal_grouping = causal if causal_grouping is None else bool(causal_grouping)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     chosen = plan(q, k, config, causal_grouping=causal_grouping, needs_grad=needs_grad, dropout_p=dropout_p,

@@ -173,6 +173,8 @@ BAD_CALLS = [
     (lambda q, k, v: distr_attention(q.int(), k, v), "q must be float16"),
     (lambda q, k, v: distr_attention(q, k, v, attn_mask=torch.ones(3, 9, dtype=torch.bool)), "attn_mask of shape"),
     (lambda q, k, v: distr_attention(q, k, v, attn_mask=torch.ones(8, 9, dtype=torch.int64)), "attn_mask must be"),
+    (lambda q, k, v: distr_attention(q, k, v, attn_mask=torch.ones(8, 9, dtype=torch.bool, device="meta")),
+     "attn_mask is on meta"),
     (lambda q, k, v: distr_attention(q, k, v, config={"group_size": 2}), "config must be a DistrConfig"),
 ]
 
