@@ -257,6 +257,39 @@ def test_fused_path_runs_it_with_causal_grouping(monkeypatch, group, block, n):
     assert (lse - want_lse).abs().max().item() < 2e-2
 
 
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
+def test_a_compiled_vit_runs_it(monkeypatch):
+    """A ViT compiled whole (197 tokens, no mask, queries in Transformers' (B, N, H, d) layout) runs the Hopper
+    kernel as eager does, with no fallback, and computes eager's logits. (The fourteenth session's ViT-B/16 rows
+    ran the portable kernel compiled; a failure here names the reason in its message.)"""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    import hf_distrattn
+    from hf_distrattn import plan
+    from hf_distrattn.kernels import hopper
+
+    monkeypatch.setattr(plan, "SM90", True)
+    launches = []
+    real = hopper.attention
+    monkeypatch.setattr(hopper, "attention", lambda *args, **kwargs: launches.append(1) or real(*args, **kwargs))
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512)
+    model = ViTForImageClassification(config).to(DEVICE, torch.bfloat16).eval()
+    model.set_attn_implementation("distr")
+    hf_distrattn.configure(model, hf_distrattn.DistrConfig(group_size=1))
+    pixels = torch.randn(4, 3, 224, 224, device=DEVICE, dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        eager = model(pixel_values=pixels).logits
+        eager_launches = len(launches)
+        compiled = torch.compile(model, fullgraph=True)(pixel_values=pixels).logits
+    ours = [str(w.message) for w in caught if "hf_distrattn" in str(w.message)]
+    assert eager_launches == 2 and len(launches) > eager_launches, ours
+    assert plan.SM90 and not ours, ours
+    torch.testing.assert_close(compiled.float(), eager.float(), atol=5e-2, rtol=5e-2)
+
+
 if __name__ == "__main__":  # the build report, one JSON line per variant (run by the ``builds`` fixture)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     for variant in VARIANTS:
