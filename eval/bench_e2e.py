@@ -22,8 +22,9 @@ the peer given the same: SDPA at its best. Eager, the two are one. A compiled ca
 ``position_ids`` cannot run while tracing, so its mask function stays data-dependent. Every row here has a cache:
 prefill and training step make the dynamic one (``config.use_cache``), decode the static one.
 
-``--profile``: each prefill and ViT row also holds its top CUDA kernels by device time (:func:`top_kernels`), to
-see where a setting loses. A row also holds hf_distrattn's warnings while it ran (:func:`noted`).
+``--profile``: each prefill, training-step and ViT row also holds its top CUDA kernels by device time
+(:func:`top_kernels`), to see where a setting loses. A row also holds hf_distrattn's warnings while it ran
+(:func:`noted`).
 
     python -m hf_distrattn.eval.bench_e2e --compile --json results/e2e.json --markdown results/e2e.md
 """
@@ -160,7 +161,7 @@ def bench_llama(specs, prefill_lens, decode_prompts, decode_tokens, reps, compil
     return rows
 
 
-def bench_train_step(specs, seq_len, reps, compile, shape="1b"):
+def bench_train_step(specs, seq_len, reps, compile, shape="1b", profile=False):
     """Forward + backward of the Llama-shaped model (bf16) on one sequence of ``seq_len`` tokens."""
     model, model_name, geometry = llama(shape, train=True)
     ids = torch.randint(0, geometry["vocab_size"], (1, seq_len), device="cuda")
@@ -176,6 +177,8 @@ def bench_train_step(specs, seq_len, reps, compile, shape="1b"):
         with noted({"model": model_name, "attn": spec, "task": f"train step {seq_len}"}) as row:
             row["ms"] = cuda_ms(step, reps, warmup=3)
             row["tokens_per_s"] = seq_len / row["ms"] * 1000
+            if profile:
+                row["kernels"] = top_kernels(step, top=14)
         rows.append(row)
     return rows
 
@@ -242,7 +245,7 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true", help="compile both sides (static cache for decode)")
     parser.add_argument("--llama", choices=sorted(LLAMA_SHAPES), default="1b", help="the Llama shape")
     parser.add_argument("--profile", action="store_true",
-                        help="prefill and ViT rows: the top CUDA kernels (torch.profiler)")
+                        help="prefill, training-step and ViT rows: the top CUDA kernels (torch.profiler)")
     parser.add_argument("--prefill", type=int, nargs="*", default=[4096, 16384])
     parser.add_argument("--decode-prompt", type=int, nargs="*", default=[4096, 32768])
     parser.add_argument("--decode-tokens", type=int, default=64)
@@ -258,7 +261,7 @@ def main(argv=None):
     rows = bench_llama(args.attn, args.prefill, args.decode_prompt, args.decode_tokens, args.reps, args.compile,
                        args.llama, args.profile, args.prefill_chunk)
     if args.train_seq_len:
-        rows += bench_train_step(args.attn, args.train_seq_len, args.reps, args.compile, args.llama)
+        rows += bench_train_step(args.attn, args.train_seq_len, args.reps, args.compile, args.llama, args.profile)
     if args.vit_batch:
         rows += bench_vit(args.attn, args.vit_batch, args.reps, args.compile, args.profile)
     write_results(args.json, args.markdown, "bf16, random weights" + (", compiled" if args.compile else ", eager"),
