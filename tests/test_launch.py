@@ -89,16 +89,19 @@ def test_too_little_shared_memory_compiles_again_with_fewer_stages(fake, fits, e
     kernel[(1,)](x, 16, 0.5, A=1, B=2, num_stages=3)
     kernel[(1,)](x, 16, 0.5, A=1, B=2, num_stages=3)
     assert [c[0] for c in fn.calls] == ["refused", "refused", "triton", "direct"]
-    assert fn.calls[2][3]["num_stages"] == 1 and fn.calls[3][2] == (x, 16, 0.5, 1, 2)
+    assert fn.calls[2][3]["num_stages"] == 1 and fn.calls[3][2] == (x.data_ptr(), 16, 0.5, 1, 2)
 
 
 def test_repeated_signature_launches_directly_in_signature_order(fake):
+    """A direct launch passes the constexprs after the arguments, in signature order, and each tensor as its address
+    (the launcher then skips its per-pointer ``data_ptr()`` call and driver query)."""
     fn, kernel = fake
     x, y = torch.zeros(64), torch.ones(64)
     kernel[(3,)](x, 16, 0.5, B=2, A=1, num_warps=4)
     kernel[(3, 2)](y, 16, 0.5, B=2, A=1, num_warps=4)
     assert [c[0] for c in fn.calls] == ["triton", "direct"]
-    assert fn.calls[1][1:] == ((3, 2, 1), (y, 16, 0.5, 1, 2))
+    assert fn.calls[1][1:] == ((3, 2, 1), (y.data_ptr(), 16, 0.5, 1, 2))
+    assert fn.calls[0][2][0] is x  # the first launch, through Triton, gets the tensor (and Triton's checks)
 
 
 def test_launch_hooks_see_every_launch(fake, monkeypatch):
@@ -145,7 +148,7 @@ def test_values_triton_does_not_specialize_on_launch_directly(fake, n, scale):
     kernel[(1,)](x, 16, 0.5, A=1, B=2)
     kernel[(1,)](x, n, scale, A=1, B=2)
     assert [c[0] for c in fn.calls] == ["triton", "direct"]
-    assert fn.calls[1][2] == (x, n, scale, 1, 2)
+    assert fn.calls[1][2] == (x.data_ptr(), n, scale, 1, 2)
 
 
 def test_table_is_bounded(fake, monkeypatch):

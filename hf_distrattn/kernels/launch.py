@@ -10,6 +10,12 @@ device and stream, building a closure and the launch metadata for its launch hoo
 hook chain, so it builds them at every launch, and its launcher calls the empty chains): host time per launch.
 Where a launch hook is set (a profiler), launches go through ``compiled[grid]`` so that the hooks see them.
 
+A direct launch passes each tensor as its address, a Python ``int``: the launcher then takes it as it is,
+where for a tensor it calls ``data_ptr()`` and asks the driver whether the address is device memory
+(``cuPointerGetAttribute``), per pointer and launch. That check is Triton's error for a CPU tensor; here a
+signature's first launch goes through Triton and gets it, and the ops check that every tensor they pass shares
+``q``'s device (inputs, mask, sinks), so a later launch cannot meet one.
+
 The signature holds everything Triton specializes on: of an integer, whether it equals 1, whether 16 divides it
 and its integer type's range (Triton's ``i32``/``i64``/``u64``); of a float, its type only (Triton passes it as
 fp32, unspecialized); of a tensor, its dtype and whether 16 divides its address; the keyword arguments
@@ -44,15 +50,28 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _signature(args) -> tuple:
-    """What Triton's launch specializes on, for the positional arguments, in one comprehension (most arguments are
-    strides): an ``int`` in ``i32`` range other than 1 keys on its divisibility by 16 alone, any other ``int`` on
-    all four facts; a tensor on its dtype, wrapped in a tuple when its address is not 16-aligned; a ``float`` on
-    its type; anything else (``bool``, ``None``) on its type and value."""
-    return tuple([(a % 16 == 0 if a != 1 and -2147483648 <= a < 2147483648
-                   else (a == 1, a % 16 == 0, -2147483648 <= a < 2147483648, a < 2**63)) if type(a) is int
-                  else (a.dtype if a.data_ptr() % 16 == 0 else (a.dtype,)) if isinstance(a, torch.Tensor)
-                  else float if type(a) is float else (type(a), a) for a in args])
+def _signature(args) -> tuple[tuple, list]:
+    """What Triton's launch specializes on, for the positional arguments, and the arguments as a direct launch
+    passes them, in one pass (most arguments are strides). An ``int`` in ``i32`` range other than 1 keys on its
+    divisibility by 16 alone, any other ``int`` on all four facts; a tensor on its dtype, wrapped in a tuple when its
+    address is not 16-aligned, and is passed as that address; a ``float`` on its type; anything else (``bool``,
+    ``None``) on its type and value."""
+    key, raw = [], []
+    add_key, add_raw = key.append, raw.append
+    for a in args:
+        kind = type(a)
+        if kind is int:
+            add_key(a % 16 == 0 if a != 1 and -2147483648 <= a < 2147483648
+                    else (a == 1, a % 16 == 0, -2147483648 <= a < 2147483648, a < 2**63))
+            add_raw(a)
+        elif isinstance(a, torch.Tensor):
+            address = a.data_ptr()
+            add_key(a.dtype if address % 16 == 0 else (a.dtype,))
+            add_raw(address)
+        else:
+            add_key(float if kind is float else (kind, a))
+            add_raw(a)
+    return tuple(key), raw
 
 
 def _set(hook) -> bool:
@@ -78,7 +97,8 @@ class _Cached:
         if self.device is None:
             self.device, self.stream = driver.active.get_current_device, driver.active.get_current_stream
         device = self.device()
-        key = (device, _signature(args), *meta.items())
+        signature, raw = _signature(args)
+        key = (device, signature, *meta.items())
         entry = self.compiled.get(key)
         if entry is None:
             kernel, meta = self._first_launch(grid, args, meta)
@@ -90,7 +110,7 @@ class _Cached:
         kernel, constexprs = entry
         grid = (*grid, 1, 1)[:3]
         if not _hooked():
-            kernel.run(*grid, self.stream(device), kernel.function, kernel.packed_metadata, None, None, None, *args,
+            kernel.run(*grid, self.stream(device), kernel.function, kernel.packed_metadata, None, None, None, *raw,
                        *constexprs)
         else:
             kernel[grid](*args, *constexprs)
