@@ -102,9 +102,14 @@ def noted(row: dict):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield row
-    ours = [str(w.message) for w in caught if str(w.message).startswith(("hf_distrattn", "distr_attention"))]
+    shown = {}
+    for w in caught:  # every warning still reaches the log, once per row
+        shown.setdefault(str(w.message), w)
+    for w in shown.values():
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    ours = [message for message in shown if message.startswith(("hf_distrattn", "distr_attention"))]
     if ours:
-        row["warnings"] = list(dict.fromkeys(ours))
+        row["warnings"] = ours
     print(json.dumps(row), flush=True)
 
 

@@ -250,13 +250,16 @@ def test_e2e_table_is_the_readme_table():
     assert "| llama | decode after 4096 | 200 tok/s | 300 tok/s (1.50×) |" in table
 
 
-def test_e2e_rows_keep_our_warnings_and_only_ours():
+def test_e2e_rows_keep_our_warnings_and_only_ours(monkeypatch):
     """A row measured under bench_e2e's ``noted`` holds each distinct hf_distrattn warning raised meanwhile (a
-    Hopper kernel that fell back, say) and no one else's; a quiet row has no ``warnings`` key."""
+    Hopper kernel that fell back, say) and no one else's; a quiet row has no ``warnings`` key; every warning still
+    reaches the log, once per row."""
     import warnings
 
     from hf_distrattn.eval import bench_e2e
 
+    shown = []
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *args, **kwargs: shown.append(str(message)))
     with bench_e2e.noted({"attn": "distr"}) as row:
         for _ in range(2):
             warnings.warn("hf_distrattn: the sm_90 kernel failed (X); the portable kernel runs instead", stacklevel=1)
@@ -265,6 +268,8 @@ def test_e2e_rows_keep_our_warnings_and_only_ours():
         pass
     assert row["warnings"] == ["hf_distrattn: the sm_90 kernel failed (X); the portable kernel runs instead"]
     assert "warnings" not in quiet
+    assert sorted(shown) == sorted(["hf_distrattn: the sm_90 kernel failed (X); the portable kernel runs instead",
+                                    "TensorFloat32 tensor cores for float32 matrix multiplication available"])
 
 
 def test_e2e_causal_sdpa_peer_is_sdpa_without_the_traced_mask(monkeypatch):
