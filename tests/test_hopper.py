@@ -266,12 +266,13 @@ def test_a_compiled_vit_runs_it(monkeypatch):
 
     import hf_distrattn
     from hf_distrattn import plan
-    from hf_distrattn.kernels import hopper
+    from hf_distrattn.kernels import hopper, prefill
 
     monkeypatch.setattr(plan, "SM90", True)
-    launches = []
-    real = hopper.attention
+    launches, refusals = [], []
+    real, refuse = hopper.attention, prefill.sm90_refusal
     monkeypatch.setattr(hopper, "attention", lambda *args, **kwargs: launches.append(1) or real(*args, **kwargs))
+    monkeypatch.setattr(prefill, "sm90_refusal", lambda *args: refusals.append(refuse(*args)) or refusals[-1])
     torch.manual_seed(0)
     config = ViTConfig(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512)
     model = ViTForImageClassification(config).to(DEVICE, torch.bfloat16).eval()
@@ -284,9 +285,10 @@ def test_a_compiled_vit_runs_it(monkeypatch):
         eager = model(pixel_values=pixels).logits
         eager_launches = len(launches)
         compiled = torch.compile(model, fullgraph=True)(pixel_values=pixels).logits
-    ours = [str(w.message) for w in caught if "hf_distrattn" in str(w.message)]
-    assert eager_launches == 2 and len(launches) > eager_launches, ours
-    assert plan.SM90 and not ours, ours
+    why = ([str(w.message) for w in caught if "hf_distrattn" in str(w.message)],
+           {note[0].format(*note[1:]) for note in refusals if note is not None})
+    assert eager_launches == 2 and len(launches) > eager_launches, why
+    assert plan.SM90 and not any(why), why
     torch.testing.assert_close(compiled.float(), eager.float(), atol=5e-2, rtol=5e-2)
 
 
