@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Device calls for the native ops and torch.compile, one stage per call (each fits a 10-minute call):
-#   tests   opcheck of every op on the kernel paths, models compiled with Inductor (CUDA graphs for a static-cache
-#           generation), the reduced-key, decode, subspace, head-dim and Hopper-kernel tests (~9 minutes);
+#   ops     opcheck of every op on the kernel paths, models compiled with Inductor (CUDA graphs for a static-cache
+#           generation) (~4 minutes);
+#   tests   the reduced-key, decode, subspace, head-dim and Hopper-kernel tests, a compiled ViT on the Hopper kernel
+#           (~5 minutes);
 #   decodebench  the decode kernel benchmark: device time (CUDA graphs) and host time, 8k-128k cached tokens;
 #           `bash eval/gpu_compile.sh kernels` runs the rest of the kernel and backward tests compiled (~6 minutes)
 #   models  the model-family matrix (Llama ... gpt-oss, ViT ... SigLIP: windows, softcap, sinks) on the kernels
@@ -23,8 +25,10 @@ source eval/gpu_setup.sh
 stage=${1:-tests}
 shift || true
 case "$stage" in
-  tests)
+  ops)
     $PYTEST tests/test_ops.py 2>&1 | tee "$OUT/gpu_ops.log" | tail -n 15
+    ;;
+  tests)
     $PYTEST tests/test_kernels.py tests/test_hopper.py -k "reduce or decode or subspace or head_dim or hopper" \
       2>&1 | tee "$OUT/gpu_kernels.log" | tail -n 15
     ;;
@@ -75,7 +79,7 @@ case "$stage" in
       --json "$OUT/e2e_8b_prefill.json" --markdown "$OUT/e2e_8b_prefill.md" "$@"
     ;;
   *)
-    echo "unknown stage $stage (tests, kernels, decodebench, speed, subspace, models, decode, rest, decode8b, prefill8b)" >&2
+    echo "unknown stage $stage (ops, tests, kernels, decodebench, speed, subspace, models, decode, rest, decode8b, prefill8b)" >&2
     exit 2
     ;;
 esac
