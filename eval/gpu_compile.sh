@@ -3,9 +3,9 @@
 #   ops     opcheck of every op on the kernel paths, models compiled with Inductor (CUDA graphs for a static-cache
 #           generation) (~4 minutes);
 #   tests   the reduced-key, decode, subspace, head-dim and Hopper-kernel tests, a compiled ViT on the Hopper kernel
-#           (~5 minutes);
-#   decodebench  the decode kernel benchmark: device time (CUDA graphs) and host time, 8k-128k cached tokens;
-#           `bash eval/gpu_compile.sh kernels` runs the rest of the kernel and backward tests compiled (~6 minutes)
+#           (~5 minutes)
+#   kernels the rest of the kernel and backward tests compiled (~7 minutes)
+#   decodebench  the decode kernel benchmark: device time (CUDA graphs) and host time, 8k-128k cached tokens
 #   models  the model-family matrix (Llama ... gpt-oss, ViT ... SigLIP: windows, softcap, sinks) on the kernels
 #   decode  bench_e2e --compile: decode tokens/s after 4k and 32k prompts, static cache, compiled decode step
 #   rest    bench_e2e --compile: prefill at 4k and 16k, the training step at 4k, ViT-B/16 at batch 256 (sdpa as
