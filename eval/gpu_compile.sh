@@ -2,8 +2,8 @@
 # Device calls for the native ops and torch.compile, one stage per call (each fits a 10-minute call):
 #   ops     opcheck of every op on the kernel paths, models compiled with Inductor (CUDA graphs for a static-cache
 #           generation) (~4 minutes);
-#   tests   the reduced-key, decode, subspace, head-dim and Hopper-kernel tests, a compiled ViT on the Hopper kernel
-#           (~5 minutes)
+#   tests   the launch cache's tests (direct launches bit for bit), the reduced-key, decode, subspace, head-dim and
+#           Hopper-kernel tests, a compiled ViT on the Hopper kernel (~5 minutes)
 #   kernels the rest of the kernel and backward tests compiled (~7 minutes)
 #   decodebench  the decode kernel benchmark: device time (CUDA graphs) and host time, 8k-128k cached tokens
 #   models  the model-family matrix (Llama ... gpt-oss, ViT ... SigLIP: windows, softcap, sinks) on the kernels
@@ -29,8 +29,8 @@ case "$stage" in
     $PYTEST tests/test_ops.py 2>&1 | tee "$OUT/gpu_ops.log" | tail -n 15
     ;;
   tests)
-    $PYTEST tests/test_kernels.py tests/test_hopper.py -k "reduce or decode or subspace or head_dim or hopper" \
-      2>&1 | tee "$OUT/gpu_kernels.log" | tail -n 15
+    $PYTEST tests/test_launch.py tests/test_kernels.py tests/test_hopper.py \
+      -k "launch or reduce or decode or subspace or head_dim or hopper" 2>&1 | tee "$OUT/gpu_kernels.log" | tail -n 15
     ;;
   decodebench)
     python3 -m hf_distrattn.eval.bench_decode --json "$OUT/decode.json" --markdown "$OUT/decode.md" "$@"
