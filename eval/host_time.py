@@ -13,7 +13,9 @@ allocations. Rows (medians of ``--rounds`` rounds of ``--calls`` calls, µs per 
   gradients, which a GPU does in a kernel);
 - ``forward op`` / ``backward op``: ``torch.ops.hf_distrattn.attention`` and ``attention_backward`` below autograd,
   as a compiled training step calls them;
-- ``sdpa training forward`` / ``forward+backward``: PyTorch's SDPA with one key (its compute nearly nil).
+- ``sdpa training forward`` / ``forward+backward``: PyTorch's SDPA with one key (its compute nearly nil);
+- ``sdpa decode layer``: Transformers' ``sdpa_attention_forward`` on one cached key, the ``decode layer`` row's
+  peer (on a GPU each side also pays its launches: two Triton kernels against one).
 
     python -m hf_distrattn.eval.host_time --json host.json
 """
@@ -30,6 +32,7 @@ import time  # noqa: E402
 import types  # noqa: E402
 
 import torch  # noqa: E402
+from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 
 from .. import DistrConfig, distr_attention, integration, ops  # noqa: E402
 from ..kernels import backward, decode, grouping, launch, prefill, softmax  # noqa: E402
@@ -101,6 +104,7 @@ def calls(cache: int, tokens: int) -> dict:
         out, lse, _, wt = torch.ops.hf_distrattn.attention(*args)
     backward_args = (dout, None, *plain, out, lse, wt, *args[3:])
     sq, sk, sv = (torch.randn(1, h, 1, HEAD_DIM, requires_grad=True) for h in (HEADS, KV_HEADS, KV_HEADS))
+    module.num_key_value_groups = HEADS // KV_HEADS
     sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(sq, sk, sv, enable_gqa=True)  # noqa: E731
 
     def no_grad(fn):
@@ -118,6 +122,7 @@ def calls(cache: int, tokens: int) -> dict:
         "backward op": no_grad(lambda: torch.ops.hf_distrattn.attention_backward(*backward_args)),
         "sdpa training forward": sdpa,
         "sdpa training forward+backward": lambda: sdpa().sum().backward(),
+        "sdpa decode layer": no_grad(lambda: sdpa_attention_forward(module, q1, sk, sv, None, scaling=HEAD_DIM**-0.5)),
     }
 
 
