@@ -195,13 +195,12 @@ def bench_vit(specs, batch, reps, compile, profile=False):
     model = ViTForImageClassification(ViTConfig()).to("cuda", torch.bfloat16).eval()
     pixels = torch.randn(batch, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
     rows = []
-    runs = [(spec, compile) for spec in specs]
+    runs = [(spec, spec, compile) for spec in specs]  # (row name, setting, compiled)
     if compile and "sdpa" in specs:
-        runs.append(("sdpa", False))
-    for spec, compile_it in runs:
+        runs.append((SDPA_EAGER, "sdpa", False))
+    for name, spec, compile_it in runs:
         use(model, spec)
         forward = partial(compiled(model, compile_it), pixel_values=pixels)
-        name = spec if compile_it == compile else SDPA_EAGER
         with noted({"model": "vit-b16-shape", "attn": name, "task": f"batch {batch}"}) as row:
             row["ms"] = cuda_ms(forward, reps, warmup=2)
             row["images_per_s"] = batch / row["ms"] * 1000
