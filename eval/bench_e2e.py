@@ -15,9 +15,10 @@ generation after prompts past 32k tokens, whose prefill alone takes seconds at 8
 compiled and its CUDA graphs recorded within the first generation's steps).
 
 ``sdpa_causal`` (a setting this module registers): SDPA with ``distr``'s mask function. Compiled, Transformers
-(5.17, torch < 2.14) hands ``sdpa`` a dense causal mask even for a prefill with no padding, which keeps SDPA off
-its FlashAttention path; ``distr_mask`` drops that mask (:mod:`hf_distrattn.integration`), so ``sdpa_causal`` is
-the peer given the same: SDPA at its best. Eager, the two are one. A compiled call without a cache
+(5.17, torch < 2.14) hands ``sdpa`` a dense mask even where none is needed (a causal prefill with no padding; ViT,
+all True), which keeps SDPA off its FlashAttention and cuDNN paths (ViT: Inductor's fp32 math decomposition);
+``distr_mask`` drops that mask (:mod:`hf_distrattn.integration`), so ``sdpa_causal`` is the peer given the same:
+SDPA at its best. Eager, the two are one. A compiled call without a cache
 (``use_cache=False``) gets the dense mask on every side: Transformers' check for packed sequences in
 ``position_ids`` cannot run while tracing, so its mask function stays data-dependent. Every row here has a cache:
 prefill and training step make the dynamic one (``config.use_cache``), decode the static one.

@@ -5,10 +5,11 @@ name, so ``"distr"`` registers Transformers' own SDPA mask builder (:func:`distr
 ``(B, 1, Nq, Nk)`` mask (True = keep), or ``None`` where causality alone describes the call: no padding and
 either as many queries as keys, one query, or a prefill into an empty static cache (whose unfilled slots are
 then dropped here, as SDPA does). A causal module always gets the causal grouping, mask or not. While
-``torch.compile`` traces, Transformers (≤ 5.17 with torch < 2.14) builds the mask even then, an ``(N, N)``
-boolean for a plain causal prefill that sends every call to the kernels' masked path; ``distr_mask`` drops that
-mask itself where it can tell without reading a tensor: no padding mask, the causal mask function, as many
-queries as keys from position 0.
+``torch.compile`` traces, Transformers (≤ 5.17 with torch < 2.14) builds the mask even then: an ``(N, N)``
+boolean for a plain causal prefill, an all-True one for an encoder (ViT) with no padding, which send every call
+to the kernels' masked path, off the Hopper kernel. ``distr_mask`` drops that mask itself where it can tell
+without reading a tensor: no padding mask, and either the causal mask function with as many queries as keys from
+position 0, or the bidirectional one with no window.
 
 Sliding windows, logit softcapping and attention sinks arrive as the keyword arguments ``sliding_window``,
 ``softcap`` and ``s_aux`` that models pass to every attention function (FlashAttention's contract). A
@@ -31,7 +32,12 @@ from collections.abc import Iterable
 
 import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
+from transformers.masking_utils import (
+    AttentionMaskInterface,
+    bidirectional_mask_function,
+    causal_mask_function,
+    sdpa_mask,
+)
 
 # `cache` as a module, not its names: `import hf_distrattn.cache` first loads Transformers, whose post-import
 # hook loads this module while `cache` is still half-initialised
@@ -50,7 +56,7 @@ def distr_mask(*args, config=None, local_size=None, **kwargs):
         raise ValueError(f"attn_implementation='distr' does not support chunked attention "
                          f"(attention_chunk_size={config.attention_chunk_size}) of this "
                          f"{getattr(config, 'model_type', 'model')} model: use 'sdpa' for it")
-    if _causal_alone(local_size, **kwargs):
+    if _causal_alone(local_size, **kwargs) or _unmasked(local_size, **kwargs):
         return None
     return sdpa_mask(*args, config=config, **kwargs)
 
@@ -62,6 +68,14 @@ def _causal_alone(local_size, *, q_length=None, kv_length=None, q_offset=None, k
     return (allow_is_causal_skip and attention_mask is None and q_length == kv_length and type(q_offset) is int
             and type(kv_offset) is int and q_offset == kv_offset == 0
             and (mask_function is causal_mask_function or local_size is not None))
+
+
+def _unmasked(local_size, *, mask_function=None, attention_mask=None, allow_is_bidirectional_skip=False,
+              **_) -> bool:
+    """Every query sees every key: the bidirectional mask function alone (no padding, no window), where the
+    caller allows the skip (``create_bidirectional_mask`` does)."""
+    return (allow_is_bidirectional_skip and attention_mask is None and local_size is None
+            and mask_function is bidirectional_mask_function)
 
 
 def distr_attention_forward(module: torch.nn.Module, query, key, value, attention_mask, dropout: float = 0.0,

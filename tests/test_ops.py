@@ -174,6 +174,41 @@ def test_compiled_causal_prefill_reaches_attention_without_a_mask(monkeypatch):
 
 
 @torch.no_grad()
+def test_compiled_vit_reaches_attention_without_a_mask(monkeypatch):
+    """The encoder's case of the test above: while tracing, Transformers 5.17 builds ViT's bidirectional mask, an
+    all-True ``N × N`` boolean, off the Hopper kernel (the fourteenth session's compiled ViT rows). ``distr_mask``
+    drops it; a 4-D mask of the caller's own stays."""
+    from transformers import masking_utils
+
+    from hf_distrattn import integration
+
+    monkeypatch.setattr(masking_utils, "_ignore_bidirectional_mask_sdpa", lambda *args, **kwargs: False)
+    seen = []
+    real = integration.distr_attention
+
+    def spy(*args, attn_mask=None, **kwargs):
+        seen.append(attn_mask is None)
+        return real(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(integration, "distr_attention", spy)
+    model = ViTForImageClassification(ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                                intermediate_size=128, image_size=32, patch_size=16)).to(DEVICE)
+    model.eval().set_attn_implementation("distr")
+    configure(model, LSH)
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    eager = model(pixel_values=pixels).logits
+    seen.clear()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend=BACKEND)(pixel_values=pixels).logits
+    assert len(seen) == 2 and all(seen)
+    torch.testing.assert_close(compiled, eager, **TOL)
+    keep = dict(q_length=5, kv_length=5, mask_function=masking_utils.bidirectional_mask_function,
+                allow_is_causal_skip=False, allow_is_bidirectional_skip=True, batch_size=1)
+    assert integration.distr_mask(**keep) is None
+    assert integration.distr_mask(**keep | dict(allow_is_bidirectional_skip=False)).all()
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("family", ["gemma2", "gpt_oss"])
 def test_windows_softcap_and_sinks_compile_whole(family):
     """Gemma 2 (sliding windows, softcapping) and gpt-oss (sliding windows, sinks) at G=2: no graph break, eager's
