@@ -160,15 +160,16 @@ def graph_us(fn, steps: int = 10) -> float:
 
 @contextlib.contextmanager
 def programs_per_sm(count: int | None):
-    """Our split-KV kernel cut into splits for ``count`` programs per multiprocessor inside (``None``: the
-    default, :data:`hf_distrattn.kernels.decode.PROGRAMS_PER_SM`)."""
-    default = decode.PROGRAMS_PER_SM
-    decode.PROGRAMS_PER_SM = default if count is None else count
+    """Our split-KV kernel cut into splits for ``count`` programs per multiprocessor inside, whatever the keys'
+    width (``None``: the kernel's own counts, :data:`hf_distrattn.kernels.decode.PROGRAMS_PER_SM` and
+    ``NARROW_PROGRAMS_PER_SM``)."""
+    default = decode.PROGRAMS_PER_SM, decode.NARROW_PROGRAMS_PER_SM
+    decode.PROGRAMS_PER_SM, decode.NARROW_PROGRAMS_PER_SM = default if count is None else (count, count)
     decode.split_keys.cache_clear()
     try:
         yield
     finally:
-        decode.PROGRAMS_PER_SM = default
+        decode.PROGRAMS_PER_SM, decode.NARROW_PROGRAMS_PER_SM = default
         decode.split_keys.cache_clear()
 
 
@@ -209,7 +210,8 @@ def bench(cache_lens, head_dims, groups, batch=1, heads=(32, 8), block_size=64, 
                                                     lambda q, keys, values, _, attend=attend: attend(q, keys, values))
                         row["us"] = median_ms(fn) * 1000
                         row["host_us"], row["call_host_us"] = host_us(fn), host_us(call)
-                        layer_fn = None if mask is not None else layer_call(name, q, layer, setting)
+                        layer_fn = None if mask is not None else layer_call(name.partition("@")[0], q, layer,
+                                                                             setting)
                         if layer_fn is not None:
                             row["layer_host_us"] = host_us(layer_fn)
                         row["graph_us"] = graph_us(fn)

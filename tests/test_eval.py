@@ -74,11 +74,15 @@ def test_decode_bench_sets_the_programs_per_multiprocessor_and_restores_them():
 
     default = decode.PROGRAMS_PER_SM
     before = decode.split_keys(8, 1 << 20, 64, -1)
+    narrow = decode.split_keys(8, 1 << 20, 64, -1, narrow=True)
+    assert narrow[0] == before[0] * decode.NARROW_PROGRAMS_PER_SM // default  # keys at d/G ≤ 16: more programs
     with programs_per_sm(4 * default):
         assert decode.split_keys(8, 1 << 20, 64, -1)[0] == 4 * before[0]
+        assert decode.split_keys(8, 1 << 20, 64, -1, narrow=True)[0] == 4 * before[0]
     with programs_per_sm(None):
         assert decode.split_keys(8, 1 << 20, 64, -1) == before
     assert decode.PROGRAMS_PER_SM == default and decode.split_keys(8, 1 << 20, 64, -1) == before
+    assert decode.split_keys(8, 1 << 20, 64, -1, narrow=True) == narrow
 
 
 def test_decode_bench_ragged_batch_masks_each_sequence_left_padded_on_every_side():

@@ -26,6 +26,11 @@ from .launch import cached, cdiv, next_power_of_2
 from .softmax import finish, mask_arguments, masked_scores, online_softmax, score_scale, scores, softcapped, visible
 
 PROGRAMS_PER_SM = 2
+"""Split-KV programs per multiprocessor for keys read whole or at ``d/G > 16`` columns (docs/design.md D5)."""
+NARROW_PROGRAMS_PER_SM = 4
+"""The same where keys are read at ``d/G ≤ 16`` columns (``G = 4`` at ``d = 64``): a key tile then carries under
+two thirds of an exact tile's bytes, so more programs keep enough loads in flight (H100, batch 1: 27.6 against
+28.4 µs at 32k cached tokens, 74.7 against 78.7 at 128k; at ``d/G = 32`` four were slower, docs/design.md D16)."""
 LAUNCH = {"num_warps": 4, "num_stages": 3}
 
 
@@ -137,14 +142,16 @@ def _multiprocessors(device: int) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
-def split_keys(batch_heads_kv: int, n_k: int, block_n: int, device: int, splits: int | None = None) -> tuple:
+def split_keys(batch_heads_kv: int, n_k: int, block_n: int, device: int, splits: int | None = None,
+               narrow: bool = False) -> tuple:
     """``(S, chunk)``: ``n_k`` keys cut into ``S`` splits of ``chunk`` keys (a multiple of ``block_n``; the last
-    split shorter). Unless ``splits`` is given, enough splits for about :data:`PROGRAMS_PER_SM` programs per
-    multiprocessor of CUDA device ``device`` (``-1``: a CPU under the interpreter), each with at least 4 key
-    tiles. Cached: every layer of a decode step asks the same."""
+    split shorter). Unless ``splits`` is given, enough splits for about :data:`PROGRAMS_PER_SM` programs
+    (:data:`NARROW_PROGRAMS_PER_SM` for ``narrow`` keys, read at ``d/G ≤ 16`` columns) per multiprocessor of CUDA
+    device ``device`` (``-1``: a CPU under the interpreter), each with at least 4 key tiles. Cached: every layer of
+    a decode step asks the same."""
     if splits is None:
-        sms = _multiprocessors(device)
-        splits = max(1, min(cdiv(PROGRAMS_PER_SM * sms, batch_heads_kv), cdiv(n_k, 4 * block_n)))
+        programs = (NARROW_PROGRAMS_PER_SM if narrow else PROGRAMS_PER_SM) * _multiprocessors(device)
+        splits = max(1, min(cdiv(programs, batch_heads_kv), cdiv(n_k, 4 * block_n)))
     chunk = cdiv(cdiv(n_k, splits), block_n) * block_n
     return cdiv(n_k, chunk), chunk
 
@@ -175,7 +182,7 @@ def decode_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, reduc
         uk, grp, w = (t.contiguous() for t in tensors)
         group, dg = 2, uk.shape[-1]  # any G > 1: the kernel only needs to know the keys are reduced
     start = 0 if window is None else max(n_k - n_q - window + 1, 0) // block_n * block_n  # row 0's first key
-    splits, chunk = split_keys(batch * h_kv, n_k - start, block_n, q.get_device(), splits)
+    splits, chunk = split_keys(batch * h_kv, n_k - start, block_n, q.get_device(), splits, dg <= 16)
     part = torch.empty(q.numel() * splits + q.numel() // d * splits, device=q.device, dtype=torch.float32)
     mask, mask_kind, mask_strides = mask_arguments(attn_mask, part)
     _decode_split[(splits, batch * h_kv)](
