@@ -24,8 +24,10 @@ SDPA at its best. Eager, the two are one. A compiled call without a cache
 prefill and training step make the dynamic one (``config.use_cache``), decode the static one.
 
 ``--profile``: each prefill, training-step and ViT row also holds its top CUDA kernels by device time
-(:func:`top_kernels`), to see where a setting loses. A row also holds hf_distrattn's warnings while it ran
-(:func:`noted`).
+(:func:`top_kernels`), to see where a setting loses; each decode row those of one decode step
+(:func:`step_kernels`). Compiled decode rows count the CUDA graphs that Inductor skipped (``cudagraph_skips``:
+a skipped graph runs the step's launches from the host, which a host-bound decode pays per token). A row also
+holds hf_distrattn's warnings while it ran (:func:`noted`).
 
     python -m hf_distrattn.eval.bench_e2e --compile --json results/e2e.json --markdown results/e2e.md
 """
@@ -39,6 +41,7 @@ import warnings
 from functools import partial
 
 import torch
+from torch._dynamo.utils import counters
 from transformers import LlamaConfig, LlamaForCausalLM, ViTConfig, ViTForImageClassification
 
 from ..settings import apply_setting, parse_settings
@@ -93,7 +96,20 @@ def top_kernels(fn, calls: int = 3, top: int = 10) -> list:
         torch.cuda.synchronize()
     kernels = [[e.device_time_total / calls / 1000, e.count // calls, e.key[:100]]
                for e in prof.key_averages() if e.device_time_total > 0]
-    return sorted(kernels, reverse=True)[:top]
+    return sorted(kernels, reverse=True)[:top]  # top=None: all
+
+
+def step_kernels(generate, tokens: int = 17, top: int = 10) -> list:
+    """The ``top`` CUDA kernels of one decode step, as :func:`top_kernels` gives them: those of ``generate(tokens)``
+    less those of ``generate(1)`` (the prefill alone), over ``tokens − 1`` steps."""
+    def totals(n):
+        return {name: (ms, count) for ms, count, name in top_kernels(lambda: generate(n), calls=1, top=None)}
+
+    whole, prefill = totals(tokens), totals(1)
+    steps = tokens - 1
+    kernels = [[(ms - prefill.get(name, (0, 0))[0]) / steps, (count - prefill.get(name, (0, 0))[1]) / steps, name]
+               for name, (ms, count) in whole.items()]
+    return sorted((k for k in kernels if k[1] > 0), reverse=True)[:top]
 
 
 @contextlib.contextmanager
@@ -159,10 +175,15 @@ def bench_llama(specs, prefill_lens, decode_prompts, decode_tokens, reps, compil
                                pad_token_id=0, prefill_chunk_size=prefill_chunk, **_decode_kwargs(compile))
 
             torch._dynamo.reset()
+            skips = counters["inductor"]["cudagraph_skips"]
             with noted({"model": model_name, "attn": spec, "task": f"decode after {n}"}) as row:
                 whole = cuda_ms(lambda: generate(decode_tokens), max(1, reps // 2), warmup=1 if n > 32768 else 2)
                 first = cuda_ms(lambda: generate(1), max(1, reps // 2))
                 row |= {"ms": whole, "tokens_per_s": (decode_tokens - 1) / ((whole - first) / 1000)}
+                if compile:
+                    row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
+                if profile:
+                    row["kernels"] = step_kernels(generate)
             rows.append(row)
     return rows
 

@@ -66,6 +66,18 @@ def test_decode_benchmark_layer_calls_compute_the_same_attention():
     assert "| 64 | 8192 | 24.0 | 60.0 | 2.50× |" in markdown(rows)
 
 
+def test_step_kernels_are_one_decode_step_without_the_prefill(monkeypatch):
+    """bench_e2e's decode profile: a kernel's time and launches in ``generate(n)`` less those in ``generate(1)``,
+    per step; a prefill-only kernel drops out, a kernel new in the steps keeps all of its time."""
+    from hf_distrattn.eval import bench_e2e
+
+    profiles = {17: [[9.0, 33, "gemv"], [5.0, 1, "prefill_attn"], [3.2, 16, "decode_attn"]],
+                1: [[1.0, 1, "gemv"], [5.0, 1, "prefill_attn"]]}
+    monkeypatch.setattr(bench_e2e, "top_kernels", lambda fn, calls, top: profiles[fn()])
+    kernels = bench_e2e.step_kernels(lambda n: n, tokens=17)
+    assert kernels == [[0.5, 2.0, "gemv"], [0.2, 1.0, "decode_attn"]]
+
+
 def test_decode_bench_sets_the_programs_per_multiprocessor_and_restores_them():
     """bench_decode's ``--programs-per-sm`` sweep: inside, the split-KV kernel's splits follow the count given (the
     cached split sizes recomputed); afterwards the kernel's own count and splits are back."""

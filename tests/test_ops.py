@@ -244,8 +244,8 @@ def test_vit_compiles_whole_and_matches_eager():
 @torch.no_grad()
 @pytest.mark.parametrize("config", SETTINGS[1:3], ids=lambda c: f"G{c.group_size}{c.sampled}")
 def test_compiled_static_cache_generation_is_one_graph_with_eager_tokens(config):
-    """Transformers compiles the decode step of a static-cache generation (CUDA graphs on a GPU): one graph for
-    all 12 steps (no recompilation per step), the eager tokens; a left-padded batch."""
+    """Transformers compiles the decode step of a static-cache generation (CUDA graphs on a GPU, none skipped): one
+    graph for all 12 steps (no recompilation per step), the eager tokens; a left-padded batch."""
     from torch._dynamo.utils import counters
     from transformers.generation.configuration_utils import CompileConfig
 
@@ -264,6 +264,7 @@ def test_compiled_static_cache_generation_is_one_graph_with_eager_tokens(config)
     counters.clear()
     compiled = model.generate(**kwargs, compile_config=compile_config)
     assert counters["stats"]["unique_graphs"] == 1
+    assert counters["inductor"]["cudagraph_skips"] == 0  # Inductor's log says why, where one was skipped
     assert torch.equal(compiled, eager)
 
 
