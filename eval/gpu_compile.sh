@@ -7,23 +7,27 @@
 #   kernels the rest of the kernel and backward tests compiled (~7 minutes)
 #   decodebench  the decode kernel benchmark: device time (CUDA graphs) and host time, 8k-128k cached tokens
 #   models  the model-family matrix (Llama ... gpt-oss, ViT ... SigLIP: windows, softcap, sinks) on the kernels
-#   decode  bench_e2e --compile: decode tokens/s after 4k and 32k prompts, static cache, compiled decode step
+#   decode  bench_e2e --compile: decode tokens/s after 4k and 32k prompts, static cache, compiled decode step;
+#           each row with one step's top CUDA kernels (--profile) and its count of skipped CUDA graphs
 #   rest    bench_e2e --compile: prefill at 4k and 16k, the training step at 4k, ViT-B/16 at batch 256 (sdpa as
 #           Transformers compiles it, with a dense causal mask, and sdpa_causal, without: bench_e2e's notes); each
 #           prefill row names its top CUDA kernels (--profile), so which attention kernel ran is on record
 #   decode8b  bench_e2e --compile --llama 8b: decode tokens/s after a 128k prompt (sdpa, G=1, G=4 keys reduced),
 #           prefilled in chunks of 16k (in one piece, sdpa's prefill into the static cache fell to the math kernel
-#           and asked for 32 GiB on an H100)
+#           and asked for 32 GiB on an H100); sdpa and one distr setting did not finish in 430 s on an H100
+#           (2026-12-06): one setting per call (decode8b --attn SETTING)
 #   prefill8b bench_e2e --compile --llama 8b: prefill at 64k (sdpa, sdpa_causal, G=1, G=4 LSH)
 #   subspace  grouping="subspace" compiled (kernel, backward and op tests), then bench_e2e --compile for it (G=2, G=4)
 #           beside sdpa: prefill at 4k and 16k, training step
 #   speed   README's kernel table: bench_kernels, LSH blocks of 128 (the Hopper kernel's) against SDPA flash / cuDNN
 #           and sageattention at 4k and 16k tokens, pre-pass and kernel timed apart, both kernels alone, the plot
 # Usage (from the repository root on the GPU machine): bash eval/gpu_compile.sh STAGE [extra bench_e2e arguments]
+# Everything a stage prints is also in $OUT/STAGE.log (what a call cut off at its time limit still brings back).
 set -uo pipefail
 source eval/gpu_setup.sh
 stage=${1:-tests}
 shift || true
+exec > >(tee "$OUT/$stage.log") 2>&1
 case "$stage" in
   ops)
     $PYTEST tests/test_ops.py 2>&1 | tee "$OUT/gpu_ops.log" | tail -n 15
@@ -56,7 +60,7 @@ case "$stage" in
       2>&1 | tee "$OUT/gpu_models.log" | tail -n 15
     ;;
   decode)
-    python3 -m hf_distrattn.eval.bench_e2e --compile --prefill --train-seq-len 0 --vit-batch 0 \
+    python3 -m hf_distrattn.eval.bench_e2e --compile --prefill --train-seq-len 0 --vit-batch 0 --profile \
       --attn sdpa distr:group_size=1,block_size=128 distr:group_size=2,sampled=k,grouping=lsh distr:group_size=4,sampled=k,grouping=lsh \
       --json "$OUT/e2e_decode.json" --markdown "$OUT/e2e_decode.md" "$@"
     ;;
