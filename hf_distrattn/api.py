@@ -159,10 +159,10 @@ def distr_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config
     if chosen.path == "reference-autograd" and q.is_cuda:
         warn_once(f"distr_attention: {chosen.reason} runs the (slower) PyTorch reference")
     if d % config.group_size:
-        warn_once(f"head_dim {d} is not a multiple of DistrConfig.group_size={config.group_size}: "
+        warn_once(f"distr_attention: head_dim {d} is not a multiple of DistrConfig.group_size={config.group_size}: "
                   "computing exact attention instead")
     elif config.group_size == d > 1:
-        warn_once(f"DistrConfig.group_size={d} equals the head dim: every head scores with one column "
+        warn_once(f"distr_attention: DistrConfig.group_size={d} equals the head dim: every head scores with one column "
                   "(d/G = 1); the scores carry little of Q·Kᵀ")
     scale = d**-0.5 if scale is None else float(scale)
     features = (window, None if softcap is None else float(softcap))
