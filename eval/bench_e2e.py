@@ -10,9 +10,9 @@
 ``--compile``: both sides compiled the same way: ``torch.compile(model, fullgraph=True)`` for prefill, ViT and
 the training step, and for decode a static cache with Transformers' compiled decode step
 (``fullgraph=True, mode="reduce-overhead"``: CUDA graphs). Without it, eager with the dynamic cache. Times are
-medians over ``--reps`` CUDA-event-timed runs after warm-up (compilation included in the warm-up; one warm-up
-generation after prompts past 32k tokens, whose prefill alone takes seconds at 8B: the compiled decode step is
-compiled and its CUDA graphs recorded within the first generation's steps).
+medians over ``--reps`` CUDA-event-timed runs after warm-up (compilation included in the warm-up). Past 32k cached
+tokens, whose prefill alone takes seconds at 8B, decode takes half as many runs and one warm-up generation (the
+compiled decode step is compiled and its CUDA graphs recorded within the first generation's steps).
 
 ``sdpa_causal`` (a setting this module registers): SDPA with ``distr``'s mask function. Compiled, Transformers
 (5.17, torch < 2.14) hands ``sdpa`` a dense mask even where none is needed (a causal prefill with no padding; ViT,
@@ -177,8 +177,9 @@ def bench_llama(specs, prefill_lens, decode_prompts, decode_tokens, reps, compil
             torch._dynamo.reset()
             skips = counters["inductor"]["cudagraph_skips"]
             with noted({"model": model_name, "attn": spec, "task": f"decode after {n}"}) as row:
-                whole = cuda_ms(lambda: generate(decode_tokens), max(1, reps // 2), warmup=1 if n > 32768 else 2)
-                first = cuda_ms(lambda: generate(1), max(1, reps // 2))
+                runs = reps if n <= 32768 else max(1, reps // 2)  # a 128k prefill at 8B takes seconds
+                whole = cuda_ms(lambda: generate(decode_tokens), runs, warmup=1 if n > 32768 else 2)
+                first = cuda_ms(lambda: generate(1), runs)
                 row |= {"ms": whole, "tokens_per_s": (decode_tokens - 1) / ((whole - first) / 1000)}
                 if compile:
                     row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
