@@ -3,8 +3,9 @@
 - Llama-3.2-1B shape (16 layers, hidden 2048, 32 query / 8 KV heads, head_dim 64) or with ``--llama 8b`` the
   Llama-3.1-8B shape (32 layers, hidden 4096, 32 / 8 heads, head_dim 128): prefill at each ``--prefill`` length
   (batch 1, last-token logits only, into the dynamic cache that a plain ``model(ids)`` makes), greedy decode
-  tokens/s after each ``--decode-prompt`` (``(n − 1) / (T(n new tokens) − T(1 new token))``, so the prefill
-  cancels), and a training step (forward + backward) at ``--train-seq-len``;
+  tokens/s after each ``--decode-prompt`` (the steps after the first new token, timed inside one generation by
+  CUDA events: :class:`StepClock`; a row's ``ms`` is one step), and a training step (forward + backward) at
+  ``--train-seq-len``;
 - ViT-B/16 shape (12 layers, hidden 768, 197 tokens): batch-256 inference.
 
 ``--compile``: both sides compiled the same way: ``torch.compile(model, fullgraph=True)`` for prefill, ViT and
@@ -37,12 +38,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import statistics
 import warnings
 from functools import partial
 
 import torch
 from torch._dynamo.utils import counters
-from transformers import LlamaConfig, LlamaForCausalLM, ViTConfig, ViTForImageClassification
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    ViTConfig,
+    ViTForImageClassification,
+)
 
 from ..settings import apply_setting, parse_settings
 from .common import cuda_ms, write_results
@@ -97,6 +106,25 @@ def top_kernels(fn, calls: int = 3, top: int = 10) -> list:
     kernels = [[e.device_time_total / calls / 1000, e.count // calls, e.key[:100]]
                for e in prof.key_averages() if e.device_time_total > 0]
     return sorted(kernels, reverse=True)[:top]  # top=None: all
+
+
+class StepClock(StoppingCriteria):
+    """Times the decode steps of one ``generate`` from inside it. Stopping criteria run once per new token, after
+    its forward, so a CUDA event recorded there per token brackets the steps: :meth:`step_ms` is the mean time of
+    one step, the prefill (first token) excluded, without a second generation to subtract."""
+
+    def __init__(self):
+        self.events = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        self.events.append(event)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def step_ms(self) -> float:
+        self.events[-1].synchronize()
+        return self.events[0].elapsed_time(self.events[-1]) / (len(self.events) - 1)
 
 
 def step_kernels(generate, tokens: int = 17, top: int = 10) -> list:
@@ -170,17 +198,23 @@ def bench_llama(specs, prefill_lens, decode_prompts, decode_tokens, reps, compil
         for n in decode_prompts:
             prompt = torch.randint(0, geometry["vocab_size"], (1, n), device="cuda")
 
-            def generate(tokens, prompt=prompt):
+            def generate(tokens, clock=None, prompt=prompt):
                 model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                               pad_token_id=0, prefill_chunk_size=prefill_chunk, **_decode_kwargs(compile))
+                               pad_token_id=0, prefill_chunk_size=prefill_chunk,
+                               stopping_criteria=None if clock is None else StoppingCriteriaList([clock]),
+                               **_decode_kwargs(compile))
 
             torch._dynamo.reset()
             skips = counters["inductor"]["cudagraph_skips"]
             with noted({"model": model_name, "attn": spec, "task": f"decode after {n}"}) as row:
                 runs = reps if n <= 32768 else max(1, reps // 2)  # a 128k prefill at 8B takes seconds
-                whole = cuda_ms(lambda: generate(decode_tokens), runs, warmup=1 if n > 32768 else 2)
-                first = cuda_ms(lambda: generate(1), runs)
-                row |= {"ms": whole, "tokens_per_s": (decode_tokens - 1) / ((whole - first) / 1000)}
+                for _ in range(1 if n > 32768 else 2):  # compiles the decode step, records its CUDA graphs
+                    generate(decode_tokens)
+                clocks = [StepClock() for _ in range(runs)]
+                for clock in clocks:
+                    generate(decode_tokens, clock)
+                step_ms = statistics.median(clock.step_ms() for clock in clocks)
+                row |= {"ms": step_ms, "tokens_per_s": 1000 / step_ms}
                 if compile:
                     row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
                 if profile:

@@ -66,6 +66,40 @@ def test_decode_benchmark_layer_calls_compute_the_same_attention():
     assert "| 64 | 8192 | 24.0 | 60.0 | 2.50× |" in markdown(rows)
 
 
+def test_step_clock_times_each_new_token_of_one_generation(monkeypatch):
+    """bench_e2e's decode clock: one event per new token, recorded inside ``generate`` (which it never stops), and
+    a step's time the span from the first token's event to the last over the steps between them."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteriaList
+
+    from hf_distrattn.eval import bench_e2e
+
+    ticks = iter(range(100))
+
+    class Event:  # a CUDA event on a clock that advances 1 ms per recorded event
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            self.at = next(ticks)
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return float(end.at - self.at)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    clock = bench_e2e.StepClock()
+    out = model.generate(torch.randint(0, 97, (1, 6)), max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                         pad_token_id=0, stopping_criteria=StoppingCriteriaList([clock]))
+    assert out.shape[1] == 6 + 5 and len(clock.events) == 5
+    assert clock.step_ms() == 1.0
+
+
 def test_step_kernels_are_one_decode_step_without_the_prefill(monkeypatch):
     """bench_e2e's decode profile: a kernel's time and launches in ``generate(n)`` less those in ``generate(1)``,
     per step; a prefill-only kernel drops out, a kernel new in the steps keeps all of its time."""
