@@ -141,17 +141,14 @@ def test_llama_compiles_whole_and_matches_eager(config):
     torch.testing.assert_close(compiled[:, 5:].float(), eager[:, 5:].float(), **TOL)
 
 
-@torch.no_grad()
-def test_compiled_causal_prefill_reaches_attention_without_a_mask(monkeypatch):
-    """While tracing, Transformers (5.17 with torch < 2.14) builds the causal mask even for a causal prefill with no
-    padding: an ``N × N`` boolean that sends every call to the kernels' masked path, off the Hopper kernel.
-    ``distr_mask`` drops it where Python values show causality alone, with eager's logits; a padding mask stays.
-    Newer Transformers skip that mask themselves, so their skip is turned off here, as 5.17's is while tracing."""
+def _traced_masks(monkeypatch, skip: str) -> list:
+    """Transformers' mask skip ``skip`` turned off, as 5.17's is while tracing; the list then fills with, per
+    attention call, whether it got no mask."""
     from transformers import masking_utils
 
     from hf_distrattn import integration
 
-    monkeypatch.setattr(masking_utils, "_ignore_causal_mask_sdpa", lambda *args, **kwargs: False)
+    monkeypatch.setattr(masking_utils, skip, lambda *args, **kwargs: False)
     seen = []
     real = integration.distr_attention
 
@@ -160,6 +157,16 @@ def test_compiled_causal_prefill_reaches_attention_without_a_mask(monkeypatch):
         return real(*args, attn_mask=attn_mask, **kwargs)
 
     monkeypatch.setattr(integration, "distr_attention", spy)
+    return seen
+
+
+@torch.no_grad()
+def test_compiled_causal_prefill_reaches_attention_without_a_mask(monkeypatch):
+    """While tracing, Transformers (5.17 with torch < 2.14) builds the causal mask even for a causal prefill with no
+    padding: an ``N × N`` boolean that sends every call to the kernels' masked path, off the Hopper kernel.
+    ``distr_mask`` drops it where Python values show causality alone, with eager's logits; a padding mask stays.
+    Newer Transformers skip that mask themselves, so their skip is turned off here, as 5.17's is while tracing."""
+    seen = _traced_masks(monkeypatch, "_ignore_causal_mask_sdpa")
     model = tiny_llama(torch.bfloat16 if CUDA else torch.float32)
     model.set_attn_implementation("distr")
     configure(model, LSH)
@@ -177,20 +184,12 @@ def test_compiled_causal_prefill_reaches_attention_without_a_mask(monkeypatch):
 def test_compiled_vit_reaches_attention_without_a_mask(monkeypatch):
     """The encoder's case of the test above: while tracing, Transformers 5.17 builds ViT's bidirectional mask, an
     all-True ``N × N`` boolean, off the Hopper kernel (the fourteenth session's compiled ViT rows). ``distr_mask``
-    drops it; a 4-D mask of the caller's own stays."""
+    drops it, unless the caller forbids the skip."""
     from transformers import masking_utils
 
     from hf_distrattn import integration
 
-    monkeypatch.setattr(masking_utils, "_ignore_bidirectional_mask_sdpa", lambda *args, **kwargs: False)
-    seen = []
-    real = integration.distr_attention
-
-    def spy(*args, attn_mask=None, **kwargs):
-        seen.append(attn_mask is None)
-        return real(*args, attn_mask=attn_mask, **kwargs)
-
-    monkeypatch.setattr(integration, "distr_attention", spy)
+    seen = _traced_masks(monkeypatch, "_ignore_bidirectional_mask_sdpa")
     model = ViTForImageClassification(ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                                                 intermediate_size=128, image_size=32, patch_size=16)).to(DEVICE)
     model.eval().set_attn_implementation("distr")
