@@ -396,6 +396,33 @@ def test_reduced_key_decode_is_the_same_for_any_split(splits):
     torch.testing.assert_close(lse.double(), ref_lse.double(), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capability()[0] < 9, reason="needs sm_90+ (PDL)")
+@pytest.mark.parametrize("batch", [1, 16])
+def test_decode_merge_launched_early_is_bit_for_bit_the_plain_launch(monkeypatch, batch):
+    """The merge launched by programmatic dependent launch (``decode.PDL``) waits for the whole split grid: the same
+    bits as a plain launch, eager and replayed in a CUDA graph, with a split grid of two waves at batch 16 (the
+    merge may not launch before every split program has started, or it could take their slots)."""
+    from hf_distrattn.kernels import decode
+
+    q, k, v = rand(batch, 32, 1, 64, seed=90), rand(batch, 8, 8192, 64, seed=91), rand(batch, 8, 8192, 64, seed=92)
+    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    results = []
+    for pdl in (False, True):
+        monkeypatch.setattr(decode, "PDL", pdl)
+        decode._pdl.cache_clear()
+        eager = decode.decode_attention(q, k, v)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            replayed = decode.decode_attention(q, k, v)
+        graph.replay()
+        torch.cuda.synchronize()
+        results.append((eager, replayed))
+    decode._pdl.cache_clear()
+    for plain, early in zip(*results, strict=True):
+        assert torch.equal(plain[0], early[0]) and torch.equal(plain[1], early[1])
+    assert torch.equal(results[1][0][0], results[1][1][0])
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_sampled_k_prefill_matches_reference(causal):
     """sampled="k" prefill on the kernel path: keys projected per block (K̃ = K M), then the exact kernel."""

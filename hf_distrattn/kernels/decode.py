@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .launch import cached, cdiv, next_power_of_2
 from .softmax import finish, mask_arguments, masked_scores, online_softmax, score_scale, scores, softcapped, visible
@@ -32,6 +34,11 @@ NARROW_PROGRAMS_PER_SM = 4
 two thirds of an exact tile's bytes, so more programs keep enough loads in flight (H100, batch 1: 27.6 against
 28.4 µs at 32k cached tokens, 74.7 against 78.7 at 128k; at ``d/G = 32`` four were slower, docs/design.md D16)."""
 LAUNCH = {"num_warps": 4, "num_stages": 3}
+PDL = os.environ.get("HF_DISTRATTN_PDL", "1") != "0"
+"""Launch the merge by programmatic dependent launch where the GPU has it (sm_90+): each split program lets it
+launch as soon as it starts, and the merge's programs wait (``griddepcontrol.wait``) for the whole split grid to
+finish and its writes to be visible before they read anything, so the gap between the two kernels, a fixed cost
+of every decode step, is hidden behind the split's tail. ``HF_DISTRATTN_PDL=0`` launches it plainly."""
 
 
 @triton.jit
@@ -58,11 +65,13 @@ def _fuse_query(q, Grp, W, g_base, offs_d, offs_g, IEEE: tl.constexpr):
 def _decode_split(Q, K, V, UK, Grp, W, Mask, Part, scale, window, softcap, n_q, n_k, heads_kv, rep, start, chunk,
                   capacity, sm_b, sm_h, sm_m, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
                   MASK_KIND: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  D: tl.constexpr, G: tl.constexpr, DG: tl.constexpr):
+                  D: tl.constexpr, G: tl.constexpr, DG: tl.constexpr, PDL: tl.constexpr):
     """One program per (split, batch·KV head). ``Q``, ``K``, ``V`` ``(B, H, N, D)`` and the reduced keys ``UK``
     ``(B, Hkv, capacity, DG)``, ``Grp``/``W`` ``(B, Hkv, ⌈capacity / BLOCK_N⌉, D)`` contiguous, their strides derived
     here (fewer launch arguments); ``Part`` holds the partial outputs ``(rows, S, D)`` then their log-sum-exps
-    ``(rows, S)`` (``rows = B·Hq·Nq``, ``S`` splits)."""
+    ``(rows, S)`` (``rows = B·Hq·Nq``, ``S`` splits). ``PDL``: the merge may launch now (:data:`PDL`)."""
+    if PDL:
+        gdc_launch_dependents()
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // heads_kv
@@ -117,9 +126,11 @@ def _decode_split(Q, K, V, UK, Grp, W, Mask, Part, scale, window, softcap, n_q, 
 
 @cached
 @triton.jit
-def _merge_splits(Part, Out, Lse, splits, S_PAD: tl.constexpr, D: tl.constexpr):
+def _merge_splits(Part, Out, Lse, splits, S_PAD: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):
     """One program per query row (of ``B·Hq·Nq``, contiguous ``Out``): the exact combine of its ``splits``
-    partials in ``Part`` (:func:`_decode_split`)."""
+    partials in ``Part`` (:func:`_decode_split`). ``PDL``: launched early, it first waits for the split grid."""
+    if PDL:
+        gdc_wait()
     row = tl.program_id(0)
     offs_s = tl.arange(0, S_PAD)
     offs_d = tl.arange(0, D)
@@ -139,6 +150,12 @@ def _merge_splits(Part, Out, Lse, splits, S_PAD: tl.constexpr, D: tl.constexpr):
 @functools.lru_cache
 def _multiprocessors(device: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device >= 0 else 4
+
+
+@functools.lru_cache
+def _pdl(device: int) -> bool:
+    """:data:`PDL` on CUDA device ``device`` (``-1``: a CPU under the interpreter, which has none)."""
+    return PDL and device >= 0 and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 @functools.lru_cache(maxsize=1024)
@@ -182,7 +199,9 @@ def decode_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, reduc
         uk, grp, w = (t.contiguous() for t in tensors)
         group, dg = 2, uk.shape[-1]  # any G > 1: the kernel only needs to know the keys are reduced
     start = 0 if window is None else max(n_k - n_q - window + 1, 0) // block_n * block_n  # row 0's first key
-    splits, chunk = split_keys(batch * h_kv, n_k - start, block_n, q.get_device(), splits, dg <= 16)
+    device = q.get_device()
+    pdl = _pdl(device)
+    splits, chunk = split_keys(batch * h_kv, n_k - start, block_n, device, splits, dg <= 16)
     part = torch.empty(q.numel() * splits + q.numel() // d * splits, device=q.device, dtype=torch.float32)
     mask, mask_kind, mask_strides = mask_arguments(attn_mask, part)
     _decode_split[(splits, batch * h_kv)](
@@ -190,11 +209,11 @@ def decode_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, reduc
         uk.shape[2], *mask_strides,
         CAUSAL=causal, WINDOWED=window is not None, SOFTCAP=softcap is not None, MASK_KIND=mask_kind,
         IEEE=q.dtype == torch.float32, BLOCK_M=max(16, next_power_of_2(rep * n_q)), BLOCK_N=block_n, D=d,
-        G=group, DG=dg,
+        G=group, DG=dg, PDL=pdl,
         **LAUNCH,
     )
     out = torch.empty_like(q)
     lse = torch.empty(batch, heads, n_q, device=q.device, dtype=torch.float32)
     _merge_splits[(batch * heads * n_q,)](part, out, lse, splits, S_PAD=max(2, next_power_of_2(splits)), D=d,
-                                          num_warps=4)
+                                          PDL=pdl, num_warps=4, launch_pdl=pdl)
     return out, lse
