@@ -398,29 +398,40 @@ def test_reduced_key_decode_is_the_same_for_any_split(splits):
 
 @pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capability()[0] < 9, reason="needs sm_90+ (PDL)")
 @pytest.mark.parametrize("batch", [1, 16])
-def test_decode_merge_launched_early_is_bit_for_bit_the_plain_launch(monkeypatch, batch):
-    """The merge launched by programmatic dependent launch (``decode.PDL``) waits for the whole split grid: the same
-    bits as a plain launch, eager and replayed in a CUDA graph, with a split grid of two waves at batch 16 (the
-    merge may not launch before every split program has started, or it could take their slots)."""
+def test_decode_launched_early_is_bit_for_bit_the_plain_launch(monkeypatch, batch):
+    """Split and merge launched by programmatic dependent launch (``decode.PDL``) wait for the kernel ahead: a step
+    (the cache's last key and value written, then attention) gives the same bits as with plain launches, eager
+    and replayed in a CUDA graph, and sees the new key (which dominates its scores); at batch 16 the split grid
+    takes two waves (the merge may not launch before every split program has started)."""
     from hf_distrattn.kernels import decode
 
-    q, k, v = rand(batch, 32, 1, 64, seed=90), rand(batch, 8, 8192, 64, seed=91), rand(batch, 8, 8192, 64, seed=92)
-    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    q = rand(batch, 32, 1, 64, seed=90).to(torch.bfloat16)
+    k, v = (rand(batch, 8, 8192, 64, seed=s).to(torch.bfloat16) for s in (91, 92))
+    new_k, new_v = (4 * q[:, ::4]).contiguous(), rand(batch, 8, 1, 64, seed=93).to(torch.bfloat16)
+    stale = decode.decode_attention(q, k, v)[0]
+
+    def step():
+        k[:, :, -1:].copy_(new_k)
+        v[:, :, -1:].copy_(new_v)
+        return decode.decode_attention(q, k, v)
+
     results = []
     for pdl in (False, True):
         monkeypatch.setattr(decode, "PDL", pdl)
         decode._pdl.cache_clear()
-        eager = decode.decode_attention(q, k, v)
+        eager = step()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            replayed = decode.decode_attention(q, k, v)
+            replayed = step()
         graph.replay()
         torch.cuda.synchronize()
         results.append((eager, replayed))
     decode._pdl.cache_clear()
     for plain, early in zip(*results, strict=True):
         assert torch.equal(plain[0], early[0]) and torch.equal(plain[1], early[1])
-    assert torch.equal(results[1][0][0], results[1][1][0])
+    assert torch.equal(results[1][0][0], results[1][1][0]) and not torch.equal(results[1][0][0], stale)
+    want, _ = reference.attention(q.double(), k.double(), v.double())  # bf16 on the GPU (the interpreter's
+    torch.testing.assert_close(results[1][0][0].double(), want, atol=2e-2, rtol=2e-2)  # bf16 dot is wrong)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -35,10 +35,12 @@ two thirds of an exact tile's bytes, so more programs keep enough loads in fligh
 28.4 µs at 32k cached tokens, 74.7 against 78.7 at 128k; at ``d/G = 32`` four were slower, docs/design.md D16)."""
 LAUNCH = {"num_warps": 4, "num_stages": 3}
 PDL = os.environ.get("HF_DISTRATTN_PDL", "1") != "0"
-"""Launch the merge by programmatic dependent launch where the GPU has it (sm_90+): each split program lets it
-launch as soon as it starts, and the merge's programs wait (``griddepcontrol.wait``) for the whole split grid to
-finish and its writes to be visible before they read anything, so the gap between the two kernels, a fixed cost
-of every decode step, is hidden behind the split's tail. ``HF_DISTRATTN_PDL=0`` launches it plainly."""
+"""Launch both kernels by programmatic dependent launch where the GPU has it (sm_90+): a kernel may then start
+before the one ahead of it in the stream has finished, and its programs wait (``griddepcontrol.wait``) for that
+whole grid to finish and its writes to be visible before they read anything. Each split program lets the merge
+launch as soon as it starts, so the launch gaps of every decode step (after the cache update, between split and
+merge), a fixed cost that short caches feel, hide behind the kernel ahead's tail. ``HF_DISTRATTN_PDL=0``
+launches them plainly."""
 
 
 @triton.jit
@@ -69,8 +71,10 @@ def _decode_split(Q, K, V, UK, Grp, W, Mask, Part, scale, window, softcap, n_q, 
     """One program per (split, batch·KV head). ``Q``, ``K``, ``V`` ``(B, H, N, D)`` and the reduced keys ``UK``
     ``(B, Hkv, capacity, DG)``, ``Grp``/``W`` ``(B, Hkv, ⌈capacity / BLOCK_N⌉, D)`` contiguous, their strides derived
     here (fewer launch arguments); ``Part`` holds the partial outputs ``(rows, S, D)`` then their log-sum-exps
-    ``(rows, S)`` (``rows = B·Hq·Nq``, ``S`` splits). ``PDL``: the merge may launch now (:data:`PDL`)."""
+    ``(rows, S)`` (``rows = B·Hq·Nq``, ``S`` splits). ``PDL`` (:data:`PDL`): launched early, it first waits for the
+    kernel ahead, then lets the merge launch."""
     if PDL:
+        gdc_wait()  # the kernel ahead (the cache update) done
         gdc_launch_dependents()
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -210,7 +214,7 @@ def decode_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, reduc
         CAUSAL=causal, WINDOWED=window is not None, SOFTCAP=softcap is not None, MASK_KIND=mask_kind,
         IEEE=q.dtype == torch.float32, BLOCK_M=max(16, next_power_of_2(rep * n_q)), BLOCK_N=block_n, D=d,
         G=group, DG=dg, PDL=pdl,
-        **LAUNCH,
+        **LAUNCH, launch_pdl=pdl,
     )
     out = torch.empty_like(q)
     lse = torch.empty(batch, heads, n_q, device=q.device, dtype=torch.float32)
