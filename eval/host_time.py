@@ -9,7 +9,7 @@ allocations. Rows (medians of ``--rounds`` rounds of ``--calls`` calls, µs per 
 - ``decode layer``: one exact decode-layer call through Transformers' attention interface
   (``distr_attention_forward``), 32/8 heads, d=64, ``--cache`` keys, 132 multiprocessors assumed for the split;
 - ``training forward`` / ``training forward+backward``: eager ``distr_attention`` with gradients, G=1, causal,
-  1 × ``--tokens`` tokens, 32/8 heads, d=64, bf16 (the backward includes the CPU accumulation of the leaves'
+  1 × ``--tokens`` tokens, 32/8 heads, d=64, fp16 (the backward includes the CPU accumulation of the leaves'
   gradients, which a GPU does in a kernel);
 - ``forward op`` / ``backward op``: ``torch.ops.hf_distrattn.attention`` and ``attention_backward`` below autograd,
   as a compiled training step calls them;
@@ -94,10 +94,10 @@ def calls(cache: int, tokens: int) -> dict:
     k1, v1 = (torch.randn(1, KV_HEADS, cache, HEAD_DIM) for _ in range(2))
 
     def leaf(heads, n):  # Transformers' (B, N, H, d) layout seen as (B, H, N, d)
-        return torch.randn(1, n, heads, HEAD_DIM, dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+        return torch.randn(1, n, heads, HEAD_DIM, dtype=torch.float16).transpose(1, 2).requires_grad_()
 
     q, k, v = leaf(HEADS, tokens), leaf(KV_HEADS, tokens), leaf(KV_HEADS, tokens)
-    dout = torch.randn(1, HEADS, tokens, HEAD_DIM, dtype=torch.bfloat16)
+    dout = torch.randn(1, HEADS, tokens, HEAD_DIM, dtype=torch.float16)
     plain = [t.detach() for t in (q, k, v)]
     args = (*plain, None, None, "projected", True, HEAD_DIM**-0.5, *ops.config_args(config), True, None, None)
     with torch.no_grad():

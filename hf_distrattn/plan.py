@@ -131,6 +131,9 @@ def triton_refusal(q: torch.Tensor, backend: str) -> Note | None:
         return ("device {} (the kernels need CUDA, or TRITON_INTERPRET=1 with backend='triton')", q.device.type)
     if q.dtype not in KERNEL_DTYPES:
         return ("dtype {}", q.dtype)
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu":  # under the interpreter
+        return ("bfloat16 under the Triton interpreter, whose tl.dot multiplies bf16 bit patterns "
+                "(triton-lang/triton#11584): float16 or float32 there",)
     if not 16 <= q.shape[-1] <= 256:
         return ("head_dim {} (the kernels take 16-256)", q.shape[-1])
     return None
