@@ -403,11 +403,11 @@ def test_reduced_key_decode_is_the_same_for_any_split(splits):
 @pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capability()[0] < 9, reason="needs sm_90+ (PDL)")
 @pytest.mark.parametrize("batch", [1, 16])
 def test_decode_launched_early_is_bit_for_bit_the_plain_launch(monkeypatch, batch):
-    """Split and merge launched by programmatic dependent launch (``decode.PDL``) wait for the kernel ahead: a step
+    """Split and merge launched by programmatic dependent launch (``launch.PDL``) wait for the kernel ahead: a step
     (the cache's last key and value written, then attention) gives the same bits as with plain launches, eager
     and replayed in a CUDA graph, and sees the new key (which dominates its scores); at batch 16 the split grid
     takes two waves (the merge may not launch before every split program has started)."""
-    from hf_distrattn.kernels import decode
+    from hf_distrattn.kernels import decode, launch
 
     q = rand(batch, 32, 1, 64, seed=90).to(torch.bfloat16)
     k, v = (rand(batch, 8, 8192, 64, seed=s).to(torch.bfloat16) for s in (91, 92))
@@ -421,8 +421,8 @@ def test_decode_launched_early_is_bit_for_bit_the_plain_launch(monkeypatch, batc
 
     results = []
     for pdl in (False, True):
-        monkeypatch.setattr(decode, "PDL", pdl)
-        decode._pdl.cache_clear()
+        monkeypatch.setattr(launch, "PDL", pdl)
+        launch.pdl.cache_clear()
         eager = step()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -430,7 +430,7 @@ def test_decode_launched_early_is_bit_for_bit_the_plain_launch(monkeypatch, batc
         graph.replay()
         torch.cuda.synchronize()
         results.append((eager, replayed))
-    decode._pdl.cache_clear()
+    launch.pdl.cache_clear()
     for plain, early in zip(*results, strict=True):
         assert torch.equal(plain[0], early[0]) and torch.equal(plain[1], early[1])
     assert torch.equal(results[1][0][0], results[1][1][0]) and not torch.equal(results[1][0][0], stale)

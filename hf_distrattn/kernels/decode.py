@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .launch import cached, cdiv, next_power_of_2
+from .launch import cached, cdiv, next_power_of_2, pdl
 from .softmax import finish, mask_arguments, masked_scores, online_softmax, score_scale, scores, softcapped, visible
 
 PROGRAMS_PER_SM = 2
@@ -34,13 +33,6 @@ NARROW_PROGRAMS_PER_SM = 4
 two thirds of an exact tile's bytes, so more programs keep enough loads in flight (H100, batch 1: 27.6 against
 28.4 µs at 32k cached tokens, 74.7 against 78.7 at 128k; at ``d/G = 32`` four were slower, docs/design.md D16)."""
 LAUNCH = {"num_warps": 4, "num_stages": 3}
-PDL = os.environ.get("HF_DISTRATTN_PDL", "1") != "0"
-"""Launch both kernels by programmatic dependent launch where the GPU has it (sm_90+): a kernel may then start
-before the one ahead of it in the stream has finished, and its programs wait (``griddepcontrol.wait``) for that
-whole grid to finish and its writes to be visible before they read anything. Each split program lets the merge
-launch as soon as it starts, so the launch gaps of every decode step (after the cache update, between split and
-merge), a fixed cost that short caches feel, hide behind the kernel ahead's tail. ``HF_DISTRATTN_PDL=0``
-launches them plainly."""
 
 
 @triton.jit
@@ -71,8 +63,8 @@ def _decode_split(Q, K, V, UK, Grp, W, Mask, Part, scale, window, softcap, n_q, 
     """One program per (split, batch·KV head). ``Q``, ``K``, ``V`` ``(B, H, N, D)`` and the reduced keys ``UK``
     ``(B, Hkv, capacity, DG)``, ``Grp``/``W`` ``(B, Hkv, ⌈capacity / BLOCK_N⌉, D)`` contiguous, their strides derived
     here (fewer launch arguments); ``Part`` holds the partial outputs ``(rows, S, D)`` then their log-sum-exps
-    ``(rows, S)`` (``rows = B·Hq·Nq``, ``S`` splits). ``PDL`` (:data:`PDL`): launched early, it first waits for the
-    kernel ahead, then lets the merge launch."""
+    ``(rows, S)`` (``rows = B·Hq·Nq``, ``S`` splits). ``PDL`` (:func:`~.launch.pdl`): launched early, it first
+    waits for the kernel ahead (the cache update), then lets the merge launch."""
     if PDL:
         gdc_wait()  # the kernel ahead (the cache update) done
         gdc_launch_dependents()
@@ -156,12 +148,6 @@ def _multiprocessors(device: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device >= 0 else 4
 
 
-@functools.lru_cache
-def _pdl(device: int) -> bool:
-    """:data:`PDL` on CUDA device ``device`` (``-1``: a CPU under the interpreter, which has none)."""
-    return PDL and device >= 0 and torch.cuda.get_device_capability(device)[0] >= 9
-
-
 @functools.lru_cache(maxsize=1024)
 def split_keys(batch_heads_kv: int, n_k: int, block_n: int, device: int, splits: int | None = None,
                narrow: bool = False) -> tuple:
@@ -204,7 +190,7 @@ def decode_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, reduc
         group, dg = 2, uk.shape[-1]  # any G > 1: the kernel only needs to know the keys are reduced
     start = 0 if window is None else max(n_k - n_q - window + 1, 0) // block_n * block_n  # row 0's first key
     device = q.get_device()
-    pdl = _pdl(device)
+    early = pdl(device)
     splits, chunk = split_keys(batch * h_kv, n_k - start, block_n, device, splits, dg <= 16)
     part = torch.empty(q.numel() * splits + q.numel() // d * splits, device=q.device, dtype=torch.float32)
     mask, mask_kind, mask_strides = mask_arguments(attn_mask, part)
@@ -213,11 +199,11 @@ def decode_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, reduc
         uk.shape[2], *mask_strides,
         CAUSAL=causal, WINDOWED=window is not None, SOFTCAP=softcap is not None, MASK_KIND=mask_kind,
         IEEE=q.dtype == torch.float32, BLOCK_M=max(16, next_power_of_2(rep * n_q)), BLOCK_N=block_n, D=d,
-        G=group, DG=dg, PDL=pdl,
-        **LAUNCH, launch_pdl=pdl,
+        G=group, DG=dg, PDL=early,
+        **LAUNCH, launch_pdl=early,
     )
     out = torch.empty_like(q)
     lse = torch.empty(batch, heads, n_q, device=q.device, dtype=torch.float32)
     _merge_splits[(batch * heads * n_q,)](part, out, lse, splits, S_PAD=max(2, next_power_of_2(splits)), D=d,
-                                          PDL=pdl, num_warps=4, launch_pdl=pdl)
+                                          PDL=early, num_warps=4, launch_pdl=early)
     return out, lse

@@ -32,9 +32,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from ..config import DistrConfig
-from .launch import cached, cdiv
+from .launch import cached, cdiv, pdl
 
 
 @triton.jit
@@ -182,11 +183,15 @@ def _key_rows(k_base, ks_base, first, start, n_end, sk_m, sks_m, WRITE: tl.const
 def _reduce_keys(K, V, KS, VS, R, Start, U, Grp, W, n_new, heads, capacity, sk_b, sk_h, sk_m, sv_b, sv_h,
                  sv_m, sks_b, sks_h, sks_m, svs_b, svs_h, svs_m, su_b, su_h, su_m, sg_b, sg_h, sg_blk,
                  WRITE: tl.constexpr, RANK1: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
-                 DG: tl.constexpr, DG_PAD: tl.constexpr, NH: tl.constexpr, PRECISION: tl.constexpr):
+                 DG: tl.constexpr, DG_PAD: tl.constexpr, NH: tl.constexpr, PRECISION: tl.constexpr,
+                 PDL: tl.constexpr):
     """One program per (block spanned by the new keys, batch·head): with ``WRITE`` copies its new rows of ``KS``/``VS``
     into the cache ``K``/``V``; writes the block's compact fuse matrix into ``Grp``/``W`` and its new rows' reduced
     form into ``U`` (the cache's tensors, in place). Rows from ``capacity`` on (the cache's) are neither written nor
-    reduced. Programs past the last block redo it and write the same values."""
+    reduced. Programs past the last block redo it and write the same values. ``PDL``: the decode kernel after it
+    may launch now (:func:`~.launch.pdl`; it waits for this grid before reading the cache)."""
+    if PDL:
+        gdc_launch_dependents()
     p = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # batch and head offsets in 64 bits (prefill's notes)
     b = bh // heads
@@ -247,5 +252,6 @@ def reduce_keys(keys: torch.Tensor, values: torch.Tensor, start: torch.Tensor, h
         capacity, *keys.stride()[:3], *values.stride()[:3], *key_states.stride()[:3],
         *value_states.stride()[:3], *reduced_keys.stride()[:3], *fuse_group.stride()[:3], WRITE=write,
         RANK1=config.reduce == "rank1", BLOCK_M=block, D=d, G=config.group_size, DG=d // config.group_size,
-        DG_PAD=reduced_keys.shape[-1], NH=hashes.shape[-1], PRECISION=_precision(keys.dtype), num_warps=4,
+        DG_PAD=reduced_keys.shape[-1], NH=hashes.shape[-1], PRECISION=_precision(keys.dtype),
+        PDL=pdl(keys.get_device()), num_warps=4,
     )

@@ -32,12 +32,29 @@ fits, and keeps that kernel under the asked-for signature, so later calls go str
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 from triton import knobs
 from triton.runtime import JITFunction, driver
 from triton.runtime.errors import OutOfResources
 
 MAX_SIGNATURES = 1024
+PDL = os.environ.get("HF_DISTRATTN_PDL", "1") != "0"
+"""Programmatic dependent launch of the decode step's kernels where the GPU has it (:func:`pdl`).
+``HF_DISTRATTN_PDL=0`` launches them plainly."""
+
+
+@functools.lru_cache
+def pdl(device: int) -> bool:
+    """Whether a kernel on CUDA device ``device`` (``-1``: a CPU under the interpreter, which has none) is launched
+    by programmatic dependent launch (``launch_pdl``, sm_90+). It may then start before the kernel ahead of it in
+    the stream has finished; its programs wait (``griddepcontrol.wait``) for that whole grid to finish and its
+    writes to be visible before they read anything, and the kernel ahead lets it launch
+    (``griddepcontrol.launch_dependents``) once all of its programs have started. The launch gap between the two,
+    a fixed cost of every decode step (docs/design.md D17), then hides behind the kernel ahead's tail."""
+    return PDL and device >= 0 and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def cdiv(a: int, b: int) -> int:
