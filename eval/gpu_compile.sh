@@ -19,6 +19,7 @@
 #   prefill8b bench_e2e --compile --llama 8b: prefill at 64k (sdpa, sdpa_causal, G=1, G=4 LSH)
 #   subspace  grouping="subspace" compiled (kernel, backward and op tests), then bench_e2e --compile for it (G=2, G=4)
 #           beside sdpa: prefill at 4k and 16k, training step
+#   pytest  pytest with the given arguments (a few tests after a change: bash eval/gpu_compile.sh pytest tests/... -k ...)
 #   speed   README's kernel table: bench_kernels, LSH blocks of 128 (the Hopper kernel's) against SDPA flash / cuDNN
 #           and sageattention at 4k and 16k tokens, pre-pass and kernel timed apart, both kernels alone, the plot
 # Usage (from the repository root on the GPU machine): bash eval/gpu_compile.sh STAGE [extra bench_e2e arguments]
@@ -35,6 +36,9 @@ case "$stage" in
   tests)
     $PYTEST tests/test_launch.py tests/test_kernels.py tests/test_hopper.py \
       -k "launch or reduce or decode or subspace or head_dim or hopper" 2>&1 | tee "$OUT/gpu_kernels.log" | tail -n 15
+    ;;
+  pytest)
+    $PYTEST "$@" 2>&1 | tee "$OUT/gpu_pytest.log" | tail -n 30
     ;;
   decodebench)
     python3 -m hf_distrattn.eval.bench_decode --json "$OUT/decode.json" --markdown "$OUT/decode.md" "$@"
@@ -83,7 +87,7 @@ case "$stage" in
       --json "$OUT/e2e_8b_prefill.json" --markdown "$OUT/e2e_8b_prefill.md" "$@"
     ;;
   *)
-    echo "unknown stage $stage (ops, tests, kernels, decodebench, speed, subspace, models, decode, rest, decode8b, prefill8b)" >&2
+    echo "unknown stage $stage (ops, tests, pytest, kernels, decodebench, speed, subspace, models, decode, rest, decode8b, prefill8b)" >&2
     exit 2
     ;;
 esac
