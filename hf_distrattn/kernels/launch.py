@@ -41,9 +41,9 @@ from triton.runtime import JITFunction, driver
 from triton.runtime.errors import OutOfResources
 
 MAX_SIGNATURES = 1024
-PDL = os.environ.get("HF_DISTRATTN_PDL", "1") != "0"
-"""Programmatic dependent launch of the decode step's kernels where the GPU has it (:func:`pdl`).
-``HF_DISTRATTN_PDL=0`` launches them plainly."""
+PDL = os.environ.get("HF_DISTRATTN_PDL", "0") == "1"
+"""Programmatic dependent launch of the decode step's kernels where the GPU has it (:func:`pdl`):
+``HF_DISTRATTN_PDL=1``. Off by default until it is timed on a GPU against plain launches (docs/design.md D17)."""
 
 
 @functools.lru_cache
