@@ -26,9 +26,10 @@ prefill and training step make the dynamic one (``config.use_cache``), decode th
 
 ``--profile``: each prefill, training-step and ViT row also holds its top CUDA kernels by device time
 (:func:`top_kernels`), to see where a setting loses; each decode row those of one decode step
-(:func:`step_kernels`). Compiled decode rows count the CUDA graphs that Inductor skipped (``cudagraph_skips``:
-a skipped graph runs the step's launches from the host, which a host-bound decode pays per token). A row also
-holds hf_distrattn's warnings while it ran (:func:`noted`).
+(:func:`step_kernels`) and its device time in all kernels (``device_ms``, against the step's ``ms``). Compiled
+decode rows count the CUDA graphs that Inductor skipped (``cudagraph_skips``: a skipped graph runs the step's
+launches from the host, which a host-bound decode pays per token). A row also holds hf_distrattn's warnings while
+it ran (:func:`noted`).
 
     python -m hf_distrattn.eval.bench_e2e --compile --json results/e2e.json --markdown results/e2e.md
 """
@@ -127,9 +128,10 @@ class StepClock(StoppingCriteria):
         return self.events[0].elapsed_time(self.events[-1]) / (len(self.events) - 1)
 
 
-def step_kernels(generate, tokens: int = 17, top: int = 10) -> list:
+def step_kernels(generate, tokens: int = 17, top: int = 10) -> tuple[list, float]:
     """The ``top`` CUDA kernels of one decode step, as :func:`top_kernels` gives them: those of ``generate(tokens)``
-    less those of ``generate(1)`` (the prefill alone), over ``tokens − 1`` steps."""
+    less those of ``generate(1)`` (the prefill alone), over ``tokens − 1`` steps; and the step's device time in all
+    of its kernels (ms), which against the step's time says how much of it the host takes."""
     def totals(n):
         return {name: (ms, count) for ms, count, name in top_kernels(lambda: generate(n), calls=1, top=None)}
 
@@ -137,7 +139,8 @@ def step_kernels(generate, tokens: int = 17, top: int = 10) -> list:
     steps = tokens - 1
     kernels = [[(ms - prefill.get(name, (0, 0))[0]) / steps, (count - prefill.get(name, (0, 0))[1]) / steps, name]
                for name, (ms, count) in whole.items()]
-    return sorted((k for k in kernels if k[1] > 0), reverse=True)[:top]
+    kernels = sorted((k for k in kernels if k[1] > 0), reverse=True)
+    return kernels[:top], sum(k[0] for k in kernels)
 
 
 @contextlib.contextmanager
@@ -218,7 +221,7 @@ def bench_llama(specs, prefill_lens, decode_prompts, decode_tokens, reps, compil
                 if compile:
                     row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
                 if profile:
-                    row["kernels"] = step_kernels(generate)
+                    row["kernels"], row["device_ms"] = step_kernels(generate)
             rows.append(row)
     return rows
 

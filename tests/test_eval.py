@@ -108,8 +108,8 @@ def test_step_kernels_are_one_decode_step_without_the_prefill(monkeypatch):
     profiles = {17: [[9.0, 33, "gemv"], [5.0, 1, "prefill_attn"], [3.2, 16, "decode_attn"]],
                 1: [[1.0, 1, "gemv"], [5.0, 1, "prefill_attn"]]}
     monkeypatch.setattr(bench_e2e, "top_kernels", lambda fn, calls, top: profiles[fn()])
-    kernels = bench_e2e.step_kernels(lambda n: n, tokens=17)
-    assert kernels == [[0.5, 2.0, "gemv"], [0.2, 1.0, "decode_attn"]]
+    kernels, device_ms = bench_e2e.step_kernels(lambda n: n, tokens=17)
+    assert kernels == [[0.5, 2.0, "gemv"], [0.2, 1.0, "decode_attn"]] and device_ms == 0.7
 
 
 def test_decode_bench_sets_the_programs_per_multiprocessor_and_restores_them():
