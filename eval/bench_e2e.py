@@ -131,7 +131,9 @@ class StepClock(StoppingCriteria):
 def step_kernels(generate, tokens: int = 17, top: int = 10) -> tuple[list, float]:
     """The ``top`` CUDA kernels of one decode step, as :func:`top_kernels` gives them: those of ``generate(tokens)``
     less those of ``generate(1)`` (the prefill alone), over ``tokens − 1`` steps; and the step's device time in all
-    of its kernels (ms), which against the step's time says how much of it the host takes."""
+    of its kernels (ms), which against the step's time says how much of it the host takes. ``tokens``: as many as
+    the timed generations make, whose static cache's length the compiled decode step was compiled for (another
+    length compiles it again, and the profile would hold that)."""
     def totals(n):
         return {name: (ms, count) for ms, count, name in top_kernels(lambda: generate(n), calls=1, top=None)}
 
@@ -221,7 +223,7 @@ def bench_llama(specs, prefill_lens, decode_prompts, decode_tokens, reps, compil
                 if compile:
                     row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
                 if profile:
-                    row["kernels"], row["device_ms"] = step_kernels(generate)
+                    row["kernels"], row["device_ms"] = step_kernels(generate, decode_tokens)  # the compiled length
             rows.append(row)
     return rows
 
