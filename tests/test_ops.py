@@ -184,7 +184,7 @@ def test_compiled_causal_prefill_reaches_attention_without_a_mask(monkeypatch):
 def test_compiled_vit_reaches_attention_without_a_mask(monkeypatch):
     """The encoder's case of the test above: while tracing, Transformers 5.17 builds ViT's bidirectional mask, an
     all-True ``N × N`` boolean, off the Hopper kernel (the fourteenth session's compiled ViT rows). ``distr_mask``
-    drops it, unless the caller forbids the skip."""
+    drops it, unless the caller forbids the skip; a padding mask stays."""
     from transformers import masking_utils
 
     from hf_distrattn import integration
@@ -205,6 +205,8 @@ def test_compiled_vit_reaches_attention_without_a_mask(monkeypatch):
                 allow_is_causal_skip=False, allow_is_bidirectional_skip=True, batch_size=1)
     assert integration.distr_mask(**keep) is None
     assert integration.distr_mask(**keep | dict(allow_is_bidirectional_skip=False)).all()
+    padded = integration.distr_mask(**keep | dict(attention_mask=torch.tensor([[0, 1, 1, 1, 1]], dtype=torch.bool)))
+    assert padded.shape[-2:] == (5, 5) and not padded[..., 0].any() and padded[..., 1:].all()  # padding stays
 
 
 @torch.no_grad()
