@@ -118,7 +118,7 @@ def ragged_mask(batch: int, n: int, device) -> torch.Tensor | None:
     return (torch.arange(n, device=device) >= n - lengths[:, None])[:, None, None, :]
 
 
-class _Attention(torch.nn.Module):
+class AttentionStub(torch.nn.Module):
     """What Transformers' attention functions read of a Llama attention module (no weights)."""
 
     is_causal = True
@@ -140,7 +140,7 @@ def layer_call(name: str, q, layer, setting=None):
     if forward is None:
         return None
     config = setting if isinstance(setting, DistrConfig) else None
-    module = _Attention(q.shape[1] // layer.keys.shape[1], q.shape[-1], config).eval()
+    module = AttentionStub(q.shape[1] // layer.keys.shape[1], q.shape[-1], config).eval()
     return lambda: forward(module, q, layer.keys, layer.values, None, scaling=module.scaling)
 
 

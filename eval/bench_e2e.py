@@ -128,7 +128,7 @@ class StepClock(StoppingCriteria):
         return self.events[0].elapsed_time(self.events[-1]) / (len(self.events) - 1)
 
 
-def step_kernels(generate, tokens: int = 17, top: int = 10) -> tuple[list, float]:
+def step_kernels(generate, tokens: int, top: int = 10) -> tuple[list, float]:
     """The ``top`` CUDA kernels of one decode step, as :func:`top_kernels` gives them: those of ``generate(tokens)``
     less those of ``generate(1)`` (the prefill alone), over ``tokens − 1`` steps; and the step's device time in all
     of its kernels (ms), which against the step's time says how much of it the host takes. ``tokens``: as many as
@@ -212,8 +212,9 @@ def bench_llama(specs, prefill_lens, decode_prompts, decode_tokens, reps, compil
             torch._dynamo.reset()
             skips = counters["inductor"]["cudagraph_skips"]
             with noted({"model": model_name, "attn": spec, "task": f"decode after {n}"}) as row:
-                runs = reps if n <= 32768 else max(1, reps // 2)  # a 128k prefill at 8B takes seconds
-                for _ in range(1 if n > 32768 else 2):  # compiles the decode step, records its CUDA graphs
+                long = n > 32768  # a 128k prefill at 8B takes seconds: fewer generations
+                runs = max(1, reps // 2) if long else reps
+                for _ in range(1 if long else 2):  # compiles the decode step, records its CUDA graphs
                     generate(decode_tokens)
                 clocks = [StepClock() for _ in range(runs)]
                 for clock in clocks:
@@ -311,7 +312,8 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true", help="compile both sides (static cache for decode)")
     parser.add_argument("--llama", choices=sorted(LLAMA_SHAPES), default="1b", help="the Llama shape")
     parser.add_argument("--profile", action="store_true",
-                        help="prefill, training-step and ViT rows: the top CUDA kernels (torch.profiler)")
+                        help="prefill, training-step and ViT rows: the top CUDA kernels (torch.profiler); decode "
+                        "rows: those of one step and its device time")
     parser.add_argument("--prefill", type=int, nargs="*", default=[4096, 16384])
     parser.add_argument("--decode-prompt", type=int, nargs="*", default=[4096, 32768])
     parser.add_argument("--decode-tokens", type=int, default=64)

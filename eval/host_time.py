@@ -36,6 +36,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward  # n
 
 from .. import DistrConfig, distr_attention, integration, ops  # noqa: E402
 from ..kernels import backward, decode, grouping, launch, prefill, softmax  # noqa: E402
+from .bench_decode import AttentionStub  # noqa: E402
 from .common import write_results  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 64
@@ -88,8 +89,7 @@ def per_call_us(fn, calls: int, rounds: int) -> float:
 def calls(cache: int, tokens: int) -> dict:
     """The timed calls, by row name."""
     config = DistrConfig(group_size=1, backend="triton")
-    module = torch.nn.Module()
-    module.is_causal, module.layer_idx, module.distr_config = True, 0, config
+    module = AttentionStub(HEADS // KV_HEADS, HEAD_DIM, config)
     q1 = torch.randn(1, HEADS, 1, HEAD_DIM)
     k1, v1 = (torch.randn(1, KV_HEADS, cache, HEAD_DIM) for _ in range(2))
 
@@ -104,7 +104,6 @@ def calls(cache: int, tokens: int) -> dict:
         out, lse, _, wt = torch.ops.hf_distrattn.attention(*args)
     backward_args = (dout, None, *plain, out, lse, wt, *args[3:])
     sq, sk, sv = (torch.randn(1, h, 1, HEAD_DIM, requires_grad=True) for h in (HEADS, KV_HEADS, KV_HEADS))
-    module.num_key_value_groups = HEADS // KV_HEADS
     sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(sq, sk, sv, enable_gqa=True)  # noqa: E731
 
     def no_grad(fn):
@@ -115,14 +114,14 @@ def calls(cache: int, tokens: int) -> dict:
 
     return {
         "decode layer": no_grad(lambda: integration.distr_attention_forward(module, q1, k1, v1, None,
-                                                                            scaling=HEAD_DIM**-0.5)),
+                                                                            scaling=module.scaling)),
         "training forward": lambda: distr_attention(q, k, v, causal=True, config=config),
         "training forward+backward": lambda: distr_attention(q, k, v, causal=True, config=config).backward(dout),
         "forward op": no_grad(lambda: torch.ops.hf_distrattn.attention(*args)),
         "backward op": no_grad(lambda: torch.ops.hf_distrattn.attention_backward(*backward_args)),
         "sdpa training forward": sdpa,
         "sdpa training forward+backward": lambda: sdpa().sum().backward(),
-        "sdpa decode layer": no_grad(lambda: sdpa_attention_forward(module, q1, sk, sv, None, scaling=HEAD_DIM**-0.5)),
+        "sdpa decode layer": no_grad(lambda: sdpa_attention_forward(module, q1, sk, sv, None, scaling=module.scaling)),
     }
 
 
