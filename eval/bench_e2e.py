@@ -40,6 +40,7 @@ import argparse
 import contextlib
 import json
 import statistics
+import time
 import warnings
 from functools import partial
 
@@ -97,7 +98,11 @@ def llama(shape: str, train: bool = False):
 
 def top_kernels(fn, calls: int = 3, top: int = 10) -> list:
     """The ``top`` CUDA kernels by device time over ``calls`` calls of ``fn`` (``torch.profiler``): ``[ms per call,
-    launches per call, name]``, longest first: where a row's time goes."""
+    launches per call, name]``, longest first: where a row's time goes. Kernels only: the host-side events that
+    carry the device time of the kernels under them (``Torch-Compiled Region``, ``aten::mm``) would count it twice.
+    A kernel's time runs from its start to its end, so with programmatic dependent launch (``HF_DISTRATTN_PDL=1``)
+    an early-launched kernel's includes its wait for the kernel ahead."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -105,7 +110,7 @@ def top_kernels(fn, calls: int = 3, top: int = 10) -> list:
             fn()
         torch.cuda.synchronize()
     kernels = [[e.device_time_total / calls / 1000, e.count // calls, e.key[:100]]
-               for e in prof.key_averages() if e.device_time_total > 0]
+               for e in prof.key_averages() if e.device_type == DeviceType.CUDA and e.device_time_total > 0]
     return sorted(kernels, reverse=True)[:top]  # top=None: all
 
 
@@ -176,6 +181,15 @@ def compiled(model, compile: bool):
     return torch.compile(model, fullgraph=True, dynamic=False)
 
 
+def progress(row: dict, generate, *args) -> None:
+    """``generate(*args)``, then a line with its wall time: a call cut off at its time limit still shows in its log
+    how far a long row got (a 128k prefill, say) and what each generation cost."""
+    start = time.perf_counter()
+    generate(*args)
+    torch.cuda.synchronize()
+    print(f"{row['attn']} {row['task']}: one generation in {time.perf_counter() - start:.1f} s", flush=True)
+
+
 def _decode_kwargs(compile: bool) -> dict:
     if not compile:
         return {}
@@ -215,10 +229,10 @@ def bench_llama(specs, prefill_lens, decode_prompts, decode_tokens, reps, compil
                 long = n > 32768  # a 128k prefill at 8B takes seconds: fewer generations
                 runs = max(1, reps // 2) if long else reps
                 for _ in range(1 if long else 2):  # compiles the decode step, records its CUDA graphs
-                    generate(decode_tokens)
+                    progress(row, generate, decode_tokens)
                 clocks = [StepClock() for _ in range(runs)]
                 for clock in clocks:
-                    generate(decode_tokens, clock)
+                    progress(row, generate, decode_tokens, clock)
                 step_ms = statistics.median(clock.step_ms() for clock in clocks)
                 row |= {"ms": step_ms, "tokens_per_s": 1000 / step_ms}
                 if compile:

@@ -112,6 +112,43 @@ def test_step_kernels_are_one_decode_step_without_the_prefill(monkeypatch):
     assert kernels == [[0.5, 2.0, "gemv"], [0.2, 1.0, "decode_attn"]] and device_ms == 0.7
 
 
+def test_top_kernels_count_kernels_only(monkeypatch):
+    """bench_e2e's profile rows hold CUDA kernels only: a host-side event that carries the device time of the
+    kernels under it (a compiled region, an aten op) would count that time twice in a decode row's device_ms."""
+    import types
+
+    import torch.profiler
+    from torch.autograd import DeviceType
+
+    from hf_distrattn.eval import bench_e2e
+
+    def event(key, device_type, us, count):
+        return types.SimpleNamespace(key=key, device_type=device_type, device_time_total=us, count=count)
+
+    cpu, cuda = DeviceType.CPU, DeviceType.CUDA
+    events = [event("Torch-Compiled Region: 0/0", cpu, 3000.0, 2), event("aten::mm", cpu, 1000.0, 2),
+              event("nvjet_gemm", cuda, 1000.0, 2), event("_decode_split", cuda, 2000.0, 32),
+              event("aten::empty", cpu, 0.0, 4)]
+
+    class Profile:
+        def __init__(self, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def key_averages(self):
+            return events
+
+    monkeypatch.setattr(torch.profiler, "profile", Profile)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    assert bench_e2e.top_kernels(lambda: None, calls=2, top=None) == [[1.0, 16, "_decode_split"],
+                                                                      [0.5, 1, "nvjet_gemm"]]
+
+
 def test_decode_bench_sets_the_programs_per_multiprocessor_and_restores_them():
     """bench_decode's ``--programs-per-sm`` sweep: inside, the split-KV kernel's splits follow the count given (the
     cached split sizes recomputed); afterwards the kernel's own count and splits are back."""
