@@ -12,8 +12,9 @@
 the training step, and for decode a static cache with Transformers' compiled decode step
 (``fullgraph=True, mode="reduce-overhead"``: CUDA graphs). Without it, eager with the dynamic cache. Times are
 medians over ``--reps`` CUDA-event-timed runs after warm-up (compilation included in the warm-up). Past 32k cached
-tokens, whose prefill alone takes seconds at 8B, decode takes half as many runs and one warm-up generation (the
-compiled decode step is compiled and its CUDA graphs recorded within the first generation's steps).
+tokens, whose prefill alone takes tens of seconds at 8B, the prompt is prefilled once and each generation decodes
+on from its cache (:class:`ContinuedPrompt`), with half as many runs and one warm-up generation (the compiled
+decode step is compiled and its CUDA graphs recorded within the first generation's steps).
 
 ``sdpa_causal`` (a setting this module registers): SDPA with ``distr``'s mask function. Compiled, Transformers
 (5.17, torch < 2.14) hands ``sdpa`` a dense mask even where none is needed (a causal prefill with no padding; ViT,
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import statistics
 import time
@@ -47,8 +49,10 @@ from functools import partial
 import torch
 from torch._dynamo.utils import counters
 from transformers import (
+    DynamicCache,
     LlamaConfig,
     LlamaForCausalLM,
+    StaticCache,
     StoppingCriteria,
     StoppingCriteriaList,
     ViTConfig,
@@ -66,6 +70,10 @@ LLAMA_SHAPES = {"1b": ("llama-3.2-1b-shape", LLAMA_1B),
                                                              num_hidden_layers=32, head_dim=128,
                                                              tie_word_embeddings=False))}
 
+
+LONG_PROMPT = 32768
+"""Decode rows after longer prompts prefill once (:class:`ContinuedPrompt`), with one warm-up generation and half
+the timed ones."""
 
 SDPA_CAUSAL = "sdpa_causal"
 SDPA_EAGER = "sdpa_eager"
@@ -190,12 +198,56 @@ def progress(row: dict, generate, *args) -> None:
     print(f"{row['attn']} {row['task']}: one generation in {time.perf_counter() - start:.1f} s", flush=True)
 
 
-def _decode_kwargs(compile: bool) -> dict:
-    if not compile:
-        return {}
+def _compile_config() -> dict:
     from transformers.generation.configuration_utils import CompileConfig
 
-    return dict(cache_implementation="static", compile_config=CompileConfig(fullgraph=True, mode="reduce-overhead"))
+    return dict(compile_config=CompileConfig(fullgraph=True, mode="reduce-overhead"))
+
+
+def _decode_kwargs(compile: bool) -> dict:
+    return dict(cache_implementation="static", **_compile_config()) if compile else {}
+
+
+CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+"""The name under which ``generate`` takes a cache (Transformers renamed ``past_key_values`` to ``cache`` in 5.2x)."""
+
+
+def _greedy(tokens: int, clock=None) -> dict:
+    return dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0,
+                stopping_criteria=None if clock is None else StoppingCriteriaList([clock]))
+
+
+def fresh_prompt(model, prompt, prefill_chunk=None, compile=False):
+    """``generate(tokens, clock=None)``: greedy decoding after ``prompt``, prefilled anew by each call (into a new
+    static cache, compiled)."""
+    def generate(tokens, clock=None):
+        model.generate(prompt, prefill_chunk_size=prefill_chunk, **_greedy(tokens, clock), **_decode_kwargs(compile))
+
+    return generate
+
+
+class ContinuedPrompt:
+    """``generate(n, clock=None)`` that prefills ``prompt`` once, when made, and then decodes on from one cache:
+    each call feeds :attr:`sequence` (the tokens so far) and makes ``n`` more, its first forward being the last
+    token's (an eager one, as a fresh generation's prefill is), the rest the decode step (compiled: CUDA graphs).
+    For long prompts, whose prefill costs more than the decoding timed after it (8B, 128k: tens of seconds). The
+    cache (``static``, by default when compiled) is sized for ``calls`` calls of at most ``tokens``: the cached
+    length grows by ``n`` a call, so the steps timed see ``len(prompt)`` + at most ``calls · tokens`` positions."""
+
+    def __init__(self, model, prompt, calls: int, tokens: int, prefill_chunk=None, compile=False, static=None):
+        self.model, self.capacity = model, prompt.shape[1] + calls * tokens + 1
+        static = compile if static is None else static
+        self.cache = (StaticCache(config=model.config, max_cache_len=self.capacity) if static
+                      else DynamicCache(config=model.config))
+        self.extra = {CACHE_ARGUMENT: self.cache, **(_compile_config() if compile else {})}
+        start = time.perf_counter()
+        self.sequence = model.generate(prompt, prefill_chunk_size=prefill_chunk, **_greedy(1), **self.extra)
+        print(f"prefill of {prompt.shape[1]} tokens in {time.perf_counter() - start:.1f} s", flush=True)
+
+    def __call__(self, n: int, clock=None) -> None:
+        if self.sequence.shape[1] + n > self.capacity:
+            raise ValueError(f"this ContinuedPrompt holds {self.capacity} positions, not {self.sequence.shape[1] + n}")
+        self.sequence = self.model.generate(self.sequence, **_greedy(n, clock), **self.extra)
 
 
 @torch.no_grad()
@@ -216,19 +268,17 @@ def bench_llama(specs, prefill_lens, decode_prompts, decode_tokens, reps, compil
             rows.append(row)
         for n in decode_prompts:
             prompt = torch.randint(0, geometry["vocab_size"], (1, n), device="cuda")
-
-            def generate(tokens, clock=None, prompt=prompt):
-                model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                               pad_token_id=0, prefill_chunk_size=prefill_chunk,
-                               stopping_criteria=None if clock is None else StoppingCriteriaList([clock]),
-                               **_decode_kwargs(compile))
-
+            long = n > LONG_PROMPT
+            warmups, runs = (1, max(1, reps // 2)) if long else (2, reps)
             torch._dynamo.reset()
+            if long:
+                calls = warmups + runs + 2 * profile
+                generate = ContinuedPrompt(model, prompt, calls, decode_tokens, prefill_chunk, compile)
+            else:
+                generate = fresh_prompt(model, prompt, prefill_chunk, compile)
             skips = counters["inductor"]["cudagraph_skips"]
             with noted({"model": model_name, "attn": spec, "task": f"decode after {n}"}) as row:
-                long = n > 32768  # a 128k prefill at 8B takes seconds: fewer generations
-                runs = max(1, reps // 2) if long else reps
-                for _ in range(1 if long else 2):  # compiles the decode step, records its CUDA graphs
+                for _ in range(warmups):  # compiles the decode step, records its CUDA graphs
                     progress(row, generate, decode_tokens)
                 clocks = [StepClock() for _ in range(runs)]
                 for clock in clocks:

@@ -406,3 +406,30 @@ def test_speed_plot_from_benchmark_rows(tmp_path):
     (tmp_path / "k.json").write_text(json.dumps({"environment": {}, "rows": rows}))
     bench_kernels.main(["--replot", str(tmp_path / "k.json"), "--plot", str(tmp_path / "s.png")])
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_a_continued_prompt_decodes_as_one_generation(static):
+    """bench_e2e's long-prompt decode: the prompt prefilled once (in chunks), then three generations of 5 tokens
+    each continuing from the cache, make the tokens of one generation of 16 (the first token with the prefill),
+    with keys held reduced (``sampled="k"``, whose layers the cache swaps in); a fourth call overruns its size."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_distrattn import DistrConfig, configure
+    from hf_distrattn.eval import bench_e2e
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)).eval()
+    model.set_attn_implementation("distr")
+    configure(model, DistrConfig(grouping="lsh", group_size=2, block_size=16, sampled="k"))
+    ids = torch.randint(1, 97, (1, 40), generator=torch.Generator().manual_seed(5))
+    whole = model.generate(ids, cache_implementation="static", **bench_e2e._greedy(16))
+    continued = bench_e2e.ContinuedPrompt(model, ids, calls=3, tokens=5, prefill_chunk=13, static=static)
+    for _ in range(3):
+        continued(5)
+    assert torch.equal(continued.sequence, whole)
+    assert type(continued.cache.layers[0]).__name__ == ("ReducedStaticLayer" if static else "ReducedDynamicLayer")
+    with pytest.raises(ValueError, match="holds 56 positions"):
+        continued(1)
