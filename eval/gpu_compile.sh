@@ -13,10 +13,11 @@
 #           Transformers compiles it, with a dense causal mask, and sdpa_causal, without: bench_e2e's notes); each
 #           prefill row names its top CUDA kernels (--profile), so which attention kernel ran is on record
 #   decode8b  bench_e2e --compile --llama 8b: decode tokens/s after a 128k prompt (sdpa, G=1, G=4 keys reduced),
-#           prefilled in chunks of 16k (in one piece, sdpa's prefill into the static cache fell to the math kernel
-#           and asked for 32 GiB on an H100); one setting per call (decode8b --attn SETTING): on an H100 sdpa's
-#           row took 216 s and distr G=4-k's did not finish in 480 s (2026-12-06); each generation's wall time
-#           is in the log
+#           prefilled once per setting in chunks of 16k (in one piece, sdpa's prefill into the static cache fell to
+#           the math kernel and asked for 32 GiB on an H100), each generation continuing from that cache
+#           (bench_e2e.ContinuedPrompt); one setting per call (decode8b --attn SETTING): on an H100 sdpa's row,
+#           prefilling for every generation, took 216 s, and distr G=4-k's did not finish in 480 s (2026-12-06);
+#           the prefill's and each generation's wall times are in the log
 #   prefill8b bench_e2e --compile --llama 8b: prefill at 64k (sdpa, sdpa_causal, G=1, G=4 LSH)
 #   subspace  grouping="subspace" compiled (kernel, backward and op tests), then bench_e2e --compile for it (G=2, G=4)
 #           beside sdpa: prefill at 4k and 16k, training step
