@@ -14,8 +14,9 @@ to issue one step / the attention call alone (eager, :func:`host_us`). ``bytes``
 (``sdpa_attention_forward`` / ``distr_attention_forward``), what eager generation pays per layer.
 
 ``--batch B --ragged``: sequences of different lengths, a left-padded static cache's mask given to every side
-(:func:`ragged_mask`). ``--programs-per-sm N ...``: our kernels at each count of split-KV programs per
-multiprocessor (rows ``@N/SM``), to tune the split.
+(:func:`ragged_mask`; at batch 1 a mask that keeps every slot, as a compiled static-cache decode passes).
+``--programs-per-sm N ...``: our kernels at each count of split-KV programs per multiprocessor (rows ``@N/SM``), to
+tune the split.
 
     python -m hf_distrattn.eval.bench_decode --json results/decode.json --markdown results/decode.md
 """
@@ -108,12 +109,11 @@ def _distr(q, keys, values, layer, config, mask=None):
                            reduced_keys=reduced)
 
 
-def ragged_mask(batch: int, n: int, device) -> torch.Tensor | None:
+def ragged_mask(batch: int, n: int, device) -> torch.Tensor:
     """A left-padded batch's mask over a static cache of ``n`` slots, ``(B, 1, 1, n)`` boolean (True = attend), as
     Transformers builds for SDPA: sequence ``i`` holds the last ``n − i·⌊n / 2B⌋`` slots, from all ``n`` down to
-    about half. ``None`` for one sequence."""
-    if batch == 1:
-        return None
+    about half. For one sequence every slot is kept: the mask a compiled static-cache decode step passes (every
+    side then reads a mask, as there)."""
     lengths = n - torch.arange(batch, device=device) * (n // (2 * batch))
     return (torch.arange(n, device=device) >= n - lengths[:, None])[:, None, None, :]
 
@@ -259,7 +259,8 @@ def main(argv=None):
     parser.add_argument("--groups", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--ragged", action="store_true",
-                        help="batch > 1: sequences of different lengths (a left-padded static cache's mask)")
+                        help="sequences of different lengths (a left-padded static cache's mask); batch 1: a mask "
+                        "that keeps every slot")
     parser.add_argument("--programs-per-sm", type=int, nargs="+", metavar="N",
                         help="our kernels once per count of split-KV programs per multiprocessor, rows labelled "
                         "@N/SM (default: once, at the kernel's own count)")
@@ -268,7 +269,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     rows = bench(args.cache_lens, args.head_dims, args.groups, args.batch, sm_counts=args.programs_per_sm or (None,),
                  ragged=args.ragged)
-    shape = f"batch {args.batch}" + (", sequences of different lengths (masked)" if args.ragged else "")
+    shape = f"batch {args.batch}" + ((", sequences of different lengths (masked)" if args.batch > 1 else
+                                       ", masked (every slot kept)") if args.ragged else "")
     write_results(args.json, args.markdown, f"bf16 decode, {shape}", rows, markdown(rows))
 
 

@@ -170,14 +170,15 @@ def test_decode_bench_sets_the_programs_per_multiprocessor_and_restores_them():
 
 def test_decode_bench_ragged_batch_masks_each_sequence_left_padded_on_every_side():
     """bench_decode --ragged: sequence ``i`` of a batch attends to the last ``n − i·⌊n/2B⌋`` slots only (a
-    left-padded static cache), and SDPA and distr get the same mask, so they agree on what they compute."""
+    left-padded static cache; one sequence keeps them all), and SDPA and distr get the same mask, so they agree
+    on what they compute."""
     import torch
 
     from hf_distrattn import DistrConfig
     from hf_distrattn.eval.bench_decode import _distr, _sdpa, ragged_mask
 
     mask = ragged_mask(4, 64, "cpu")
-    assert ragged_mask(1, 64, "cpu") is None and mask.shape == (4, 1, 1, 64)
+    assert ragged_mask(1, 64, "cpu").all() and mask.shape == (4, 1, 1, 64)
     assert mask.sum(-1).flatten().tolist() == [64, 56, 48, 40]
     assert mask[:, 0, 0, -1].all() and not mask[3, 0, 0, :24].any()
     g = torch.Generator().manual_seed(0)
