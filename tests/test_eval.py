@@ -434,3 +434,35 @@ def test_a_continued_prompt_decodes_as_one_generation(static):
     assert type(continued.cache.layers[0]).__name__ == ("ReducedStaticLayer" if static else "ReducedDynamicLayer")
     with pytest.raises(ValueError, match="holds 56 positions"):
         continued(1)
+
+
+def test_a_continued_prompt_prefills_eager_and_decodes_compiled(monkeypatch):
+    """Compiled, the long-prompt decode's chunked prefill stays out of the compiled forward (Transformers would run
+    each chunk through it when given a compile config: a second graph whose cache is initialised while tracing)
+    and its generations' decode steps go through it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.generation.configuration_utils import CompileConfig
+
+    from hf_distrattn.eval import bench_e2e
+
+    config = CompileConfig(fullgraph=True, mode="reduce-overhead")
+    config._compile_all_devices = True  # a CPU counts as a device to compile for
+    monkeypatch.setattr(bench_e2e, "_compile_config", lambda: dict(compile_config=config))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    compiled = []
+
+    def compiled_call(compile_config):
+        def call(*args, **kwargs):
+            compiled.append(kwargs["input_ids"].shape[1])
+            return model(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(model, "get_compiled_call", compiled_call)
+    continued = bench_e2e.ContinuedPrompt(model, torch.randint(1, 97, (1, 24)), calls=1, tokens=4, prefill_chunk=8,
+                                          compile=True)
+    assert compiled == []
+    continued(4)
+    assert compiled == [1, 1, 1]  # the first new token's forward is eager, the three decode steps compiled
