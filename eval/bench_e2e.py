@@ -217,11 +217,11 @@ def _greedy(tokens: int, clock=None) -> dict:
                 stopping_criteria=None if clock is None else StoppingCriteriaList([clock]))
 
 
-def fresh_prompt(model, prompt, prefill_chunk=None, compile=False):
-    """``generate(tokens, clock=None)``: greedy decoding after ``prompt``, prefilled anew by each call (into a new
-    static cache, compiled)."""
+def fresh_prompt(model, prompt, compile=False):
+    """``generate(tokens, clock=None)``: greedy decoding after ``prompt``, prefilled anew (in one piece) by each call
+    (into a new static cache, compiled)."""
     def generate(tokens, clock=None):
-        model.generate(prompt, prefill_chunk_size=prefill_chunk, **_greedy(tokens, clock), **_decode_kwargs(compile))
+        model.generate(prompt, **_greedy(tokens, clock), **_decode_kwargs(compile))
 
     return generate
 
@@ -277,11 +277,11 @@ def bench_llama(specs, prefill_lens, decode_prompts, decode_tokens, reps, compil
             long = n > LONG_PROMPT
             warmups, runs = (1, max(1, reps // 2)) if long else (2, reps)
             torch._dynamo.reset()
-            if long:
+            if long or prefill_chunk:  # a chunked prefill runs eager only when made apart from the timed generations
                 calls = warmups + runs + 2 * profile
                 generate = ContinuedPrompt(model, prompt, calls, decode_tokens, prefill_chunk, compile)
             else:
-                generate = fresh_prompt(model, prompt, prefill_chunk, compile)
+                generate = fresh_prompt(model, prompt, compile)
             skips = counters["inductor"]["cudagraph_skips"]
             with noted({"model": model_name, "attn": spec, "task": f"decode after {n}"}) as row:
                 for _ in range(warmups):  # compiles the decode step, records its CUDA graphs
@@ -388,7 +388,7 @@ def main(argv=None):
     parser.add_argument("--decode-prompt", type=int, nargs="*", default=[4096, 32768])
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--prefill-chunk", type=int, help="decode: prefill the prompt in chunks of this many tokens "
-                        "(Transformers' prefill_chunk_size; it cancels in tokens/s)")
+                        "(Transformers' prefill_chunk_size), once, eager (ContinuedPrompt); it cancels in tokens/s")
     parser.add_argument("--train-seq-len", type=int, default=4096, help="0: no training step")
     parser.add_argument("--vit-batch", type=int, default=256, help="0: no ViT")
     parser.add_argument("--reps", type=int, default=5)
