@@ -261,7 +261,8 @@ def test_models_through_the_kernel_match_sdpa(arch):
     (1, 300, (8, 2), False, None, None, None), (1, 300, (8, 2), False, None, 3, "transposed"),
     (5, 200, (4, 1), True, None, 2, "transposed"), (16, 77, (2, 2), True, "bool", 2, None),
     (3, 130, (6, 3), False, "additive", 4, None), (1, 10, (4, 4), False, None, 1, None),
-    (2, 90, (4, 2), False, None, 2, "sliced"),
+    (2, 90, (4, 2), False, None, 2, "sliced"), (1, 150, (8, 2), False, "key-bool", 3, None),
+    (4, 110, (4, 2), True, "key-additive", 2, None),
 ])
 def test_decode_kernel(n_q, n_k, heads, causal, mask_kind, splits, view):
     """Against the reference. ``view``: q, k, v as transposed views of ``(B, N, H, d)`` tensors (rows not ``d``
@@ -281,6 +282,10 @@ def test_decode_kernel(n_q, n_k, heads, causal, mask_kind, splits, view):
         mask[0, 0, 1] = False  # a fully masked row
     elif mask_kind == "additive":
         mask = rand(1, heads[0], n_q, n_k, seed=24)
+    elif mask_kind == "key-bool":  # a cache's key mask, one row for every head and query: sequence 0 all masked
+        mask = (torch.arange(n_k, device=DEVICE) >= torch.tensor([n_k, 37], device=DEVICE)[:, None])[:, None, None]
+    elif mask_kind == "key-additive":  # the same, broadcast over the queries (stride 0)
+        mask = rand(2, 1, 1, n_k, seed=26).expand(2, 1, n_q, n_k)
     assert plan(q, k, EXACT_TRITON).path == "decode"
     out, lse = decode_attention(q, k, v, causal=causal, attn_mask=mask, splits=splits, block_n=32)
     ref, ref_lse = reference.attention(q, k, v, causal=causal, attn_mask=mask)
@@ -355,6 +360,7 @@ def test_static_update_past_capacity_writes_the_rows_that_fit():
     (2, 16, 1, 75, (8, 2), torch.float32, None), (4, 16, 3, 64, (4, 2), torch.float32, "bool"),
     (2, 32, 2, 100, (2, 2), torch.float32, "additive"), (2, 16, 1, 50, (8, 2), torch.float16, None),
     (2, 16, 1, 12, (4, 2), torch.float32, None),  # all keys in the exact first block
+    (4, 16, 1, 70, (8, 2), torch.float16, "key-bool"),  # a static cache's key mask (left padding)
 ])
 def test_reduced_key_decode_matches_reference(group, block, n_q, n_k, heads, dtype, mask_kind):
     """sampled="k" decoding reads keys in reduced form from a cache layer filled step by step; it must equal the
@@ -368,6 +374,8 @@ def test_reduced_key_decode_matches_reference(group, block, n_q, n_k, heads, dty
         mask = rand(2, 1, n_q, n_k, seed=33) > -0.5
     elif mask_kind == "additive":
         mask = rand(1, heads[0], n_q, n_k, seed=34)
+    elif mask_kind == "key-bool":
+        mask = (torch.arange(n_k, device=DEVICE) >= torch.tensor([0, 23], device=DEVICE)[:, None])[:, None, None]
     layer = reduced_cache(k, v, config, steps=(n_k // 2, 1))
     if n_k > block:
         assert plan(q, k, config, causal_grouping=True, reduced_keys=True).path == "reduced-decode"
