@@ -234,10 +234,11 @@ class ContinuedPrompt:
     cache (``static``, by default when compiled) is sized for ``calls`` calls of at most ``tokens``: the cached
     length grows by ``n`` a call, so the steps timed see ``len(prompt)`` + at most ``calls · tokens`` positions.
 
-    The prefill runs eager: given a compile config, Transformers (5.17 to 5.25) runs each chunk of a chunked
-    prefill through the compiled forward, a second graph for 16k-query chunks whose static cache is then
-    initialised while tracing, so unmarked, and every CUDA graph skipped for its mutated inputs (an H100 run of the
-    8B row, 2026-12-06: 96 such skips, then a segmentation fault)."""
+    The prefill runs eager (``disable_compile``): given a compile config, or on a GPU with a static cache even
+    without one (Transformers' auto-compile), Transformers (5.17 to 5.25) runs each chunk of a chunked prefill
+    through the compiled forward, a second graph for 16k-query chunks whose static cache is then initialised while
+    tracing, so unmarked, and every CUDA graph skipped for its mutated inputs (H100 runs of the 8B row, 2026-12-06:
+    96 such skips, then a segmentation fault)."""
 
     def __init__(self, model, prompt, calls: int, tokens: int, prefill_chunk=None, compile=False, static=None):
         self.model, self.capacity = model, prompt.shape[1] + calls * tokens + 1
@@ -245,9 +246,9 @@ class ContinuedPrompt:
         self.cache = (StaticCache(config=model.config, max_cache_len=self.capacity) if static
                       else DynamicCache(config=model.config))
         start = time.perf_counter()
-        self.sequence = model.generate(prompt, prefill_chunk_size=prefill_chunk, **_greedy(1),
+        self.sequence = model.generate(prompt, prefill_chunk_size=prefill_chunk, disable_compile=True, **_greedy(1),
                                        **{CACHE_ARGUMENT: self.cache})
-        self.extra = {CACHE_ARGUMENT: self.cache, **(_compile_config() if compile else {})}
+        self.extra = {CACHE_ARGUMENT: self.cache, **(_compile_config() if compile else dict(disable_compile=True))}
         print(f"prefill of {prompt.shape[1]} tokens in {time.perf_counter() - start:.1f} s", flush=True)
 
     def __call__(self, n: int, clock=None) -> None:

@@ -461,6 +461,8 @@ def test_a_continued_prompt_prefills_eager_and_decodes_compiled(monkeypatch):
         return call
 
     monkeypatch.setattr(model, "get_compiled_call", compiled_call)
+    # on a GPU, Transformers compiles a static cache's generation unasked (auto-compile); so here, on the CPU
+    model.generation_config.compile_config = config
     continued = bench_e2e.ContinuedPrompt(model, torch.randint(1, 97, (1, 24)), calls=1, tokens=4, prefill_chunk=8,
                                           compile=True)
     assert compiled == []
