@@ -37,17 +37,11 @@ LAUNCH = {"num_warps": 4, "num_stages": 3}
 
 @triton.jit
 def _fold(acc, l_i, m_i, s, vt, offs_n, hi, row_ok, i, mask_ptrs, n_q, n_k, window, softcap, CAUSAL: tl.constexpr,
-          WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
-          IEEE: tl.constexpr):
-    """Softcap and mask a tile of scores (keys ``offs_n`` below ``hi``), fold it into the running softmax.
-    ``MASK_ROW``: ``mask_ptrs`` is one mask row shared by every query row, read as a ``(1, BLOCK_N)`` tile."""
+          WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr):
+    """Softcap and mask a tile of scores (keys ``offs_n`` below ``hi``), fold it into the running softmax."""
     s, _ = softcapped(s, softcap, SOFTCAP)
-    in_range = (offs_n < hi)[None, :]
-    keep = in_range & row_ok[:, None] & visible(i, offs_n, n_q, n_k, window, CAUSAL, WINDOWED)
-    if MASK_ROW:
-        s = tl.where(keep, masked_scores(s, in_range, mask_ptrs + offs_n[None, :], MASK_KIND), float("-inf"))
-    else:
-        s = masked_scores(s, keep, mask_ptrs + offs_n[None, :], MASK_KIND)
+    keep = (offs_n < hi)[None, :] & row_ok[:, None] & visible(i, offs_n, n_q, n_k, window, CAUSAL, WINDOWED)
+    s = masked_scores(s, keep, mask_ptrs + offs_n[None, :], MASK_KIND)
     return online_softmax(acc, l_i, m_i, s, 1.0, vt, IEEE)
 
 
@@ -64,8 +58,8 @@ def _fuse_query(q, Grp, W, g_base, offs_d, offs_g, IEEE: tl.constexpr):
 @triton.jit
 def _decode_split(Q, K, V, UK, Grp, W, Mask, Part, scale, window, softcap, n_q, n_k, heads_kv, rep, start, chunk,
                   capacity, sm_b, sm_h, sm_m, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
-                  MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, D: tl.constexpr, G: tl.constexpr, DG: tl.constexpr, PDL: tl.constexpr):
+                  MASK_KIND: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  D: tl.constexpr, G: tl.constexpr, DG: tl.constexpr, PDL: tl.constexpr):
     """One program per (split, batch·KV head). ``Q``, ``K``, ``V`` ``(B, H, N, D)`` and the reduced keys ``UK``
     ``(B, Hkv, capacity, DG)``, ``Grp``/``W`` ``(B, Hkv, ⌈capacity / BLOCK_N⌉, D)`` contiguous, their strides derived
     here (fewer launch arguments); ``Part`` holds the partial outputs ``(rows, S, D)`` then their log-sum-exps
@@ -97,9 +91,7 @@ def _decode_split(Q, K, V, UK, Grp, W, Mask, Part, scale, window, softcap, n_q, 
     v_base = V + kv_head * n_k * D
     u_base = UK + kv_head * capacity * DG
     g_base = kv_head * tl.cdiv(capacity, BLOCK_N) * D
-    mask_ptrs = Mask + b.to(tl.int64) * sm_b
-    if not MASK_ROW:
-        mask_ptrs += h[:, None].to(tl.int64) * sm_h + i[:, None] * sm_m
+    mask_ptrs = Mask + b.to(tl.int64) * sm_b + h[:, None].to(tl.int64) * sm_h + i[:, None] * sm_m
     lo = start + split * chunk
     hi = tl.minimum(lo + chunk, n_k)
     # two loops without branches inside, so that their loads pipeline: exact keys (all of them at G = 1, else
@@ -112,7 +104,7 @@ def _decode_split(Q, K, V, UK, Grp, W, Mask, Part, scale, window, softcap, n_q, 
         kt = tl.load(k_base + offs_n[None, :] * D + offs_d[:, None], mask=offs_n[None, :] < hi, other=0.0)
         vt = tl.load(v_base + offs_n[:, None] * D + offs_d[None, :], mask=offs_n[:, None] < hi, other=0.0)
         acc, l_i, m_i = _fold(acc, l_i, m_i, scores(q, kt, qk_scale, IEEE), vt, offs_n, hi, row_ok, i, mask_ptrs,
-                              n_q, n_k, window, softcap, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, MASK_ROW, IEEE)
+                              n_q, n_k, window, softcap, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE)
     if G > 1:  # key block j scores (Wt_j q) · u_s
         for start_n in range(tl.maximum(lo, BLOCK_N), hi, BLOCK_N):
             offs_n = start_n + offs_t
@@ -120,8 +112,7 @@ def _decode_split(Q, K, V, UK, Grp, W, Mask, Part, scale, window, softcap, n_q, 
             ukt = tl.load(u_base + offs_n[None, :] * DG + offs_g[:, None], mask=offs_n[None, :] < hi, other=0.0)
             vt = tl.load(v_base + offs_n[:, None] * D + offs_d[None, :], mask=offs_n[:, None] < hi, other=0.0)
             acc, l_i, m_i = _fold(acc, l_i, m_i, scores(uq, ukt, qk_scale, IEEE), vt, offs_n, hi, row_ok, i,
-                                  mask_ptrs, n_q, n_k, window, softcap, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND,
-                                  MASK_ROW, IEEE)
+                                  mask_ptrs, n_q, n_k, window, softcap, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE)
     out, lse = finish(acc, l_i, m_i)
     splits = tl.num_programs(0)
     tl.store(Part + (row[:, None] * splits + split) * D + offs_d[None, :], out, mask=row_ok[:, None])
@@ -203,15 +194,12 @@ def decode_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, reduc
     splits, chunk = split_keys(batch * h_kv, n_k - start, block_n, device, splits, dg <= 16)
     part = torch.empty(q.numel() * splits + q.numel() // d * splits, device=q.device, dtype=torch.float32)
     mask, mask_kind, mask_strides = mask_arguments(attn_mask, part)
-    # a mask row shared by the program's query rows (a cache's key mask): one (1, BLOCK_N) load a tile, not one
-    # per row (a static cache's decode step, G=4-k at 32k cached tokens: docs/design.md D18)
-    mask_row = mask_kind > 0 and mask_strides[1] == 0 and (n_q == 1 or mask_strides[2] == 0)
     _decode_split[(splits, batch * h_kv)](
         q, k, v, uk, grp, w, mask, part, scale, window or 0, softcap or 1.0, n_q, n_k, h_kv, rep, start, chunk,
         uk.shape[2], *mask_strides,
         CAUSAL=causal, WINDOWED=window is not None, SOFTCAP=softcap is not None, MASK_KIND=mask_kind,
-        MASK_ROW=mask_row, IEEE=q.dtype == torch.float32, BLOCK_M=max(16, next_power_of_2(rep * n_q)),
-        BLOCK_N=block_n, D=d, G=group, DG=dg, PDL=early,
+        IEEE=q.dtype == torch.float32, BLOCK_M=max(16, next_power_of_2(rep * n_q)), BLOCK_N=block_n, D=d,
+        G=group, DG=dg, PDL=early,
         **LAUNCH, launch_pdl=early,
     )
     out = torch.empty_like(q)
