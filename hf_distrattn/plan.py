@@ -47,6 +47,10 @@ SM90 = os.environ.get("HF_DISTRATTN_SM90", "1") != "0"
 """Whether the ``"fused"`` and ``"projected"`` paths run the Hopper kernel (:mod:`.kernels.hopper`) on the calls it
 takes (:func:`sm90_refusal`); ``HF_DISTRATTN_SM90=0`` keeps the portable kernel everywhere."""
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+SM90_MIN_KEYS_D64 = 1024
+"""At head dim 64 the Hopper kernel takes calls of at least this many keys: below, its programs' fixed cost (TMA
+and barrier set-up for a loop of few key tiles) outweighs its speed (H100, kernel alone, exact, TFLOP/s Hopper
+vs portable: 197 keys 114 / 143, 577 keys 249 / 271, 1024 keys 358 / 370 but causal 249 / 211; docs/design.md P4)."""
 
 
 Note = tuple
@@ -155,8 +159,8 @@ def sm90_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int, 
     """``None`` if the Hopper kernel computes a fused-kernel call, else why the portable kernel does. It takes
     16-bit inputs on an sm_90 GPU, grouping blocks of 128 queries (its programs' rows) at ``G > 1``, strides and
     addresses in 16-byte multiples (TMA's), no mask tensor, sliding window or softcap; and it runs where it measured
-    faster than the portable kernel (H100, 16k tokens, docs/design.md P3): ``G = 1``, and ``G > 1`` at head dim
-    128."""
+    faster than the portable kernel (H100, docs/design.md P3-P4): ``G = 1``, and ``G > 1`` at head dim 128; at head
+    dim 64 from :data:`SM90_MIN_KEYS_D64` keys."""
     if not SM90:
         return ("HF_DISTRATTN_SM90=0",)
     if not _on_hopper(q):
@@ -165,6 +169,8 @@ def sm90_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int, 
         return ("dtype {}, head_dim {} (the sm_90 kernel takes 16-bit, 64 or 128)", q.dtype, q.shape[-1])
     if q.shape[-1] == 64 and group > 1:
         return ("head_dim 64 with G={}: the portable kernel is faster", group)
+    if q.shape[-1] == 64 and k.shape[2] < SM90_MIN_KEYS_D64:
+        return ("head_dim 64 at {} keys: the portable kernel is faster below {}", k.shape[2], SM90_MIN_KEYS_D64)
     if group > 1 and block_size != 128:
         return ("block_size {} (the sm_90 kernel groups 128 queries)", block_size)
     if masked or window is not None or softcap is not None:

@@ -147,7 +147,8 @@ def test_masked_kernels_build_for_an_h100(builds, variant):
 
 def test_plan_sends_it_the_calls_it_takes(monkeypatch):
     """The rule of ``plan.sm90_refusal`` (on any machine, the GPU check stubbed): 16-bit, head dim 64 or 128,
-    ``G > 1`` only at 128 and with blocks of 128, no mask, window or softcap, TMA-addressable tensors."""
+    ``G > 1`` only at 128 and with blocks of 128, head dim 64 only from 1024 keys, no mask, window or softcap,
+    TMA-addressable tensors."""
     from hf_distrattn import plan
 
     monkeypatch.setattr(plan, "_on_hopper", lambda q: True)
@@ -158,8 +159,10 @@ def test_plan_sends_it_the_calls_it_takes(monkeypatch):
         return plan.sm90_refusal(q, k, k, group, block, masked, window, softcap) is None
 
     assert takes() and takes(group=2, block=128) and takes(group=4, block=128)
-    assert takes(q=q[..., :64].contiguous(), k=k[..., :64].contiguous())  # head dim 64, exact
-    assert not takes(q=q[..., :64].contiguous(), k=k[..., :64].contiguous(), group=2, block=128)
+    q64, k64 = (torch.zeros(1, 4, 1024, 64, dtype=torch.bfloat16) for _ in range(2))
+    assert takes(q=q64, k=k64) and takes(q=q64[:, :, :1], k=k64)  # head dim 64, exact, 1024 keys
+    assert not takes(q=q64[:, :, :1023], k=k64[:, :, :1023])  # fewer keys: the portable kernel is faster
+    assert not takes(q=q64, k=k64, group=2, block=128)
     assert not takes(group=2, block=64)
     assert not takes(q=q.float(), k=k.float()) and not takes(q=q[..., :96].contiguous(), k=k[..., :96].contiguous())
     assert not takes(masked=True) and not takes(window=64) and not takes(softcap=30.0)
@@ -259,9 +262,10 @@ def test_fused_path_runs_it_with_causal_grouping(monkeypatch, group, block, n):
 
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
 def test_a_compiled_vit_runs_it(monkeypatch):
-    """A ViT compiled whole (197 tokens, no mask, queries in Transformers' (B, N, H, d) layout) runs the Hopper
-    kernel as eager does, with no fallback, and computes eager's logits. (The fourteenth session's ViT-B/16 rows
-    ran the portable kernel compiled; a failure here names the reason in its message.)"""
+    """A ViT compiled whole (197 tokens, head dim 128, no mask, queries in Transformers' (B, N, H, d) layout) runs
+    the Hopper kernel as eager does, with no fallback, and computes eager's logits. (The fourteenth session's
+    ViT-B/16 rows ran the portable kernel compiled; a failure here names the reason in its message. At head dim 64
+    197 keys go to the portable kernel, which is faster there: ``plan.SM90_MIN_KEYS_D64``.)"""
     from transformers import ViTConfig, ViTForImageClassification
 
     import hf_distrattn
@@ -274,7 +278,7 @@ def test_a_compiled_vit_runs_it(monkeypatch):
     monkeypatch.setattr(hopper, "attention", lambda *args, **kwargs: launches.append(1) or real(*args, **kwargs))
     monkeypatch.setattr(prefill, "sm90_refusal", lambda *args: refusals.append(refuse(*args)) or refusals[-1])
     torch.manual_seed(0)
-    config = ViTConfig(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512)
+    config = ViTConfig(hidden_size=512, num_hidden_layers=2, num_attention_heads=4, intermediate_size=1024)  # d=128
     model = ViTForImageClassification(config).to(DEVICE, torch.bfloat16).eval()
     model.set_attn_implementation("distr")
     hf_distrattn.configure(model, hf_distrattn.DistrConfig(group_size=1))
