@@ -15,9 +15,10 @@
 #   decode8b  bench_e2e --compile --llama 8b: decode tokens/s after a 128k prompt (sdpa, G=1, G=4 keys reduced),
 #           prefilled once per setting in chunks of 16k (in one piece, sdpa's prefill into the static cache fell to
 #           the math kernel and asked for 32 GiB on an H100), each generation continuing from that cache
-#           (bench_e2e.ContinuedPrompt); one setting per call (decode8b --attn SETTING): on an H100 sdpa's row,
-#           prefilling for every generation, took 216 s, and distr G=4-k's did not finish in 480 s (2026-12-06);
-#           the prefill's and each generation's wall times are in the log
+#           (bench_e2e.ContinuedPrompt, its prefill with disable_compile: on a GPU Transformers compiles a static
+#           cache's generation unasked, and compiled 16k chunks skipped every CUDA graph and then crashed, H100,
+#           2026-12-06); one setting per call (decode8b --attn SETTING); the prefill's and each generation's wall
+#           times are in the log
 #   prefill8b bench_e2e --compile --llama 8b: prefill at 64k (sdpa, sdpa_causal, G=1, G=4 LSH)
 #   subspace  grouping="subspace" compiled (kernel, backward and op tests), then bench_e2e --compile for it (G=2, G=4)
 #           beside sdpa: prefill at 4k and 16k, training step
