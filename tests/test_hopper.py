@@ -188,7 +188,7 @@ def test_a_failing_sm90_kernel_falls_back_to_the_portable_one_with_one_warning(m
     monkeypatch.setattr(plan, "_on_hopper", lambda q: True)
     monkeypatch.setattr(plan, "SM90", True)
     monkeypatch.setattr(hopper, "attention", broken)
-    q, k, v = (rand(1, 2, 70, 64, dtype=torch.bfloat16, seed=s) for s in (1, 2, 3))
+    q, k, v = (rand(1, 2, 70, 128, dtype=torch.bfloat16, seed=s) for s in (1, 2, 3))  # head dim 128: any length
     call = dict(causal=True, config=DistrConfig(group_size=1, block_size=64))
     with pytest.warns(UserWarning, match=r"sm_90 kernel failed \(RuntimeError: no such Gluon op\)"):
         out, lse = prefill.distr_attention_triton(q, k, v, **call)
