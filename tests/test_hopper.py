@@ -10,6 +10,7 @@ no key), float16 and bfloat16, head dims 64 and 128.
 
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -62,10 +63,11 @@ PORTABLE = [(128, 1, 128, 1), (128, 1, 128, 2), (128, 1, 128, 0), (128, 2, 128, 
             (64, 1, 128, 1), (128, 1, 64, 1)]  # the portable kernel: (d, G, block_size, MASK_KIND)
 
 
-def _compile_sm90(fn, constants: dict, types: dict, **options) -> dict:
+def _compile_sm90(fn, constants: dict, types: dict, usage: bool = False, unaligned: tuple = (), **options) -> dict:
     """Compile a ``@triton.jit`` kernel for sm_90: pointers ``*bf16`` and integers ``i32`` unless ``types`` says
-    otherwise, every pointer and integer 16-divisible as Triton specializes a real call's (which changes its
-    shared-memory plan)."""
+    otherwise, every pointer and integer but the ``unaligned`` ones 16-divisible as Triton specializes a real call's
+    (which changes its shared-memory plan and registers). ``usage``: also its registers per thread and spilled
+    accesses (``cuobjdump``, ``nvdisasm``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -74,9 +76,37 @@ def _compile_sm90(fn, constants: dict, types: dict, **options) -> dict:
     signature = {name: "constexpr" if name in constants else types.get(name, "*bf16" if name[0].isupper() else "i32")
                  for name in fn.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-               if signature[name] not in ("constexpr", "fp32")}
+               if signature[name] not in ("constexpr", "fp32") and name not in unaligned}
     source = ASTSource(fn, signature, {(fn.arg_names.index(k),): v for k, v in constants.items()}, aligned)
-    return dict(shared=triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).metadata.shared)
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    if not usage:
+        return dict(shared=kernel.metadata.shared)
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"hf_distrattn_sm90_{os.getpid()}.cubin")
+    with open(path, "wb") as f:
+        f.write(kernel.asm["cubin"])
+    resources = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", path], capture_output=True,
+                               text=True).stdout
+    sass = subprocess.run([os.path.join(tools, "nvdisasm"), "-c", path], capture_output=True, text=True).stdout
+    os.remove(path)
+    return dict(shared=kernel.metadata.shared, registers=int(re.search(r"REG:(\d+)", resources).group(1)),
+                spills=sum(" STL" in o or " LDL" in o for o in sass.splitlines()))
+
+
+DECODE = [(64, 1, 1), (64, 4, 1), (64, 4, 0), (128, 1, 1), (128, 2, 2), (128, 4, 1)]  # (d, G, MASK_KIND)
+
+
+def _build_decode(d: int, group: int, mask_kind: int) -> dict:
+    """The split-KV decode kernel as a Llama decode step launches it (4 query heads per KV head: 16 rows, tiles of
+    64 keys, :data:`decode.LAUNCH`), exact or reading keys reduced to ``d/G`` columns, over a static cache whose
+    capacity is not a multiple of 16 (``generate`` sizes it to the prompt and the new tokens): the most registers."""
+    from hf_distrattn.kernels import decode
+
+    constants = dict(CAUSAL=False, WINDOWED=False, SOFTCAP=False, MASK_KIND=mask_kind, IEEE=False, BLOCK_M=16,
+                     BLOCK_N=64, D=d, G=min(group, 2), DG=d // group, PDL=False)
+    types = dict(Grp="*i32", W="*fp32", Part="*fp32", Mask="*i1" if mask_kind == 1 else "*bf16")
+    return _compile_sm90(decode._decode_split.fn, constants, types, usage=True, unaligned=("n_k", "capacity", "sm_b"),
+                         **decode.LAUNCH)
 
 
 def _build_portable(d: int, group: int, block_m: int, mask_kind: int) -> dict:
@@ -136,6 +166,21 @@ def test_portable_kernel_launches_fit_an_h100(builds, variant):
     more pipelined operand: three stages of 128 × 128 tiles at ``d = 128`` with it need 256 KB, which a compiled
     8B-shape prefill (Transformers builds the causal mask while tracing) met on an H100."""
     assert builds[("portable", *variant)]["shared"] <= H100_SHARED
+
+
+@pytest.mark.parametrize("variant", DECODE)
+def test_decode_kernel_builds_for_an_h100_at_its_programs_per_sm(builds, variant):
+    """The split-KV decode kernel compiles for sm_90 without spilling registers, and its registers let as many
+    programs share a multiprocessor as :func:`decode.split_keys` plans for (``NARROW_PROGRAMS_PER_SM`` where keys
+    are read at ``d/G ≤ 16`` columns): 128 threads × registers × programs ≤ 65,536. A static cache's mask costs
+    registers (d=64, G=4: 96 → 128, the most that four programs allow; Triton 3.9, docs/design.md D18)."""
+    from hf_distrattn.kernels import decode
+
+    d, group, _ = variant
+    r = builds[("decode", *variant)]
+    programs = decode.NARROW_PROGRAMS_PER_SM if d // group <= 16 else decode.PROGRAMS_PER_SM
+    assert r["spills"] == 0
+    assert r["registers"] * 128 * programs <= 65536, r
 
 
 @pytest.mark.parametrize("variant", MASKED)
@@ -304,3 +349,5 @@ if __name__ == "__main__":  # the build report, one JSON line per variant (run b
         print(json.dumps(dict(variant=("portable", *variant)) | _build_portable(*variant)), flush=True)
     for variant in MASKED:
         print(json.dumps(dict(variant=("masked", *variant)) | _build_masked(*variant)), flush=True)
+    for variant in DECODE:
+        print(json.dumps(dict(variant=("decode", *variant)) | _build_decode(*variant)), flush=True)
