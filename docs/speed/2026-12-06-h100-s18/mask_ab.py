@@ -5,11 +5,13 @@ interpreter). Also checks, compiled, that the two kernels agree bit for bit on a
 
 Eighteenth session (``mask_ab.log``): the repository was commit 57986b8 (``MASK_ROW``: the mask read as one shared
 row a tile) and ``--other decode_old`` was ebf43e4's kernel (a 16-row tile; today's). Next: ``--other
-decode_prefetch`` (the mask loaded a tile ahead), made from today's kernel with absolute imports and the patch:
+decode_prefetch`` (the mask loaded a tile ahead) and ``--other decode_rowprefetch`` (a shared mask row loaded a
+tile ahead), each made from today's kernel with absolute imports and its patch:
 
     git show HEAD:hf_distrattn/kernels/decode.py | sed 's/^from \.launch/from hf_distrattn.kernels.launch/;
         s/^from \.softmax/from hf_distrattn.kernels.softmax/' > decode_prefetch.py
-    patch decode_prefetch.py < decode_prefetch.patch
+    cp decode_prefetch.py decode_rowprefetch.py
+    patch decode_prefetch.py < decode_prefetch.patch && patch decode_rowprefetch.py < decode_rowprefetch.patch
 """
 import argparse
 import importlib
