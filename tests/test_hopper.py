@@ -47,16 +47,28 @@ def _build(d: int, group: int, causal: bool) -> dict:
                  else "i32" if isinstance(values[name], int) else mangle_type(values[name]) for name in fn.arg_names}
     source = GluonASTSource(fn, signature, {(fn.arg_names.index(k),): v for k, v in constants.items()})
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=168))
+    ops, _ = _sass(kernel)
+    return dict(shared=kernel.metadata.shared, spills=_spills(ops), wgmma=sum("HGMMA" in o for o in ops),
+                tma=sum("UTMALDG" in o for o in ops), setmaxnreg=sum("SETMAXREG" in o for o in ops))
+
+
+def _sass(kernel) -> tuple[list, int]:
+    """A compiled kernel's SASS instructions (``nvdisasm``) and registers per thread (``cuobjdump -res-usage``)."""
+    import triton
+
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"hf_distrattn_sm90_{os.getpid()}.cubin")
     with open(path, "wb") as f:
         f.write(kernel.asm["cubin"])
     sass = subprocess.run([os.path.join(tools, "nvdisasm"), "-c", path], capture_output=True, text=True).stdout
+    resources = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", path], capture_output=True,
+                               text=True).stdout
     os.remove(path)
-    ops = sass.splitlines()
-    return dict(shared=kernel.metadata.shared, spills=sum(" STL" in o or " LDL" in o for o in ops),
-                wgmma=sum("HGMMA" in o for o in ops), tma=sum("UTMALDG" in o for o in ops),
-                setmaxnreg=sum("SETMAXREG" in o for o in ops))
+    return sass.splitlines(), int(re.search(r"REG:(\d+)", resources).group(1))
+
+
+def _spills(ops: list) -> int:
+    return sum(" STL" in o or " LDL" in o for o in ops)
 
 
 PORTABLE = [(128, 1, 128, 1), (128, 1, 128, 2), (128, 1, 128, 0), (128, 2, 128, 1), (128, 4, 128, 1),
@@ -81,16 +93,8 @@ def _compile_sm90(fn, constants: dict, types: dict, usage: bool = False, unalign
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     if not usage:
         return dict(shared=kernel.metadata.shared)
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"hf_distrattn_sm90_{os.getpid()}.cubin")
-    with open(path, "wb") as f:
-        f.write(kernel.asm["cubin"])
-    resources = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", path], capture_output=True,
-                               text=True).stdout
-    sass = subprocess.run([os.path.join(tools, "nvdisasm"), "-c", path], capture_output=True, text=True).stdout
-    os.remove(path)
-    return dict(shared=kernel.metadata.shared, registers=int(re.search(r"REG:(\d+)", resources).group(1)),
-                spills=sum(" STL" in o or " LDL" in o for o in sass.splitlines()))
+    ops, registers = _sass(kernel)
+    return dict(shared=kernel.metadata.shared, registers=registers, spills=_spills(ops))
 
 
 DECODE = [(64, 1, 1), (64, 4, 1), (64, 4, 0), (128, 1, 1), (128, 2, 2), (128, 4, 1)]  # (d, G, MASK_KIND)
