@@ -103,11 +103,12 @@ DECODE = [(64, 1, 1), (64, 4, 1), (64, 4, 0), (128, 1, 1), (128, 2, 2), (128, 4,
 def _build_decode(d: int, group: int, mask_kind: int) -> dict:
     """The split-KV decode kernel as a Llama decode step launches it (4 query heads per KV head: 16 rows, tiles of
     64 keys, :data:`decode.LAUNCH`), exact or reading keys reduced to ``d/G`` columns, over a static cache whose
-    capacity is not a multiple of 16 (``generate`` sizes it to the prompt and the new tokens): the most registers."""
+    capacity is not a multiple of 16 (``generate`` sizes it to the prompt and the new tokens): the most registers;
+    a mask is the cache's key mask, one row shared by the program's query rows (``MASK_ROW``)."""
     from hf_distrattn.kernels import decode
 
-    constants = dict(CAUSAL=False, WINDOWED=False, SOFTCAP=False, MASK_KIND=mask_kind, IEEE=False, BLOCK_M=16,
-                     BLOCK_N=64, D=d, G=min(group, 2), DG=d // group, PDL=False)
+    constants = dict(CAUSAL=False, WINDOWED=False, SOFTCAP=False, MASK_KIND=mask_kind, MASK_ROW=mask_kind > 0,
+                     IEEE=False, BLOCK_M=16, BLOCK_N=64, D=d, G=min(group, 2), DG=d // group, PDL=False)
     types = dict(Grp="*i32", W="*fp32", Part="*fp32", Mask="*i1" if mask_kind == 1 else "*bf16")
     return _compile_sm90(decode._decode_split.fn, constants, types, usage=True, unaligned=("n_k", "capacity", "sm_b"),
                          **decode.LAUNCH)

@@ -24,7 +24,17 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .launch import cached, cdiv, next_power_of_2, pdl
-from .softmax import finish, mask_arguments, masked_scores, online_softmax, score_scale, scores, softcapped, visible
+from .softmax import (
+    apply_mask,
+    finish,
+    mask_arguments,
+    mask_entries,
+    online_softmax,
+    score_scale,
+    scores,
+    softcapped,
+    visible,
+)
 
 PROGRAMS_PER_SM = 2
 """Split-KV programs per multiprocessor for keys read whole or at ``d/G > 16`` columns (docs/design.md D5)."""
@@ -36,13 +46,25 @@ LAUNCH = {"num_warps": 4, "num_stages": 3}
 
 
 @triton.jit
-def _fold(acc, l_i, m_i, s, vt, offs_n, hi, row_ok, i, mask_ptrs, n_q, n_k, window, softcap, CAUSAL: tl.constexpr,
+def _mask_tile(mask_ptrs, offs_n, hi, row_ok, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr):
+    """The user mask's entries for keys ``offs_n`` below ``hi``, loaded a tile ahead of their use (a byte load
+    without a dot, which Triton does not pipeline); one ``(1, BLOCK_N)`` row where every query row of the program
+    shares it (``MASK_ROW``: a cache's key mask)."""
+    if MASK_ROW:
+        ok = (offs_n < hi)[None, :]
+    else:
+        ok = (offs_n < hi)[None, :] & row_ok[:, None]
+    return mask_entries(mask_ptrs + offs_n[None, :], ok, MASK_KIND)
+
+
+@triton.jit
+def _fold(acc, l_i, m_i, s, vt, offs_n, hi, row_ok, i, mvals, n_q, n_k, window, softcap, CAUSAL: tl.constexpr,
           WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, IEEE: tl.constexpr):
-    """Softcap and mask a tile of scores (keys ``offs_n`` below ``hi``), fold it into the running softmax."""
+    """Softcap and mask a tile of scores (keys ``offs_n`` below ``hi``; ``mvals`` the mask's entries for them),
+    fold it into the running softmax."""
     s, _ = softcapped(s, softcap, SOFTCAP)
     keep = (offs_n < hi)[None, :] & row_ok[:, None] & visible(i, offs_n, n_q, n_k, window, CAUSAL, WINDOWED)
-    s = masked_scores(s, keep, mask_ptrs + offs_n[None, :], MASK_KIND)
-    return online_softmax(acc, l_i, m_i, s, 1.0, vt, IEEE)
+    return online_softmax(acc, l_i, m_i, apply_mask(s, keep, mvals, MASK_KIND), 1.0, vt, IEEE)
 
 
 @triton.jit
@@ -58,8 +80,8 @@ def _fuse_query(q, Grp, W, g_base, offs_d, offs_g, IEEE: tl.constexpr):
 @triton.jit
 def _decode_split(Q, K, V, UK, Grp, W, Mask, Part, scale, window, softcap, n_q, n_k, heads_kv, rep, start, chunk,
                   capacity, sm_b, sm_h, sm_m, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
-                  MASK_KIND: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  D: tl.constexpr, G: tl.constexpr, DG: tl.constexpr, PDL: tl.constexpr):
+                  MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, D: tl.constexpr, G: tl.constexpr, DG: tl.constexpr, PDL: tl.constexpr):
     """One program per (split, batch·KV head). ``Q``, ``K``, ``V`` ``(B, H, N, D)`` and the reduced keys ``UK``
     ``(B, Hkv, capacity, DG)``, ``Grp``/``W`` ``(B, Hkv, ⌈capacity / BLOCK_N⌉, D)`` contiguous, their strides derived
     here (fewer launch arguments); ``Part`` holds the partial outputs ``(rows, S, D)`` then their log-sum-exps
@@ -91,7 +113,10 @@ def _decode_split(Q, K, V, UK, Grp, W, Mask, Part, scale, window, softcap, n_q, 
     v_base = V + kv_head * n_k * D
     u_base = UK + kv_head * capacity * DG
     g_base = kv_head * tl.cdiv(capacity, BLOCK_N) * D
-    mask_ptrs = Mask + b.to(tl.int64) * sm_b + h[:, None].to(tl.int64) * sm_h + i[:, None] * sm_m
+    if MASK_ROW:
+        mask_ptrs = Mask + b.to(tl.int64) * sm_b
+    else:
+        mask_ptrs = Mask + b.to(tl.int64) * sm_b + h[:, None].to(tl.int64) * sm_h + i[:, None] * sm_m
     lo = start + split * chunk
     hi = tl.minimum(lo + chunk, n_k)
     # two loops without branches inside, so that their loads pipeline: exact keys (all of them at G = 1, else
@@ -99,20 +124,27 @@ def _decode_split(Q, K, V, UK, Grp, W, Mask, Part, scale, window, softcap, n_q, 
     exact_hi = hi
     if G > 1:
         exact_hi = tl.minimum(hi, BLOCK_N)
+    mvals = _mask_tile(mask_ptrs, lo + offs_t, exact_hi, row_ok, MASK_KIND, MASK_ROW)
     for start_n in range(lo, exact_hi, BLOCK_N):
         offs_n = start_n + offs_t
         kt = tl.load(k_base + offs_n[None, :] * D + offs_d[:, None], mask=offs_n[None, :] < hi, other=0.0)
         vt = tl.load(v_base + offs_n[:, None] * D + offs_d[None, :], mask=offs_n[:, None] < hi, other=0.0)
-        acc, l_i, m_i = _fold(acc, l_i, m_i, scores(q, kt, qk_scale, IEEE), vt, offs_n, hi, row_ok, i, mask_ptrs,
+        cur = mvals
+        mvals = _mask_tile(mask_ptrs, offs_n + BLOCK_N, exact_hi, row_ok, MASK_KIND, MASK_ROW)
+        acc, l_i, m_i = _fold(acc, l_i, m_i, scores(q, kt, qk_scale, IEEE), vt, offs_n, hi, row_ok, i, cur,
                               n_q, n_k, window, softcap, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE)
     if G > 1:  # key block j scores (Wt_j q) · u_s
-        for start_n in range(tl.maximum(lo, BLOCK_N), hi, BLOCK_N):
+        first = tl.maximum(lo, BLOCK_N)
+        mvals = _mask_tile(mask_ptrs, first + offs_t, hi, row_ok, MASK_KIND, MASK_ROW)
+        for start_n in range(first, hi, BLOCK_N):
             offs_n = start_n + offs_t
             uq = _fuse_query(q, Grp, W, g_base + (start_n // BLOCK_N) * D, offs_d, offs_g, IEEE)
             ukt = tl.load(u_base + offs_n[None, :] * DG + offs_g[:, None], mask=offs_n[None, :] < hi, other=0.0)
             vt = tl.load(v_base + offs_n[:, None] * D + offs_d[None, :], mask=offs_n[:, None] < hi, other=0.0)
+            cur = mvals
+            mvals = _mask_tile(mask_ptrs, offs_n + BLOCK_N, hi, row_ok, MASK_KIND, MASK_ROW)
             acc, l_i, m_i = _fold(acc, l_i, m_i, scores(uq, ukt, qk_scale, IEEE), vt, offs_n, hi, row_ok, i,
-                                  mask_ptrs, n_q, n_k, window, softcap, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE)
+                                  cur, n_q, n_k, window, softcap, CAUSAL, WINDOWED, SOFTCAP, MASK_KIND, IEEE)
     out, lse = finish(acc, l_i, m_i)
     splits = tl.num_programs(0)
     tl.store(Part + (row[:, None] * splits + split) * D + offs_d[None, :], out, mask=row_ok[:, None])
@@ -194,10 +226,11 @@ def decode_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, reduc
     splits, chunk = split_keys(batch * h_kv, n_k - start, block_n, device, splits, dg <= 16)
     part = torch.empty(q.numel() * splits + q.numel() // d * splits, device=q.device, dtype=torch.float32)
     mask, mask_kind, mask_strides = mask_arguments(attn_mask, part)
+    mask_row = mask_kind > 0 and mask_strides[1] == 0 and (n_q == 1 or mask_strides[2] == 0)
     _decode_split[(splits, batch * h_kv)](
         q, k, v, uk, grp, w, mask, part, scale, window or 0, softcap or 1.0, n_q, n_k, h_kv, rep, start, chunk,
         uk.shape[2], *mask_strides,
-        CAUSAL=causal, WINDOWED=window is not None, SOFTCAP=softcap is not None, MASK_KIND=mask_kind,
+        CAUSAL=causal, WINDOWED=window is not None, SOFTCAP=softcap is not None, MASK_KIND=mask_kind, MASK_ROW=mask_row,
         IEEE=q.dtype == torch.float32, BLOCK_M=max(16, next_power_of_2(rep * n_q)), BLOCK_N=block_n, D=d,
         G=group, DG=dg, PDL=early,
         **LAUNCH, launch_pdl=early,

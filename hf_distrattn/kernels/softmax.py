@@ -186,13 +186,32 @@ def scores(a, bt, qk_scale, IEEE: tl.constexpr):
 
 
 @triton.jit
-def masked_scores(s, keep, mask_ptrs, MASK_KIND: tl.constexpr):
-    """Scores (base-2 logits) with ``keep`` and the user mask applied: ``MASK_KIND`` 1 boolean, 2 additive."""
+def mask_entries(mask_ptrs, ok, MASK_KIND: tl.constexpr):
+    """The user mask's entries at ``mask_ptrs`` where ``ok`` (0 elsewhere): int8 for a boolean mask (``MASK_KIND``
+    1), float32 for an additive one (2); 0 without a mask."""
     if MASK_KIND == 1:
-        keep = keep & (tl.load(mask_ptrs, mask=keep, other=0) != 0)
+        return tl.load(mask_ptrs, mask=ok, other=0).to(tl.int8)
+    elif MASK_KIND == 2:
+        return tl.load(mask_ptrs, mask=ok, other=0.0).to(tl.float32)
+    else:
+        return 0
+
+
+@triton.jit
+def apply_mask(s, keep, entries, MASK_KIND: tl.constexpr):
+    """Scores (base-2 logits) with ``keep`` and the user mask's ``entries`` (:func:`mask_entries`) applied: a
+    boolean entry 0 hides the key, an additive one is added (in natural-log units, so times ``log2 e``)."""
+    if MASK_KIND == 1:
+        keep = keep & (entries != 0)
     if MASK_KIND == 2:
-        s += tl.load(mask_ptrs, mask=keep, other=0.0).to(tl.float32) * 1.4426950408889634
+        s += entries * 1.4426950408889634
     return tl.where(keep, s, float("-inf"))
+
+
+@triton.jit
+def masked_scores(s, keep, mask_ptrs, MASK_KIND: tl.constexpr):
+    """Scores with ``keep`` and the user mask at ``mask_ptrs`` applied, its entries loaded where ``keep``."""
+    return apply_mask(s, keep, mask_entries(mask_ptrs, keep, MASK_KIND), MASK_KIND)
 
 
 @triton.jit
