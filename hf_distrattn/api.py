@@ -178,6 +178,9 @@ def distr_attention(q, k, v, *, causal=False, attn_mask=None, scale=None, config
 
 def _run(chosen, q, k, v, causal, mask, scale, config, dropout_p, causal_grouping, reduced_keys, features):
     group, path = chosen.group_size, chosen.path
+    if path in ("decode", "reduced-decode", "reduced-reference"):  # keys grouped already (the cache), or exact
+        return ops.call(ops.decode, q, k, v, mask, *(reduced_keys or (None,) * 3), path, causal, scale,
+                        config.block_size, *features)
     hashes = None
     if group > 1 and config.grouping == "lsh":
         hashes = hash_directions(config.block_size, config.num_hashes, config.seed, q.device)
@@ -186,9 +189,6 @@ def _run(chosen, q, k, v, causal, mask, scale, config, dropout_p, causal_groupin
         return reference.attention(q, k, v, causal=causal, attn_mask=mask, scale=scale, config=effective,
                                    dropout_p=dropout_p, causal_grouping=causal_grouping, hashes=hashes,
                                    window=features[0], softcap=features[1])
-    if path in ("decode", "reduced-decode", "reduced-reference"):
-        return ops.call(ops.decode, q, k, v, mask, *(reduced_keys or (None,) * 3), path, causal, scale,
-                        config.block_size, *features)
     if path == "approximated":  # X̃ in PyTorch (autograd through it), then the exact kernels
         if group > 1 and config.sampled == "q":
             q = approximate_operand(q, config, causal_grouping, hashes).to(q.dtype)

@@ -39,12 +39,15 @@ from .plan import plan_reduce_keys
 
 class ReducedKeys:
     """What the reduced layers add to a cache layer: ``reduced_keys`` ``(B, H, capacity, width)`` in the keys'
-    dtype, ``fuse_group`` int32 and ``fuse_weight`` float32 ``(B, H, capacity_blocks, d)``."""
+    dtype, ``fuse_group`` int32 and ``fuse_weight`` float32 ``(B, H, capacity_blocks, d)``; ``hashes`` the LSH
+    directions, made with them (in eager code: traced, their few dozen integer ops would be compiled into every
+    layer's decode step)."""
 
     config: DistrConfig
     reduced_keys: torch.Tensor | None
     fuse_group: torch.Tensor | None
     fuse_weight: torch.Tensor | None
+    hashes: torch.Tensor | None
 
     @property
     def reduced(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -59,16 +62,21 @@ class ReducedKeys:
         self.reduced_keys = keys.new_zeros(batch, heads, capacity, width)
         self.fuse_group = torch.zeros(batch, heads, -(-capacity // block), d, device=keys.device, dtype=torch.int32)
         self.fuse_weight = torch.zeros(batch, heads, -(-capacity // block), d, device=keys.device)
+        self.hashes = hash_directions(block, self.config.num_hashes, self.config.seed, keys.device)
         for new, previous in zip(self.reduced, old, strict=True):
             if previous is not None:
                 new[:, :, : previous.shape[2]] = previous
+
+    def _mark_static(self) -> None:
+        """A static layer's tensors keep their addresses, so that CUDA graphs read them in place."""
+        for t in (*self.reduced, self.hashes):
+            torch._dynamo.mark_static_address(t)
 
     def _reduce(self, start: torch.Tensor, n_new: int, key_states=None, value_states=None) -> None:
         """Reduce the keys ``start .. start + n_new − 1`` (``start`` a 0-d int64 device tensor): already written,
         or written here from ``key_states``/``value_states`` with the values, in the same launch."""
         config = self.config
-        hashes = hash_directions(config.block_size, config.num_hashes, config.seed, self.keys.device)
-        ops.call(ops.reduce_keys, self.keys, self.values, start, hashes, *self.reduced, key_states, value_states,
+        ops.call(ops.reduce_keys, self.keys, self.values, start, self.hashes, *self.reduced, key_states, value_states,
                  n_new, plan_reduce_keys(self.keys, config), *ops.config_args(config))
 
     def _select_batch(self, select) -> None:
@@ -82,7 +90,7 @@ class ReducedDynamicLayer(ReducedKeys, DynamicLayer):
     def __init__(self, config: DistrConfig, **kwargs):
         super().__init__(**kwargs)
         self.config = config
-        self.reduced_keys = self.fuse_group = self.fuse_weight = None
+        self.reduced_keys = self.fuse_group = self.fuse_weight = self.hashes = None
 
     def update(self, key_states, value_states, *args, **kwargs):
         keys, values = super().update(key_states, value_states, *args, **kwargs)
@@ -94,7 +102,7 @@ class ReducedDynamicLayer(ReducedKeys, DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.reduced_keys = self.fuse_group = self.fuse_weight = None
+        self.reduced_keys = self.fuse_group = self.fuse_weight = self.hashes = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
@@ -115,14 +123,13 @@ class ReducedStaticLayer(ReducedKeys, StaticLayer):
     def __init__(self, max_cache_len: int, config: DistrConfig, **kwargs):
         super().__init__(max_cache_len=max_cache_len, **kwargs)
         self.config = config
-        self.reduced_keys = self.fuse_group = self.fuse_weight = None
+        self.reduced_keys = self.fuse_group = self.fuse_weight = self.hashes = None
 
     def lazy_initialization(self, key_states, value_states) -> None:
         super().lazy_initialization(key_states, value_states)
         self._allocate(self.keys, self.max_cache_len)
         if not torch.compiler.is_compiling():
-            for t in self.reduced:
-                torch._dynamo.mark_static_address(t)
+            self._mark_static()
 
     def update(self, key_states, value_states, *args, **kwargs):
         """``StaticLayer.update`` (new rows at ``cumulative_length``) and the key reduction in one launch, then the
@@ -151,12 +158,11 @@ def _upgrade(layer, config: DistrConfig) -> ReducedKeys:
     twin = twin_class.__new__(twin_class)
     twin.__dict__.update(layer.__dict__)
     twin.config = config
-    twin.reduced_keys = twin.fuse_group = twin.fuse_weight = None
+    twin.reduced_keys = twin.fuse_group = twin.fuse_weight = twin.hashes = None
     if layer.is_initialized:
         twin._allocate(layer.keys, layer.keys.shape[2])
         if isinstance(twin, StaticLayer):
-            for t in twin.reduced:
-                torch._dynamo.mark_static_address(t)
+            twin._mark_static()
         n = int(layer.get_seq_length())
         if n:
             twin._reduce(torch.zeros((), device=layer.keys.device, dtype=torch.int64), n)
