@@ -17,8 +17,9 @@
 #           the math kernel and asked for 32 GiB on an H100), each generation continuing from that cache
 #           (bench_e2e.ContinuedPrompt, its prefill with disable_compile: on a GPU Transformers compiles a static
 #           cache's generation unasked, and compiled 16k chunks skipped every CUDA graph and then crashed, H100,
-#           2026-12-06); one setting per call (decode8b --attn SETTING); the prefill's and each generation's wall
-#           times are in the log
+#           2026-12-06); the prefill's and each generation's wall times are in the log (H100, one setting a
+#           process: sdpa 117 s, G=4 keys reduced 302 s, 217 of them its first generation's compile, since cut, and
+#           G=1 81 s: the three fit one call)
 #   prefill8b bench_e2e --compile --llama 8b: prefill at 64k (sdpa, sdpa_causal, G=1, G=4 LSH)
 #   subspace  grouping="subspace" compiled (kernel, backward and op tests), then bench_e2e --compile for it (G=2, G=4)
 #           beside sdpa: prefill at 4k and 16k, training step
