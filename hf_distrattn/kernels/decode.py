@@ -50,10 +50,9 @@ def _mask_tile(mask_ptrs, offs_n, hi, row_ok, MASK_KIND: tl.constexpr, MASK_ROW:
     """The user mask's entries for keys ``offs_n`` below ``hi``, loaded a tile ahead of their use (a byte load
     without a dot, which Triton does not pipeline); one ``(1, BLOCK_N)`` row where every query row of the program
     shares it (``MASK_ROW``: a cache's key mask)."""
-    if MASK_ROW:
-        ok = (offs_n < hi)[None, :]
-    else:
-        ok = (offs_n < hi)[None, :] & row_ok[:, None]
+    ok = (offs_n < hi)[None, :]
+    if not MASK_ROW:
+        ok = ok & row_ok[:, None]
     return mask_entries(mask_ptrs + offs_n[None, :], ok, MASK_KIND)
 
 
@@ -113,10 +112,9 @@ def _decode_split(Q, K, V, UK, Grp, W, Mask, Part, scale, window, softcap, n_q, 
     v_base = V + kv_head * n_k * D
     u_base = UK + kv_head * capacity * DG
     g_base = kv_head * tl.cdiv(capacity, BLOCK_N) * D
-    if MASK_ROW:
-        mask_ptrs = Mask + b.to(tl.int64) * sm_b
-    else:
-        mask_ptrs = Mask + b.to(tl.int64) * sm_b + h[:, None].to(tl.int64) * sm_h + i[:, None] * sm_m
+    mask_ptrs = Mask + b.to(tl.int64) * sm_b
+    if not MASK_ROW:
+        mask_ptrs += h[:, None].to(tl.int64) * sm_h + i[:, None] * sm_m
     lo = start + split * chunk
     hi = tl.minimum(lo + chunk, n_k)
     # two loops without branches inside, so that their loads pipeline: exact keys (all of them at G = 1, else
